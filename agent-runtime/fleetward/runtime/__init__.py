@@ -1,0 +1,1 @@
+"""The LangGraph agent runtime that runs inside each agent's pods."""

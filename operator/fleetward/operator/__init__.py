@@ -1,0 +1,1 @@
+"""The Kopf operator (handlers, reconcilers, apply layer, webhooks)."""

@@ -1,0 +1,285 @@
+"""Agent: the unit of deployment. One Agent = one Deployment of the agent runtime."""
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, WithJsonSchema
+
+from fleetward.api.base import (
+    AGE_COLUMN,
+    DNS_LABEL,
+    READY_COLUMN,
+    ApiModel,
+    LabelSelector,
+    PrinterColumn,
+    Resource,
+    ResourceKind,
+    ResourceStatus,
+    SecretKeyRef,
+    cel,
+    validations,
+)
+
+# OpenAI function names: what a model can be asked to call.
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+HTTP_URL_RULE = "isURL(self) && url(self).getScheme() in ['http', 'https']"
+
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        }
+    ),
+]
+
+
+class ModelEndpoint(ApiModel):
+    """An OpenAI-compatible chat model."""
+
+    provider: Literal["openai-compatible"] = "openai-compatible"
+    """API dialect. Any endpoint speaking the OpenAI Chat Completions protocol."""
+    name: str = Field(min_length=1, max_length=256)
+    """Model name sent to the endpoint, e.g. gpt-4o-mini."""
+    base_url: str = Field(
+        alias="baseURL", max_length=2048, json_schema_extra=validations(cel(HTTP_URL_RULE, "baseURL must be an http(s) URL"))
+    )
+    """Base URL of the endpoint, e.g. https://api.openai.com/v1."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Sampling temperature, 0 to 2."""
+    timeout_seconds: int = Field(default=60, ge=1, le=600)
+    """Time limit for one model call."""
+    max_retries: int = Field(default=2, ge=0, le=10)
+    """Retries of a transient failure (timeouts, 429, 5xx) before moving to the next fallback."""
+    credentials_secret_ref: SecretKeyRef | None = None
+    """Secret key holding the API key. The operator projects a copy into a per-agent Secret."""
+
+
+class ModelSpec(ModelEndpoint):
+    fallbacks: list[ModelEndpoint] | None = Field(default=None, max_length=8)
+    """Further models tried in order when this one fails, each with its own credentials."""
+
+
+class CircuitBreaker(ApiModel):
+    """Per-tool circuit breaker: closed -> open after failures -> half-open probes."""
+
+    failure_threshold: int = Field(default=5, ge=1, le=1000)
+    """Consecutive failures that open the circuit."""
+    reset_timeout_seconds: int = Field(default=30, ge=1, le=86400)
+    """How long the circuit stays open before half-open probes are let through."""
+    half_open_requests: int = Field(default=1, ge=1, le=100)
+    """Probe calls allowed while half-open; all must succeed to close the circuit."""
+
+
+class Tool(ApiModel):
+    """A tool the agent may call. Only listed tools can ever be called: the runtime
+    enforces the allow-list in code, not through the prompt."""
+
+    name: str = Field(pattern=TOOL_NAME)
+    """Function name shown to the model (letters, digits, '_' and '-', at most 64)."""
+    description: str = Field(min_length=1, max_length=4096)
+    """What the tool does, for the model."""
+    input_schema: dict[str, Any] = Field(
+        json_schema_extra={
+            "x-kubernetes-preserve-unknown-fields": True,
+            **validations(cel("has(self.type) && self.type == 'object'", "inputSchema must be a JSON Schema with type: object")),
+        }
+    )
+    """JSON Schema of the arguments (type: object)."""
+    endpoint: str = Field(max_length=2048, json_schema_extra=validations(cel(HTTP_URL_RULE, "endpoint must be an http(s) URL")))
+    """HTTP URL the runtime POSTs the arguments to."""
+    mutating: bool = False
+    """Whether the tool changes state (mutating calls carry an idempotency key)."""
+    requires_approval: bool = False
+    """Whether every call waits for a human reviewer's approval."""
+    timeout_seconds: int = Field(default=30, ge=1, le=600)
+    """Time limit for one call."""
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, json_schema_extra={"default": {}})
+    """Circuit breaker settings for this tool."""
+
+
+class Route(ApiModel):
+    topic: str = Field(min_length=1, max_length=128, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    """Topic from the router's classification, e.g. billing."""
+    agent: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
+    """Specialist Agent (same namespace) that handles the topic."""
+
+
+class RouteFallback(ApiModel):
+    """Where requests go when no route matches or the specialist is missing."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.agent) != has(self.humanQueue)", "fallback needs exactly one of 'agent' or 'humanQueue'")
+        )
+    )
+
+    agent: str | None = Field(default=None, min_length=1, max_length=63, pattern=DNS_LABEL)
+    """A catch-all specialist Agent."""
+    human_queue: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    """A human support queue, e.g. human-support."""
+
+
+class GuardrailRef(ApiModel):
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_LABEL)
+    """Name of a Guardrail in the Agent's namespace."""
+
+
+class Budget(ApiModel):
+    """Hard limits; a run that hits one stops gracefully with a partial result."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.alertThresholds.all(t, t > 0.0 && t <= 1.0)",
+                "alertThresholds must be fractions in (0, 1]",
+                field_path=".alertThresholds",
+            ),
+        )
+    )
+
+    max_tokens_per_run: int | None = Field(default=None, ge=1)
+    """Model tokens (prompt + completion) one run may use."""
+    max_tool_calls_per_run: int | None = Field(default=None, ge=1)
+    """Tool calls one run may make."""
+    max_steps_per_run: int | None = Field(default=None, ge=1)
+    """Graph steps one run may take."""
+    daily_token_budget: int | None = Field(default=None, ge=1)
+    """Tokens per UTC day for the whole agent, shared by all replicas."""
+    alert_thresholds: list[float] = Field(default=[0.5, 0.8, 0.95], min_length=1, max_length=10)
+    """Fractions of a budget at which an alert is raised."""
+
+
+class HumanReview(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.draftApproval != 'riskAbove' || has(self.riskThreshold)",
+                "draftApproval 'riskAbove' needs riskThreshold (0-100)",
+                field_path=".riskThreshold",
+            )
+        )
+    )
+
+    draft_approval: Literal["always", "riskAbove", "never"] = "never"
+    """Which drafts a human must approve before they are sent."""
+    risk_threshold: int | None = Field(default=None, ge=0, le=100)
+    """With riskAbove: drafts scored above this risk (0-100) need approval."""
+    review_timeout_seconds: int = Field(default=3600, ge=1, le=7 * 86400)
+    """How long a draft waits for a reviewer."""
+    on_timeout: Literal["reject", "escalate"] = "escalate"
+    """What happens to a draft nobody reviewed in time."""
+
+
+class Autoscaling(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas", field_path=".minReplicas")
+        )
+    )
+
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    max_replicas: int = Field(ge=1, le=1000)
+    target_cpu_utilization_percentage: int = Field(default=80, ge=1, le=100, alias="targetCPUUtilizationPercentage")
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of the runtime container, as in a Pod spec."""
+
+    requests: dict[str, Quantity] | None = None
+    limits: dict[str, Quantity] | None = None
+
+
+class AgentSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("!(has(self.replicas) && has(self.autoscaling))", "set either replicas or autoscaling, not both"),
+            cel("self.role != 'router' || has(self.routes) || has(self.fallback)", "a router needs routes or a fallback", field_path=".routes"),
+            cel("self.role == 'router' || (!has(self.routes) && !has(self.fallback))", "only a router takes routes and fallback", field_path=".routes"),
+        )
+    )
+
+    role: Literal["router", "specialist"]
+    """router: classifies requests and hands them to specialists; specialist: answers under SOPs."""
+    model: ModelSpec
+    """The chat model and its fallback chain."""
+    routes: list[Route] | None = Field(
+        default=None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["topic"]}
+    )
+    """Router only: topic -> specialist Agent."""
+    fallback: RouteFallback | None = None
+    """Router only: target for unknown topics or missing specialists."""
+    tools: list[Tool] | None = Field(
+        default=None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+    )
+    """The tool allow-list. Names are unique."""
+    sop_selector: LabelSelector | None = None
+    """Selects the SOPs (in this namespace) the agent works under."""
+    guardrail_refs: list[GuardrailRef] | None = Field(
+        default=None, max_length=16, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+    )
+    """Guardrails applied to input, output and tool results."""
+    budget: Budget = Field(default_factory=Budget, json_schema_extra={"default": {}})
+    """Token, tool-call and step limits."""
+    human_review: HumanReview = Field(default_factory=HumanReview, json_schema_extra={"default": {}})
+    """When drafts need a human's approval."""
+    replicas: int | None = Field(default=None, ge=0, le=1000)
+    """Fixed number of runtime pods (default 1). Exclusive with autoscaling."""
+    autoscaling: Autoscaling | None = None
+    """Horizontal autoscaling on CPU. Exclusive with replicas."""
+    resources: ResourceRequirements | None = None
+    """Requests and limits of the runtime container."""
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    """Runtime image override (default: the operator's runtime image)."""
+    paused: bool = False
+    """Scale to zero and stop reconciling the Deployment, keeping everything else."""
+
+
+AgentPhase = Literal["Pending", "Ready", "Degraded", "Paused", "Halted"]
+
+
+class AgentStatus(ResourceStatus):
+    phase: AgentPhase | None = None
+    """Pending, Ready, Degraded, Paused or Halted (a kill switch covers the agent)."""
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    config_hash: str | None = None
+    """Hash of the rendered runtime config; the pod template carries it."""
+    resolved_sops: list[str] | None = Field(default=None, alias="resolvedSOPs")
+    """SOPs the selector matched, as name@version."""
+    resolved_guardrails: list[str] | None = None
+    request_topic: str | None = None
+    """Kafka topic the agent consumes."""
+
+
+class Agent(Resource):
+    KIND: ClassVar[ResourceKind] = ResourceKind(
+        kind="Agent",
+        plural="agents",
+        scope="Namespaced",
+        short_names=("agt", "fwagent"),
+        description="An LLM agent deployed as a runtime Deployment under SOPs, guardrails and budgets.",
+        columns=(
+            PrinterColumn("Role", ".spec.role"),
+            PrinterColumn("Model", ".spec.model.name"),
+            PrinterColumn("Phase", ".status.phase"),
+            READY_COLUMN,
+            PrinterColumn("Replicas", ".status.readyReplicas", type="integer", description="Ready runtime pods"),
+            PrinterColumn("Topic", ".status.requestTopic", priority=1),
+            AGE_COLUMN,
+        ),
+        object_rules=(
+            cel(
+                "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52",
+                "metadata.name: an Agent's name becomes Deployment, Service and topic names; "
+                "use at most 52 lowercase letters, digits and '-', starting with a letter",
+                field_path=".metadata.name",
+            ),
+        ),
+    )
+
+    kind: Literal["Agent"] = "Agent"
+    spec: AgentSpec
+    status: AgentStatus | None = None

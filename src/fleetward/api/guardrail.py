@@ -1,0 +1,114 @@
+"""Guardrail: input, output and tool-result protection, composed onto agents by reference."""
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from fleetward.api.base import (
+    AGE_COLUMN,
+    READY_COLUMN,
+    ApiModel,
+    PrinterColumn,
+    Resource,
+    ResourceKind,
+    ResourceStatus,
+    cel,
+    validations,
+)
+
+PIIType = Literal["email", "credit_card", "ip", "phone", "us_ssn", "iban", "api_key", "jwt", "custom"]
+PIIStrategy = Literal["redact", "mask", "hash", "block"]
+ApplyTo = Literal["input", "output", "toolResults"]
+Pattern = Annotated[str, Field(min_length=1, max_length=1024)]
+Phrase = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class PIIEntity(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.type != 'custom' || (has(self.detector) && has(self.name))",
+                "a custom PII entity needs 'name' and 'detector' (a regular expression)",
+            )
+        )
+    )
+
+    type: PIIType
+    """Built-in detector (credit_card is Luhn-checked; ip covers v4 and v6) or custom."""
+    strategy: PIIStrategy = "redact"
+    """redact: replace with [REDACTED_TYPE]; mask: keep the last 4 characters; hash: stable
+    hash; block: refuse the whole message."""
+    name: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$")
+    """Label for a custom entity, used in placeholders and metrics."""
+    detector: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Regular expression; required for custom, replaces the built-in detector otherwise."""
+
+
+class PIIConfig(ApiModel):
+    entities: list[PIIEntity] = Field(min_length=1, max_length=32)
+    apply_to: list[ApplyTo] = Field(
+        default=["input", "output", "toolResults"], min_length=1, max_length=3, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Where detection runs. PII never reaches the model, logs or traces unredacted."""
+
+
+class InjectionConfig(ApiModel):
+    mode: Literal["enforce", "observe", "off"] = "enforce"
+    """enforce: act on detections; observe: only record them; off: disabled."""
+    patterns: list[Pattern] | None = Field(default=None, max_length=64)
+    """Extra regular expressions, on top of the built-in detection of instruction
+    override, role-play hijack, system-prompt extraction and tool coercion."""
+    action: Literal["block", "escalate"] = "block"
+
+
+class PolicyConfig(ApiModel):
+    banned_phrases: list[Phrase] = Field(min_length=1, max_length=256)
+    """Phrases that must not appear in output, e.g. bypass, circumvent, skip verification."""
+    action: Literal["block", "escalate"] = "block"
+
+
+class Limits(ApiModel):
+    max_input_chars: int | None = Field(default=None, ge=1)
+    max_output_chars: int | None = Field(default=None, ge=1)
+
+
+class GuardrailSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.pii) || has(self.injection) || has(self.policy) || has(self.limits)",
+                "a Guardrail needs at least one of pii, injection, policy or limits",
+            )
+        )
+    )
+
+    pii: PIIConfig | None = None
+    injection: InjectionConfig | None = None
+    policy: PolicyConfig | None = None
+    limits: Limits | None = None
+
+
+class GuardrailStatus(ResourceStatus):
+    used_by: list[str] | None = None
+    """Agents that reference this Guardrail."""
+
+
+class Guardrail(Resource):
+    KIND: ClassVar[ResourceKind] = ResourceKind(
+        kind="Guardrail",
+        plural="guardrails",
+        scope="Namespaced",
+        short_names=("grd", "fwguard"),
+        description="PII, injection, policy and size protection applied to agents that reference it.",
+        columns=(
+            PrinterColumn("Injection", ".spec.injection.mode"),
+            PrinterColumn("Policy", ".spec.policy.action"),
+            READY_COLUMN,
+            AGE_COLUMN,
+        ),
+    )
+
+    kind: Literal["Guardrail"] = "Guardrail"
+    spec: GuardrailSpec
+    status: GuardrailStatus | None = None

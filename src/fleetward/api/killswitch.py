@@ -1,0 +1,147 @@
+"""KillSwitch (cluster-scoped): the emergency stop for a whole fleet or part of it."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from fleetward.api.base import (
+    AGE_COLUMN,
+    DNS_LABEL,
+    READY_COLUMN,
+    ApiModel,
+    LabelSelector,
+    PrinterColumn,
+    Resource,
+    ResourceKind,
+    ResourceStatus,
+    cel,
+    validations,
+)
+
+
+class Scope(ApiModel):
+    """Which agents the switch covers. An empty scope covers every agent in the cluster."""
+
+    namespaces: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] | None = Field(
+        default=None, max_length=256, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Only agents in these namespaces."""
+    agent_selector: LabelSelector | None = None
+    """Only agents whose labels match."""
+
+
+class Actions(ApiModel):
+    """What engaging does. All on by default."""
+
+    revoke_credentials: bool = True
+    """Remove agent keys from the trust bundle, delete Kafka users/ACLs and credential Secrets."""
+    drain_queues: bool = True
+    """Runtimes finish their current step, checkpoint and stop taking work."""
+    close_sessions: bool = True
+    """Gateways send a halted event and close the affected sessions."""
+    scale_to_zero: bool = True
+    """Scale the agents' Deployments to zero."""
+
+
+class Approval(ApiModel):
+    """One approval of a release. Stamped by the admission webhook from the API server's
+    authentication (userInfo); a user-typed identity is rejected."""
+
+    user: str = Field(min_length=1, max_length=253)
+    """Authenticated username of the approver."""
+    groups: list[str] | None = Field(default=None, max_length=64)
+    approved_at: datetime | None = None
+    comment: str | None = Field(default=None, max_length=1024)
+
+
+class KillSwitchSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!self.engaged || (has(self.reason) && size(self.reason.trim()) > 0)",
+                "reason is required when engaged: say why the fleet is being stopped",
+                field_path=".reason",
+            ),
+        )
+    )
+
+    engaged: bool
+    """true stops the covered agents; false releases them (needs two approvals)."""
+    reason: str | None = Field(default=None, max_length=1024)
+    """Why the switch is engaged; required when engaged."""
+    scope: Scope = Field(default_factory=Scope, json_schema_extra={"default": {}})
+    actions: Actions = Field(default_factory=Actions, json_schema_extra={"default": {}})
+    drain_timeout_seconds: int = Field(default=30, ge=1, le=3600)
+    """Upper bound for draining; runs still busy then are marked halted where they stand."""
+    approvals: list[Approval] | None = Field(
+        default=None, max_length=16, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["user"]}
+    )
+    """Release approvals from at least two distinct users, none of them the engager."""
+
+
+KillSwitchPhase = Literal["Engaging", "Engaged", "Drained", "Released"]
+
+
+class AgentResult(ApiModel):
+    namespace: str
+    name: str
+    credentials_revoked: bool | None = None
+    drained: bool | None = None
+    scaled_to_zero: bool | None = None
+    message: str | None = None
+
+
+class KillSwitchStatus(ResourceStatus):
+    phase: KillSwitchPhase | None = None
+    engaged_by: str | None = None
+    """Authenticated user who engaged the switch."""
+    engaged_at: datetime | None = None
+    credentials_revoked_at: datetime | None = None
+    drained_at: datetime | None = None
+    released_by: list[str] | None = None
+    released_at: datetime | None = None
+    revocation_seconds: float | None = None
+    """Seconds from the engage being accepted until every credential was refused."""
+    drain_seconds: float | None = None
+    affected_agents: int | None = None
+    agents: list[AgentResult] | None = None
+    """Per-agent results."""
+
+
+# The release rule needs old and new object together, so it sits at the root.
+# It is a backstop: the admission webhook also checks that approvals carry the
+# identities the API server authenticated.
+RELEASE_RULE = cel(
+    "!(oldSelf.spec.engaged && !self.spec.engaged) || ("
+    "has(self.spec.approvals) && size(self.spec.approvals) >= 2 && "
+    "(!has(self.status) || !has(self.status.engagedBy) || "
+    "self.spec.approvals.all(a, a.user != self.status.engagedBy)))",
+    "releasing needs spec.approvals from at least two distinct users, none of them the user who engaged it",
+    field_path=".spec.approvals",
+    reason="FieldValueForbidden",
+)
+
+
+class KillSwitch(Resource):
+    KIND: ClassVar[ResourceKind] = ResourceKind(
+        kind="KillSwitch",
+        plural="killswitches",
+        scope="Cluster",
+        short_names=("ks", "fwkill"),
+        description="Emergency stop: revokes agent credentials, drains queues and scales agents to zero.",
+        columns=(
+            PrinterColumn("Engaged", ".spec.engaged", type="boolean"),
+            PrinterColumn("Phase", ".status.phase"),
+            PrinterColumn("Affected", ".status.affectedAgents", type="integer"),
+            READY_COLUMN,
+            PrinterColumn("Reason", ".spec.reason", priority=1),
+            AGE_COLUMN,
+        ),
+        object_rules=(RELEASE_RULE,),
+    )
+
+    kind: Literal["KillSwitch"] = "KillSwitch"
+    spec: KillSwitchSpec
+    status: KillSwitchStatus | None = None

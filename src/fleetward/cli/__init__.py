@@ -1,0 +1,1 @@
+"""The `fleetward` command line."""
