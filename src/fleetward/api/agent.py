@@ -83,8 +83,10 @@ class Tool(ApiModel):
     """What the tool does, for the model."""
     input_schema: dict[str, Any] = Field(
         json_schema_extra={
+            # Free-form JSON Schema, except that the arguments must be an object.
             "x-kubernetes-preserve-unknown-fields": True,
-            **validations(cel("has(self.type) && self.type == 'object'", "inputSchema must be a JSON Schema with type: object")),
+            "properties": {"type": {"type": "string", "enum": ["object"], "description": "Always object."}},
+            "required": ["type"],
         }
     )
     """JSON Schema of the arguments (type: object)."""
@@ -133,7 +135,7 @@ class Budget(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "self.alertThresholds.all(t, t > 0.0 && t <= 1.0)",
+                "!has(self.alertThresholds) || self.alertThresholds.all(t, t > 0.0 && t <= 1.0)",
                 "alertThresholds must be fractions in (0, 1]",
                 field_path=".alertThresholds",
             ),
@@ -156,7 +158,7 @@ class HumanReview(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "self.draftApproval != 'riskAbove' || has(self.riskThreshold)",
+                "!has(self.draftApproval) || self.draftApproval != 'riskAbove' || has(self.riskThreshold)",
                 "draftApproval 'riskAbove' needs riskThreshold (0-100)",
                 field_path=".riskThreshold",
             )
@@ -275,7 +277,6 @@ class Agent(Resource):
                 "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 52",
                 "metadata.name: an Agent's name becomes Deployment, Service and topic names; "
                 "use at most 52 lowercase letters, digits and '-', starting with a letter",
-                field_path=".metadata.name",
             ),
         ),
     )

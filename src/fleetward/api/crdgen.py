@@ -81,7 +81,9 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "") ->
         return out
     if out.get("x-kubernetes-preserve-unknown-fields"):
         out["type"] = "object"
-        return out
+        if "properties" in node:  # known fields of an otherwise free-form object
+            out["properties"] = {n: to_structural(s, defs, f"{path}.{n}") for n, s in node["properties"].items()}
+        return _ordered(out)
 
     typ = out.get("type")
     if typ == "object":

@@ -47,9 +47,9 @@ class SOPSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "!has(self.steps) || self.steps.all(s, !has(s.requires) || s.requires.all(r, "
-                "self.steps.map(p, p.id).indexOf(r) >= 0 && "
-                "self.steps.map(p, p.id).indexOf(r) < self.steps.map(p, p.id).indexOf(s.id)))",
+                # two-variable comprehension: i is the step's position, j the required one's
+                "!has(self.steps) || self.steps.all(i, s, !has(s.requires) || "
+                "s.requires.all(r, self.steps.exists(j, p, j < i && p.id == r)))",
                 "steps[].requires may only name steps defined earlier in the list",
                 field_path=".steps",
             ),
