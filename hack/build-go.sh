@@ -19,7 +19,7 @@ build_kubernetes() {
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   mkdir -p "$out"
-  (cd "$REPO/hack/go/kubernetes" && run_step "build kubernetes $v (apiserver, controller-manager, scheduler, kubectl; ~15-25 min cold)" \
+  (cd "$REPO/hack/go/kubernetes" && run_step "build kubernetes $v (apiserver, controller-manager, scheduler, kubectl; ~8 min cold)" \
     "$CACHE/logs/build-kubernetes.log" \
     go build -trimpath -ldflags "$ldflags" -o "$out/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \

@@ -159,6 +159,11 @@ class ControlPlane:
             lambda: self._healthy(self.apiserver_port, "/readyz", admin),
             120,
         )
+        # Serving certificates from our CA, so health checks verify them like any client would.
+        cm_serving = self.ca.issue("controller-manager-serving", "kube-controller-manager",
+                                   server_names=("localhost",), server_ips=("127.0.0.1",), client=False)
+        sched_serving = self.ca.issue("scheduler-serving", "kube-scheduler",
+                                      server_names=("localhost",), server_ips=("127.0.0.1",), client=False)
         self._start(
             "kube-controller-manager",
             [self.bins.kube_controller_manager,
@@ -166,6 +171,7 @@ class ControlPlane:
              f"--authentication-kubeconfig={self.kubeconfig_for(CONTROLLER_MANAGER, 'controller-manager')}",
              f"--authorization-kubeconfig={self.kubeconfig_for(CONTROLLER_MANAGER, 'controller-manager')}",
              "--bind-address=127.0.0.1", f"--secure-port={self.controller_manager_port}",
+             f"--tls-cert-file={cm_serving.cert}", f"--tls-private-key-file={cm_serving.key}",
              f"--service-account-private-key-file={self.sa.key}",
              f"--root-ca-file={self.ca.cert_path}",
              f"--cluster-signing-cert-file={self.ca.cert_path}", f"--cluster-signing-key-file={self.ca.key_path}",
@@ -181,6 +187,7 @@ class ControlPlane:
              f"--authentication-kubeconfig={self.kubeconfig_for(SCHEDULER, 'scheduler')}",
              f"--authorization-kubeconfig={self.kubeconfig_for(SCHEDULER, 'scheduler')}",
              "--bind-address=127.0.0.1", f"--secure-port={self.scheduler_port}",
+             f"--tls-cert-file={sched_serving.cert}", f"--tls-private-key-file={sched_serving.key}",
              "--leader-elect=false", "--profiling=false", "--v=1"],
             lambda: self._healthy(self.scheduler_port),
             90,

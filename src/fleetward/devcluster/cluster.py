@@ -1,0 +1,155 @@
+"""DevCluster: the whole local cluster — control plane, podlet node, simulated kwok
+nodes, Kafka, PostgreSQL and Prometheus — started and stopped as one.
+
+    with DevCluster.create("test") as cluster:
+        cluster.start()                     # control plane + podlet
+        kafka = cluster.kafka()             # started on first use
+        print(cluster.env())                # KUBECONFIG, PATH, KAFKA_BOOTSTRAP, ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubernetes import client, config
+
+from fleetward.devcluster import layout
+from fleetward.devcluster.controlplane import ControlPlane, node_identity
+from fleetward.devcluster.process import ComponentFailed, ManagedProcess
+
+log = logging.getLogger("fleetward.devcluster")
+
+PODLET_NODE = "podlet"
+BOOTSTRAP_MANIFEST = Path(__file__).with_name("bootstrap.yaml")
+
+
+@dataclass
+class DevCluster:
+    state: Path
+    bins: layout.Binaries
+    control_plane: ControlPlane = field(init=False)
+    podlet: ManagedProcess | None = None
+    services: dict[str, object] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, name: str = "dev", *, fresh: bool = True) -> "DevCluster":
+        """A cluster whose state lives in .fleetward/<name> (wiped first when fresh)."""
+        state = layout.state_root() / name
+        if fresh and state.exists():
+            shutil.rmtree(state)
+        state.mkdir(parents=True, exist_ok=True)
+        return cls(state, layout.binaries())
+
+    def __post_init__(self) -> None:
+        self.control_plane = ControlPlane(self.state, self.bins)
+
+    def __enter__(self) -> "DevCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _timed(self, name: str, fn) -> None:
+        start = time.monotonic()
+        log.info("starting %s ...", name)
+        fn()
+        self.timings[name] = round(time.monotonic() - start, 2)
+        log.info("%s ready in %.1f s", name, self.timings[name])
+
+    def start(self) -> "DevCluster":
+        """Control plane, RBAC bootstrap, and the podlet node (Ready)."""
+        try:
+            self._timed("control plane", self.control_plane.start)
+            self._timed("bootstrap", self.bootstrap)
+            self._timed("podlet", self.start_podlet)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def bootstrap(self) -> None:
+        from fleetward.devcluster.kube import apply_manifest
+
+        apply_manifest(self.api_client(), BOOTSTRAP_MANIFEST.read_text())
+        core = client.CoreV1Api(self.api_client())
+        deadline = time.monotonic() + 60
+        while True:  # pods in `default` need its ServiceAccount (created by the controller manager)
+            try:
+                core.read_namespaced_service_account("default", "default")
+                return
+            except client.exceptions.ApiException:
+                if time.monotonic() > deadline:
+                    raise ComponentFailed("the default ServiceAccount did not appear within 60 s "
+                                          "(is kube-controller-manager running?)")
+                time.sleep(0.2)
+
+    def start_podlet(self) -> None:
+        kubeconfig = self.control_plane.kubeconfig_for(node_identity(PODLET_NODE), "podlet")
+        proc = ManagedProcess(
+            "podlet",
+            [sys.executable, "-m", "fleetward.devcluster.podlet", "--node-name", PODLET_NODE,
+             "--kubeconfig", kubeconfig, "--root", self.state / "podlet",
+             "--apiserver-port", str(self.control_plane.apiserver_port),
+             "--kubelet-version", f"v{layout.versions()['KUBERNETES_VERSION']}"],
+            self.state / "logs" / "podlet.log",
+            env={**os.environ, "PATH": self.path_env()},
+        ).start()
+        self.podlet = proc
+        core = client.CoreV1Api(self.api_client())
+
+        def node_ready() -> bool:
+            node = core.read_node(PODLET_NODE)
+            return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+
+        proc.wait_ready(node_ready, 60, "a Ready node")
+
+    def stop(self) -> None:
+        for name, svc in reversed(list(self.services.items())):
+            try:
+                svc.stop()  # type: ignore[attr-defined]
+            except Exception as e:
+                log.warning("stopping %s: %s", name, e)
+        self.services.clear()
+        if self.podlet is not None:
+            self.podlet.stop(timeout=20)
+            self.podlet = None
+        self.control_plane.stop()
+
+    def check(self) -> None:
+        """Raise ComponentFailed (with the log tail) if any component has died."""
+        self.control_plane.check()
+        if self.podlet is not None:
+            self.podlet.check()
+        for svc in self.services.values():
+            svc.check()  # type: ignore[attr-defined]
+
+    # -- access ---------------------------------------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.admin_kubeconfig
+
+    def user_kubeconfigs(self) -> dict[str, Path]:
+        return self.control_plane.user_kubeconfigs()
+
+    def api_client(self, kubeconfig: Path | None = None) -> client.ApiClient:
+        return config.new_client_from_config(str(kubeconfig or self.kubeconfig))
+
+    def path_env(self) -> str:
+        """PATH with the built kubectl/helm/kwok and this Python's scripts (fleetward) first."""
+        dirs = [str(d) for d in self.bins.bin_dirs] + [str(Path(sys.executable).parent)]
+        return os.pathsep.join(dirs + [os.environ.get("PATH", "")])
+
+    def env(self) -> dict[str, str]:
+        out = {"KUBECONFIG": str(self.kubeconfig), "PATH": self.path_env(), "FLEETWARD_STATE_DIR": str(self.state)}
+        for svc in self.services.values():
+            out.update(svc.env())  # type: ignore[attr-defined]
+        return out
