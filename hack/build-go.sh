@@ -37,6 +37,22 @@ build_simple() {  # build_simple NAME VERSION PACKAGE BINARY
   touch "$out/.complete"
 }
 
+# kwok simulates nodes and pods through "stages"; it ships its standard "fast" set
+# (ready at once, heartbeat through leases) in its module, the same set `kwokctl` uses.
+kwok_stages() {
+  local out=$CACHE/kwok-v$KWOK_VERSION/stages
+  [[ -f $out/.complete ]] && return
+  local dir
+  dir=$(cd "$REPO/hack/go/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok) || die "cannot locate the kwok module"
+  mkdir -p "$out"
+  cp "$dir/kustomize/stage/node/fast/node-initialize.yaml" \
+     "$dir/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml" \
+     "$dir"/kustomize/stage/pod/fast/pod-{ready,complete,delete}.yaml "$out/"
+  chmod u+w "$out"/*.yaml
+  touch "$out/.complete"
+  note "kwok stages copied to $out"
+}
+
 components=("$@")
 [[ ${#components[@]} -gt 0 ]] || components=(etcd kubernetes kwok helm)
 command -v go >/dev/null || die "Go is not installed (needed to build the local cluster)"
@@ -44,7 +60,7 @@ for c in "${components[@]}"; do
   case $c in
     kubernetes) build_kubernetes ;;
     etcd) build_simple etcd "$ETCD_VERSION" . etcd ;;
-    kwok) build_simple kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok ;;
+    kwok) build_simple kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok; kwok_stages ;;
     helm) build_simple helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm helm ;;
     *) die "unknown component '$c' (known: kubernetes etcd kwok helm)" ;;
   esac

@@ -19,8 +19,9 @@ from pathlib import Path
 from kubernetes import client, config
 
 from fleetward.devcluster import layout
-from fleetward.devcluster.controlplane import ControlPlane, node_identity
+from fleetward.devcluster.controlplane import ADMIN, ControlPlane, node_identity
 from fleetward.devcluster.process import ComponentFailed, ManagedProcess
+from fleetward.devcluster.services import Kafka, Kwok, Postgres, Prometheus, wait_for
 
 log = logging.getLogger("fleetward.devcluster")
 
@@ -130,6 +131,55 @@ class DevCluster:
             self.podlet.check()
         for svc in self.services.values():
             svc.check()  # type: ignore[attr-defined]
+
+    # -- services, started on first use ------------------------------------------------------------
+
+    def _service(self, key: str, factory):
+        if key not in self.services:
+            svc = factory()
+            self._timed(key, svc.start)
+            self.services[key] = svc
+        return self.services[key]
+
+    def kafka(self, mode: str = "plain") -> Kafka:
+        """The Kafka broker: mode "plain" (no auth) or "scram" (SASL/SCRAM + ACLs)."""
+        if mode not in ("plain", "scram"):
+            raise ValueError(f"kafka mode must be 'plain' or 'scram', not {mode!r}")
+        return self._service(f"kafka-{mode}", lambda: Kafka(self.state, self.bins, mode=mode))
+
+    def postgres(self) -> Postgres:
+        return self._service("postgres", lambda: Postgres(self.state, self.bins))
+
+    def prometheus(self) -> Prometheus:
+        return self._service("prometheus", lambda: Prometheus(self.state, self.bins))
+
+    def kwok(self) -> Kwok:
+        kubeconfig = self.control_plane.kubeconfig_for(ADMIN, "kwok")
+        return self._service("kwok", lambda: Kwok(self.state, self.bins, kubeconfig))
+
+    def add_kwok_nodes(self, count: int, prefix: str = "kwok-node") -> list[str]:
+        """Register `count` simulated nodes (kwok is started if needed); returns their names."""
+        self.kwok()
+        core = client.CoreV1Api(self.api_client())
+        names = [f"{prefix}-{i}" for i in range(count)]
+        for name in names:
+            try:
+                core.create_node(Kwok.node_manifest(name))
+            except client.exceptions.ApiException as e:
+                if e.status != 409:
+                    raise
+
+        def all_ready() -> bool:
+            ready = 0
+            for node in core.list_node(label_selector="type=kwok").items:
+                if node.metadata.name in names and any(
+                    c.type == "Ready" and c.status == "True" for c in node.status.conditions or []
+                ):
+                    ready += 1
+            return ready == len(names)
+
+        wait_for(all_ready, 120, f"{count} kwok nodes Ready")
+        return names
 
     # -- access ---------------------------------------------------------------------------------
 
