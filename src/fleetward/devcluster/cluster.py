@@ -193,13 +193,30 @@ class DevCluster:
     def api_client(self, kubeconfig: Path | None = None) -> client.ApiClient:
         return config.new_client_from_config(str(kubeconfig or self.kubeconfig))
 
+    def bin_path(self) -> str:
+        """The built kubectl/helm/kwok and this Python's scripts (fleetward), PATH-style."""
+        return os.pathsep.join([str(d) for d in self.bins.bin_dirs] + [str(Path(sys.executable).parent)])
+
     def path_env(self) -> str:
-        """PATH with the built kubectl/helm/kwok and this Python's scripts (fleetward) first."""
-        dirs = [str(d) for d in self.bins.bin_dirs] + [str(Path(sys.executable).parent)]
-        return os.pathsep.join(dirs + [os.environ.get("PATH", "")])
+        return os.pathsep.join([self.bin_path(), os.environ.get("PATH", "")])
 
     def env(self) -> dict[str, str]:
+        """How to reach everything: KUBECONFIG, PATH, and one variable per running service."""
         out = {"KUBECONFIG": str(self.kubeconfig), "PATH": self.path_env(), "FLEETWARD_STATE_DIR": str(self.state)}
         for svc in self.services.values():
             out.update(svc.env())  # type: ignore[attr-defined]
         return out
+
+    def write_env_file(self, path: Path) -> Path:
+        """A file to `source`: the variables of env(), PATH prepended to the caller's own."""
+        import shlex
+
+        lines = [f"# Written by `fleetward dev up` for the cluster in {self.state}.",
+                 f"# Use it in another shell:  source {path}"]
+        for key, value in self.env().items():
+            if key == "PATH":
+                lines.append(f'export PATH={shlex.quote(self.bin_path())}:"$PATH"')
+            else:
+                lines.append(f"export {key}={shlex.quote(value)}")
+        path.write_text("\n".join(lines) + "\n")
+        return path

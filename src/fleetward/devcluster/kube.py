@@ -35,3 +35,24 @@ def apply_manifest(api: client.ApiClient, text: str, namespace: str | None = Non
         dyn.server_side_apply(resource, body=doc, namespace=ns, field_manager=FIELD_MANAGER, force_conflicts=True)
         applied.append(f"{doc['kind']}/{doc['metadata']['name']}")
     return applied
+
+
+def install_crds(api: client.ApiClient, crd_dir: Path, timeout: float = 60) -> list[str]:
+    """Apply every CRD in crd_dir and wait until the API server serves them (Established)."""
+    import time
+
+    applied = []
+    for path in manifest_files([crd_dir]):
+        applied += apply_manifest(api, path.read_text())
+    ext = client.ApiextensionsV1Api(api)
+    names = [a.split("/", 1)[1] for a in applied]
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while True:
+            crd = ext.read_custom_resource_definition(name)
+            if any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not Established within {timeout:.0f} s")
+            time.sleep(0.1)
+    return names

@@ -31,11 +31,13 @@ STATUS_EVERY = 20
 
 class IPPool:
     """One loopback address per pod, from 127.0.1.1 upwards (127.0.0.0/24 is left to the
-    host's own services). Linux routes all of 127.0.0.0/8 to `lo`, so no setup is needed."""
+    host's own services). Linux routes all of 127.0.0.0/8 to `lo`, so no setup is needed.
+    Released addresses go to the end of the pool, so a new pod does not inherit the
+    address a deleted pod's clients may still be talking to."""
 
     def __init__(self, cidr: str = "127.0.1.0/16"):
         net = ipaddress.ip_network(cidr, strict=False)
-        self._free = [str(ip) for ip in net.hosts() if not str(ip).endswith(".0") and not str(ip).startswith("127.0.0.")]
+        self._free = [str(ip) for ip in net.hosts() if not str(ip).startswith("127.0.0.")]
         self._by_uid: dict[str, str] = {}
         self._lock = threading.Lock()
 

@@ -1,0 +1,33 @@
+# Fleetward — the two commands that matter:
+#   make up     build what is missing, start the local cluster, install Fleetward,
+#               apply the GitHouse example; stays up until Ctrl-C
+#   make test   build what is missing, run the whole test suite against real components
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+
+.PHONY: help build up test test-unit crds crds-check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+build: ## build/fetch everything (cached under .cache, keyed by version)
+	@hack/build.sh
+
+up: build ## run the product locally (Ctrl-C stops it)
+	@$(VENV)/bin/fleetward dev up
+
+test: build ## run all tests (unit, local-cluster integration)
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: ## run only the tests that need no cluster
+	@hack/bootstrap-python.sh && $(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+crds: ## regenerate crds/ from the typed API
+	@$(VENV)/bin/fleetward crds generate
+
+crds-check: ## fail if crds/ is stale
+	@$(VENV)/bin/fleetward crds generate --check
+
+clean: ## remove run state (.fleetward); keeps the build cache
+	rm -rf .fleetward

@@ -1,0 +1,107 @@
+"""Session fixtures: one real local cluster (fleetward.devcluster) for the whole run.
+
+Nothing here skips: if a component is not built, the cluster fixture errors with
+the build command to run (`make test` builds everything first)."""
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from fleetward.devcluster.cluster import DevCluster
+from fleetward.devcluster.kube import install_crds
+from fleetward.devcluster.layout import REPO
+from fleetward.devcluster.services import Kafka, Postgres, Prometheus, wait_for
+
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[DevCluster]:
+    c = DevCluster.create("test")
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def api(cluster: DevCluster) -> client.ApiClient:
+    """Admin API client."""
+    return cluster.api_client()
+
+
+@pytest.fixture(scope="session")
+def core(api: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture(scope="session")
+def user_kubeconfigs(cluster: DevCluster) -> dict[str, Path]:
+    """kubeconfig per named user: alice, bob, carol (client certificates)."""
+    return cluster.user_kubeconfigs()
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: DevCluster, api: client.ApiClient) -> list[str]:
+    return install_crds(api, REPO / "crds")
+
+
+@pytest.fixture(scope="session")
+def kafka(cluster: DevCluster) -> Kafka:
+    return cluster.kafka("plain")
+
+
+@pytest.fixture(scope="session")
+def kafka_scram(cluster: DevCluster) -> Kafka:
+    return cluster.kafka("scram")
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(cluster: DevCluster) -> str:
+    pg: Postgres = cluster.postgres()
+    return pg.dsn
+
+
+@pytest.fixture(scope="session")
+def prometheus(cluster: DevCluster) -> Prometheus:
+    return cluster.prometheus()
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster: DevCluster):
+    """Run the built kubectl as the admin (or `as_user`); returns stdout, raises on failure."""
+
+    def run(*args: str, as_user: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        kubeconfig = cluster.user_kubeconfigs()[as_user] if as_user else cluster.kubeconfig
+        proc = subprocess.run([str(cluster.bins.kubectl), f"--kubeconfig={kubeconfig}", *args],
+                              capture_output=True, text=True, timeout=60)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def namespace(core: client.CoreV1Api, request) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards."""
+    name = ("t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()))[:50].rstrip("-")
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    # Pods need the namespace's default ServiceAccount, which the controller manager creates.
+    wait_for(lambda: core.read_namespaced_service_account("default", name), 30, f"ServiceAccount {name}/default")
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
