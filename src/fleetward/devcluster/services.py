@@ -176,13 +176,15 @@ class Kafka:
             raise ValueError("users exist only in scram mode")
         upsert = UserScramCredentialUpsertion(username, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096),
                                               password.encode())
-        for fut in self.admin().alter_user_scram_credentials([upsert]).values():
+        admin = self.admin()  # keep the client alive until its futures resolve
+        for fut in admin.alter_user_scram_credentials([upsert]).values():
             fut.result(30)
 
     def create_topics(self, *names: str, partitions: int = 3) -> None:
         from confluent_kafka.admin import NewTopic
 
-        futures = self.admin().create_topics([NewTopic(n, partitions, 1) for n in names])
+        admin = self.admin()  # keep the client alive until its futures resolve
+        futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
         for name, fut in futures.items():
             try:
                 fut.result(30)
