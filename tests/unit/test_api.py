@@ -25,8 +25,9 @@ def example_docs() -> list[dict]:
     return docs
 
 
-def test_committed_crds_are_generated_from_the_models():
-    problems = crdgen.stale(REPO / "crds")
+@pytest.mark.parametrize("folder", ["crds", "charts/fleetward/crds"])
+def test_committed_crds_are_generated_from_the_models(folder):
+    problems = crdgen.stale(REPO / folder)
     assert problems == [], "run `fleetward crds generate`: " + "; ".join(problems)
 
 
@@ -119,3 +120,14 @@ def test_models_reject_bad_input_naming_the_field(model, spec, field):
     with pytest.raises(ValidationError) as err:
         model.model_validate({"kind": model.KIND.kind, "metadata": {"name": "x"}, "spec": spec})
     assert field in str(err.value)
+
+
+def test_helm_chart_lints_clean():
+    import subprocess
+
+    from fleetward.devcluster.layout import binaries
+
+    out = subprocess.run([str(binaries().helm), "lint", "--strict", str(REPO / "charts" / "fleetward")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 chart(s) failed" in out.stdout
