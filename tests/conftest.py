@@ -15,7 +15,8 @@ from kubernetes import client
 from fleetward.devcluster.cluster import DevCluster
 from fleetward.devcluster.kube import install_crds
 from fleetward.devcluster.layout import REPO
-from fleetward.devcluster.services import Kafka, Postgres, Prometheus, wait_for
+from fleetward.devcluster.process import wait_for
+from fleetward.devcluster.services import Kafka, Postgres, Prometheus
 
 INTEGRATION = Path(__file__).parent / "integration"
 

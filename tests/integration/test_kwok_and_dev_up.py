@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kubernetes import client
 
 from fleetward.devcluster.layout import REPO
-from fleetward.devcluster.services import KWOK_TAINT, wait_for
+from fleetward.devcluster.process import wait_for
+from fleetward.devcluster.services import KWOK_TAINT
 
 
 def test_kwok_nodes_take_only_pods_that_tolerate_them(cluster, api, core, namespace):
@@ -46,31 +49,49 @@ def test_kwok_nodes_take_only_pods_that_tolerate_them(cluster, api, core, namesp
     assert [p.spec.node_name for p in real] == ["podlet"]
 
 
-def test_dev_up_starts_everything_applies_the_example_and_writes_dev_env(tmp_path):
+def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_path):
     env_file = tmp_path / "dev.env"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetward.cli.main", "dev", "up", "--name", "uptest", "--exit-after-start",
-         "--env-file", str(env_file)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetward.cli.main", "dev", "up", "--name", "uptest", "--env-file", str(env_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "Fleetward local cluster is up" in out
-    assert "applied examples/githouse/30-agents.yaml: 10 objects" in out
-    assert "Nothing reconciles Agents" in out
-    assert out.rstrip().endswith("==> stopped")
-    text = env_file.read_text()
-    for key in ("KUBECONFIG", "PATH", "KAFKA_BOOTSTRAP", "POSTGRES_DSN", "PROMETHEUS_URL"):
-        assert f"export {key}=" in text, key
-    # the file is meant to be sourced: check that a shell can, and that kubectl is on PATH
-    check = subprocess.run(["bash", "-c", f"source {env_file} && command -v kubectl && command -v helm"],
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    kubectl_path, helm_path = check.stdout.split()
-    assert "/kubernetes-v" in kubectl_path and "/helm-v" in helm_path, check.stdout
-    state = REPO / ".fleetward" / "uptest"
-    assert (state / "logs" / "kube-apiserver.log").exists()
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Press Ctrl-C to stop everything." in line:
+                break
+        out = "".join(lines)
+        assert "Press Ctrl-C" in out, out[-3000:]
+        assert "Fleetward local cluster is up" in out
+        assert "applied examples/githouse/30-agents.yaml: 10 objects" in out
+        assert "Nothing reconciles Agents" in out
+
+        # while it is up: the env file works in a shell, and the cluster answers with the example in it
+        check = subprocess.run(["bash", "-c", f"source {env_file} && command -v kubectl && command -v helm && "
+                                "kubectl get agents -n githouse -o name"], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr
+        kubectl_path, helm_path, *agents = check.stdout.split()
+        assert "/kubernetes-v" in kubectl_path and "/helm-v" in helm_path
+        assert "agent.fleetward.dev/router" in agents and len(agents) == 10
+        text = env_file.read_text()
+        for key in ("KUBECONFIG", "PATH", "KAFKA_BOOTSTRAP", "POSTGRES_DSN", "PROMETHEUS_URL"):
+            assert f"export {key}=" in text, key
+        state = REPO / ".fleetward" / "uptest"
+        assert len(_alive_under(state)) >= 8
+
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest
+    assert rest.rstrip().endswith("==> stopped")
     assert not _alive_under(state), "everything stopped"
 
 

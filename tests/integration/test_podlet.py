@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from fleetward.devcluster.services import wait_for
+from fleetward.devcluster.process import wait_for
 
 PODAPP = Path(__file__).resolve().parents[1] / "fixtures" / "podapp.py"
 CONTROL_MOUNT = "/run/fleetward-test/control"
@@ -297,3 +297,46 @@ def test_service_account_token_is_projected_and_accepted_by_the_api_server(api, 
         client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token)))
     assert review.status.authenticated
     assert review.status.user.username == f"system:serviceaccount:{namespace}:default"
+
+
+def test_grace_period_then_sigkill_for_a_process_that_ignores_sigterm(core, namespace):
+    spec = {"terminationGracePeriodSeconds": 2, "containers": [
+        {"name": "main", "image": "none", "command": ["sh", "-c", "trap '' TERM; echo stubborn; while :; do sleep 0.2; done"]}]}
+    create_pod(core, namespace, "stubborn", spec)
+    wait_for(lambda: core.read_namespaced_pod("stubborn", namespace).status.phase == "Running", 30, "Running")
+    pid = pid_of(core.read_namespaced_pod("stubborn", namespace))
+    started = time.monotonic()
+    core.delete_namespaced_pod("stubborn", namespace)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("stubborn", namespace)
+            return False
+        except client.exceptions.ApiException as e:
+            return e.status == 404
+
+    wait_for(gone, 30, "pod removed after its grace period")
+    elapsed = time.monotonic() - started
+    assert elapsed >= 2, f"removed after {elapsed:.1f}s: the grace period was not honoured"
+    assert not Path(f"/proc/{pid}").exists(), "SIGKILL ended the process that ignored SIGTERM"
+
+
+def test_container_output_goes_to_log_files(cluster, core, namespace):
+    create_pod(core, namespace, "talker", {"restartPolicy": "Never", "containers": [
+        {"name": "main", "image": "none", "command": ["sh", "-c", "echo to-stdout; echo to-stderr >&2"]}]})
+    wait_for(lambda: core.read_namespaced_pod("talker", namespace).status.phase == "Succeeded", 30, "Succeeded")
+    uid = core.read_namespaced_pod("talker", namespace).metadata.uid
+    log = cluster.state / "podlet" / "logs" / f"{namespace}_talker_{uid}" / "main" / "0.log"
+    assert log.read_text().split() == ["to-stdout", "to-stderr"]
+
+
+def test_podlet_node_is_ready_and_renews_its_lease(core, api):
+    node = core.read_node("podlet")
+    assert node.status.node_info.kubelet_version == "v1.36.3"
+    assert node.metadata.labels["fleetward.dev/node-type"] == "podlet"
+    assert not node.spec.taints
+    leases = client.CoordinationV1Api(api)
+    first = leases.read_namespaced_lease("podlet", "kube-node-lease").spec.renew_time
+    assert leases.read_namespaced_lease("podlet", "kube-node-lease").spec.holder_identity == "podlet"
+    wait_for(lambda: leases.read_namespaced_lease("podlet", "kube-node-lease").spec.renew_time > first, 30,
+             "lease renewed")

@@ -14,7 +14,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from fleetward.devcluster.services import wait_for
+from fleetward.devcluster.process import wait_for
 
 
 def produce(cfg: dict, topic: str, key: str, value: str) -> None:

@@ -89,3 +89,18 @@ def test_a_component_that_never_gets_ready_times_out_with_its_log(tmp_path):
     finally:
         proc.stop()
     assert not proc.alive()
+
+
+def test_a_second_cluster_with_the_same_name_is_refused(tmp_path, monkeypatch):
+    from fleetward.devcluster import cluster as cluster_mod
+
+    monkeypatch.setenv("FLEETWARD_STATE", str(tmp_path))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "marker").write_text("state of the running cluster")
+    fd = cluster_mod._lock(tmp_path / "busy.lock", "busy")  # as if another `dev up` held it
+    try:
+        with pytest.raises(cluster_mod.ClusterInUse, match=rf"'busy' is already running \(pid {os.getpid()}\)"):
+            cluster_mod.DevCluster.create("busy")
+        assert (tmp_path / "busy" / "marker").exists(), "the running cluster's state was not touched"
+    finally:
+        os.close(fd)

@@ -34,8 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--no-example", action="store_true", help="apply no manifests, only the CRDs")
     up.add_argument("--env-file", type=Path, default=None,
                     help="where to write the variables to source (default: .fleetward/dev.env)")
-    up.add_argument("--exit-after-start", action="store_true",
-                    help="stop everything again once it is up (a start-up check, used by tests and CI)")
     up.set_defaults(handler=run_up)
 
 
@@ -44,7 +42,7 @@ def _print(msg: str = "") -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from fleetward.devcluster.cluster import DevCluster
+    from fleetward.devcluster.cluster import ClusterInUse, DevCluster
     from fleetward.devcluster.kube import apply_manifest, install_crds, manifest_files
     from fleetward.devcluster.process import ComponentFailed
 
@@ -61,7 +59,7 @@ def run_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         cluster = DevCluster.create(args.name)
-    except layout.MissingComponent as e:
+    except (layout.MissingComponent, ClusterInUse) as e:
         _print(f"error: {e}")
         return 2
     try:
@@ -80,8 +78,6 @@ def run_up(args: argparse.Namespace) -> int:
         env_file = cluster.write_env_file(args.env_file or layout.state_root() / "dev.env")
         elapsed = time.monotonic() - started
         _print_summary(cluster, env_file, elapsed)
-        if args.exit_after_start:
-            return 0
         while not stop_requested:
             cluster.check()
             time.sleep(1)

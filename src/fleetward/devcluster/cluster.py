@@ -8,6 +8,7 @@ nodes, Kafka, PostgreSQL and Prometheus — started and stopped as one.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -20,12 +21,30 @@ from kubernetes import client, config
 
 from fleetward.devcluster import layout
 from fleetward.devcluster.controlplane import ADMIN, ControlPlane, node_identity
-from fleetward.devcluster.process import ComponentFailed, ManagedProcess
-from fleetward.devcluster.services import Kafka, Kwok, Postgres, Prometheus, wait_for
+from fleetward.devcluster.process import ComponentFailed, ManagedProcess, wait_for
+from fleetward.devcluster.services import Kafka, Kwok, Postgres, Prometheus
 
 log = logging.getLogger("fleetward.devcluster")
 
 PODLET_NODE = "podlet"
+
+
+class ClusterInUse(RuntimeError):
+    """Another process runs a cluster with this name."""
+
+
+def _lock(path: Path, name: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode().strip() or "?"
+        os.close(fd)
+        raise ClusterInUse(f"a local cluster named {name!r} is already running (pid {holder}); "
+                           "stop it first (Ctrl-C where it runs) or choose another --name") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 BOOTSTRAP_MANIFEST = Path(__file__).with_name("bootstrap.yaml")
 
 
@@ -38,14 +57,25 @@ class DevCluster:
     services: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    lock_fd: int | None = None
+
     @classmethod
     def create(cls, name: str = "dev", *, fresh: bool = True) -> "DevCluster":
-        """A cluster whose state lives in .fleetward/<name> (wiped first when fresh)."""
-        state = layout.state_root() / name
+        """A cluster whose state lives in .fleetward/<name> (wiped first when fresh).
+
+        Holds .fleetward/<name>.lock until stop(), so a second cluster of the same name
+        fails at once instead of wiping the state of the one that is running."""
+        bins = layout.binaries()
+        root = layout.state_root()
+        root.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(root / f"{name}.lock", name)
+        state = root / name
         if fresh and state.exists():
             shutil.rmtree(state)
         state.mkdir(parents=True, exist_ok=True)
-        return cls(state, layout.binaries())
+        cluster = cls(state, bins)
+        cluster.lock_fd = lock_fd
+        return cluster
 
     def __post_init__(self) -> None:
         self.control_plane = ControlPlane(self.state, self.bins)
@@ -123,6 +153,9 @@ class DevCluster:
             self.podlet.stop(timeout=20)
             self.podlet = None
         self.control_plane.stop()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = None
 
     def check(self) -> None:
         """Raise ComponentFailed (with the log tail) if any component has died."""

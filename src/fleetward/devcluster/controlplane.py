@@ -164,12 +164,12 @@ class ControlPlane:
                                    server_names=("localhost",), server_ips=("127.0.0.1",), client=False)
         sched_serving = self.ca.issue("scheduler-serving", "kube-scheduler",
                                       server_names=("localhost",), server_ips=("127.0.0.1",), client=False)
+        cm_kubeconfig = self.kubeconfig_for(CONTROLLER_MANAGER, "controller-manager")
         self._start(
             "kube-controller-manager",
             [self.bins.kube_controller_manager,
-             f"--kubeconfig={self.kubeconfig_for(CONTROLLER_MANAGER, 'controller-manager')}",
-             f"--authentication-kubeconfig={self.kubeconfig_for(CONTROLLER_MANAGER, 'controller-manager')}",
-             f"--authorization-kubeconfig={self.kubeconfig_for(CONTROLLER_MANAGER, 'controller-manager')}",
+             f"--kubeconfig={cm_kubeconfig}", f"--authentication-kubeconfig={cm_kubeconfig}",
+             f"--authorization-kubeconfig={cm_kubeconfig}",
              "--bind-address=127.0.0.1", f"--secure-port={self.controller_manager_port}",
              f"--tls-cert-file={cm_serving.cert}", f"--tls-private-key-file={cm_serving.key}",
              f"--service-account-private-key-file={self.sa.key}",
@@ -180,12 +180,12 @@ class ControlPlane:
             lambda: self._healthy(self.controller_manager_port),
             90,
         )
+        sched_kubeconfig = self.kubeconfig_for(SCHEDULER, "scheduler")
         self._start(
             "kube-scheduler",
             [self.bins.kube_scheduler,
-             f"--kubeconfig={self.kubeconfig_for(SCHEDULER, 'scheduler')}",
-             f"--authentication-kubeconfig={self.kubeconfig_for(SCHEDULER, 'scheduler')}",
-             f"--authorization-kubeconfig={self.kubeconfig_for(SCHEDULER, 'scheduler')}",
+             f"--kubeconfig={sched_kubeconfig}", f"--authentication-kubeconfig={sched_kubeconfig}",
+             f"--authorization-kubeconfig={sched_kubeconfig}",
              "--bind-address=127.0.0.1", f"--secure-port={self.scheduler_port}",
              f"--tls-cert-file={sched_serving.cert}", f"--tls-private-key-file={sched_serving.key}",
              "--leader-elect=false", "--profiling=false", "--v=1"],

@@ -34,7 +34,8 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _die_with_parent() -> None:  # runs in the child before exec
+def die_with_parent() -> None:
+    """Run in a child before exec: own session, and SIGTERM when the parent dies (no orphans)."""
     os.setsid()
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -81,7 +82,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 user=self.user,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except OSError as e:
             raise ComponentFailed(f"{self.name}: cannot start {self.argv[0]}: {e}") from e
@@ -142,3 +143,16 @@ def run_checked(name: str, argv: Sequence[str | os.PathLike], log: Path, **kwarg
         rc = subprocess.call([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
     if rc != 0:
         raise ComponentFailed(f"{name} failed with exit code {rc}; last lines of {log}:\n{tail(log)}")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as e:  # keep the last error for the message
+            last = e
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout:.0f} s" + (f" (last error: {last})" if last else ""))

@@ -126,7 +126,7 @@ class Kafka:
         return "".join(f"{k}={v}\n" for k, v in common.items())
 
     def _java(self, main_class: str, *args: str, heap: str = "512m") -> list[str]:
-        return ["java", f"-Xmx{heap}", f"-Xms{min(int(heap[:-1]), 256)}m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        return ["java", f"-Xmx{heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
                 "-cp", f"{self.bins.kafka_libs}/*", main_class, *args]
 
@@ -427,16 +427,3 @@ class Kwok:
     def stop(self) -> None:
         if self.proc:
             self.proc.stop(timeout=10)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except Exception as e:  # keep the last error for the message
-            last = e
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout:.0f} s" + (f" (last error: {last})" if last else ""))

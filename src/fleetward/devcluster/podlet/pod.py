@@ -23,7 +23,7 @@ from fleetward.devcluster.podlet import launch
 from fleetward.devcluster.podlet.env import EnvError, container_env, expand, field_value
 from fleetward.devcluster.podlet.probes import ProbeState, run_probe
 from fleetward.devcluster.podlet.volumes import SourceContext, VolumeNotReady, unsupported, volume_files, write_atomic
-from fleetward.devcluster.process import _die_with_parent
+from fleetward.devcluster.process import die_with_parent
 
 if TYPE_CHECKING:
     from fleetward.devcluster.podlet.node import Podlet
@@ -221,7 +221,8 @@ class PodWorker(threading.Thread):
             self.volume_error = message
         else:
             self.volume_error = ""
-        self.volumes_ready = not errors if not self.volumes_ready else True
+        if not errors:
+            self.volumes_ready = True  # once mounted, later source errors keep the last content
 
     def mounts(self, pod: Any, container: Any) -> list[dict]:
         by_name = {v.name: v for v in pod.spec.volumes or []}
@@ -278,7 +279,7 @@ class PodWorker(threading.Thread):
             run.proc = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "--",
                  sys.executable, "-S", "-E", launch.__file__, str(spec_path)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
             )
         run.started_at = now_iso()
         run.started_mono = time.monotonic()
@@ -495,10 +496,8 @@ class PodWorker(threading.Thread):
         ready_to_start = self.volumes_ready
         initialized = all(r.succeeded for r in self.init)
         containers_ready = initialized and all(r.ready for r in self.containers)
-        gates_ok = all(
-            any(c.type == g.condition_type and c.status == "True" for c in (pod.status.conditions or []))
-            for g in pod.spec.readiness_gates or []
-        ) if pod.status else not pod.spec.readiness_gates
+        current = {c.type: c.status for c in (pod.status.conditions or [])} if pod.status else {}
+        gates_ok = all(current.get(g.condition_type) == "True" for g in pod.spec.readiness_gates or [])
         self.set_condition("PodReadyToStartContainers", ready_to_start)
         self.set_condition("Initialized", initialized, None if initialized else "ContainersNotInitialized")
         self.set_condition("ContainersReady", containers_ready, None if containers_ready else "ContainersNotReady")
