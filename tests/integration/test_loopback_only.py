@@ -36,6 +36,9 @@ def test_every_listening_socket_is_on_loopback(cluster, kafka, kafka_scram, post
             continue
         host = local.rsplit(":", 1)[0].strip("[]").split("%")[0]
         assert host not in ("*", "0.0.0.0", "::"), f"listens on every interface: {line}"
-        assert ipaddress.ip_address(host).is_loopback, f"listens outside loopback: {line}"
+        addr = ipaddress.ip_address(host)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:  # Java's ::ffff:127.0.0.1
+            addr = addr.ipv4_mapped
+        assert addr.is_loopback, f"listens outside loopback: {line}"
         checked += 1
     assert checked >= 8, f"only {checked} listening sockets of the cluster found:\n{out}"
