@@ -11,22 +11,26 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client, config
 
 from fleetward.devcluster import layout
 from fleetward.devcluster.controlplane import ADMIN, ControlPlane, node_identity
+from fleetward.devcluster.kube import apply_manifest
 from fleetward.devcluster.process import ComponentFailed, ManagedProcess, wait_for
-from fleetward.devcluster.services import Kafka, Kwok, Postgres, Prometheus
+from fleetward.devcluster.services import Kafka, Kwok, Postgres, Prometheus, Service
 
 log = logging.getLogger("fleetward.devcluster")
 
 PODLET_NODE = "podlet"
+BOOTSTRAP_MANIFEST = Path(__file__).with_name("bootstrap.yaml")
 
 
 class ClusterInUse(RuntimeError):
@@ -45,7 +49,6 @@ def _lock(path: Path, name: str) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
-BOOTSTRAP_MANIFEST = Path(__file__).with_name("bootstrap.yaml")
 
 
 @dataclass
@@ -54,9 +57,8 @@ class DevCluster:
     bins: layout.Binaries
     control_plane: ControlPlane = field(init=False)
     podlet: ManagedProcess | None = None
-    services: dict[str, object] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
     lock_fd: int | None = None
 
     @classmethod
@@ -107,8 +109,6 @@ class DevCluster:
         return self
 
     def bootstrap(self) -> None:
-        from fleetward.devcluster.kube import apply_manifest
-
         apply_manifest(self.api_client(), BOOTSTRAP_MANIFEST.read_text())
         core = client.CoreV1Api(self.api_client())
         deadline = time.monotonic() + 60
@@ -145,7 +145,7 @@ class DevCluster:
     def stop(self) -> None:
         for name, svc in reversed(list(self.services.items())):
             try:
-                svc.stop()  # type: ignore[attr-defined]
+                svc.stop()
             except Exception as e:
                 log.warning("stopping %s: %s", name, e)
         self.services.clear()
@@ -163,11 +163,11 @@ class DevCluster:
         if self.podlet is not None:
             self.podlet.check()
         for svc in self.services.values():
-            svc.check()  # type: ignore[attr-defined]
+            svc.check()
 
     # -- services, started on first use ------------------------------------------------------------
 
-    def _service(self, key: str, factory):
+    def _service(self, key: str, factory) -> Any:
         if key not in self.services:
             svc = factory()
             self._timed(key, svc.start)
@@ -237,13 +237,11 @@ class DevCluster:
         """How to reach everything: KUBECONFIG, PATH, and one variable per running service."""
         out = {"KUBECONFIG": str(self.kubeconfig), "PATH": self.path_env(), "FLEETWARD_STATE_DIR": str(self.state)}
         for svc in self.services.values():
-            out.update(svc.env())  # type: ignore[attr-defined]
+            out.update(svc.env())
         return out
 
     def write_env_file(self, path: Path) -> Path:
         """A file to `source`: the variables of env(), PATH prepended to the caller's own."""
-        import shlex
-
         lines = [f"# Written by `fleetward dev up` for the cluster in {self.state}.",
                  f"# Use it in another shell:  source {path}"]
         for key, value in self.env().items():

@@ -1,6 +1,7 @@
 """Small Kubernetes helpers for the local cluster: server-side apply of YAML manifests."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,6 @@ def apply_manifest(api: client.ApiClient, text: str, namespace: str | None = Non
 
 def install_crds(api: client.ApiClient, crd_dir: Path, timeout: float = 60) -> list[str]:
     """Apply every CRD in crd_dir and wait until the API server serves them (Established)."""
-    import time
-
     applied = []
     for path in manifest_files([crd_dir]):
         applied += apply_manifest(api, path.read_text())

@@ -23,6 +23,30 @@ import yaml
 from fleetward.devcluster.layout import Binaries
 from fleetward.devcluster.process import ComponentFailed, ManagedProcess, free_port, port_open, run_checked
 
+@dataclass
+class Service:
+    """A process the cluster starts on first use; subclasses set `proc` in start()."""
+
+    state: Path
+    bins: Binaries
+    proc: ManagedProcess | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> "Service":
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        """Variables that tell clients how to reach the service."""
+        return {}
+
+    def check(self) -> None:
+        if self.proc:
+            self.proc.check()
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop(timeout=20)
+
+
 # -- Kafka ------------------------------------------------------------------------------------
 
 KAFKA_ADMIN = "admin"
@@ -42,7 +66,7 @@ logger.org.level = warn
 
 
 @dataclass
-class Kafka:
+class Kafka(Service):
     """One Kafka broker+controller in KRaft mode.
 
     plain: PLAINTEXT listener, no authorizer (the default backbone for tests and `make up`).
@@ -52,13 +76,10 @@ class Kafka:
     the controller must read before it can check them).
     """
 
-    state: Path
-    bins: Binaries
     mode: str = "plain"  # or "scram"
     port: int = field(default_factory=free_port)
     controller_port: int = field(default_factory=free_port)
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
-    proc: ManagedProcess | None = None
 
     @property
     def name(self) -> str:
@@ -198,31 +219,21 @@ class Kafka:
         return {"KAFKA_SCRAM_BOOTSTRAP": self.bootstrap, "KAFKA_SCRAM_ADMIN_USER": KAFKA_ADMIN,
                 "KAFKA_SCRAM_ADMIN_PASSWORD": self.admin_password}
 
-    def check(self) -> None:
-        if self.proc:
-            self.proc.check()
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop(timeout=20)
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
 
 @dataclass
-class Postgres:
+class Postgres(Service):
     """A PostgreSQL server from the Debian package, TCP on loopback only, password auth.
 
     PostgreSQL refuses to run as root; as root it runs as the package's `postgres` user."""
 
-    state: Path
-    bins: Binaries
     port: int = field(default_factory=free_port)
     user: str = "fleetward"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     database: str = "fleetward"
-    proc: ManagedProcess | None = None
 
     @property
     def dsn(self) -> str:
@@ -285,28 +296,18 @@ class Postgres:
     def env(self) -> dict[str, str]:
         return {"POSTGRES_DSN": self.dsn}
 
-    def check(self) -> None:
-        if self.proc:
-            self.proc.check()
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop(timeout=20)
 
 
 # -- Prometheus ----------------------------------------------------------------------------------
 
 
 @dataclass
-class Prometheus:
+class Prometheus(Service):
     """Prometheus from the Debian package. Scrape targets come from a file_sd JSON file
     (`add_target`), which Prometheus re-reads on its own: no restart, no reload."""
 
-    state: Path
-    bins: Binaries
     port: int = field(default_factory=free_port)
     scrape_interval: str = "2s"
-    proc: ManagedProcess | None = None
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -364,13 +365,6 @@ class Prometheus:
     def env(self) -> dict[str, str]:
         return {"PROMETHEUS_URL": self.url}
 
-    def check(self) -> None:
-        if self.proc:
-            self.proc.check()
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop(timeout=20)
 
 
 # -- kwok -------------------------------------------------------------------------------------------
@@ -380,17 +374,14 @@ KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedul
 
 
 @dataclass
-class Kwok:
+class Kwok(Service):
     """kwok controller managing simulated nodes (for scale tests). Only nodes annotated
     `kwok.x-k8s.io/node: fake` are its; they are tainted so that only pods tolerating the
     taint land there. Simulated pod IPs come from a loopback range nobody listens on, so
     nothing ever sends traffic off this machine because of them."""
 
-    state: Path
-    bins: Binaries
     kubeconfig: Path
     port: int = field(default_factory=free_port)
-    proc: ManagedProcess | None = None
 
     def start(self) -> "Kwok":
         self.proc = ManagedProcess(
@@ -417,13 +408,3 @@ class Kwok:
                        "capacity": {"cpu": cpu, "memory": memory, "pods": pods}},
         }
 
-    def env(self) -> dict[str, str]:
-        return {}
-
-    def check(self) -> None:
-        if self.proc:
-            self.proc.check()
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop(timeout=10)
