@@ -384,29 +384,21 @@ class PodWorker(threading.Thread):
         g = pod.spec.termination_grace_period_seconds
         return 30 if g is None else g
 
-    def kill(self, pod: Any, run: ContainerRun, why: str, grace: float | None = None) -> None:
-        """SIGTERM the container's main process, SIGKILL its group after the grace period."""
+    def kill(self, pod: Any, run: ContainerRun, why: str) -> None:
+        """Stop one container (probe failure): SIGTERM, grace period, SIGKILL."""
         if not run.running:
             return
-        assert run.proc is not None
         run.killing = why
         self.podlet.event(pod, "Normal", "Killing", f"Stopping container {run.spec.name}: {why}")
-        try:
-            run.proc.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + (self.grace_seconds(pod) if grace is None else grace)
-        while run.proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if run.proc.poll() is None:
-            try:
-                os.killpg(run.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            run.proc.wait(5)
+        self.stop_processes([run], self.grace_seconds(pod))
 
     def kill_all(self, grace: float) -> None:
-        runs = [r for r in self.init + self.containers if r.running]
+        self.stop_processes([r for r in self.init + self.containers if r.running], grace)
+
+    @staticmethod
+    def stop_processes(runs: list[ContainerRun], grace: float) -> None:
+        """SIGTERM each main process (as a container runtime signals PID 1), wait up to
+        `grace` seconds, then SIGKILL whatever is left of each container's process group."""
         for r in runs:
             try:
                 r.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
