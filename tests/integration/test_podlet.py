@@ -340,3 +340,21 @@ def test_podlet_node_is_ready_and_renews_its_lease(core, api):
     assert leases.read_namespaced_lease("podlet", "kube-node-lease").spec.holder_identity == "podlet"
     wait_for(lambda: leases.read_namespaced_lease("podlet", "kube-node-lease").spec.renew_time > first, 30,
              "lease renewed")
+
+
+def test_init_containers_run_to_completion_before_the_app(core, namespace):
+    spec = {"restartPolicy": "Never", "volumes": [{"name": "work", "emptyDir": {}}],
+            "initContainers": [{"name": "prepare", "image": "none",
+                                "command": ["sh", "-c", "echo prepared-by-init > /run/fleetward-test/work/note"],
+                                "volumeMounts": [{"name": "work", "mountPath": "/run/fleetward-test/work"}]}],
+            "containers": [{"name": "main", "image": "none",
+                            "command": ["sh", "-c", "test \"$(cat /run/fleetward-test/work/note)\" = prepared-by-init"],
+                            "volumeMounts": [{"name": "work", "mountPath": "/run/fleetward-test/work"}]}]}
+    create_pod(core, namespace, "with-init", spec)
+    wait_for(lambda: core.read_namespaced_pod("with-init", namespace).status.phase in ("Succeeded", "Failed"), 30,
+             "pod finished")
+    status = core.read_namespaced_pod("with-init", namespace).status
+    assert status.phase == "Succeeded", "the app container saw the init container's file"
+    assert status.init_container_statuses[0].state.terminated.exit_code == 0
+    initialized = next(c for c in status.conditions if c.type == "Initialized")
+    assert initialized.status == "True"
