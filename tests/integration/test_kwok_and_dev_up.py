@@ -95,6 +95,33 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
     assert not _alive_under(state), "everything stopped"
 
 
+def test_ctrl_c_during_start_up_stops_everything():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetward.cli.main", "dev", "up", "--name", "uptest-interrupt"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        while True:
+            line = proc.stdout.readline()
+            assert line, "dev up ended before starting"
+            if "podlet ready" in line:  # mid start-up: control plane and node up, services not yet
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest
+    assert "interrupted during start-up" in rest and rest.rstrip().endswith("==> stopped")
+    assert "Fleetward local cluster is up" not in rest
+    assert not _alive_under(REPO / ".fleetward" / "uptest-interrupt"), "everything stopped"
+    # the name is free again: the lock was released
+    from fleetward.devcluster.cluster import _lock
+
+    os.close(_lock(REPO / ".fleetward" / "uptest-interrupt.lock", "uptest-interrupt"))
+
+
 def _alive_under(state: Path) -> list[int]:
     alive = []
     for proc in Path("/proc").iterdir():

@@ -47,14 +47,13 @@ def run_up(args: argparse.Namespace) -> int:
     from fleetward.devcluster.process import ComponentFailed
 
     logging.basicConfig(level=logging.INFO, format="==> %(message)s", stream=sys.stdout)
-    stop_requested = False
 
-    def on_signal(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
+    def interrupt(signum, frame):  # Ctrl-C or SIGTERM, during start-up as well as once up
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    up = False
 
     started = time.monotonic()
     try:
@@ -78,15 +77,21 @@ def run_up(args: argparse.Namespace) -> int:
         env_file = cluster.write_env_file(args.env_file or layout.state_root() / "dev.env")
         elapsed = time.monotonic() - started
         _print_summary(cluster, env_file, elapsed)
-        while not stop_requested:
+        up = True
+        while True:
             cluster.check()
             time.sleep(1)
-        _print("\n==> stopping the local cluster ...")
-        return 0
+    except KeyboardInterrupt:
+        _print("\n==> stopping the local cluster ..." if up else "\n==> interrupted during start-up; stopping ...")
+        return 0 if up else 130
     except ComponentFailed as e:
         _print(f"error: {e}")
         return 1
     finally:
+        # Stopping is bounded (SIGTERM, then SIGKILL after a timeout per component); a
+        # second Ctrl-C must not cut it short and leave half the cluster behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
         _print("==> stopped")
 

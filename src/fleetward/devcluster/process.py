@@ -106,17 +106,17 @@ class ManagedProcess:
             raise self.failure(f"exited with code {self.proc.returncode}")
 
     def wait_ready(self, ready: Callable[[], bool], timeout: float, what: str = "ready") -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        """Poll `ready` (its errors mean "not yet"); fail at once, with the log tail, if the
+        process exits, and with the log tail if the timeout passes."""
+
+        def probe() -> bool:
             self.check()
-            try:
-                if ready():
-                    return
-            except Exception:  # not ready yet; the probe's own errors are expected while starting
-                pass
-            if time.monotonic() > deadline:
-                raise self.failure(f"was not {what} within {timeout:.0f} s")
-            time.sleep(0.2)
+            return ready()
+
+        try:
+            wait_for(probe, timeout, what, fatal=(ComponentFailed,))
+        except TimeoutError:
+            raise self.failure(f"was not {what} within {timeout:.0f} s") from None
 
     def stop(self, timeout: float = 10.0) -> None:
         if not self.alive():
@@ -145,14 +145,24 @@ def run_checked(name: str, argv: Sequence[str | os.PathLike], log: Path, **kwarg
         raise ComponentFailed(f"{name} failed with exit code {rc}; last lines of {log}:\n{tail(log)}")
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    fatal: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Poll until `predicate()` is truthy. Its exceptions count as "not yet" (the last one
+    is named in the TimeoutError), except those in `fatal`, which end the wait at once."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if predicate():
                 return
-        except Exception as e:  # keep the last error for the message
+        except fatal:
+            raise
+        except Exception as e:
             last = e
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached within {timeout:.0f} s" + (f" (last error: {last})" if last else ""))

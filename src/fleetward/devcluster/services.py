@@ -176,13 +176,9 @@ class Kafka(Service):
         return self
 
     def _ready(self) -> bool:
-        from confluent_kafka.admin import AdminClient
-
         if not port_open("127.0.0.1", self.port):  # no client (and no client log noise) before that
             return False
-        admin = AdminClient(self.client_config())
-        md = admin.list_topics(timeout=2)
-        return bool(md.brokers)
+        return bool(self.admin().list_topics(timeout=2).brokers)
 
     def admin(self):
         from confluent_kafka.admin import AdminClient
@@ -202,15 +198,16 @@ class Kafka(Service):
             fut.result(30)
 
     def create_topics(self, *names: str, partitions: int = 3) -> None:
+        """Create topics; ones that exist already are fine."""
+        from confluent_kafka import KafkaError, KafkaException
         from confluent_kafka.admin import NewTopic
 
         admin = self.admin()  # keep the client alive until its futures resolve
-        futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
-        for name, fut in futures.items():
+        for fut in admin.create_topics([NewTopic(n, partitions, 1) for n in names]).values():
             try:
                 fut.result(30)
-            except Exception as e:
-                if "TOPIC_ALREADY_EXISTS" not in str(e):
+            except KafkaException as e:
+                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
 
     def env(self) -> dict[str, str]:
@@ -218,7 +215,6 @@ class Kafka(Service):
             return {"KAFKA_BOOTSTRAP": self.bootstrap}
         return {"KAFKA_SCRAM_BOOTSTRAP": self.bootstrap, "KAFKA_SCRAM_ADMIN_USER": KAFKA_ADMIN,
                 "KAFKA_SCRAM_ADMIN_PASSWORD": self.admin_password}
-
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
@@ -297,7 +293,6 @@ class Postgres(Service):
         return {"POSTGRES_DSN": self.dsn}
 
 
-
 # -- Prometheus ----------------------------------------------------------------------------------
 
 
@@ -364,7 +359,6 @@ class Prometheus(Service):
 
     def env(self) -> dict[str, str]:
         return {"PROMETHEUS_URL": self.url}
-
 
 
 # -- kwok -------------------------------------------------------------------------------------------

@@ -221,7 +221,6 @@ class PodWorker(threading.Thread):
             self.volume_error = message
         else:
             self.volume_error = ""
-        if not errors:
             self.volumes_ready = True  # once mounted, later source errors keep the last content
 
     def mounts(self, pod: Any, container: Any) -> list[dict]:
