@@ -1,13 +1,14 @@
 """Small Kubernetes helpers for the local cluster: server-side apply of YAML manifests."""
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from kubernetes import client, dynamic
+
+from fleetward.devcluster.process import wait_for
 
 FIELD_MANAGER = "fleetward-devcluster"
 
@@ -30,9 +31,7 @@ def apply_manifest(api: client.ApiClient, text: str, namespace: str | None = Non
     applied = []
     for doc in documents(text):
         resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
-        ns = doc["metadata"].get("namespace") or (namespace if resource.namespaced else None)
-        if resource.namespaced and ns is None:
-            ns = "default"
+        ns = (doc["metadata"].get("namespace") or namespace or "default") if resource.namespaced else None
         dyn.server_side_apply(resource, body=doc, namespace=ns, field_manager=FIELD_MANAGER, force_conflicts=True)
         applied.append(f"{doc['kind']}/{doc['metadata']['name']}")
     return applied
@@ -45,13 +44,11 @@ def install_crds(api: client.ApiClient, crd_dir: Path, timeout: float = 60) -> l
         applied += apply_manifest(api, path.read_text())
     ext = client.ApiextensionsV1Api(api)
     names = [a.split("/", 1)[1] for a in applied]
-    deadline = time.monotonic() + timeout
+
+    def established(name: str) -> bool:
+        conditions = ext.read_custom_resource_definition(name).status.conditions or []
+        return any(c.type == "Established" and c.status == "True" for c in conditions)
+
     for name in names:
-        while True:
-            crd = ext.read_custom_resource_definition(name)
-            if any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or [])):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"CRD {name} not Established within {timeout:.0f} s")
-            time.sleep(0.1)
+        wait_for(lambda: established(name), timeout, f"CRD {name} Established", interval=0.1)
     return names
