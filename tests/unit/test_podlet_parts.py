@@ -104,3 +104,14 @@ def test_a_second_cluster_with_the_same_name_is_refused(tmp_path, monkeypatch):
         assert (tmp_path / "busy" / "marker").exists(), "the running cluster's state was not touched"
     finally:
         os.close(fd)
+
+
+def test_kafka_cluster_ids_never_look_like_options():
+    import base64
+
+    from fleetward.devcluster.services import kafka_cluster_id
+
+    ids = [kafka_cluster_id() for _ in range(5000)]  # about 1 in 64 raw ids starts with '-'
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 and len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
+    assert len(set(ids)) == len(ids)

@@ -65,6 +65,16 @@ logger.org.level = warn
 """
 
 
+def kafka_cluster_id() -> str:
+    """A KRaft cluster id: URL-safe base64 of a random UUID, never starting with '-'
+    (the storage tool's argument parser would take it for an option; Kafka's own
+    Uuid.randomUuid() avoids such ids for the same reason)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass
 class Kafka(Service):
     """One Kafka broker+controller in KRaft mode.
@@ -164,8 +174,7 @@ class Kafka(Service):
         props = self.home / "server.properties"
         props.write_text(self.properties(data))
         props.chmod(0o600)
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        fmt = ["format", "--cluster-id", cluster_id, "--config", str(props), "--ignore-formatted"]
+        fmt = ["format", "--cluster-id", kafka_cluster_id(), "--config", str(props), "--ignore-formatted"]
         if self.mode == "scram":
             fmt += ["--add-scram", f"SCRAM-SHA-512=[name={KAFKA_ADMIN},password={self.admin_password}]"]
         run_checked(f"{self.name} storage format", self._java("kafka.tools.StorageTool", *fmt, heap="256m"),
