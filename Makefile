@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help build up test test-unit crds crds-check clean
+.PHONY: help build up test test-unit lint format crds crds-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -17,8 +17,14 @@ build: ## build/fetch everything (cached under .cache, keyed by version)
 up: build ## run the product locally (Ctrl-C stops it)
 	@$(VENV)/bin/fleetward dev up
 
-test: build ## run all tests (unit, local-cluster integration)
+test: build lint ## run lint, then all tests (unit, local-cluster integration)
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: ## ruff (lint + format check) for Python; rustfmt + clippy for the gateway
+	@hack/lint.sh
+
+format: ## apply ruff format and rustfmt
+	@$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix . && (cd gateway-rs && cargo fmt)
 
 test-unit: ## run only the tests that need no cluster
 	@hack/bootstrap-python.sh && $(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 
 Nothing here skips: if a component is not built, the cluster fixture errors with
 the build command to run (`make test` builds everything first)."""
+
 from __future__ import annotations
 
 import re
@@ -86,8 +87,9 @@ def kubectl(cluster: DevCluster):
 
     def run(*args: str, as_user: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         kubeconfig = cluster.user_kubeconfigs()[as_user] if as_user else cluster.kubeconfig
-        proc = subprocess.run([str(cluster.bins.kubectl), f"--kubeconfig={kubeconfig}", *args],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [str(cluster.bins.kubectl), f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True, timeout=60
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc

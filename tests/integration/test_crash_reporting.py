@@ -1,4 +1,5 @@
 """A component of the local cluster that dies is reported by name, with its log tail."""
+
 from __future__ import annotations
 
 import os

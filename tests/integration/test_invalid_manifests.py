@@ -1,6 +1,7 @@
 """The API server rejects invalid Fleetward resources (schema and CEL), and the error
 names the offending field and what is allowed. Each case starts from a valid object
 and breaks one thing."""
+
 from __future__ import annotations
 
 import copy
@@ -14,22 +15,55 @@ from kubernetes.client.exceptions import ApiException
 GROUP, VERSION = "fleetward.dev", "v1alpha1"
 NS = "default"
 
-TOOL = {"name": "lookup", "description": "Look something up.", "inputSchema": {"type": "object"},
-        "endpoint": "http://127.0.0.1:18080/tools/lookup"}
-AGENT = {"apiVersion": "fleetward.dev/v1alpha1", "kind": "Agent", "metadata": {"name": "bad-agent"},
-         "spec": {"role": "specialist", "model": {"name": "m", "baseURL": "http://127.0.0.1:18000/v1"},
-                  "tools": [TOOL]}}
-ROUTER = {"apiVersion": "fleetward.dev/v1alpha1", "kind": "Agent", "metadata": {"name": "bad-router"},
-          "spec": {"role": "router", "model": {"name": "m", "baseURL": "http://127.0.0.1:18000/v1"},
-                   "routes": [{"topic": "billing", "agent": "billing"}]}}
-SOP = {"apiVersion": "fleetward.dev/v1alpha1", "kind": "SOP", "metadata": {"name": "bad-sop"},
-       "spec": {"domain": "billing", "title": "Refund", "version": "1.0.0", "instructions": "Refund carefully.",
-                "steps": [{"id": "verify", "instruction": "Verify.", "tool": "verify_transaction"},
-                          {"id": "refund", "instruction": "Refund.", "tool": "issue_refund", "requires": ["verify"]}]}}
-GUARDRAIL = {"apiVersion": "fleetward.dev/v1alpha1", "kind": "Guardrail", "metadata": {"name": "bad-guardrail"},
-             "spec": {"pii": {"entities": [{"type": "email", "strategy": "redact"}]}}}
-KILLSWITCH = {"apiVersion": "fleetward.dev/v1alpha1", "kind": "KillSwitch", "metadata": {"name": "bad-switch"},
-              "spec": {"engaged": True, "reason": "incident 42"}}
+TOOL = {
+    "name": "lookup",
+    "description": "Look something up.",
+    "inputSchema": {"type": "object"},
+    "endpoint": "http://127.0.0.1:18080/tools/lookup",
+}
+AGENT = {
+    "apiVersion": "fleetward.dev/v1alpha1",
+    "kind": "Agent",
+    "metadata": {"name": "bad-agent"},
+    "spec": {"role": "specialist", "model": {"name": "m", "baseURL": "http://127.0.0.1:18000/v1"}, "tools": [TOOL]},
+}
+ROUTER = {
+    "apiVersion": "fleetward.dev/v1alpha1",
+    "kind": "Agent",
+    "metadata": {"name": "bad-router"},
+    "spec": {
+        "role": "router",
+        "model": {"name": "m", "baseURL": "http://127.0.0.1:18000/v1"},
+        "routes": [{"topic": "billing", "agent": "billing"}],
+    },
+}
+SOP = {
+    "apiVersion": "fleetward.dev/v1alpha1",
+    "kind": "SOP",
+    "metadata": {"name": "bad-sop"},
+    "spec": {
+        "domain": "billing",
+        "title": "Refund",
+        "version": "1.0.0",
+        "instructions": "Refund carefully.",
+        "steps": [
+            {"id": "verify", "instruction": "Verify.", "tool": "verify_transaction"},
+            {"id": "refund", "instruction": "Refund.", "tool": "issue_refund", "requires": ["verify"]},
+        ],
+    },
+}
+GUARDRAIL = {
+    "apiVersion": "fleetward.dev/v1alpha1",
+    "kind": "Guardrail",
+    "metadata": {"name": "bad-guardrail"},
+    "spec": {"pii": {"entities": [{"type": "email", "strategy": "redact"}]}},
+}
+KILLSWITCH = {
+    "apiVersion": "fleetward.dev/v1alpha1",
+    "kind": "KillSwitch",
+    "metadata": {"name": "bad-switch"},
+    "spec": {"engaged": True, "reason": "incident 42"},
+}
 
 
 def broken(base: dict, change: Callable[[dict], None]) -> dict:
@@ -40,6 +74,7 @@ def broken(base: dict, change: Callable[[dict], None]) -> dict:
 
 def setter(path: str, value) -> Callable[[dict], None]:
     """setter("spec.model.temperature", 3): set one (dotted, [i]-indexed) path."""
+
     def change(obj: dict) -> None:
         keys = path.replace("]", "").replace("[", ".").split(".")
         target = obj
@@ -52,6 +87,7 @@ def setter(path: str, value) -> Callable[[dict], None]:
             target[int(last)] = value
         else:
             target[last] = value
+
     return change
 
 
@@ -59,89 +95,190 @@ DELETE = object()
 
 # (id, manifest, fragments that must all appear in the API server's message)
 CASES = [
-    ("agent-role-enum", broken(AGENT, setter("spec.role", "boss")),
-     ["spec.role", 'Unsupported value: "boss"', '"router"', '"specialist"']),
+    (
+        "agent-role-enum",
+        broken(AGENT, setter("spec.role", "boss")),
+        ["spec.role", 'Unsupported value: "boss"', '"router"', '"specialist"'],
+    ),
     ("agent-model-required", broken(AGENT, setter("spec.model", DELETE)), ["spec.model", "Required value"]),
-    ("agent-replicas-xor-autoscaling",
-     broken(AGENT, lambda o: o["spec"].update(replicas=2, autoscaling={"minReplicas": 1, "maxReplicas": 3})),
-     ["spec", "set either replicas or autoscaling, not both"]),
-    ("agent-autoscaling-min-gt-max",
-     broken(AGENT, setter("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2})),
-     ["spec.autoscaling.minReplicas", "minReplicas must not exceed maxReplicas"]),
-    ("agent-budget-positive", broken(AGENT, setter("spec.budget", {"maxTokensPerRun": 0})),
-     ["spec.budget.maxTokensPerRun", "should be greater than or equal to 1"]),
-    ("agent-alert-threshold-fraction", broken(AGENT, setter("spec.budget", {"alertThresholds": [0.5, 1.5]})),
-     ["spec.budget.alertThresholds", "alertThresholds must be fractions in (0, 1]"]),
-    ("agent-tool-names-unique", broken(AGENT, lambda o: o["spec"]["tools"].append(dict(TOOL))),
-     ["spec.tools[1]", "Duplicate value", '"lookup"']),
-    ("agent-circuit-breaker-threshold",
-     broken(AGENT, setter("spec.tools[0].circuitBreaker", {"failureThreshold": 0})),
-     ["spec.tools[0].circuitBreaker.failureThreshold", "should be greater than or equal to 1"]),
-    ("agent-tool-endpoint-url", broken(AGENT, setter("spec.tools[0].endpoint", "ftp://files.example/lookup")),
-     ["spec.tools[0].endpoint", "endpoint must be an http(s) URL"]),
-    ("agent-tool-input-schema-object", broken(AGENT, setter("spec.tools[0].inputSchema", {"type": "string"})),
-     ["spec.tools[0].inputSchema.type", 'Unsupported value: "string"', '"object"']),
-    ("agent-tool-name-pattern", broken(AGENT, setter("spec.tools[0].name", "look up!")),
-     ["spec.tools[0].name", "should match"]),
-    ("agent-model-base-url", broken(AGENT, setter("spec.model.baseURL", "not a url")),
-     ["spec.model.baseURL", "baseURL must be an http(s) URL"]),
-    ("agent-temperature-range", broken(AGENT, setter("spec.model.temperature", 3)),
-     ["spec.model.temperature", "should be less than or equal to 2"]),
-    ("agent-risk-above-needs-threshold", broken(AGENT, setter("spec.humanReview", {"draftApproval": "riskAbove"})),
-     ["spec.humanReview.riskThreshold", "draftApproval 'riskAbove' needs riskThreshold (0-100)"]),
-    ("agent-draft-approval-enum", broken(AGENT, setter("spec.humanReview", {"draftApproval": "sometimes"})),
-     ["spec.humanReview.draftApproval", 'Unsupported value: "sometimes"']),
-    ("agent-router-needs-routes", broken(ROUTER, setter("spec.routes", DELETE)),
-     ["spec.routes", "a router needs routes or a fallback"]),
-    ("agent-specialist-takes-no-routes", broken(AGENT, setter("spec.routes", [{"topic": "x", "agent": "y"}])),
-     ["spec.routes", "only a router takes routes and fallback"]),
-    ("agent-fallback-exactly-one",
-     broken(ROUTER, setter("spec.fallback", {"agent": "general", "humanQueue": "human-support"})),
-     ["spec.fallback", "fallback needs exactly one of 'agent' or 'humanQueue'"]),
-    ("agent-name-becomes-object-names", broken(AGENT, setter("metadata.name", "9-lives")),
-     ["metadata.name", "use at most 52 lowercase letters"]),
-    ("agent-selector-in-needs-values",
-     broken(AGENT, setter("spec.sopSelector", {"matchExpressions": [{"key": "domain", "operator": "In"}]})),
-     ["spec.sopSelector", "operators In and NotIn need a non-empty 'values'"]),
-    ("sop-requires-later-step",
-     broken(SOP, lambda o: o["spec"]["steps"][0].update(requires=["refund"])),
-     ["spec.steps", "steps[].requires may only name steps defined earlier in the list"]),
-    ("sop-requires-unknown-step", broken(SOP, setter("spec.steps[1].requires", ["verify-identity"])),
-     ["spec.steps", "steps[].requires may only name steps defined earlier in the list"]),
-    ("sop-step-ids-unique", broken(SOP, setter("spec.steps[1].id", "verify")),
-     ["spec.steps[1]", "Duplicate value", '"verify"']),
+    (
+        "agent-replicas-xor-autoscaling",
+        broken(AGENT, lambda o: o["spec"].update(replicas=2, autoscaling={"minReplicas": 1, "maxReplicas": 3})),
+        ["spec", "set either replicas or autoscaling, not both"],
+    ),
+    (
+        "agent-autoscaling-min-gt-max",
+        broken(AGENT, setter("spec.autoscaling", {"minReplicas": 5, "maxReplicas": 2})),
+        ["spec.autoscaling.minReplicas", "minReplicas must not exceed maxReplicas"],
+    ),
+    (
+        "agent-budget-positive",
+        broken(AGENT, setter("spec.budget", {"maxTokensPerRun": 0})),
+        ["spec.budget.maxTokensPerRun", "should be greater than or equal to 1"],
+    ),
+    (
+        "agent-alert-threshold-fraction",
+        broken(AGENT, setter("spec.budget", {"alertThresholds": [0.5, 1.5]})),
+        ["spec.budget.alertThresholds", "alertThresholds must be fractions in (0, 1]"],
+    ),
+    (
+        "agent-tool-names-unique",
+        broken(AGENT, lambda o: o["spec"]["tools"].append(dict(TOOL))),
+        ["spec.tools[1]", "Duplicate value", '"lookup"'],
+    ),
+    (
+        "agent-circuit-breaker-threshold",
+        broken(AGENT, setter("spec.tools[0].circuitBreaker", {"failureThreshold": 0})),
+        ["spec.tools[0].circuitBreaker.failureThreshold", "should be greater than or equal to 1"],
+    ),
+    (
+        "agent-tool-endpoint-url",
+        broken(AGENT, setter("spec.tools[0].endpoint", "ftp://files.example/lookup")),
+        ["spec.tools[0].endpoint", "endpoint must be an http(s) URL"],
+    ),
+    (
+        "agent-tool-input-schema-object",
+        broken(AGENT, setter("spec.tools[0].inputSchema", {"type": "string"})),
+        ["spec.tools[0].inputSchema.type", 'Unsupported value: "string"', '"object"'],
+    ),
+    (
+        "agent-tool-name-pattern",
+        broken(AGENT, setter("spec.tools[0].name", "look up!")),
+        ["spec.tools[0].name", "should match"],
+    ),
+    (
+        "agent-model-base-url",
+        broken(AGENT, setter("spec.model.baseURL", "not a url")),
+        ["spec.model.baseURL", "baseURL must be an http(s) URL"],
+    ),
+    (
+        "agent-temperature-range",
+        broken(AGENT, setter("spec.model.temperature", 3)),
+        ["spec.model.temperature", "should be less than or equal to 2"],
+    ),
+    (
+        "agent-risk-above-needs-threshold",
+        broken(AGENT, setter("spec.humanReview", {"draftApproval": "riskAbove"})),
+        ["spec.humanReview.riskThreshold", "draftApproval 'riskAbove' needs riskThreshold (0-100)"],
+    ),
+    (
+        "agent-draft-approval-enum",
+        broken(AGENT, setter("spec.humanReview", {"draftApproval": "sometimes"})),
+        ["spec.humanReview.draftApproval", 'Unsupported value: "sometimes"'],
+    ),
+    (
+        "agent-router-needs-routes",
+        broken(ROUTER, setter("spec.routes", DELETE)),
+        ["spec.routes", "a router needs routes or a fallback"],
+    ),
+    (
+        "agent-specialist-takes-no-routes",
+        broken(AGENT, setter("spec.routes", [{"topic": "x", "agent": "y"}])),
+        ["spec.routes", "only a router takes routes and fallback"],
+    ),
+    (
+        "agent-fallback-exactly-one",
+        broken(ROUTER, setter("spec.fallback", {"agent": "general", "humanQueue": "human-support"})),
+        ["spec.fallback", "fallback needs exactly one of 'agent' or 'humanQueue'"],
+    ),
+    (
+        "agent-name-becomes-object-names",
+        broken(AGENT, setter("metadata.name", "9-lives")),
+        ["metadata.name", "use at most 52 lowercase letters"],
+    ),
+    (
+        "agent-selector-in-needs-values",
+        broken(AGENT, setter("spec.sopSelector", {"matchExpressions": [{"key": "domain", "operator": "In"}]})),
+        ["spec.sopSelector", "operators In and NotIn need a non-empty 'values'"],
+    ),
+    (
+        "sop-requires-later-step",
+        broken(SOP, lambda o: o["spec"]["steps"][0].update(requires=["refund"])),
+        ["spec.steps", "steps[].requires may only name steps defined earlier in the list"],
+    ),
+    (
+        "sop-requires-unknown-step",
+        broken(SOP, setter("spec.steps[1].requires", ["verify-identity"])),
+        ["spec.steps", "steps[].requires may only name steps defined earlier in the list"],
+    ),
+    (
+        "sop-step-ids-unique",
+        broken(SOP, setter("spec.steps[1].id", "verify")),
+        ["spec.steps[1]", "Duplicate value", '"verify"'],
+    ),
     ("sop-version-pattern", broken(SOP, setter("spec.version", "latest")), ["spec.version", "should match"]),
-    ("sop-approval-enum", broken(SOP, setter("spec.steps[1].approval", "maybe")),
-     ["spec.steps[1].approval", 'Unsupported value: "maybe"', '"none"', '"human"']),
-    ("sop-instructions-required", broken(SOP, setter("spec.instructions", DELETE)),
-     ["spec.instructions", "Required value"]),
-    ("guardrail-strategy-enum", broken(GUARDRAIL, setter("spec.pii.entities[0].strategy", "shred")),
-     ["spec.pii.entities[0].strategy", 'Unsupported value: "shred"', '"redact"', '"mask"', '"hash"', '"block"']),
-    ("guardrail-pii-type-enum", broken(GUARDRAIL, setter("spec.pii.entities[0].type", "passport")),
-     ["spec.pii.entities[0].type", 'Unsupported value: "passport"', '"credit_card"']),
-    ("guardrail-custom-needs-detector", broken(GUARDRAIL, setter("spec.pii.entities[0]", {"type": "custom"})),
-     ["spec.pii.entities[0]", "a custom PII entity needs 'name' and 'detector'"]),
-    ("guardrail-not-empty", broken(GUARDRAIL, setter("spec", {})),
-     ["spec", "a Guardrail needs at least one of pii, injection, policy or limits"]),
-    ("guardrail-injection-mode", broken(GUARDRAIL, setter("spec.injection", {"mode": "loud"})),
-     ["spec.injection.mode", 'Unsupported value: "loud"', '"enforce"', '"observe"', '"off"']),
-    ("guardrail-apply-to-enum", broken(GUARDRAIL, setter("spec.pii.applyTo", ["logs"])),
-     ["spec.pii.applyTo[0]", 'Unsupported value: "logs"', '"toolResults"']),
-    ("killswitch-reason-when-engaged", broken(KILLSWITCH, setter("spec.reason", DELETE)),
-     ["spec.reason", "reason is required when engaged"]),
-    ("killswitch-reason-not-blank", broken(KILLSWITCH, setter("spec.reason", "   ")),
-     ["spec.reason", "reason is required when engaged"]),
-    ("killswitch-drain-timeout", broken(KILLSWITCH, setter("spec.drainTimeoutSeconds", 0)),
-     ["spec.drainTimeoutSeconds", "should be greater than or equal to 1"]),
-    ("killswitch-scope-namespace-name", broken(KILLSWITCH, setter("spec.scope", {"namespaces": ["Bad_NS"]})),
-     ["spec.scope.namespaces[0]", "should match"]),
-    ("killswitch-engaged-required", broken(KILLSWITCH, setter("spec.engaged", DELETE)),
-     ["spec.engaged", "Required value"]),
+    (
+        "sop-approval-enum",
+        broken(SOP, setter("spec.steps[1].approval", "maybe")),
+        ["spec.steps[1].approval", 'Unsupported value: "maybe"', '"none"', '"human"'],
+    ),
+    (
+        "sop-instructions-required",
+        broken(SOP, setter("spec.instructions", DELETE)),
+        ["spec.instructions", "Required value"],
+    ),
+    (
+        "guardrail-strategy-enum",
+        broken(GUARDRAIL, setter("spec.pii.entities[0].strategy", "shred")),
+        ["spec.pii.entities[0].strategy", 'Unsupported value: "shred"', '"redact"', '"mask"', '"hash"', '"block"'],
+    ),
+    (
+        "guardrail-pii-type-enum",
+        broken(GUARDRAIL, setter("spec.pii.entities[0].type", "passport")),
+        ["spec.pii.entities[0].type", 'Unsupported value: "passport"', '"credit_card"'],
+    ),
+    (
+        "guardrail-custom-needs-detector",
+        broken(GUARDRAIL, setter("spec.pii.entities[0]", {"type": "custom"})),
+        ["spec.pii.entities[0]", "a custom PII entity needs 'name' and 'detector'"],
+    ),
+    (
+        "guardrail-not-empty",
+        broken(GUARDRAIL, setter("spec", {})),
+        ["spec", "a Guardrail needs at least one of pii, injection, policy or limits"],
+    ),
+    (
+        "guardrail-injection-mode",
+        broken(GUARDRAIL, setter("spec.injection", {"mode": "loud"})),
+        ["spec.injection.mode", 'Unsupported value: "loud"', '"enforce"', '"observe"', '"off"'],
+    ),
+    (
+        "guardrail-apply-to-enum",
+        broken(GUARDRAIL, setter("spec.pii.applyTo", ["logs"])),
+        ["spec.pii.applyTo[0]", 'Unsupported value: "logs"', '"toolResults"'],
+    ),
+    (
+        "killswitch-reason-when-engaged",
+        broken(KILLSWITCH, setter("spec.reason", DELETE)),
+        ["spec.reason", "reason is required when engaged"],
+    ),
+    (
+        "killswitch-reason-not-blank",
+        broken(KILLSWITCH, setter("spec.reason", "   ")),
+        ["spec.reason", "reason is required when engaged"],
+    ),
+    (
+        "killswitch-drain-timeout",
+        broken(KILLSWITCH, setter("spec.drainTimeoutSeconds", 0)),
+        ["spec.drainTimeoutSeconds", "should be greater than or equal to 1"],
+    ),
+    (
+        "killswitch-scope-namespace-name",
+        broken(KILLSWITCH, setter("spec.scope", {"namespaces": ["Bad_NS"]})),
+        ["spec.scope.namespaces[0]", "should match"],
+    ),
+    (
+        "killswitch-engaged-required",
+        broken(KILLSWITCH, setter("spec.engaged", DELETE)),
+        ["spec.engaged", "Required value"],
+    ),
 ]
 
 
 def _create(objs: client.CustomObjectsApi, manifest: dict, **kwargs) -> dict:
-    plural = {"Agent": "agents", "SOP": "sops", "Guardrail": "guardrails", "KillSwitch": "killswitches"}[manifest["kind"]]
+    plural = {"Agent": "agents", "SOP": "sops", "Guardrail": "guardrails", "KillSwitch": "killswitches"}[
+        manifest["kind"]
+    ]
     if manifest["kind"] == "KillSwitch":
         return objs.create_cluster_custom_object(GROUP, VERSION, plural, manifest, **kwargs)
     return objs.create_namespaced_custom_object(GROUP, VERSION, NS, plural, manifest, **kwargs)

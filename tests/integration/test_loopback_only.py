@@ -1,4 +1,5 @@
 """Nothing the local cluster starts listens outside loopback."""
+
 from __future__ import annotations
 
 import ipaddress

@@ -3,6 +3,7 @@ ReplicaSet and Pods, the scheduler binds them to the podlet node, the podlet run
 command as a process in a private mount namespace, probes drive readiness and
 restarts, ConfigMap updates reach the files the process reads, deletion sends SIGTERM,
 and deleting the Deployment garbage-collects everything."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,8 @@ def http(url: str, timeout: float = 2) -> tuple[int, str]:
 
 def container(control: Path, *, probes: bool = True, always_ready: bool = True) -> dict:
     c = {
-        "name": "app", "image": "ignored.example/podapp:1",
+        "name": "app",
+        "image": "ignored.example/podapp:1",
         "command": ["python3", str(PODAPP)],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -46,8 +48,10 @@ def container(control: Path, *, probes: bool = True, always_ready: bool = True) 
         ],
         "envFrom": [{"prefix": "FROM_", "configMapRef": {"name": "podapp-config"}}],
         "ports": [{"name": "http", "containerPort": 8080}],
-        "volumeMounts": [{"name": "control", "mountPath": CONTROL_MOUNT},
-                         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "control", "mountPath": CONTROL_MOUNT},
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        ],
     }
     if probes:
         c["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 1, "failureThreshold": 1}
@@ -59,18 +63,26 @@ def pod_spec(control: Path, **kw) -> dict:
     return {
         "terminationGracePeriodSeconds": 10,
         "containers": [container(control, **kw)],
-        "volumes": [{"name": "control", "hostPath": {"path": str(control)}},
-                    {"name": "config", "configMap": {"name": "podapp-config"}}],
+        "volumes": [
+            {"name": "control", "hostPath": {"path": str(control)}},
+            {"name": "config", "configMap": {"name": "podapp-config"}},
+        ],
     }
 
 
 @pytest.fixture
 def app_config(core: client.CoreV1Api, namespace: str) -> str:
-    core.create_namespaced_config_map(namespace, client.V1ConfigMap(
-        metadata=client.V1ObjectMeta(name="podapp-config"),
-        data={"message": "version one", "greeting": "hello", "ENV_FROM": "from-env-from"}))
-    core.create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="podapp-secret"), string_data={"token": "s3cr3t-token"}))
+    core.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="podapp-config"),
+            data={"message": "version one", "greeting": "hello", "ENV_FROM": "from-env-from"},
+        ),
+    )
+    core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(metadata=client.V1ObjectMeta(name="podapp-secret"), string_data={"token": "s3cr3t-token"}),
+    )
     return namespace
 
 
@@ -96,8 +108,12 @@ def read_in_pod(pid: int, path: str) -> str:
 
 
 def mode_in_pod(pid: int, path: str) -> str:
-    out = subprocess.run(["nsenter", f"--target={pid}", "--mount", "stat", "-L", "-c", "%a", path],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["nsenter", f"--target={pid}", "--mount", "stat", "-L", "-c", "%a", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -108,16 +124,25 @@ def is_ready(pod) -> bool:
 def test_deployment_runs_as_real_processes_on_the_podlet(api, core, app_config, control):
     ns = app_config
     apps = client.AppsV1Api(api)
-    apps.create_namespaced_deployment(ns, {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "podapp"},
-        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "podapp"}},
-                 "template": {"metadata": {"labels": {"app": "podapp"}}, "spec": pod_spec(control)}},
-    })
+    apps.create_namespaced_deployment(
+        ns,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "podapp"},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "podapp"}},
+                "template": {"metadata": {"labels": {"app": "podapp"}}, "spec": pod_spec(control)},
+            },
+        },
+    )
 
     def available() -> bool:
         d = apps.read_namespaced_deployment("podapp", ns)
         return (d.status.available_replicas or 0) == 2 and any(
-            c.type == "Available" and c.status == "True" for c in d.status.conditions or [])
+            c.type == "Available" and c.status == "True" for c in d.status.conditions or []
+        )
 
     wait_for(available, 60, "Deployment podapp Available with 2 replicas")
 
@@ -143,9 +168,15 @@ def test_deployment_runs_as_real_processes_on_the_podlet(api, core, app_config, 
         who = json.loads(body)
         assert who["pid"] == pid
         assert who["mntns"] != os.readlink("/proc/self/ns/mnt"), "volumes must be mounted in a private namespace"
-        assert who["env"] == {"POD_NAME": pod.metadata.name, "POD_IP": ip, "POD_NAMESPACE": ns,
-                              "TOKEN": "s3cr3t-token", "GREETING": "hello", "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                              "FROM_ENV_FROM": "from-env-from"}
+        assert who["env"] == {
+            "POD_NAME": pod.metadata.name,
+            "POD_IP": ip,
+            "POD_NAMESPACE": ns,
+            "TOKEN": "s3cr3t-token",
+            "GREETING": "hello",
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "FROM_ENV_FROM": "from-env-from",
+        }
     assert len(ips) == 2, "each pod has its own loopback address"
     assert not any(Path(CONFIG_MOUNT).glob("*")), "the config volume is not mounted on the host"
 
@@ -174,14 +205,18 @@ def test_deployment_runs_as_real_processes_on_the_podlet(api, core, app_config, 
 
     # Deleting the Deployment garbage-collects ReplicaSet and Pods (owner references).
     apps.delete_namespaced_deployment("podapp", ns, body=client.V1DeleteOptions(propagation_policy="Background"))
-    wait_for(lambda: not apps.list_namespaced_replica_set(ns).items
-             and not core.list_namespaced_pod(ns).items, 60, "ReplicaSet and Pods garbage-collected")
+    wait_for(
+        lambda: not apps.list_namespaced_replica_set(ns).items and not core.list_namespaced_pod(ns).items,
+        60,
+        "ReplicaSet and Pods garbage-collected",
+    )
     wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in remaining_pids), 20, "processes ended")
 
 
 def create_pod(core, ns: str, name: str, spec: dict):
-    return core.create_namespaced_pod(ns, {"apiVersion": "v1", "kind": "Pod",
-                                           "metadata": {"name": name, "labels": {"app": name}}, "spec": spec})
+    return core.create_namespaced_pod(
+        ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}}, "spec": spec}
+    )
 
 
 def test_readiness_probe_flips_ready_both_ways(core, app_config, control):
@@ -215,35 +250,62 @@ def test_liveness_failure_restarts_the_container(core, app_config, control):
     assert {"Unhealthy", "Killing", "Started"} <= reasons
 
 
-@pytest.mark.parametrize("policy,code,phase,restarts", [
-    ("Never", 3, "Failed", 0),
-    ("Never", 0, "Succeeded", 0),
-    ("OnFailure", 0, "Succeeded", 0),
-])
+@pytest.mark.parametrize(
+    "policy,code,phase,restarts",
+    [
+        ("Never", 3, "Failed", 0),
+        ("Never", 0, "Succeeded", 0),
+        ("OnFailure", 0, "Succeeded", 0),
+    ],
+)
 def test_restart_policy_and_exit_codes(core, namespace, policy, code, phase, restarts):
     name = f"exit-{policy.lower()}-{code}"
-    create_pod(core, namespace, name, {"restartPolicy": policy, "containers": [
-        {"name": "main", "image": "none", "command": ["sh", "-c", f"echo bye; exit {code}"]}]})
+    create_pod(
+        core,
+        namespace,
+        name,
+        {
+            "restartPolicy": policy,
+            "containers": [{"name": "main", "image": "none", "command": ["sh", "-c", f"echo bye; exit {code}"]}],
+        },
+    )
     wait_for(lambda: core.read_namespaced_pod(name, namespace).status.phase == phase, 30, f"phase {phase}")
     st = core.read_namespaced_pod(name, namespace).status.container_statuses[0]
     assert st.state.terminated.exit_code == code and st.restart_count == restarts
 
 
 def test_crashing_container_is_restarted_with_backoff(core, namespace):
-    create_pod(core, namespace, "crasher", {"restartPolicy": "Always", "containers": [
-        {"name": "main", "image": "none", "command": ["sh", "-c", "exit 1"]}]})
+    create_pod(
+        core,
+        namespace,
+        "crasher",
+        {
+            "restartPolicy": "Always",
+            "containers": [{"name": "main", "image": "none", "command": ["sh", "-c", "exit 1"]}],
+        },
+    )
     read = lambda: core.read_namespaced_pod("crasher", namespace)  # noqa: E731
     wait_for(lambda: read().status.container_statuses[0].restart_count >= 2, 30, "two restarts")
     st = read().status.container_statuses[0]
     assert st.last_state.terminated.exit_code == 1
-    reasons = {e.reason for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=crasher").items}
+    reasons = {
+        e.reason for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=crasher").items
+    }
     assert "BackOff" in reasons
 
 
 def test_missing_secret_holds_the_pod_until_it_exists(core, namespace, control):
-    spec = {"containers": [{"name": "main", "image": "none", "command": ["sleep", "300"],
-                            "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "later", "key": "k"}}}]}],
-            "terminationGracePeriodSeconds": 1}
+    spec = {
+        "containers": [
+            {
+                "name": "main",
+                "image": "none",
+                "command": ["sleep", "300"],
+                "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "later", "key": "k"}}}],
+            }
+        ],
+        "terminationGracePeriodSeconds": 1,
+    }
     create_pod(core, namespace, "waits", spec)
     read = lambda: core.read_namespaced_pod("waits", namespace)  # noqa: E731
 
@@ -253,18 +315,29 @@ def test_missing_secret_holds_the_pod_until_it_exists(core, namespace, control):
 
     wait_for(lambda: waiting_reason() == "CreateContainerConfigError", 30, "CreateContainerConfigError")
     assert 'secret "later" not found' in read().status.container_statuses[0].state.waiting.message
-    core.create_namespaced_secret(namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="later"),
-                                                             string_data={"k": "v"}))
+    core.create_namespaced_secret(
+        namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="later"), string_data={"k": "v"})
+    )
     wait_for(lambda: read().status.phase == "Running", 30, "Running once the Secret exists")
 
 
 def test_deleted_secret_stays_in_a_running_pod(core, namespace):
-    core.create_namespaced_secret(namespace, client.V1Secret(metadata=client.V1ObjectMeta(name="cred"),
-                                                             string_data={"key": "private-key-material"}))
-    spec = {"terminationGracePeriodSeconds": 1, "containers": [
-        {"name": "main", "image": "none", "command": ["sleep", "300"],
-         "volumeMounts": [{"name": "cred", "mountPath": "/run/fleetward-test/cred", "readOnly": True}]}],
-        "volumes": [{"name": "cred", "secret": {"secretName": "cred", "defaultMode": 0o400}}]}
+    core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(metadata=client.V1ObjectMeta(name="cred"), string_data={"key": "private-key-material"}),
+    )
+    spec = {
+        "terminationGracePeriodSeconds": 1,
+        "containers": [
+            {
+                "name": "main",
+                "image": "none",
+                "command": ["sleep", "300"],
+                "volumeMounts": [{"name": "cred", "mountPath": "/run/fleetward-test/cred", "readOnly": True}],
+            }
+        ],
+        "volumes": [{"name": "cred", "secret": {"secretName": "cred", "defaultMode": 0o400}}],
+    }
     create_pod(core, namespace, "holder", spec)
     read = lambda: core.read_namespaced_pod("holder", namespace)  # noqa: E731
     wait_for(lambda: read().status.phase == "Running", 30, "Running")
@@ -283,8 +356,10 @@ def test_deleted_secret_stays_in_a_running_pod(core, namespace):
 
 
 def test_service_account_token_is_projected_and_accepted_by_the_api_server(api, core, namespace):
-    spec = {"terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "main", "image": "none", "command": ["sleep", "300"]}]}
+    spec = {
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "main", "image": "none", "command": ["sleep", "300"]}],
+    }
     create_pod(core, namespace, "sa-user", spec)
     read = lambda: core.read_namespaced_pod("sa-user", namespace)  # noqa: E731
     wait_for(lambda: read().status.phase == "Running", 30, "Running")
@@ -294,14 +369,23 @@ def test_service_account_token_is_projected_and_accepted_by_the_api_server(api, 
     assert read_in_pod(pid, f"{sa_dir}/namespace") == namespace
     assert "BEGIN CERTIFICATE" in read_in_pod(pid, f"{sa_dir}/ca.crt")
     review = client.AuthenticationV1Api(api).create_token_review(
-        client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token)))
+        client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
+    )
     assert review.status.authenticated
     assert review.status.user.username == f"system:serviceaccount:{namespace}:default"
 
 
 def test_grace_period_then_sigkill_for_a_process_that_ignores_sigterm(core, namespace):
-    spec = {"terminationGracePeriodSeconds": 2, "containers": [
-        {"name": "main", "image": "none", "command": ["sh", "-c", "trap '' TERM; echo stubborn; while :; do sleep 0.2; done"]}]}
+    spec = {
+        "terminationGracePeriodSeconds": 2,
+        "containers": [
+            {
+                "name": "main",
+                "image": "none",
+                "command": ["sh", "-c", "trap '' TERM; echo stubborn; while :; do sleep 0.2; done"],
+            }
+        ],
+    }
     create_pod(core, namespace, "stubborn", spec)
     wait_for(lambda: core.read_namespaced_pod("stubborn", namespace).status.phase == "Running", 30, "Running")
     pid = pid_of(core.read_namespaced_pod("stubborn", namespace))
@@ -322,8 +406,17 @@ def test_grace_period_then_sigkill_for_a_process_that_ignores_sigterm(core, name
 
 
 def test_container_output_goes_to_log_files(cluster, core, namespace):
-    create_pod(core, namespace, "talker", {"restartPolicy": "Never", "containers": [
-        {"name": "main", "image": "none", "command": ["sh", "-c", "echo to-stdout; echo to-stderr >&2"]}]})
+    create_pod(
+        core,
+        namespace,
+        "talker",
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "main", "image": "none", "command": ["sh", "-c", "echo to-stdout; echo to-stderr >&2"]}
+            ],
+        },
+    )
     wait_for(lambda: core.read_namespaced_pod("talker", namespace).status.phase == "Succeeded", 30, "Succeeded")
     uid = core.read_namespaced_pod("talker", namespace).metadata.uid
     log = cluster.state / "podlet" / "logs" / f"{namespace}_talker_{uid}" / "main" / "0.log"
@@ -338,21 +431,38 @@ def test_podlet_node_is_ready_and_renews_its_lease(core, api):
     leases = client.CoordinationV1Api(api)
     first = leases.read_namespaced_lease("podlet", "kube-node-lease").spec.renew_time
     assert leases.read_namespaced_lease("podlet", "kube-node-lease").spec.holder_identity == "podlet"
-    wait_for(lambda: leases.read_namespaced_lease("podlet", "kube-node-lease").spec.renew_time > first, 30,
-             "lease renewed")
+    wait_for(
+        lambda: leases.read_namespaced_lease("podlet", "kube-node-lease").spec.renew_time > first, 30, "lease renewed"
+    )
 
 
 def test_init_containers_run_to_completion_before_the_app(core, namespace):
-    spec = {"restartPolicy": "Never", "volumes": [{"name": "work", "emptyDir": {}}],
-            "initContainers": [{"name": "prepare", "image": "none",
-                                "command": ["sh", "-c", "echo prepared-by-init > /run/fleetward-test/work/note"],
-                                "volumeMounts": [{"name": "work", "mountPath": "/run/fleetward-test/work"}]}],
-            "containers": [{"name": "main", "image": "none",
-                            "command": ["sh", "-c", "test \"$(cat /run/fleetward-test/work/note)\" = prepared-by-init"],
-                            "volumeMounts": [{"name": "work", "mountPath": "/run/fleetward-test/work"}]}]}
+    spec = {
+        "restartPolicy": "Never",
+        "volumes": [{"name": "work", "emptyDir": {}}],
+        "initContainers": [
+            {
+                "name": "prepare",
+                "image": "none",
+                "command": ["sh", "-c", "echo prepared-by-init > /run/fleetward-test/work/note"],
+                "volumeMounts": [{"name": "work", "mountPath": "/run/fleetward-test/work"}],
+            }
+        ],
+        "containers": [
+            {
+                "name": "main",
+                "image": "none",
+                "command": ["sh", "-c", 'test "$(cat /run/fleetward-test/work/note)" = prepared-by-init'],
+                "volumeMounts": [{"name": "work", "mountPath": "/run/fleetward-test/work"}],
+            }
+        ],
+    }
     create_pod(core, namespace, "with-init", spec)
-    wait_for(lambda: core.read_namespaced_pod("with-init", namespace).status.phase in ("Succeeded", "Failed"), 30,
-             "pod finished")
+    wait_for(
+        lambda: core.read_namespaced_pod("with-init", namespace).status.phase in ("Succeeded", "Failed"),
+        30,
+        "pod finished",
+    )
     status = core.read_namespaced_pod("with-init", namespace).status
     assert status.phase == "Succeeded", "the app container saw the init container's file"
     assert status.init_container_statuses[0].state.terminated.exit_code == 0

@@ -1,5 +1,6 @@
 """Kafka (plain and SCRAM with ACLs), PostgreSQL, Prometheus, and client-certificate
 identities, all real and all on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -72,10 +73,23 @@ def test_scram_principal_is_denied_until_an_acl_allows_it(kafka_scram):
     with pytest.raises(KafkaException):  # authentication, not just authorization, is enforced
         produce({**wrong, "message.timeout.ms": 5000}, topic, "k", "bad password")
 
-    acls = [AclBinding(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, f"User:{user}", "*",
-                       op, AclPermissionType.ALLOW) for op in (AclOperation.WRITE, AclOperation.READ)]
-    acls.append(AclBinding(ResourceType.GROUP, f"g-{topic}", ResourcePatternType.LITERAL, f"User:{user}", "*",
-                           AclOperation.READ, AclPermissionType.ALLOW))
+    acls = [
+        AclBinding(
+            ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, f"User:{user}", "*", op, AclPermissionType.ALLOW
+        )
+        for op in (AclOperation.WRITE, AclOperation.READ)
+    ]
+    acls.append(
+        AclBinding(
+            ResourceType.GROUP,
+            f"g-{topic}",
+            ResourcePatternType.LITERAL,
+            f"User:{user}",
+            "*",
+            AclOperation.READ,
+            AclPermissionType.ALLOW,
+        )
+    )
     admin = kafka_scram.admin()
     for fut in admin.create_acls(acls).values():
         fut.result(30)
@@ -109,7 +123,7 @@ def test_prometheus_scrapes_a_target_started_by_the_test(prometheus):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
         counter.inc(7)
         prometheus.add_target(f"127.0.0.1:{port}", job="probe")

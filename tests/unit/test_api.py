@@ -1,5 +1,6 @@
 """The typed API: the examples parse, the committed CRDs are what the models generate,
 and the generated schemas are structural."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,22 +101,35 @@ def test_githouse_covers_the_seven_domains_router_drafts_and_feedback():
 
 
 def test_defaults_match_the_spec():
-    agent = Agent.model_validate({"kind": "Agent", "metadata": {"name": "a"}, "spec": {
-        "role": "specialist", "model": {"name": "m", "baseURL": "http://127.0.0.1:1/v1"}}})
+    agent = Agent.model_validate(
+        {
+            "kind": "Agent",
+            "metadata": {"name": "a"},
+            "spec": {"role": "specialist", "model": {"name": "m", "baseURL": "http://127.0.0.1:1/v1"}},
+        }
+    )
     assert agent.spec.budget.alert_thresholds == [0.5, 0.8, 0.95]
     assert agent.spec.human_review.draft_approval == "never"
     ks = KillSwitch.model_validate({"kind": "KillSwitch", "metadata": {"name": "k"}, "spec": {"engaged": False}})
-    assert ks.spec.actions.model_dump() == {"revoke_credentials": True, "drain_queues": True,
-                                           "close_sessions": True, "scale_to_zero": True}
+    assert ks.spec.actions.model_dump() == {
+        "revoke_credentials": True,
+        "drain_queues": True,
+        "close_sessions": True,
+        "scale_to_zero": True,
+    }
     assert ks.spec.drain_timeout_seconds == 30
 
 
-@pytest.mark.parametrize("model,spec,field", [
-    (Agent, {"role": "boss", "model": {"name": "m", "baseURL": "http://x"}}, "role"),
-    (SOP, {"domain": "d", "title": "t", "version": "1", "instructions": "i", "colour": "red"}, "colour"),
-    (Guardrail, {"pii": {"entities": [{"type": "email", "strategy": "shred"}]}}, "strategy"),
-    (KillSwitch, {"engaged": True, "drainTimeoutSeconds": 0}, "drainTimeoutSeconds"),
-], ids=["agent-role", "sop-unknown-field", "guardrail-strategy", "killswitch-drain"])
+@pytest.mark.parametrize(
+    "model,spec,field",
+    [
+        (Agent, {"role": "boss", "model": {"name": "m", "baseURL": "http://x"}}, "role"),
+        (SOP, {"domain": "d", "title": "t", "version": "1", "instructions": "i", "colour": "red"}, "colour"),
+        (Guardrail, {"pii": {"entities": [{"type": "email", "strategy": "shred"}]}}, "strategy"),
+        (KillSwitch, {"engaged": True, "drainTimeoutSeconds": 0}, "drainTimeoutSeconds"),
+    ],
+    ids=["agent-role", "sop-unknown-field", "guardrail-strategy", "killswitch-drain"],
+)
 def test_models_reject_bad_input_naming_the_field(model, spec, field):
     with pytest.raises(ValidationError) as err:
         model.model_validate({"kind": model.KIND.kind, "metadata": {"name": "x"}, "spec": spec})
@@ -127,7 +141,8 @@ def test_helm_chart_lints_clean():
 
     from fleetward.devcluster.layout import binaries
 
-    out = subprocess.run([str(binaries().helm), "lint", "--strict", str(REPO / "charts" / "fleetward")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(binaries().helm), "lint", "--strict", str(REPO / "charts" / "fleetward")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 chart(s) failed" in out.stdout

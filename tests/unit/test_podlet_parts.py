@@ -1,4 +1,5 @@
 """Pure parts of the podlet and the process supervisor."""
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,11 @@ def test_var_expansion_follows_kubernetes_rules():
 
 
 def test_downward_api_fields():
-    pod = NS(metadata=NS(name="p", namespace="ns", uid="u1", labels={"app": "web"}, annotations={}),
-             spec=NS(node_name="podlet", service_account_name="sa"),
-             status=NS(pod_ip="127.0.1.9", host_ip="127.0.0.1", pod_ips=[NS(ip="127.0.1.9")]))
+    pod = NS(
+        metadata=NS(name="p", namespace="ns", uid="u1", labels={"app": "web"}, annotations={}),
+        spec=NS(node_name="podlet", service_account_name="sa"),
+        status=NS(pod_ip="127.0.1.9", host_ip="127.0.0.1", pod_ips=[NS(ip="127.0.1.9")]),
+    )
     assert field_value(pod, "metadata.name") == "p"
     assert field_value(pod, "status.podIP") == "127.0.1.9"
     assert field_value(pod, "metadata.labels['app']") == "web"
@@ -64,7 +67,7 @@ def test_ip_pool_gives_distinct_loopback_addresses_and_reuses_released_ones():
     assert pool.allocate("a") == a
 
     small = IPPool("127.0.9.0/30")  # two addresses
-    x, y = small.allocate("x"), small.allocate("y")
+    x, _ = small.allocate("x"), small.allocate("y")
     with pytest.raises(RuntimeError, match="no pod IPs left"):
         small.allocate("z")
     small.release("x")
@@ -72,8 +75,11 @@ def test_ip_pool_gives_distinct_loopback_addresses_and_reuses_released_ones():
 
 
 def test_a_crashing_component_is_reported_with_its_log_tail(tmp_path):
-    proc = ManagedProcess("flaky", [sys.executable, "-c", "print('about to fail: bad flag --x'); raise SystemExit(3)"],
-                          tmp_path / "flaky.log").start()
+    proc = ManagedProcess(
+        "flaky",
+        [sys.executable, "-c", "print('about to fail: bad flag --x'); raise SystemExit(3)"],
+        tmp_path / "flaky.log",
+    ).start()
     with pytest.raises(ComponentFailed) as err:
         proc.wait_ready(lambda: False, timeout=20)
     assert "flaky exited with code 3" in str(err.value)
@@ -81,10 +87,13 @@ def test_a_crashing_component_is_reported_with_its_log_tail(tmp_path):
 
 
 def test_a_component_that_never_gets_ready_times_out_with_its_log(tmp_path):
-    proc = ManagedProcess("slow", [sys.executable, "-c", "import time; print('waiting', flush=True); time.sleep(60)"],
-                          tmp_path / "slow.log").start()
+    proc = ManagedProcess(
+        "slow",
+        [sys.executable, "-c", "import time; print('waiting', flush=True); time.sleep(60)"],
+        tmp_path / "slow.log",
+    ).start()
     try:
-        with pytest.raises(ComponentFailed, match="was not ready within 1 s(.|\n)*waiting"):
+        with pytest.raises(ComponentFailed, match=r"was not ready within 1 s(.|\n)*waiting"):
             proc.wait_ready(lambda: False, timeout=1)
     finally:
         proc.stop()

@@ -1,4 +1,5 @@
 """Agent: the unit of deployment. One Agent = one Deployment of the agent runtime."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
@@ -8,6 +9,7 @@ from pydantic import ConfigDict, Field, WithJsonSchema
 from fleetward.api.base import (
     AGE_COLUMN,
     DNS_LABEL,
+    DNS_SUBDOMAIN,
     READY_COLUMN,
     ApiModel,
     LabelSelector,
@@ -30,7 +32,8 @@ Quantity = Annotated[
         {
             "x-kubernetes-int-or-string": True,
             "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+            "pattern": r"^(\+|-)?"  # the API server's resource.Quantity syntax
+            r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
         }
     ),
 ]
@@ -44,7 +47,9 @@ class ModelEndpoint(ApiModel):
     name: str = Field(min_length=1, max_length=256)
     """Model name sent to the endpoint, e.g. gpt-4o-mini."""
     base_url: str = Field(
-        alias="baseURL", max_length=2048, json_schema_extra=validations(cel(HTTP_URL_RULE, "baseURL must be an http(s) URL"))
+        alias="baseURL",
+        max_length=2048,
+        json_schema_extra=validations(cel(HTTP_URL_RULE, "baseURL must be an http(s) URL")),
     )
     """Base URL of the endpoint, e.g. https://api.openai.com/v1."""
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -90,7 +95,9 @@ class Tool(ApiModel):
         }
     )
     """JSON Schema of the arguments (type: object)."""
-    endpoint: str = Field(max_length=2048, json_schema_extra=validations(cel(HTTP_URL_RULE, "endpoint must be an http(s) URL")))
+    endpoint: str = Field(
+        max_length=2048, json_schema_extra=validations(cel(HTTP_URL_RULE, "endpoint must be an http(s) URL"))
+    )
     """HTTP URL the runtime POSTs the arguments to."""
     mutating: bool = False
     """Whether the tool changes state (mutating calls carry an idempotency key)."""
@@ -178,7 +185,11 @@ class HumanReview(ApiModel):
 class Autoscaling(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas", field_path=".minReplicas")
+            cel(
+                "self.minReplicas <= self.maxReplicas",
+                "minReplicas must not exceed maxReplicas",
+                field_path=".minReplicas",
+            )
         )
     )
 
@@ -194,12 +205,100 @@ class ResourceRequirements(ApiModel):
     limits: dict[str, Quantity] | None = None
 
 
+class Toleration(ApiModel):
+    """A pod toleration, as in a Pod spec."""
+
+    key: str | None = Field(default=None, max_length=317)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Empty matches every effect."""
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class EnvVar(ApiModel):
+    """An extra environment variable for the runtime container, as in a Pod spec."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.value) != has(self.valueFrom)", "an env entry needs exactly one of 'value' or 'valueFrom'"),
+            cel(
+                "!self.name.startsWith('FLEETWARD_') && !(self.name in ['POD_IP', 'POD_NAME', 'POD_NAMESPACE'])",
+                "env names FLEETWARD_* and POD_IP, POD_NAME, POD_NAMESPACE are set by Fleetward "
+                "and cannot be overridden",
+                field_path=".name",
+            ),
+        )
+    )
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = Field(default=None, max_length=32768)
+    value_from: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef)."""
+
+
+RESERVED_LABEL_RULE = "self.all(k, !k.startsWith('fleetward.dev/') && !k.startsWith('app.kubernetes.io/'))"
+
+
+class DeploymentOptions(ApiModel):
+    """Pod placement and decoration of the runtime Deployment, passed through to its pod template."""
+
+    node_selector: dict[str, str] | None = None
+    """Nodes the runtime pods may run on (by label)."""
+    tolerations: list[Toleration] | None = Field(default=None, max_length=32)
+    """Taints the runtime pods tolerate."""
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    """A Kubernetes Affinity (nodeAffinity, podAffinity, podAntiAffinity), passed through unchanged."""
+    priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN)
+    """PriorityClass of the runtime pods."""
+    pod_labels: dict[str, str] | None = Field(
+        default=None,
+        json_schema_extra=validations(
+            cel(
+                RESERVED_LABEL_RULE,
+                "podLabels may not set fleetward.dev/* or app.kubernetes.io/* keys (Fleetward sets them)",
+            )
+        ),
+    )
+    """Extra labels on the runtime pods."""
+    pod_annotations: dict[str, str] | None = Field(
+        default=None,
+        json_schema_extra=validations(
+            cel(
+                "self.all(k, !k.startsWith('fleetward.dev/'))",
+                "podAnnotations may not set fleetward.dev/* keys (Fleetward sets them)",
+            )
+        ),
+    )
+    """Extra annotations on the runtime pods."""
+    env: list[EnvVar] | None = Field(
+        default=None,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Extra environment variables of the runtime container."""
+    termination_grace_period_seconds: int = Field(default=30, ge=1, le=3600)
+    """Time the runtime gets to finish its current step after SIGTERM."""
+
+
 class AgentSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel("!(has(self.replicas) && has(self.autoscaling))", "set either replicas or autoscaling, not both"),
-            cel("self.role != 'router' || has(self.routes) || has(self.fallback)", "a router needs routes or a fallback", field_path=".routes"),
-            cel("self.role == 'router' || (!has(self.routes) && !has(self.fallback))", "only a router takes routes and fallback", field_path=".routes"),
+            cel(
+                "self.role != 'router' || has(self.routes) || has(self.fallback)",
+                "a router needs routes or a fallback",
+                field_path=".routes",
+            ),
+            cel(
+                "self.role == 'router' || (!has(self.routes) && !has(self.fallback))",
+                "only a router takes routes and fallback",
+                field_path=".routes",
+            ),
         )
     )
 
@@ -208,19 +307,25 @@ class AgentSpec(ApiModel):
     model: ModelSpec
     """The chat model and its fallback chain."""
     routes: list[Route] | None = Field(
-        default=None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["topic"]}
+        default=None,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["topic"]},
     )
     """Router only: topic -> specialist Agent."""
     fallback: RouteFallback | None = None
     """Router only: target for unknown topics or missing specialists."""
     tools: list[Tool] | None = Field(
-        default=None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+        default=None,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     """The tool allow-list. Names are unique."""
     sop_selector: LabelSelector | None = None
     """Selects the SOPs (in this namespace) the agent works under."""
     guardrail_refs: list[GuardrailRef] | None = Field(
-        default=None, max_length=16, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
+        default=None,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     """Guardrails applied to input, output and tool results."""
     budget: Budget = Field(default_factory=Budget, json_schema_extra={"default": {}})
@@ -236,7 +341,10 @@ class AgentSpec(ApiModel):
     image: str | None = Field(default=None, min_length=1, max_length=512)
     """Runtime image override (default: the operator's runtime image)."""
     paused: bool = False
-    """Scale to zero and stop reconciling the Deployment, keeping everything else."""
+    """Scale the runtime to zero, keeping everything else (config, credentials, topics)."""
+    deployment: DeploymentOptions | None = None
+    """Pod placement and decoration: node selector, tolerations, affinity, priority class, extra pod
+    labels/annotations and env."""
 
 
 AgentPhase = Literal["Pending", "Ready", "Degraded", "Paused", "Halted"]

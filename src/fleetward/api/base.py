@@ -7,6 +7,7 @@ Conventions:
 - CEL rules are attached with `cel(...)`; they go verbatim into the CRD as
   `x-kubernetes-validations`, so the API server enforces them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -8,6 +8,7 @@ OpenAPI v3 schema: every node typed, no `$ref`, no `null` branches, boolean
 `exclusiveMinimum`. No library converts one into the other with Kubernetes'
 extensions (`x-kubernetes-*`) intact, so the conversion is written here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,22 @@ KINDS: tuple[type[Resource], ...] = (Agent, SOP, Guardrail, KillSwitch)
 
 # JSON Schema keywords the structural schema keeps as they are.
 _KEEP = {
-    "type", "format", "description", "default", "enum", "pattern", "minimum", "maximum",
-    "minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
-    "required", "nullable",
+    "type",
+    "format",
+    "description",
+    "default",
+    "enum",
+    "pattern",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "required",
+    "nullable",
 }
 
 
@@ -103,8 +117,23 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "") ->
 
 
 # Order keys the way a person reads a schema: what it is, then constraints, then children.
-_ORDER = ["type", "description", "format", "enum", "default", "pattern", "minimum", "exclusiveMinimum",
-          "maximum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "required"]
+_ORDER = [
+    "type",
+    "description",
+    "format",
+    "enum",
+    "default",
+    "pattern",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "required",
+]
 
 
 def _ordered(node: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +145,7 @@ def openapi_schema(model: type[Resource]) -> dict[str, Any]:
     """The structural schema of one kind (apiVersion, kind, metadata, spec, status)."""
     spec_model = model.model_fields["spec"].annotation
     status_model = model.model_fields["status"].annotation
-    status_model = [a for a in status_model.__args__ if a is not type(None)][0]  # Optional[Status]
+    status_model = next(a for a in status_model.__args__ if a is not type(None))  # Optional[Status]
 
     def schema_of(m: Any) -> dict[str, Any]:
         js = m.model_json_schema(by_alias=True, mode="validation")

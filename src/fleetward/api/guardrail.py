@@ -1,4 +1,5 @@
 """Guardrail: input, output and tool-result protection, composed onto agents by reference."""
+
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
@@ -48,7 +49,10 @@ class PIIEntity(ApiModel):
 class PIIConfig(ApiModel):
     entities: list[PIIEntity] = Field(min_length=1, max_length=32)
     apply_to: list[ApplyTo] = Field(
-        default=["input", "output", "toolResults"], min_length=1, max_length=3, json_schema_extra={"x-kubernetes-list-type": "set"}
+        default=["input", "output", "toolResults"],
+        min_length=1,
+        max_length=3,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     """Where detection runs. PII never reaches the model, logs or traces unredacted."""
 

@@ -1,4 +1,5 @@
 """KillSwitch (cluster-scoped): the emergency stop for a whole fleet or part of it."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -76,7 +77,9 @@ class KillSwitchSpec(ApiModel):
     drain_timeout_seconds: int = Field(default=30, ge=1, le=3600)
     """Upper bound for draining; runs still busy then are marked halted where they stand."""
     approvals: list[Approval] | None = Field(
-        default=None, max_length=16, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["user"]}
+        default=None,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["user"]},
     )
     """Release approvals from at least two distinct users, none of them the engager."""
 

@@ -1,4 +1,5 @@
 """SOP: a standard operating procedure, the agent's handbook, enforced in code."""
+
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
@@ -65,7 +66,9 @@ class SOPSpec(ApiModel):
     instructions: str = Field(min_length=1, max_length=65536)
     """The procedure text given to the model."""
     steps: list[Step] | None = Field(
-        default=None, max_length=32, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]}
+        default=None,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]},
     )
     """Ordered steps; tool prerequisites are enforced by the runtime."""
     on_failure: Literal["escalate", "reject"] = "escalate"

@@ -1,4 +1,5 @@
 """`fleetward crds`: generate or check the CRD YAML from the typed API."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,12 @@ DEFAULT_DIRS = [REPO / "crds", REPO / "charts" / "fleetward" / "crds"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("crds", help="generate or check the CRDs in crds/", description=__doc__)
     p.add_argument("action", choices=["generate"], help="write crds/*.yaml from fleetward.api")
-    p.add_argument("--out", type=Path, action="append",
-                   help="output folder, repeatable (default: crds/ and charts/fleetward/crds/)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        action="append",
+        help="output folder, repeatable (default: crds/ and charts/fleetward/crds/)",
+    )
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files are stale")
     p.set_defaults(handler=run)
 

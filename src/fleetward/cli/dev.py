@@ -7,6 +7,7 @@ CRDs; applies the GitHouse example; writes .fleetward/dev.env; and stays up unti
 Ctrl-C, then stops everything. The binaries must be built first (`make build`;
 `make up` does both).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,31 @@ CRDS = layout.REPO / "crds"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    dev = sub.add_parser("dev", help="run the local cluster", description=__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    dev = sub.add_parser(
+        "dev", help="run the local cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="SUBCOMMAND", required=True)
-    up = dev_sub.add_parser("up", help="start the local cluster and stay up until Ctrl-C",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    up = dev_sub.add_parser(
+        "up",
+        help="start the local cluster and stay up until Ctrl-C",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     up.add_argument("--name", default="dev", help="cluster name; state goes to .fleetward/NAME (default: %(default)s)")
-    up.add_argument("--apply", type=Path, action="append", metavar="PATH",
-                    help=f"manifest file or folder to apply after the CRDs (default: {EXAMPLE.relative_to(layout.REPO)})")
+    up.add_argument(
+        "--apply",
+        type=Path,
+        action="append",
+        metavar="PATH",
+        help=f"manifest file or folder to apply after the CRDs (default: {EXAMPLE.relative_to(layout.REPO)})",
+    )
     up.add_argument("--no-example", action="store_true", help="apply no manifests, only the CRDs")
-    up.add_argument("--env-file", type=Path, default=None,
-                    help="where to write the variables to source (default: .fleetward/dev.env)")
+    up.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help="where to write the variables to source (default: .fleetward/dev.env)",
+    )
     up.set_defaults(handler=run_up)
 
 
@@ -72,8 +87,10 @@ def run_up(args: argparse.Namespace) -> int:
         targets = [] if args.no_example else (args.apply or [EXAMPLE])
         for path in manifest_files(targets):
             applied = apply_manifest(api, path.read_text())
-            _print(f"==> applied {path.relative_to(layout.REPO) if path.is_relative_to(layout.REPO) else path}: "
-                   f"{len(applied)} objects")
+            _print(
+                f"==> applied {path.relative_to(layout.REPO) if path.is_relative_to(layout.REPO) else path}: "
+                f"{len(applied)} objects"
+            )
         env_file = cluster.write_env_file(args.env_file or layout.state_root() / "dev.env")
         elapsed = time.monotonic() - started
         _print_summary(cluster, env_file, elapsed)

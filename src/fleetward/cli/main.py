@@ -12,10 +12,13 @@ def build_parser() -> argparse.ArgumentParser:
         "guardrails and a kill switch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from fleetward.cli import crds, dev
+    from fleetward.cli import crds, dev, operator, runtime, schemas
 
+    operator.register(sub)
+    runtime.register(sub)
     crds.register(sub)
     dev.register(sub)
+    schemas.register(sub)
     return parser
 
 

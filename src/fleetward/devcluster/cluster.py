@@ -6,6 +6,7 @@ nodes, Kafka, PostgreSQL and Prometheus — started and stopped as one.
         kafka = cluster.kafka()             # started on first use
         print(cluster.env())                # KUBECONFIG, PATH, KAFKA_BOOTSTRAP, ...
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -44,8 +45,10 @@ def _lock(path: Path, name: str) -> int:
     except BlockingIOError:
         holder = os.read(fd, 32).decode().strip() or "?"
         os.close(fd)
-        raise ClusterInUse(f"a local cluster named {name!r} is already running (pid {holder}); "
-                           "stop it first (Ctrl-C where it runs) or choose another --name") from None
+        raise ClusterInUse(
+            f"a local cluster named {name!r} is already running (pid {holder}); "
+            "stop it first (Ctrl-C where it runs) or choose another --name"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
@@ -62,7 +65,7 @@ class DevCluster:
     lock_fd: int | None = None
 
     @classmethod
-    def create(cls, name: str = "dev", *, fresh: bool = True) -> "DevCluster":
+    def create(cls, name: str = "dev", *, fresh: bool = True) -> DevCluster:
         """A cluster whose state lives in .fleetward/<name> (wiped first when fresh).
 
         Holds .fleetward/<name>.lock until stop(), so a second cluster of the same name
@@ -82,7 +85,7 @@ class DevCluster:
     def __post_init__(self) -> None:
         self.control_plane = ControlPlane(self.state, self.bins)
 
-    def __enter__(self) -> "DevCluster":
+    def __enter__(self) -> DevCluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,7 +100,7 @@ class DevCluster:
         self.timings[name] = round(time.monotonic() - start, 2)
         log.info("%s ready in %.1f s", name, self.timings[name])
 
-    def start(self) -> "DevCluster":
+    def start(self) -> DevCluster:
         """Control plane, RBAC bootstrap, and the podlet node (Ready)."""
         try:
             self._timed("control plane", self.control_plane.start)
@@ -116,20 +119,32 @@ class DevCluster:
             try:
                 core.read_namespaced_service_account("default", "default")
                 return
-            except client.exceptions.ApiException:
+            except client.exceptions.ApiException as e:
                 if time.monotonic() > deadline:
-                    raise ComponentFailed("the default ServiceAccount did not appear within 60 s "
-                                          "(is kube-controller-manager running?)")
+                    raise ComponentFailed(
+                        "the default ServiceAccount did not appear within 60 s (is kube-controller-manager running?)"
+                    ) from e
                 time.sleep(0.2)
 
     def start_podlet(self) -> None:
         kubeconfig = self.control_plane.kubeconfig_for(node_identity(PODLET_NODE), "podlet")
         proc = ManagedProcess(
             "podlet",
-            [sys.executable, "-m", "fleetward.devcluster.podlet", "--node-name", PODLET_NODE,
-             "--kubeconfig", kubeconfig, "--root", self.state / "podlet",
-             "--apiserver-port", str(self.control_plane.apiserver_port),
-             "--kubelet-version", f"v{layout.versions()['KUBERNETES_VERSION']}"],
+            [
+                sys.executable,
+                "-m",
+                "fleetward.devcluster.podlet",
+                "--node-name",
+                PODLET_NODE,
+                "--kubeconfig",
+                kubeconfig,
+                "--root",
+                self.state / "podlet",
+                "--apiserver-port",
+                str(self.control_plane.apiserver_port),
+                "--kubelet-version",
+                f"v{layout.versions()['KUBERNETES_VERSION']}",
+            ],
             self.state / "logs" / "podlet.log",
             env={**os.environ, "PATH": self.path_env()},
         ).start()
@@ -242,8 +257,10 @@ class DevCluster:
 
     def write_env_file(self, path: Path) -> Path:
         """A file to `source`: the variables of env(), PATH prepended to the caller's own."""
-        lines = [f"# Written by `fleetward dev up` for the cluster in {self.state}.",
-                 f"# Use it in another shell:  source {path}"]
+        lines = [
+            f"# Written by `fleetward dev up` for the cluster in {self.state}.",
+            f"# Use it in another shell:  source {path}",
+        ]
         for key, value in self.env().items():
             if key == "PATH":
                 lines.append(f'export PATH={shlex.quote(self.bin_path())}:"$PATH"')

@@ -1,4 +1,5 @@
 """Small Kubernetes helpers for the local cluster: server-side apply of YAML manifests."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -50,5 +51,5 @@ def install_crds(api: client.ApiClient, crd_dir: Path, timeout: float = 60) -> l
         return any(c.type == "Established" and c.status == "True" for c in conditions)
 
     for name in names:
-        wait_for(lambda: established(name), timeout, f"CRD {name} Established", interval=0.1)
+        wait_for(lambda name=name: established(name), timeout, f"CRD {name} Established", interval=0.1)
     return names

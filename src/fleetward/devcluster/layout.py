@@ -5,6 +5,7 @@
 - Run state (certificates, kubeconfigs, data, logs): a state folder per cluster,
   `<repo>/.fleetward/<name>` by default.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,9 @@ def _need(path: Path, what: str, how: str) -> Path:
 
 def _postgres_bin() -> Path:
     base = Path("/usr/lib/postgresql")
-    found = sorted(base.glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    found = sorted(
+        base.glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0
+    )
     if not found:
         raise MissingComponent("PostgreSQL server not found under /usr/lib/postgresql; run `hack/install-debian.sh`")
     return found[-1].parent

@@ -3,6 +3,7 @@ client certificates for every component and for the named users, and the
 service-account signing key. Identities come from the certificate subject
 (CN = user, O = groups), exactly as the API server authenticates real clients.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -56,7 +57,7 @@ class CertificateAuthority:
             self.key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         else:
             self.key = ec.generate_private_key(ec.SECP256R1())
-            now = dt.datetime.now(dt.timezone.utc)
+            now = dt.datetime.now(dt.UTC)
             self.cert = (
                 x509.CertificateBuilder()
                 .subject_name(_name("fleetward-dev-ca"))
@@ -89,7 +90,7 @@ class CertificateAuthority:
         if pair.cert.exists() and pair.key.exists():
             return pair
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
         builder = (
             x509.CertificateBuilder()

@@ -1,6 +1,7 @@
 """Child processes of the local cluster: started with logs to a file, waited for
 until ready, reported with the tail of their log when they crash, stopped with
 SIGTERM and then SIGKILL."""
+
 from __future__ import annotations
 
 import ctypes
@@ -70,9 +71,9 @@ class ManagedProcess:
         self.stop_signal = stop_signal
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.log, "ab")
+        out = open(self.log, "ab")  # noqa: SIM115 -- handed to the child, closed after Popen
         try:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -140,7 +141,9 @@ def run_checked(name: str, argv: Sequence[str | os.PathLike], log: Path, **kwarg
     """Run a one-shot command (e.g. initdb) with output in log; raise with its tail on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        rc = subprocess.call([str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
+        rc = subprocess.call(
+            [str(a) for a in argv], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs
+        )
     if rc != 0:
         raise ComponentFailed(f"{name} failed with exit code {rc}; last lines of {log}:\n{tail(log)}")
 

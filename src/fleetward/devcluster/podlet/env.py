@@ -1,4 +1,5 @@
 """Container environment: env, envFrom, downward API fields, `$(VAR)` expansion."""
+
 from __future__ import annotations
 
 import base64
@@ -66,7 +67,7 @@ def _key(getter: Callable[[str, str], Any], namespace: str, ref: Any, kind: str,
     if ref.key not in data:
         if ref.optional:
             return None
-        raise EnvError(f'couldn\'t find key {ref.key} in {kind} {namespace}/{ref.name}')
+        raise EnvError(f"couldn't find key {ref.key} in {kind} {namespace}/{ref.name}")
     return base64.b64decode(data[ref.key]).decode(errors="replace") if decode else data[ref.key]
 
 

@@ -10,6 +10,7 @@ The container runs as the podlet's own user: securityContext.runAsUser is not ap
 on this development node (the interpreter and the project live under the developer's
 home, which another uid usually cannot read).
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -2,6 +2,7 @@
 Pod bound to it as local processes (see pod.py). It authenticates as
 `system:node:<name>`, so the API server's Node authorizer and NodeRestriction admission
 limit it exactly as they limit a kubelet."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -57,7 +58,7 @@ class IPPool:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass
@@ -68,8 +69,9 @@ class Podlet:
     apiserver_port: int
     kubelet_version: str = "v0.0.0"
     volume_resync_seconds: float = 1.0
-    capacity: dict[str, str] = field(default_factory=lambda: {"cpu": "32", "memory": "64Gi", "pods": "250",
-                                                               "ephemeral-storage": "100Gi"})
+    capacity: dict[str, str] = field(
+        default_factory=lambda: {"cpu": "32", "memory": "64Gi", "pods": "250", "ephemeral-storage": "100Gi"}
+    )
     labels: dict[str, str] = field(default_factory=dict)
     host_ip: str = "127.0.0.1"
 
@@ -121,13 +123,21 @@ class Podlet:
                 client.CoreV1Event(
                     metadata=client.V1ObjectMeta(name=f"{pod.metadata.name}.{uuid.uuid4().hex[:12]}"),
                     involved_object=client.V1ObjectReference(
-                        api_version="v1", kind="Pod", name=pod.metadata.name, namespace=pod.metadata.namespace,
+                        api_version="v1",
+                        kind="Pod",
+                        name=pod.metadata.name,
+                        namespace=pod.metadata.namespace,
                         uid=pod.metadata.uid,
                     ),
-                    reason=reason, message=message[:1024], type=type_, count=1,
-                    first_timestamp=now, last_timestamp=now,
+                    reason=reason,
+                    message=message[:1024],
+                    type=type_,
+                    count=1,
+                    first_timestamp=now,
+                    last_timestamp=now,
                     source=client.V1EventSource(component="podlet", host=self.node_name),
-                    reporting_component="podlet", reporting_instance=self.node_name,
+                    reporting_component="podlet",
+                    reporting_instance=self.node_name,
                 ),
             )
         except ApiException as e:
@@ -138,26 +148,49 @@ class Podlet:
     def node_status(self) -> dict:
         now = utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
         conditions = [
-            {"type": t, "status": "False", "reason": f"PodletHas{r}", "message": f"podlet has {m}",
-             "lastHeartbeatTime": now, "lastTransitionTime": self._since}
-            for t, r, m in (("MemoryPressure", "SufficientMemory", "sufficient memory available"),
-                            ("DiskPressure", "NoDiskPressure", "no disk pressure"),
-                            ("PIDPressure", "SufficientPID", "sufficient PID available"))
+            {
+                "type": t,
+                "status": "False",
+                "reason": f"PodletHas{r}",
+                "message": f"podlet has {m}",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": self._since,
+            }
+            for t, r, m in (
+                ("MemoryPressure", "SufficientMemory", "sufficient memory available"),
+                ("DiskPressure", "NoDiskPressure", "no disk pressure"),
+                ("PIDPressure", "SufficientPID", "sufficient PID available"),
+            )
         ]
-        conditions.append({"type": "Ready", "status": "True", "reason": "PodletReady",
-                           "message": "podlet is posting ready status", "lastHeartbeatTime": now,
-                           "lastTransitionTime": self._since})
+        conditions.append(
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "PodletReady",
+                "message": "podlet is posting ready status",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": self._since,
+            }
+        )
         return {
             "capacity": self.capacity,
             "allocatable": self.capacity,
             "conditions": conditions,
-            "addresses": [{"type": "InternalIP", "address": self.host_ip}, {"type": "Hostname", "address": self.node_name}],
+            "addresses": [
+                {"type": "InternalIP", "address": self.host_ip},
+                {"type": "Hostname", "address": self.node_name},
+            ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
             "nodeInfo": {
-                "machineID": self._machine_id, "systemUUID": self._machine_id, "bootID": self._boot_id,
-                "kernelVersion": platform.release(), "osImage": "fleetward podlet", "operatingSystem": "linux",
+                "machineID": self._machine_id,
+                "systemUUID": self._machine_id,
+                "bootID": self._boot_id,
+                "kernelVersion": platform.release(),
+                "osImage": "fleetward podlet",
+                "operatingSystem": "linux",
                 "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine()),
-                "containerRuntimeVersion": "podlet://0.1.0", "kubeletVersion": self.kubelet_version,
+                "containerRuntimeVersion": "podlet://0.1.0",
+                "kubeletVersion": self.kubelet_version,
                 "kubeProxyVersion": "",
             },
         }
@@ -166,11 +199,19 @@ class Podlet:
         self._since = utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
         self._machine_id = uuid.uuid5(uuid.NAMESPACE_DNS, self.node_name).hex
         self._boot_id = uuid.uuid4().hex
-        labels = {"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": self.node_status()["nodeInfo"]["architecture"],
-                  "fleetward.dev/node-type": "podlet", **self.labels}
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node_name, "labels": labels},
-                "status": self.node_status()}
+        labels = {
+            "kubernetes.io/hostname": self.node_name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": self.node_status()["nodeInfo"]["architecture"],
+            "fleetward.dev/node-type": "podlet",
+            **self.labels,
+        }
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node_name, "labels": labels},
+            "status": self.node_status(),
+        }
         try:
             self.core.create_node(body)
             log.info("registered node %s", self.node_name)
@@ -182,21 +223,33 @@ class Podlet:
         self.renew_lease()
 
     def heartbeat(self) -> None:
-        self.core.patch_node_status(self.node_name, {"status": self.node_status()},
-                                    _content_type="application/strategic-merge-patch+json")
+        self.core.patch_node_status(
+            self.node_name, {"status": self.node_status()}, _content_type="application/strategic-merge-patch+json"
+        )
 
     def renew_lease(self) -> None:
         node = self.core.read_node(self.node_name)
-        spec = {"holderIdentity": self.node_name, "leaseDurationSeconds": LEASE_SECONDS,
-                "renewTime": utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.node_name, "namespace": "kube-node-lease",
-                             "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": self.node_name,
-                                                  "uid": node.metadata.uid}]},
-                "spec": spec}
+        spec = {
+            "holderIdentity": self.node_name,
+            "leaseDurationSeconds": LEASE_SECONDS,
+            "renewTime": utcnow().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.node_name,
+                "namespace": "kube-node-lease",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": self.node_name, "uid": node.metadata.uid}
+                ],
+            },
+            "spec": spec,
+        }
         try:
-            self.coordination.patch_namespaced_lease(self.node_name, "kube-node-lease", {"spec": spec},
-                                                     _content_type="application/merge-patch+json")
+            self.coordination.patch_namespaced_lease(
+                self.node_name, "kube-node-lease", {"spec": spec}, _content_type="application/merge-patch+json"
+            )
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -223,7 +276,11 @@ class Podlet:
                 worker.gone()
             return
         if worker is None:
-            if pod.status is not None and pod.status.phase in ("Succeeded", "Failed") and pod.metadata.deletion_timestamp is None:
+            if (
+                pod.status is not None
+                and pod.status.phase in ("Succeeded", "Failed")
+                and pod.metadata.deletion_timestamp is None
+            ):
                 return  # finished before this podlet started: nothing to run
             worker = PodWorker(self, pod)
             self.workers[uid] = worker
@@ -246,8 +303,12 @@ class Podlet:
                     if uid not in seen:
                         worker.gone()
                 w = watch.Watch()
-                for ev in w.stream(self.core.list_pod_for_all_namespaces, field_selector=selector,
-                                   resource_version=pods.metadata.resource_version, timeout_seconds=300):
+                for ev in w.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    resource_version=pods.metadata.resource_version,
+                    timeout_seconds=300,
+                ):
                     if self.stopping.is_set():
                         w.stop()
                         break

@@ -1,5 +1,6 @@
 """One Pod on the podlet node: its volumes, its containers as local processes, its
 probes and its status, from scheduling to deletion. One worker thread per Pod."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -38,7 +39,7 @@ TICK = 0.2
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Condition:
 
 
 class PodWorker(threading.Thread):
-    def __init__(self, podlet: "Podlet", pod: Any):
+    def __init__(self, podlet: Podlet, pod: Any):
         super().__init__(name=f"pod-{pod.metadata.namespace}/{pod.metadata.name}", daemon=True)
         self.podlet = podlet
         self.api: client.CoreV1Api = podlet.core
@@ -160,10 +161,9 @@ class PodWorker(threading.Thread):
         if now >= self.next_volume_sync:
             self.sync_volumes(pod)
             self.next_volume_sync = now + self.podlet.volume_resync_seconds
-        if self.volumes_ready and self.failed_reason is None:
-            if self.run_init_containers(pod):
-                for run in self.containers:
-                    self.sync_container(pod, run)
+        if self.volumes_ready and self.failed_reason is None and self.run_init_containers(pod):
+            for run in self.containers:
+                self.sync_container(pod, run)
         self.push_status(pod)
 
     # -- volumes ----------------------------------------------------------------------------
@@ -233,8 +233,14 @@ class PodWorker(threading.Thread):
             source = Path(volume.host_path.path) if volume.host_path is not None else self.volume_path(vm.name)
             if vm.sub_path:
                 source = (source / vm.sub_path).resolve()  # like the kubelet: fixed at start
-            out.append({"source": str(source), "target": vm.mount_path, "readOnly": bool(vm.read_only),
-                        "file": source.is_file()})
+            out.append(
+                {
+                    "source": str(source),
+                    "target": vm.mount_path,
+                    "readOnly": bool(vm.read_only),
+                    "file": source.is_file(),
+                }
+            )
         return sorted(out, key=lambda m: m["target"].count("/"))
 
     # -- containers -------------------------------------------------------------------------
@@ -256,7 +262,9 @@ class PodWorker(threading.Thread):
                     f"({c.image}); set `command`"
                 )
             if shutil.which(argv[0], path=env.get("PATH")) is None and not os.path.isabs(argv[0]):
-                raise EnvError(f"container {c.name}: command {argv[0]!r} not found on this machine (PATH={env.get('PATH')})")
+                raise EnvError(
+                    f"container {c.name}: command {argv[0]!r} not found on this machine (PATH={env.get('PATH')})"
+                )
             mounts = self.mounts(pod, c)
         except (EnvError, ApiException) as e:
             reason = "CreateContainerConfigError"
@@ -276,9 +284,22 @@ class PodWorker(threading.Thread):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
             run.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--",
-                 sys.executable, "-S", "-E", launch.__file__, str(spec_path)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    sys.executable,
+                    "-S",
+                    "-E",
+                    launch.__file__,
+                    str(spec_path),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
             )
         run.started_at = now_iso()
         run.started_mono = time.monotonic()
@@ -301,8 +322,13 @@ class PodWorker(threading.Thread):
             os.killpg(run.proc.pid, signal.SIGKILL)  # leftovers of the container's process group
         except (ProcessLookupError, PermissionError):
             pass
-        run.terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "startedAt": run.started_at, "finishedAt": now_iso(),
-                          "containerID": f"podlet://{run.proc.pid}"}
+        run.terminated = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": run.started_at,
+            "finishedAt": now_iso(),
+            "containerID": f"podlet://{run.proc.pid}",
+        }
         run.proc = None
         run.readiness = run.liveness = run.startup = None
         return code
@@ -419,7 +445,9 @@ class PodWorker(threading.Thread):
         grace = self.grace_seconds(pod)
         running = [r for r in self.init + self.containers if r.running]
         if running:
-            self.podlet.event(pod, "Normal", "Killing", f"Stopping containers {', '.join(r.spec.name for r in running)}")
+            self.podlet.event(
+                pod, "Normal", "Killing", f"Stopping containers {', '.join(r.spec.name for r in running)}"
+            )
             for r in running:
                 r.killing = "pod deleted"
         self.kill_all(grace)
@@ -432,7 +460,8 @@ class PodWorker(threading.Thread):
             pass
         try:
             self.api.delete_namespaced_pod(
-                pod.metadata.name, pod.metadata.namespace,
+                pod.metadata.name,
+                pod.metadata.namespace,
                 body=client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=self.uid)),
             )
         except ApiException as e:
@@ -449,8 +478,12 @@ class PodWorker(threading.Thread):
     def container_status(self, run: ContainerRun) -> dict:
         c = run.spec
         status: dict[str, Any] = {
-            "name": c.name, "image": c.image or "", "imageID": "", "ready": run.ready,
-            "started": run.started, "restartCount": run.restart_count,
+            "name": c.name,
+            "image": c.image or "",
+            "imageID": "",
+            "ready": run.ready,
+            "started": run.started,
+            "restartCount": run.restart_count,
         }
         if run.running:
             status["state"] = {"running": {"startedAt": run.started_at}}
@@ -460,7 +493,9 @@ class PodWorker(threading.Thread):
             status["containerID"] = run.terminated["containerID"]
         else:
             reason, message = run.waiting
-            status["state"] = {"waiting": {"reason": reason or "ContainerCreating", **({"message": message} if message else {})}}
+            status["state"] = {
+                "waiting": {"reason": reason or "ContainerCreating", **({"message": message} if message else {})}
+            }
         status["lastState"] = {"terminated": run.last_state} if run.last_state else {}
         return status
 
@@ -522,7 +557,9 @@ class PodWorker(threading.Thread):
         if status == self.last_status:
             return
         self.api.patch_namespaced_pod_status(
-            pod.metadata.name, pod.metadata.namespace, {"status": status},
+            pod.metadata.name,
+            pod.metadata.namespace,
+            {"status": status},
             _content_type="application/strategic-merge-patch+json",
         )
         self.last_status = status

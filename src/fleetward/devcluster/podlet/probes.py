@@ -1,6 +1,7 @@
 """Startup, readiness and liveness probes (httpGet, tcpSocket, exec), with the
 kubelet's thresholds: a probe result flips only after successThreshold successes or
 failureThreshold failures in a row."""
+
 from __future__ import annotations
 
 import socket

@@ -10,6 +10,7 @@ atomic-writer layout, so a process sees either the old or the new content, never
 Like the kubelet, a Secret or ConfigMap deleted while the pod runs leaves the files
 in place: deleting a Secret does not take a credential away from a running pod.
 """
+
 from __future__ import annotations
 
 import base64
@@ -38,7 +39,7 @@ def write_atomic(target: Path, files: dict[str, bytes], modes: dict[str, int]) -
             return False
     else:
         current = None
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("..%Y_%m_%d_%H_%M_%S.%f")
+    stamp = dt.datetime.now(dt.UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
     version_dir = target / stamp
     version_dir.mkdir()
     for rel, content in files.items():
@@ -91,7 +92,9 @@ class SourceContext:
     field_value: Callable[[Any, str], str]
 
 
-def _select(data: dict[str, bytes], items: list | None, default_mode: int | None, kind: str, name: str) -> tuple[dict, dict]:
+def _select(
+    data: dict[str, bytes], items: list | None, default_mode: int | None, kind: str, name: str
+) -> tuple[dict, dict]:
     files, modes = {}, {}
     mode = default_mode if default_mode is not None else 0o644
     if items:
@@ -154,7 +157,7 @@ class TokenCache:
         audiences = [sa.audience] if sa.audience else None
         ttl = sa.expiration_seconds or 3607
         key = (ctx.pod.metadata.uid, sa.audience, ttl)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cached = self._tokens.get(key)
         if cached and now < cached[2]:
             return cached[0]

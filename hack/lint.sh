@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One lint for the whole tree: ruff (lint + format check) for Python, rustfmt and
+# clippy (warnings are errors) for the gateway. `make test` runs it first.
+source "$(dirname "$0")/lib.sh"
+cd "$REPO"
+"$REPO/hack/bootstrap-python.sh"
+step "ruff check"
+.venv/bin/ruff check .
+step "ruff format --check"
+.venv/bin/ruff format --check .
+if [[ -f gateway-rs/Cargo.toml ]]; then
+  export CARGO_TARGET_DIR=$CACHE/cargo-target
+  step "cargo fmt --check"
+  (cd gateway-rs && cargo fmt --check)
+  step "cargo clippy"
+  (cd gateway-rs && cargo clippy --locked --all-targets --quiet -- -D warnings)
+fi

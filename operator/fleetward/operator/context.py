@@ -1,0 +1,47 @@
+"""What the operator's handlers share: settings, the API client, the trust bundle writer,
+the Kafka admin, per-Agent locks and the last status written. One instance per
+operator process, kept in Kopf's `memo`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetward.operator.credentials import TrustBundle
+from fleetward.operator.kafka import KafkaAdmin
+from fleetward.operator.kube import Kube
+from fleetward.operator.settings import OperatorSettings
+
+AgentKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class OperatorContext:
+    settings: OperatorSettings
+    kube: Kube
+    bundle: TrustBundle
+    kafka: KafkaAdmin
+    reconcile_slots: asyncio.Semaphore
+    locks: defaultdict[AgentKey, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    statuses: dict[AgentKey, dict[str, Any]] = field(default_factory=dict)
+    """The status last written per Agent: lets cheap events (a Deployment's readiness)
+    update one condition without re-reading or re-reconciling the Agent."""
+    shared_topics_ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    async def create(cls, settings: OperatorSettings, kubeconfig: str | None = None) -> OperatorContext:
+        kube = await Kube.connect(kubeconfig, concurrency=max(8, settings.max_concurrent_reconciles * 2))
+        bundle = TrustBundle(kube, settings.namespace, settings.trust_bundle_name)
+        return cls(
+            settings=settings,
+            kube=kube,
+            bundle=bundle,
+            kafka=KafkaAdmin(settings.kafka),
+            reconcile_slots=asyncio.Semaphore(settings.max_concurrent_reconciles),
+        )
+
+    async def close(self) -> None:
+        await self.bundle.stop()
+        await self.kube.close()

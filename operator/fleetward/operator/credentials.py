@@ -1,0 +1,257 @@
+"""Agent credentials: a per-agent Ed25519 signing key (private half in the agent's
+credentials Secret, public half in the trust bundle), plus its Kafka SCRAM password.
+
+The trust bundle is one ConfigMap (a JWKS of every active agent key) in the
+installation namespace. Verifiers (tool services through `fleetward.toolkit`, the
+gateway) WATCH it through the API server, so a key removed here is refused within a
+watch event's latency — not after a mounted volume's sync period (SPEC §7).
+Writes are batched: many Agents reconciled at once become one ConfigMap update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fleetward.operator.desired.agent import (
+    KAFKA_PASSWORD,
+    KAFKA_USERNAME,
+    KEY_ID,
+    SIGNING_KEY,
+    AgentRef,
+    credentials_secret_name,
+    kafka_principal,
+)
+from fleetward.operator.kube import Kube, KubeError
+
+log = logging.getLogger("fleetward.operator.credentials")
+JWKS_KEY = "jwks.json"
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def new_key_id(namespace: str, agent: str) -> str:
+    """A key id that is never reused: the agent plus 64 random bits. A revoked key's id
+    therefore never comes back (SPEC §7: fresh credentials on release)."""
+    return f"{namespace}.{agent}.{secrets.token_hex(8)}"
+
+
+def public_jwk(private_pem: bytes, kid: str, agent: str) -> dict[str, Any]:
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("the signing key is not an Ed25519 key")
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw), "kid": kid, "alg": "EdDSA", "use": "sig", "agent": agent}
+
+
+@dataclass(frozen=True)
+class AgentCredentials:
+    key_id: str
+    jwk: dict[str, Any]
+    kafka_username: str
+    kafka_password: str
+
+
+def _decode(secret: dict[str, Any], key: str) -> bytes | None:
+    value = (secret.get("data") or {}).get(key)
+    return base64.b64decode(value) if value else None
+
+
+def _parse(secret: dict[str, Any], ref: AgentRef) -> AgentCredentials | None:
+    pem, kid = _decode(secret, SIGNING_KEY), _decode(secret, KEY_ID)
+    user, password = _decode(secret, KAFKA_USERNAME), _decode(secret, KAFKA_PASSWORD)
+    if not (pem and kid and user and password):
+        return None
+    try:
+        jwk = public_jwk(pem, kid.decode(), f"{ref.namespace}/{ref.name}")
+    except ValueError:
+        return None
+    return AgentCredentials(kid.decode(), jwk, user.decode(), password.decode())
+
+
+def _new_secret(ref: AgentRef) -> dict[str, Any]:
+    private = Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    values = {
+        SIGNING_KEY: pem,
+        KEY_ID: new_key_id(ref.namespace, ref.name).encode(),
+        KAFKA_USERNAME: kafka_principal(ref.namespace, ref.name).encode(),
+        KAFKA_PASSWORD: secrets.token_urlsafe(24).encode(),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": ref.metadata(credentials_secret_name(ref.name), "credentials"),
+        "data": {k: base64.b64encode(v).decode() for k, v in values.items()},
+    }
+
+
+async def ensure_credentials(kube: Kube, ref: AgentRef) -> AgentCredentials:
+    """The agent's credentials, created once. The Secret is the record: reconciling again
+    reuses it; a Secret that is missing or unusable is replaced by a fresh key."""
+    name = credentials_secret_name(ref.name)
+    for _ in range(3):
+        secret = await kube.get("Secret", ref.namespace, name)
+        if secret is not None:
+            parsed = _parse(secret, ref)
+            if parsed is not None:
+                return parsed
+            log.warning("credentials Secret %s/%s is unusable; issuing a new key", ref.namespace, name)
+            await kube.delete("Secret", ref.namespace, name)
+        try:
+            created = await kube.create(_new_secret(ref))
+        except KubeError as e:
+            if e.status == 409:  # a concurrent reconcile created it: read that one
+                continue
+            raise
+        parsed = _parse(created, ref)
+        assert parsed is not None
+        return parsed
+    raise KubeError(409, "Conflict", f"credentials Secret {ref.namespace}/{name} keeps changing", name)
+
+
+async def revoke_credentials(kube: Kube, ref: AgentRef) -> bool:
+    """Delete the credentials Secret (the trust-bundle entry is removed separately)."""
+    return await kube.delete("Secret", ref.namespace, credentials_secret_name(ref.name))
+
+
+class TrustBundle:
+    """The JWKS ConfigMap, written by one task that batches concurrent changes.
+
+    `publish(agent, jwk)` / `withdraw(agent)` return once the change is in the API server.
+    The bundle holds at most one key per agent: publishing a new key replaces the old one.
+    """
+
+    def __init__(self, kube: Kube, namespace: str, name: str, *, batch_window: float = 0.02):
+        self.kube, self.namespace, self.name = kube, namespace, name
+        self.batch_window = batch_window
+        self._pending: dict[str, dict[str, Any] | None] = {}
+        self._waiters: list[asyncio.Future] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.keys: dict[str, dict[str, Any]] = {}
+        """Last written bundle: agent -> jwk."""
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="trust-bundle-writer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def publish(self, agent: str, jwk: dict[str, Any]) -> None:
+        if self.keys.get(agent) == jwk and agent not in self._pending:
+            return
+        await self._change(agent, jwk)
+
+    async def withdraw(self, agent: str) -> None:
+        await self._change(agent, None)
+
+    async def prune(self, keep: set[str]) -> list[str]:
+        """Withdraw every agent not in `keep` (Agents deleted while the operator was down)."""
+        await self.load()
+        gone = [a for a in self.keys if a not in keep]
+        for agent in gone:
+            await self.withdraw(agent)
+        return gone
+
+    async def _change(self, agent: str, jwk: dict[str, Any] | None) -> None:
+        self.start()
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[agent] = jwk
+        self._waiters.append(fut)
+        self._wake.set()
+        await fut
+
+    async def load(self) -> dict[str, dict[str, Any]]:
+        cm = await self.kube.get("ConfigMap", self.namespace, self.name)
+        self.keys = self._keys_of(cm)
+        return self.keys
+
+    @staticmethod
+    def _keys_of(cm: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        if not cm:
+            return {}
+        try:
+            jwks = json.loads((cm.get("data") or {}).get(JWKS_KEY) or "{}")
+        except ValueError:
+            log.error("trust bundle %s is not JSON; rewriting it from the Agents' credentials", JWKS_KEY)
+            return {}
+        return {k["agent"]: k for k in jwks.get("keys", []) if isinstance(k, dict) and "agent" in k}
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.batch_window)  # let concurrent reconciles join this write
+            self._wake.clear()
+            pending, waiters = self._pending, self._waiters
+            self._pending, self._waiters = {}, []
+            try:
+                await self._write(pending)
+            except Exception as e:  # every waiter sees the failure and retries its reconcile
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _body(self, keys: dict[str, dict[str, Any]], base: dict[str, Any] | None) -> dict[str, Any]:
+        jwks = {"keys": sorted(keys.values(), key=lambda k: k["kid"])}
+        meta: dict[str, Any] = {
+            "name": self.name,
+            "namespace": self.namespace,
+            "labels": {
+                "app.kubernetes.io/part-of": "fleetward",
+                "app.kubernetes.io/managed-by": "fleetward",
+                "app.kubernetes.io/component": "trust-bundle",
+            },
+        }
+        if base is not None:
+            meta["resourceVersion"] = base["metadata"]["resourceVersion"]
+        return {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta,
+            "data": {JWKS_KEY: json.dumps(jwks, sort_keys=True, separators=(",", ":"))},
+        }
+
+    async def _write(self, pending: dict[str, dict[str, Any] | None]) -> None:
+        # Read-modify-write with the resourceVersion, retried on conflict: the ConfigMap is
+        # shared state, and a blind apply could drop a key another writer just added.
+        for attempt in range(10):
+            cm = await self.kube.get("ConfigMap", self.namespace, self.name)
+            keys = self._keys_of(cm)
+            for agent, jwk in pending.items():
+                if jwk is None:
+                    keys.pop(agent, None)
+                else:
+                    keys[agent] = jwk
+            if cm is not None and keys == self._keys_of(cm):
+                self.keys = keys
+                return
+            try:
+                body = self._body(keys, cm)
+                await (self.kube.replace(body) if cm is not None else self.kube.create(body))
+                self.keys = keys
+                return
+            except KubeError as e:
+                if e.status != 409:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise KubeError(409, "Conflict", "the trust bundle kept changing under the writer", self.name)

@@ -1,0 +1,1 @@
+"""Desired state: pure functions from spec + resolved references to manifests."""

@@ -1,0 +1,423 @@
+"""What should exist for one Agent (SPEC §3): pure functions from the Agent, its resolved
+references and the operator settings to manifests. No I/O here; golden tests pin the
+output (tests/unit/test_operator_desired.py).
+
+Object names: `fw-<agent>` for the Deployment, ServiceAccount, Service, PDB and HPA;
+`fw-<agent>-config`, `fw-<agent>-credentials`, `fw-<agent>-model` for the ConfigMap
+and Secrets. The prefix keeps them apart from a team's own objects in the namespace;
+Agent names are at most 52 characters, so every name stays a valid DNS label.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetward.operator.settings import OperatorSettings
+
+from fleetward.api.agent import AgentSpec
+from fleetward.api.runtimeconfig import (
+    AgentIdentity,
+    Credentials,
+    Installation,
+    KafkaClient,
+    ModelCredential,
+    Persistence,
+    ResolvedGuardrail,
+    ResolvedSOP,
+    RuntimeConfig,
+    Server,
+    Topics,
+    TrustBundleRef,
+)
+
+CONFIG_HASH_ANNOTATION = "fleetward.dev/config-hash"
+AGENT_LABEL = "fleetward.dev/agent"
+CONFIG_DIR = "/etc/fleetward/config"
+CREDENTIALS_DIR = "/etc/fleetward/credentials"
+MODEL_DIR = "/etc/fleetward/model"
+SIGNING_KEY = "signing-key.pem"
+KEY_ID = "key-id"
+KAFKA_USERNAME = "kafka-username"
+KAFKA_PASSWORD = "kafka-password"
+DATABASE_DSN_ENV = "FLEETWARD_DATABASE_DSN"
+
+
+def base_name(agent: str) -> str:
+    return f"fw-{agent}"
+
+
+def config_map_name(agent: str) -> str:
+    return f"fw-{agent}-config"
+
+
+def credentials_secret_name(agent: str) -> str:
+    return f"fw-{agent}-credentials"
+
+
+def model_secret_name(agent: str) -> str:
+    return f"fw-{agent}-model"
+
+
+def model_key_name(index: int) -> str:
+    """Key of the model API key in the per-agent model Secret: 0 = primary, 1.. = fallbacks."""
+    return f"api-key-{index}"
+
+
+def kafka_principal(namespace: str, agent: str) -> str:
+    """SCRAM username of an Agent (dots are legal in SCRAM names and cannot appear in
+    Kubernetes names, so the pair stays unambiguous)."""
+    return f"fleetward.{namespace}.{agent}"
+
+
+def labels(agent: str, component: str = "runtime") -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "fleetward-agent",
+        "app.kubernetes.io/instance": agent,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "fleetward",
+        "app.kubernetes.io/managed-by": "fleetward",
+        AGENT_LABEL: agent,
+    }
+
+
+def selector_labels(agent: str) -> dict[str, str]:
+    return {AGENT_LABEL: agent, "app.kubernetes.io/component": "runtime"}
+
+
+@dataclass(frozen=True)
+class AgentRef:
+    """The Agent object's identity, as owner references need it."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None = None
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "fleetward.dev/v1alpha1",
+            "kind": "Agent",
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def metadata(self, name: str, component: str = "runtime") -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": labels(self.name, component),
+            "ownerReferences": [self.owner_reference()],
+        }
+
+
+@dataclass
+class AgentInputs:
+    """Everything the desired state depends on. Same inputs, same output."""
+
+    ref: AgentRef
+    spec: AgentSpec
+    settings: OperatorSettings
+    sops: list[ResolvedSOP] = field(default_factory=list)
+    guardrails: list[ResolvedGuardrail] = field(default_factory=list)
+    key_id: str = ""
+    kafka_username: str | None = None
+    model_keys: dict[int, bytes] = field(default_factory=dict)
+    """Model API keys by index (0 primary, 1.. fallbacks), copied from the referenced Secrets."""
+    halted: bool = False
+    """A kill switch covers the agent: scale to zero, like paused."""
+
+    @property
+    def scaled_down(self) -> bool:
+        return self.spec.paused or self.halted
+
+
+def request_topic(inputs: AgentInputs) -> str:
+    return inputs.settings.topics.request_topic(inputs.ref.namespace, inputs.ref.name)
+
+
+def runtime_config(inputs: AgentInputs) -> RuntimeConfig:
+    s, ref, spec = inputs.settings, inputs.ref, inputs.spec
+    topics = s.topics
+    routes = {r.topic: topics.request_topic(ref.namespace, r.agent) for r in spec.routes or []}
+    if spec.fallback and spec.fallback.agent:
+        routes["*"] = topics.request_topic(ref.namespace, spec.fallback.agent)
+    kafka = KafkaClient(
+        bootstrap_servers=s.kafka.bootstrap_servers,
+        security_protocol=s.kafka.security_protocol,
+        consumer_group=f"fleetward.{ref.namespace}.{ref.name}",
+    )
+    if s.kafka.principals_managed:
+        kafka.sasl_mechanism = s.kafka.agent_sasl_mechanism
+        kafka.username = inputs.kafka_username
+        kafka.password_file = f"{CREDENTIALS_DIR}/{KAFKA_PASSWORD}"
+    n_models = 1 + len(spec.model.fallbacks or [])
+    config = RuntimeConfig(
+        installation=Installation(
+            id=s.installation_id,
+            namespace=s.namespace,
+            trust_bundle=TrustBundleRef(namespace=s.namespace, name=s.trust_bundle_name),
+        ),
+        agent=AgentIdentity(namespace=ref.namespace, name=ref.name),
+        spec=spec,
+        sops=inputs.sops,
+        guardrails=inputs.guardrails,
+        topics=Topics(
+            request=request_topic(inputs),
+            events=topics.events,
+            control=topics.control,
+            control_acks=topics.control_acks,
+            alerts=topics.alerts,
+            dlq=topics.dlq,
+            audit=topics.audit,
+            routes=routes,
+        ),
+        kafka=kafka,
+        credentials=Credentials(
+            signing_key_file=f"{CREDENTIALS_DIR}/{SIGNING_KEY}",
+            key_id=inputs.key_id,
+            models=[
+                ModelCredential(
+                    index=i, api_key_file=f"{MODEL_DIR}/{model_key_name(i)}" if i in inputs.model_keys else None
+                )
+                for i in range(n_models)
+            ],
+        ),
+        persistence=Persistence(dsn_env=DATABASE_DSN_ENV if s.runtime.database_secret else None),
+        server=Server(port=s.runtime.port),
+    )
+    return config.with_hash()
+
+
+def service_account(inputs: AgentInputs) -> dict[str, Any]:
+    # The runtime needs no Kubernetes API access: no token in its pods.
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": inputs.ref.metadata(base_name(inputs.ref.name)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def config_map(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
+    meta = inputs.ref.metadata(config_map_name(inputs.ref.name))
+    meta["annotations"] = {CONFIG_HASH_ANNOTATION: config.config_hash}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"config.json": config.to_json()}}
+
+
+def model_secret(inputs: AgentInputs) -> dict[str, Any]:
+    """The per-agent copy of the referenced model credentials."""
+    data = {model_key_name(i): base64.b64encode(v).decode() for i, v in sorted(inputs.model_keys.items())}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": inputs.ref.metadata(model_secret_name(inputs.ref.name), "credentials"),
+        "data": data,
+    }
+
+
+def _resources(inputs: AgentInputs) -> dict[str, Any]:
+    if inputs.spec.resources is not None:
+        return inputs.spec.resources.to_wire()
+    return inputs.settings.runtime.resources
+
+
+def _env(inputs: AgentInputs) -> list[dict[str, Any]]:
+    def field_ref(path: str) -> dict[str, Any]:
+        return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    env = [
+        {"name": "POD_IP", **field_ref("status.podIP")},
+        {"name": "POD_NAME", **field_ref("metadata.name")},
+        {"name": "POD_NAMESPACE", **field_ref("metadata.namespace")},
+        {"name": "FLEETWARD_CONFIG", "value": f"{CONFIG_DIR}/config.json"},
+    ]
+    if inputs.settings.runtime.database_secret:
+        env.append(
+            {
+                "name": DATABASE_DSN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": inputs.settings.runtime.database_secret, "key": "dsn"}},
+            }
+        )
+    options = inputs.spec.deployment
+    env += [e.to_wire() for e in (options.env if options and options.env else [])]
+    return env
+
+
+def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
+    ref, spec, rt = inputs.ref, inputs.spec, inputs.settings.runtime
+    options = spec.deployment
+    pod_labels = {**labels(ref.name), **(options.pod_labels if options and options.pod_labels else {})}
+    pod_annotations = {
+        **(options.pod_annotations if options and options.pod_annotations else {}),
+        CONFIG_HASH_ANNOTATION: config.config_hash,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(rt.port),
+        "prometheus.io/path": "/metrics",
+    }
+    probe = {
+        "httpGet": {"path": "/readyz", "port": "http"},
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    }
+    container = {
+        "name": "runtime",
+        "image": spec.image or rt.image,
+        "imagePullPolicy": rt.image_pull_policy,
+        "command": [*rt.command, "--config", f"{CONFIG_DIR}/config.json"],
+        "env": _env(inputs),
+        "ports": [{"name": "http", "containerPort": rt.port, "protocol": "TCP"}],
+        "readinessProbe": probe,
+        "livenessProbe": {
+            **probe,
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "initialDelaySeconds": 5,
+        },
+        "resources": _resources(inputs),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True},
+            {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
+            {"name": "state", "mountPath": "/var/lib/fleetward"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": base_name(ref.name),
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": options.termination_grace_period_seconds if options else 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": rt.run_as_user,
+            "runAsGroup": rt.run_as_user,
+            "fsGroup": rt.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(ref.name)}},
+            {"name": "credentials", "secret": {"secretName": credentials_secret_name(ref.name), "defaultMode": 0o440}},
+            {"name": "model", "secret": {"secretName": model_secret_name(ref.name), "defaultMode": 0o440}},
+            {"name": "state", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        ],
+    }
+    if options:
+        if options.node_selector:
+            pod_spec["nodeSelector"] = options.node_selector
+        if options.tolerations:
+            pod_spec["tolerations"] = [t.to_wire() for t in options.tolerations]
+        if options.affinity:
+            pod_spec["affinity"] = options.affinity
+        if options.priority_class_name:
+            pod_spec["priorityClassName"] = options.priority_class_name
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(ref.name)},
+        "revisionHistoryLimit": 3,
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
+    }
+    # With autoscaling the HPA owns .spec.replicas; applying it here would fight the HPA.
+    if inputs.scaled_down:
+        dep_spec["replicas"] = 0
+    elif spec.autoscaling is None:
+        dep_spec["replicas"] = 1 if spec.replicas is None else spec.replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": ref.metadata(base_name(ref.name)),
+        "spec": dep_spec,
+    }
+
+
+def service(inputs: AgentInputs) -> dict[str, Any]:
+    port = inputs.settings.runtime.port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": inputs.ref.metadata(base_name(inputs.ref.name)),
+        "spec": {
+            "selector": selector_labels(inputs.ref.name),
+            "ports": [{"name": "http-metrics", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def pod_disruption_budget(inputs: AgentInputs) -> dict[str, Any]:
+    # maxUnavailable 1: a voluntary disruption takes at most one runtime pod at a time,
+    # and a single-replica agent never blocks a node drain.
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": inputs.ref.metadata(base_name(inputs.ref.name)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(inputs.ref.name)}},
+    }
+
+
+def horizontal_pod_autoscaler(inputs: AgentInputs) -> dict[str, Any] | None:
+    scaling = inputs.spec.autoscaling
+    if scaling is None or inputs.scaled_down:
+        return None
+    name = base_name(inputs.ref.name)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": inputs.ref.metadata(name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {
+                            "type": "Utilization",
+                            "averageUtilization": scaling.target_cpu_utilization_percentage,
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+@dataclass
+class DesiredAgent:
+    config: RuntimeConfig
+    objects: list[dict[str, Any]]
+    """Objects to server-side apply, in order (the Deployment last: what it mounts exists first)."""
+    absent: list[tuple[str, str]]
+    """(kind, name) of optional objects that must not exist (e.g. the HPA when autoscaling is off)."""
+
+
+def desired_agent(inputs: AgentInputs) -> DesiredAgent:
+    config = runtime_config(inputs)
+    objects = [
+        service_account(inputs),
+        config_map(inputs, config),
+        model_secret(inputs),
+        service(inputs),
+        pod_disruption_budget(inputs),
+    ]
+    absent: list[tuple[str, str]] = []
+    hpa = horizontal_pod_autoscaler(inputs)
+    if hpa is None:
+        absent.append(("HorizontalPodAutoscaler", base_name(inputs.ref.name)))
+    objects.append(deployment(inputs, config))
+    if hpa is not None:
+        objects.append(hpa)
+    return DesiredAgent(config=config, objects=objects, absent=absent)

@@ -1,0 +1,52 @@
+"""Agent handlers: create, update, resume (operator start) and a drift timer all run the
+same level-based reconcile; deletion cleans up what garbage collection cannot reach."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+from fleetward.operator.handlers.indexes import GROUP, VERSION, references
+from fleetward.operator.reconcile import cleanup_agent, reconcile_agent
+from fleetward.operator.settings import OperatorSettings
+
+
+def _backoff(retry: int) -> float:
+    return min(60.0, 1.0 * 2 ** min(retry, 6))
+
+
+def register(settings: OperatorSettings) -> None:
+    @kopf.on.resume(GROUP, VERSION, "agents")
+    @kopf.on.create(GROUP, VERSION, "agents")
+    @kopf.on.update(GROUP, VERSION, "agents")
+    async def agent_changed(
+        body: kopf.Body,
+        namespace: str,
+        memo: kopf.Memo,
+        retry: int,
+        agents_by_namespace: kopf.Index,
+        sops_by_namespace: kopf.Index,
+        guardrails_by_namespace: kopf.Index,
+        **_: Any,
+    ) -> None:
+        refs = references(namespace, agents_by_namespace, sops_by_namespace, guardrails_by_namespace)
+        outcome = await reconcile_agent(memo.ctx, dict(body), refs)
+        if outcome.retry_after is not None:
+            raise kopf.TemporaryError(f"not ready yet: {outcome.problem}", delay=_backoff(retry))
+
+    @kopf.timer(GROUP, VERSION, "agents", interval=settings.resync_seconds, initial_delay=settings.resync_seconds)
+    async def agent_drift(
+        body: kopf.Body,
+        namespace: str,
+        memo: kopf.Memo,
+        agents_by_namespace: kopf.Index,
+        sops_by_namespace: kopf.Index,
+        guardrails_by_namespace: kopf.Index,
+        **_: Any,
+    ) -> None:
+        refs = references(namespace, agents_by_namespace, sops_by_namespace, guardrails_by_namespace)
+        await reconcile_agent(memo.ctx, dict(body), refs)
+
+    @kopf.on.delete(GROUP, VERSION, "agents", retries=30, backoff=10)
+    async def agent_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        await cleanup_agent(memo.ctx, namespace, name)

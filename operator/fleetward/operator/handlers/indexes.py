@@ -1,0 +1,45 @@
+"""Kopf indexes: the operator's in-memory view of Agents, SOPs and Guardrails by
+namespace, so that resolving references and finding "who uses this SOP" reads memory,
+not the API server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+from fleetward.operator.reconcile import References
+
+GROUP, VERSION = "fleetward.dev", "v1alpha1"
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "generation", "labels", "deletionTimestamp")},
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def register() -> None:
+    @kopf.index(GROUP, VERSION, "agents")
+    def agents_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
+        return {namespace: _plain(body)}
+
+    @kopf.index(GROUP, VERSION, "sops")
+    def sops_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
+        return {namespace: _plain(body)}
+
+    @kopf.index(GROUP, VERSION, "guardrails")
+    def guardrails_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
+        return {namespace: _plain(body)}
+
+
+def references(namespace: str, agents: kopf.Index, sops: kopf.Index, guardrails: kopf.Index) -> References:
+    return References(
+        sops=list(sops.get(namespace, [])),
+        guardrails={g["metadata"]["name"]: g for g in guardrails.get(namespace, [])},
+        agents={a["metadata"]["name"] for a in agents.get(namespace, [])},
+    )

@@ -1,0 +1,60 @@
+"""Operator start-up and shutdown: Kopf settings, the shared context, the shared topics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from fleetward.operator.context import OperatorContext
+from fleetward.operator.handlers import indexes
+from fleetward.operator.kafka import KafkaUnavailable
+from fleetward.operator.settings import OperatorSettings
+
+log = logging.getLogger("fleetward.operator")
+ANNOTATION_PREFIX = "kopf.fleetward.dev"
+
+
+async def ensure_shared_topics(ctx: OperatorContext) -> None:
+    """Create the shared topics, retrying with backoff while Kafka is unreachable: the
+    operator keeps reconciling meanwhile and reports Kafka trouble on the Agents."""
+    delay = 1.0
+    while True:
+        try:
+            await ctx.kafka.ensure_topics(ctx.settings.topics.shared(), ctx.settings.kafka.shared_topic_partitions)
+            ctx.shared_topics_ready.set()
+            log.info("shared topics ready: %s", ", ".join(ctx.settings.topics.shared()))
+            return
+        except KafkaUnavailable as e:
+            log.warning("Kafka unavailable, shared topics not created yet (retry in %.0f s): %s", delay, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60)
+
+
+def register(settings: OperatorSettings) -> None:
+    indexes.register()
+
+    @kopf.on.startup()
+    async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Progress and diff-base in annotations: the CRDs' status schemas have no room for
+        # Kopf's own status fields (they would be pruned), and annotations survive restarts.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.finalizer = "fleetward.dev/cleanup"
+        # Events for what a person should see (transitions, errors), not every handler run.
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 300
+        settings.batching.error_delays = (1, 2, 5, 10, 30, 60)
+        memo.ctx = await OperatorContext.create(memo.settings)
+        memo.ctx.bundle.start()
+        memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
+
+    @kopf.on.cleanup()
+    async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("topics_task")
+        if task:
+            task.cancel()
+        ctx = memo.get("ctx")
+        if ctx is not None:
+            await ctx.close()

@@ -1,0 +1,210 @@
+"""Kafka for the operator: topics (shared and per Agent) and, when the cluster runs
+SASL/SCRAM with an authorizer, a SCRAM user and ACLs per Agent.
+
+confluent-kafka's AdminClient is synchronous (futures); calls run in worker threads so
+the operator's event loop never blocks. Topic creations that arrive together are sent
+as one request, which matters when 1000 Agents are applied at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialDeletion,
+    UserScramCredentialUpsertion,
+)
+from fleetward.operator.settings import KafkaSettings
+
+log = logging.getLogger("fleetward.operator.kafka")
+
+
+class KafkaUnavailable(Exception):
+    """Kafka did not answer or refused the operator's admin request."""
+
+
+@dataclass(frozen=True)
+class AgentAccess:
+    """What one Agent's principal may do (least privilege, SPEC §3)."""
+
+    principal: str
+    read_topics: tuple[str, ...]
+    write_topics: tuple[str, ...]
+    group_prefix: str
+
+    def bindings(self) -> set[tuple[int, str, int, int]]:
+        """(resource type, name, pattern type, operation) tuples, all ALLOW for this principal."""
+        topic, group = ResourceType.TOPIC, ResourceType.GROUP
+        literal, prefixed = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
+        out = set()
+        for t in self.read_topics:
+            out |= {(topic, t, literal, AclOperation.READ), (topic, t, literal, AclOperation.DESCRIBE)}
+        for t in self.write_topics:
+            out |= {(topic, t, literal, AclOperation.WRITE), (topic, t, literal, AclOperation.DESCRIBE)}
+        out.add((group, self.group_prefix, prefixed, AclOperation.READ))
+        return {(int(a), b, int(c), int(d)) for a, b, c, d in out}
+
+
+class KafkaAdmin:
+    def __init__(self, settings: KafkaSettings):
+        self.settings = settings
+        self._admin: AdminClient | None = None
+        self._known_topics: set[str] = set()
+        self._known_at = 0.0
+        self._pending: dict[str, int] = {}
+        self._waiters: list[tuple[set[str], asyncio.Future]] = []
+        self._batch_task: asyncio.Task | None = None
+
+    @property
+    def admin(self) -> AdminClient:
+        if self._admin is None:
+            cfg = {**self.settings.admin_config(), "socket.timeout.ms": int(self.settings.timeout_seconds * 1000)}
+            self._admin = AdminClient(cfg)
+        return self._admin
+
+    async def _call(self, fn, *args, **kwargs) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except KafkaException as e:
+            raise KafkaUnavailable(str(e.args[0]) if e.args else repr(e)) from e
+
+    def _wait_all(self, futures: dict[Any, Any], ignore: tuple[int, ...] = ()) -> None:
+        for key, fut in futures.items():
+            try:
+                fut.result(self.settings.timeout_seconds)
+            except KafkaException as e:
+                err = e.args[0]
+                if isinstance(err, KafkaError) and err.code() in ignore:
+                    continue
+                raise KafkaUnavailable(f"{key}: {err}") from e
+            except Exception as e:  # concurrent.futures.TimeoutError and friends
+                raise KafkaUnavailable(f"{key}: {e!r}") from e
+
+    # -- topics -------------------------------------------------------------------------
+
+    async def refresh_topics(self) -> set[str]:
+        md = await self._call(self.admin.list_topics, timeout=self.settings.timeout_seconds)
+        self._known_topics = set(md.topics)
+        self._known_at = time.monotonic()
+        return self._known_topics
+
+    async def ensure_topics(self, names: list[str], partitions: int) -> None:
+        """Create the topics that do not exist; concurrent calls share one request."""
+        if time.monotonic() - self._known_at > 60:
+            await self.refresh_topics()
+        missing = {n for n in names if n not in self._known_topics}
+        if not missing:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        for n in missing:
+            self._pending[n] = partitions
+        self._waiters.append((missing, fut))
+        if self._batch_task is None or self._batch_task.done():
+            self._batch_task = asyncio.create_task(self._create_batch())
+        await fut
+
+    async def _create_batch(self) -> None:
+        await asyncio.sleep(0.05)
+        pending, waiters = self._pending, self._waiters
+        self._pending, self._waiters = {}, []
+        rf = self.settings.replication_factor
+        topics = [NewTopic(n, p, rf) for n, p in sorted(pending.items())]
+        try:
+            futures = await self._call(self.admin.create_topics, topics, request_timeout=self.settings.timeout_seconds)
+            await asyncio.to_thread(self._wait_all, futures, (KafkaError.TOPIC_ALREADY_EXISTS,))
+        except Exception as e:
+            for _, fut in waiters:
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, KafkaUnavailable) else KafkaUnavailable(repr(e)))
+            return
+        self._known_topics |= set(pending)
+        for _, fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def delete_topic(self, name: str) -> None:
+        futures = await self._call(self.admin.delete_topics, [name], request_timeout=self.settings.timeout_seconds)
+        await asyncio.to_thread(self._wait_all, futures, (KafkaError.UNKNOWN_TOPIC_OR_PART,))
+        self._known_topics.discard(name)
+
+    # -- principals (SCRAM mode) ----------------------------------------------------------
+
+    def _mechanism(self) -> ScramMechanism:
+        return (
+            ScramMechanism.SCRAM_SHA_512
+            if self.settings.agent_sasl_mechanism == "SCRAM-SHA-512"
+            else ScramMechanism.SCRAM_SHA_256
+        )
+
+    async def ensure_principal(self, username: str, password: str) -> None:
+        upsert = UserScramCredentialUpsertion(username, ScramCredentialInfo(self._mechanism(), 8192), password.encode())
+        futures = await self._call(self.admin.alter_user_scram_credentials, [upsert])
+        await asyncio.to_thread(self._wait_all, futures)
+
+    async def delete_principal(self, username: str) -> None:
+        deletion = UserScramCredentialDeletion(username, self._mechanism())
+        futures = await self._call(self.admin.alter_user_scram_credentials, [deletion])
+        await asyncio.to_thread(self._wait_all, futures, (KafkaError.RESOURCE_NOT_FOUND,))
+        await self.set_acls(AgentAccess(username, (), (), ""), only_delete=True)
+
+    def _principal_filter(self, principal: str) -> AclBindingFilter:
+        return AclBindingFilter(
+            ResourceType.ANY,
+            None,
+            ResourcePatternType.ANY,
+            f"User:{principal}",
+            None,
+            AclOperation.ANY,
+            AclPermissionType.ANY,
+        )
+
+    async def set_acls(self, access: AgentAccess, *, only_delete: bool = False) -> None:
+        """Make the principal's ACLs exactly `access` (stale ones, e.g. a removed route, go)."""
+        want = set() if only_delete else access.bindings()
+        found = await self._call(
+            self.admin.describe_acls,
+            self._principal_filter(access.principal),
+            request_timeout=self.settings.timeout_seconds,
+        )
+        existing = await asyncio.to_thread(found.result, self.settings.timeout_seconds)
+        have = {(int(b.restype), b.name, int(b.resource_pattern_type), int(b.operation)): b for b in existing}
+        stale = [b for key, b in have.items() if key not in want]
+        new = [
+            AclBinding(
+                ResourceType(t),
+                n,
+                ResourcePatternType(p),
+                f"User:{access.principal}",
+                "*",
+                AclOperation(o),
+                AclPermissionType.ALLOW,
+            )
+            for (t, n, p, o) in sorted(want - set(have))
+        ]
+        if new:
+            futures = await self._call(self.admin.create_acls, new, request_timeout=self.settings.timeout_seconds)
+            await asyncio.to_thread(self._wait_all, futures)
+        if stale:
+            filters = [
+                AclBindingFilter(
+                    b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation, b.permission_type
+                )
+                for b in stale
+            ]
+            futures = await self._call(self.admin.delete_acls, filters, request_timeout=self.settings.timeout_seconds)
+            await asyncio.to_thread(self._wait_all, futures)

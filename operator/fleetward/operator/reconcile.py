@@ -1,0 +1,406 @@
+"""Reconciling one Agent, level-based: whatever woke us, compute what should exist from
+the spec and the resolved references, apply it, and write the status.
+
+The handlers (handlers/) only decide WHEN this runs; `desired/` decides WHAT should
+exist; this module does the I/O in between and turns failures into conditions.
+Nothing already applied is taken down because a reference went missing: the agent
+keeps running its last good config until the problem is fixed (a runtime without its
+Guardrail would be worse than a stale one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetward.operator import conditions as c
+from fleetward.operator.conditions import Cond, Reason
+from fleetward.operator.context import OperatorContext
+from fleetward.operator.credentials import AgentCredentials, ensure_credentials
+from fleetward.operator.desired.agent import AgentInputs, AgentRef, base_name, desired_agent, kafka_principal
+from fleetward.operator.kafka import AgentAccess, KafkaUnavailable
+from fleetward.operator.kube import KubeError
+from fleetward.operator.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS
+from fleetward.operator.resolve import resolve
+from pydantic import ValidationError
+
+from fleetward.api.agent import AgentSpec
+
+log = logging.getLogger("fleetward.operator.reconcile")
+TOPIC_READY = "TopicReady"
+
+
+@dataclass
+class References:
+    """What an Agent may refer to, in its namespace (from the operator's indexes)."""
+
+    sops: list[dict[str, Any]] = field(default_factory=list)
+    guardrails: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agents: set[str] = field(default_factory=set)
+
+
+@dataclass
+class AgentState:
+    """What the last reconcile found, kept so that a Deployment event can update
+    availability alone."""
+
+    parts: dict[str, Cond]
+    paused: bool
+    status: dict[str, Any]
+    expected_replicas: int | None
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    retry_after: float | None = None
+    """Seconds until a retry, when something transient failed."""
+    problem: str = ""
+
+
+def availability(dep: dict[str, Any] | None, *, scaled_down: bool, why_down: str) -> tuple[Cond, int, int]:
+    """Available condition, replicas, readyReplicas from the runtime Deployment."""
+    if dep is None:
+        return Cond(c.AVAILABLE, False, Reason.NOT_DEPLOYED, "The runtime Deployment does not exist yet."), 0, 0
+    st = dep.get("status") or {}
+    replicas, ready = st.get("replicas", 0), st.get("readyReplicas", 0)
+    want = (dep.get("spec") or {}).get("replicas", 1)
+    if scaled_down:
+        return Cond(c.AVAILABLE, False, Reason.PAUSED, why_down), replicas, ready
+    current = st.get("observedGeneration", 0) >= dep["metadata"].get("generation", 0)
+    rolled = st.get("updatedReplicas", 0) >= want and replicas <= want
+    dep_available = any(x["type"] == "Available" and x["status"] == "True" for x in st.get("conditions") or [])
+    if current and rolled and dep_available and ready >= want:
+        return (
+            Cond(c.AVAILABLE, True, Reason.DEPLOYMENT_AVAILABLE, f"{ready}/{want} runtime pods ready."),
+            replicas,
+            ready,
+        )
+    reason = Reason.DEPLOYMENT_PROGRESSING
+    for x in st.get("conditions") or []:
+        if x["type"] == "Progressing" and x["status"] == "False":
+            reason = Reason.DEPLOYMENT_NOT_AVAILABLE
+    return (
+        Cond(
+            c.AVAILABLE,
+            False,
+            reason,
+            f"{ready}/{want} runtime pods ready ({st.get('updatedReplicas', 0)} on the current config).",
+        ),
+        replicas,
+        ready,
+    )
+
+
+async def _model_keys(ctx: OperatorContext, ns: str, spec: AgentSpec) -> tuple[dict[int, bytes], list[Cond]]:
+    import base64
+
+    keys: dict[int, bytes] = {}
+    problems: list[Cond] = []
+    cache: dict[str, dict[str, Any] | None] = {}
+    endpoints = [spec.model, *(spec.model.fallbacks or [])]
+    for i, endpoint in enumerate(endpoints):
+        ref = endpoint.credentials_secret_ref
+        if ref is None:
+            continue
+        where = "spec.model.credentialsSecretRef" if i == 0 else f"spec.model.fallbacks[{i - 1}].credentialsSecretRef"
+        if ref.name not in cache:
+            cache[ref.name] = await ctx.kube.get("Secret", ns, ref.name)
+        secret = cache[ref.name]
+        if secret is None:
+            problems.append(
+                Cond(
+                    c.CREDENTIALS_ISSUED,
+                    False,
+                    Reason.SECRET_NOT_FOUND,
+                    f"Secret {ns}/{ref.name} named by {where} does not exist; create it and the "
+                    "agent proceeds on its own.",
+                )
+            )
+            continue
+        value = (secret.get("data") or {}).get(ref.key)
+        if value is None:
+            problems.append(
+                Cond(
+                    c.CREDENTIALS_ISSUED,
+                    False,
+                    Reason.SECRET_KEY_NOT_FOUND,
+                    f"Secret {ns}/{ref.name} has no key {ref.key!r} (named by {where}); "
+                    f"it has: {', '.join(sorted(secret.get('data') or {})) or 'no keys'}.",
+                )
+            )
+            continue
+        keys[i] = base64.b64decode(value)
+    return keys, problems
+
+
+def _access(ctx: OperatorContext, ns: str, name: str, spec: AgentSpec) -> AgentAccess:
+    topics = ctx.settings.topics
+    routed = {topics.request_topic(ns, r.agent) for r in spec.routes or []}
+    if spec.fallback and spec.fallback.agent:
+        routed.add(topics.request_topic(ns, spec.fallback.agent))
+    return AgentAccess(
+        principal=kafka_principal(ns, name),
+        read_topics=(topics.request_topic(ns, name), topics.control),
+        write_topics=tuple(
+            sorted({topics.events, topics.dlq, topics.alerts, topics.audit, topics.control_acks, *routed})
+        ),
+        group_prefix=f"fleetward.{ns}.{name}",
+    )
+
+
+def _config_condition(spec: AgentSpec, res, ns: str) -> Cond:
+    if res.missing_guardrails:
+        return Cond(
+            c.CONFIG_RESOLVED,
+            False,
+            Reason.GUARDRAIL_NOT_FOUND,
+            f"Guardrail(s) {', '.join(res.missing_guardrails)} named in spec.guardrailRefs do not exist in "
+            f"namespace {ns}. The agent keeps its last applied config until they do.",
+        )
+    parts = [
+        f"{len(res.sops)} SOP(s)"
+        + (
+            f" ({', '.join(f'{s.name}@{s.version}' for s in res.sops)})"
+            if res.sops
+            else (" (spec.sopSelector matches no SOP)" if spec.sop_selector else "")
+        ),
+        f"{len(res.guardrails)} Guardrail(s)",
+    ]
+    msg = "Resolved " + " and ".join(parts) + "."
+    if res.missing_route_agents:
+        msg += (
+            f" Routes name Agents that do not exist ({', '.join(sorted(set(res.missing_route_agents)))}); "
+            "their requests go to the fallback."
+        )
+    return Cond(c.CONFIG_RESOLVED, True, Reason.RESOLVED, msg)
+
+
+async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: References) -> Outcome:
+    started = time.monotonic()
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    ref = AgentRef(ns, name, meta["uid"], meta.get("generation"))
+    async with ctx.reconcile_slots, ctx.locks[(ns, name)]:
+        try:
+            outcome = await _reconcile(ctx, ref, body, refs)
+        except Exception:
+            RECONCILE_SECONDS.labels("Agent", "error").observe(time.monotonic() - started)
+            RECONCILE_ERRORS.labels("Agent", "Exception").inc()
+            raise
+    result = "retry" if outcome.retry_after else "ok"
+    RECONCILE_SECONDS.labels("Agent", result).observe(time.monotonic() - started)
+    return outcome
+
+
+async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], refs: References) -> Outcome:
+    ns, name = ref.namespace, ref.name
+    previous = ctx.statuses.get((ns, name))
+    old_status = previous.status if previous else dict(body.get("status") or {})
+    try:
+        spec = AgentSpec.model_validate(body["spec"])
+    except ValidationError as e:  # the API server validates; this guards against a stale CRD
+        cond = Cond(c.READY, False, "InvalidSpec", f"spec does not match the Fleetward API: {e.errors()[0]}")
+        status = {
+            "phase": "Degraded",
+            "observedGeneration": ref.generation,
+            "conditions": c.merge(old_status.get("conditions"), [cond], ref.generation),
+        }
+        await _write_status(ctx, ref, status, old_status)
+        return Outcome(status, problem=cond.message)
+
+    parts: dict[str, Cond] = {}
+    transient: list[str] = []
+    res = resolve(spec, refs.sops, refs.guardrails, refs.agents)
+    parts[c.CONFIG_RESOLVED] = _config_condition(spec, res, ns)
+    if res.missing_guardrails:
+        transient.append("missing guardrails")
+
+    # Credentials: the model keys copied from the referenced Secrets, the signing key,
+    # and (SCRAM) the Kafka principal with its ACLs.
+    model_keys, key_problems = await _model_keys(ctx, ns, spec)
+    creds: AgentCredentials | None = None
+    if key_problems:
+        parts[c.CREDENTIALS_ISSUED] = key_problems[0]
+        transient.append("model credentials")
+    else:
+        creds = await ensure_credentials(ctx.kube, ref)
+        parts[c.CREDENTIALS_ISSUED] = Cond(
+            c.CREDENTIALS_ISSUED,
+            True,
+            Reason.ISSUED,
+            f"Signing key {creds.key_id} is in the trust bundle; model credentials copied to Secret fw-{name}-model.",
+        )
+        if ctx.settings.kafka.principals_managed:
+            try:
+                await ctx.kafka.ensure_principal(creds.kafka_username, creds.kafka_password)
+                await ctx.kafka.set_acls(_access(ctx, ns, name, spec))
+            except KafkaUnavailable as e:
+                parts[c.CREDENTIALS_ISSUED] = Cond(
+                    c.CREDENTIALS_ISSUED,
+                    False,
+                    Reason.KAFKA_UNAVAILABLE,
+                    f"Could not create the agent's Kafka user and ACLs: {e}. Retrying with backoff.",
+                )
+                transient.append("kafka principal")
+
+    topic = ctx.settings.topics.request_topic(ns, name)
+    try:
+        await ctx.kafka.ensure_topics([topic], ctx.settings.kafka.request_topic_partitions)
+        parts[TOPIC_READY] = Cond(TOPIC_READY, True, "TopicExists", f"Request topic {topic} exists.")
+    except KafkaUnavailable as e:
+        parts[TOPIC_READY] = Cond(
+            TOPIC_READY,
+            False,
+            Reason.KAFKA_UNAVAILABLE,
+            f"Could not create request topic {topic}: {e}. Retrying with backoff.",
+        )
+        transient.append("kafka topic")
+
+    config_hash = old_status.get("configHash")
+    apply_problem = ""
+    if parts[c.CONFIG_RESOLVED].ok and creds is not None and parts[c.CREDENTIALS_ISSUED].ok:
+        inputs = AgentInputs(
+            ref=ref,
+            spec=spec,
+            settings=ctx.settings,
+            sops=res.sops,
+            guardrails=res.guardrails,
+            key_id=creds.key_id,
+            kafka_username=creds.kafka_username,
+            model_keys=model_keys,
+        )
+        desired = desired_agent(inputs)
+        try:
+            # The key is trusted before any pod can mint a token with it.
+            await ctx.bundle.publish(f"{ns}/{name}", creds.jwk)
+            for obj in desired.objects:
+                await ctx.kube.apply(obj)
+            for kind, obj_name in desired.absent:
+                await ctx.kube.delete(kind, ns, obj_name)
+            config_hash = desired.config.config_hash
+        except KubeError as e:
+            apply_problem = f"Applying the agent's objects failed: {e}. Retrying with backoff."
+            transient.append("apply")
+
+    dep = await ctx.kube.get("Deployment", ns, base_name(name))
+    parts[c.AVAILABLE], replicas, ready = availability(
+        dep, scaled_down=spec.paused, why_down="spec.paused is true: the runtime Deployment is scaled to zero."
+    )
+    ready_cond, phase = c.summarize_agent({**parts, c.AVAILABLE: parts[c.AVAILABLE]}, paused=spec.paused)
+    if apply_problem:
+        ready_cond, phase = Cond(c.READY, False, Reason.APPLY_FAILED, apply_problem), "Degraded"
+    elif parts[TOPIC_READY].ok is False and ready_cond.ok:
+        ready_cond, phase = Cond(c.READY, False, Reason.KAFKA_UNAVAILABLE, parts[TOPIC_READY].message), "Degraded"
+
+    status = {
+        "observedGeneration": ref.generation,
+        "phase": phase,
+        "conditions": c.merge(old_status.get("conditions"), [ready_cond, *parts.values()], ref.generation),
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "resolvedSOPs": [f"{s.name}@{s.version}" for s in res.sops],
+        "resolvedGuardrails": [g.name for g in res.guardrails],
+        "requestTopic": topic,
+    }
+    if config_hash:
+        status["configHash"] = config_hash
+    await _write_status(ctx, ref, status, old_status)
+    expected = None if spec.autoscaling else (0 if spec.paused else (spec.replicas if spec.replicas is not None else 1))
+    ctx.statuses[(ns, name)] = AgentState(parts=parts, paused=spec.paused, status=status, expected_replicas=expected)
+    retry = None
+    if transient:
+        for reason in transient:
+            RECONCILE_ERRORS.labels("Agent", reason.replace(" ", "_")).inc()
+        retry = 1.0
+    return Outcome(status, retry_after=retry, problem=", ".join(transient))
+
+
+def _essence(status: dict[str, Any]) -> dict[str, Any]:
+    """Status without timestamps, to tell whether a write would change anything."""
+    conds = [{k: v for k, v in x.items() if k != "lastTransitionTime"} for x in status.get("conditions") or []]
+    return {**status, "conditions": conds}
+
+
+async def _write_status(ctx: OperatorContext, ref: AgentRef, status: dict[str, Any], old: dict[str, Any]) -> None:
+    if _essence(status) == _essence({k: old.get(k) for k in status}):
+        return
+    try:
+        await ctx.kube.patch_status("Agent", ref.namespace, ref.name, status)
+    except KubeError as e:
+        if e.status == 404:  # deleted meanwhile
+            return
+        raise
+    _post_transition_event(ref, old, status)
+
+
+def _post_transition_event(ref: AgentRef, old: dict[str, Any], new: dict[str, Any]) -> None:
+    import kopf
+
+    before, after = c.get(old.get("conditions"), c.READY), c.get(new.get("conditions"), c.READY)
+    if after is None or (
+        before is not None and before["status"] == after["status"] and before["reason"] == after["reason"]
+    ):
+        return
+    target = {
+        "apiVersion": "fleetward.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+    }
+    kopf.event(
+        target,
+        type="Normal" if after["status"] == "True" else "Warning",
+        reason=after["reason"],
+        message=f"{new.get('phase')}: {after['message']}",
+    )
+
+
+async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> None:
+    """A runtime Deployment changed: update the owning Agent's Available/Ready alone."""
+    meta = dep["metadata"]
+    ns, name = meta["namespace"], (meta.get("labels") or {}).get("fleetward.dev/agent")
+    state = ctx.statuses.get((ns, name)) if name else None
+    if state is None:
+        return  # not reconciled by this process yet: its reconcile reads the Deployment itself
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "Agent"), None)
+    if owner is None:
+        return
+    async with ctx.locks[(ns, name)]:
+        state = ctx.statuses.get((ns, name))
+        if state is None:
+            return
+        avail, replicas, ready = availability(
+            dep, scaled_down=state.paused, why_down="spec.paused is true: the runtime Deployment is scaled to zero."
+        )
+        parts = {**state.parts, c.AVAILABLE: avail}
+        ready_cond, phase = c.summarize_agent(parts, paused=state.paused)
+        old = state.status
+        prior_ready = c.get(old.get("conditions"), c.READY)
+        if prior_ready and prior_ready["reason"] in (Reason.APPLY_FAILED, Reason.KAFKA_UNAVAILABLE):
+            ready_cond, phase = Cond(c.READY, False, prior_ready["reason"], prior_ready["message"]), old["phase"]
+        gen = old.get("observedGeneration")
+        status = {
+            **old,
+            "phase": phase,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "conditions": c.merge(old.get("conditions"), [ready_cond, avail], gen),
+        }
+        ref = AgentRef(ns, name, owner["uid"], gen)
+        await _write_status(ctx, ref, status, old)
+        state.parts, state.status = parts, status
+
+
+async def cleanup_agent(ctx: OperatorContext, ns: str, name: str) -> None:
+    """An Agent is being deleted: its objects go by garbage collection (owner references);
+    what lives outside Kubernetes objects goes here."""
+    async with ctx.locks[(ns, name)]:
+        await ctx.bundle.withdraw(f"{ns}/{name}")
+        if ctx.settings.kafka.delete_topics_with_agent:
+            await ctx.kafka.delete_topic(ctx.settings.topics.request_topic(ns, name))
+        if ctx.settings.kafka.principals_managed:
+            await ctx.kafka.delete_principal(kafka_principal(ns, name))
+        ctx.statuses.pop((ns, name), None)
+    ctx.locks.pop((ns, name), None)

@@ -1,0 +1,141 @@
+"""Operator settings: one typed document, rendered by the Helm chart from its values
+(ConfigMap `fleetward-operator`, key `settings.yaml`) and read at start-up.
+
+    fleetward operator run --settings /etc/fleetward/settings.yaml
+
+Every field has a default that works on the local cluster; a bad file stops the
+operator at start with the field named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class KafkaSettings(Settings):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] | None = None
+    admin_username: str | None = None
+    admin_password_env: str = "FLEETWARD_KAFKA_ADMIN_PASSWORD"
+    """Environment variable holding the admin password (from a Secret)."""
+    manage_principals: bool | None = None
+    """Create a SCRAM user and ACLs per Agent. Default: on when SASL/SCRAM is configured."""
+    agent_sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    request_topic_partitions: int = Field(default=3, ge=1, le=1000)
+    shared_topic_partitions: int = Field(default=3, ge=1, le=1000)
+    replication_factor: int = Field(default=1, ge=1, le=10)
+    delete_topics_with_agent: bool = True
+    """Remove an Agent's request topic when the Agent is deleted (false keeps it, e.g. for audits)."""
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+    @property
+    def scram(self) -> bool:
+        return bool(self.sasl_mechanism and self.sasl_mechanism.startswith("SCRAM"))
+
+    @property
+    def principals_managed(self) -> bool:
+        return self.scram if self.manage_principals is None else self.manage_principals
+
+    def admin_config(self) -> dict[str, Any]:
+        """librdkafka settings for the operator's admin client."""
+        cfg: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            password = os.environ.get(self.admin_password_env)
+            if not (self.admin_username and password):
+                raise ValueError(
+                    f"kafka.saslMechanism is {self.sasl_mechanism}: set kafka.adminUsername and the "
+                    f"environment variable {self.admin_password_env}"
+                )
+            cfg.update(
+                {"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.admin_username, "sasl.password": password}
+            )
+        return cfg
+
+
+class TopicSettings(Settings):
+    """Kafka topic names (SPEC §6)."""
+
+    events: str = "fleetward.events"
+    control: str = "fleetward.control"
+    control_acks: str = "fleetward.control-acks"
+    alerts: str = "fleetward.alerts"
+    dlq: str = "fleetward.dlq"
+    audit: str = "fleetward.audit"
+    request_prefix: str = "fleetward.requests"
+
+    def request_topic(self, namespace: str, agent: str) -> str:
+        return f"{self.request_prefix}.{namespace}.{agent}"
+
+    def shared(self) -> list[str]:
+        return [self.events, self.control, self.control_acks, self.alerts, self.dlq, self.audit]
+
+
+class RuntimeSettings(Settings):
+    """How agent runtime pods are built."""
+
+    image: str = "ghcr.io/fleetward/fleetward:0.1.0"
+    command: list[str] = Field(default_factory=lambda: ["fleetward", "runtime", "run"])
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    port: int = Field(default=8080, ge=1, le=65535)
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    )
+    """Default requests/limits when an Agent sets none."""
+    database_secret: str | None = None
+    """Secret (in the Agent's namespace) with key `dsn`: PostgreSQL for checkpoints and ledgers.
+    None: each pod uses embedded SQLite (fine for one replica)."""
+    run_as_user: int = 65532
+
+
+class OperatorSettings(Settings):
+    installation_id: str = Field(default="fleetward", min_length=1, max_length=253)
+    """Names this installation: the `iss` of tool tokens, the field manager's peers."""
+    namespace: str = Field(default_factory=lambda: os.environ.get("POD_NAMESPACE", "fleetward-system"))
+    """Installation namespace: trust bundle, gateway, peering."""
+    watch_namespaces: list[str] = Field(default_factory=list)
+    """Namespaces whose Agents, SOPs and Guardrails are reconciled; empty = the whole cluster."""
+    trust_bundle_name: str = "fleetward-trust-bundle"
+    resync_seconds: float = Field(default=60.0, ge=5)
+    """How often every Agent is re-checked for drift, whatever happened."""
+    max_concurrent_reconciles: int = Field(default=16, ge=1, le=256)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    peering: str | None = "fleetward"
+    """Kopf peering name: replicas coordinate so that only one acts. None: standalone."""
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.watch_namespaces
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def load(path: Path | None) -> OperatorSettings:
+    """Settings from a YAML file (None: defaults). Errors name the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise SettingsError(f"cannot read settings file {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise SettingsError(f"settings file {path}: expected a mapping at the top level")
+    try:
+        return OperatorSettings.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise SettingsError(f"settings file {path}: {problems}") from e

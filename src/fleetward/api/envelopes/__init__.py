@@ -1,0 +1,180 @@
+"""The wire contract between runtimes, gateways and the operator (SPEC §6): session
+events, agent commands, control messages and their acks, as JSON envelopes.
+
+These models are the single source of truth: `schemas/envelopes.schema.json` is generated
+from them (`fleetward schemas generate`) and the Rust gateway checks itself against the
+same fixtures in `schemas/fixtures/`.
+
+Conventions (beyond `ApiModel`'s camelCase and unknown-field rejection):
+- Validation is strict: `"5"` is not an integer and `"true"` is not a boolean, exactly as
+  in JSON Schema, so Python and Rust accept the same documents.
+- Every envelope has a `type`; events and commands carry a payload in `data` whose shape
+  depends on that type (`EVENT_PAYLOADS`, `COMMAND_PAYLOADS`).
+- Rules that tie one field to another (`Rule`) are checked here and emitted into the
+  JSON Schema from the same declaration, so the two cannot drift apart.
+- `to_json()` writes compact camelCase JSON without nulls; the `parse_*` helpers raise
+  `EnvelopeError` (a ValueError) naming every offending field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from fleetward.api.envelopes.commands import (
+    COMMAND_PAYLOADS,
+    AgentCommand,
+    CommandData,
+    CommandType,
+    CommandUser,
+    HandoffData,
+    ProvideSopData,
+    QueryAnalysis,
+    ResumeData,
+    Role,
+    UserMessageData,
+)
+from fleetward.api.envelopes.control import AckRun, AckType, Component, ControlAck, ControlMessage, ControlType
+from fleetward.api.envelopes.events import (
+    EVENT_PAYLOADS,
+    ApprovalDecisionData,
+    ApprovalRequiredData,
+    BudgetExceededData,
+    Decision,
+    EscalatedData,
+    EventData,
+    EventType,
+    FailedData,
+    HaltedData,
+    MessageData,
+    ResolvedData,
+    ResumedData,
+    SessionEvent,
+    SessionState,
+    StatusData,
+    ToolCallData,
+    ToolResultData,
+    VerifySpec,
+)
+from fleetward.api.envelopes.wire import (
+    AGENT_REF,
+    COMMAND_SCHEMA,
+    CONTROL_ACK_SCHEMA,
+    CONTROL_SCHEMA,
+    EVENT_SCHEMA,
+    ID_CHARS,
+    RFC3339,
+    TOOL_NAME,
+    TRACE_ID,
+    Envelope,
+    EnvelopeError,
+    PayloadEnvelope,
+    Rule,
+    WireModel,
+)
+
+ENVELOPES: dict[str, type[Envelope]] = {
+    EVENT_SCHEMA: SessionEvent,
+    COMMAND_SCHEMA: AgentCommand,
+    CONTROL_SCHEMA: ControlMessage,
+    CONTROL_ACK_SCHEMA: ControlAck,
+}
+"""Envelope model by its `schema` value."""
+
+
+def parse_event(raw: bytes | str | Mapping[str, Any]) -> SessionEvent:
+    """Parse and validate a session event."""
+    return SessionEvent.parse(raw)
+
+
+def parse_command(raw: bytes | str | Mapping[str, Any]) -> AgentCommand:
+    """Parse and validate an agent command."""
+    return AgentCommand.parse(raw)
+
+
+def parse_control(raw: bytes | str | Mapping[str, Any]) -> ControlMessage:
+    """Parse and validate a control message."""
+    return ControlMessage.parse(raw)
+
+
+def parse_ack(raw: bytes | str | Mapping[str, Any]) -> ControlAck:
+    """Parse and validate a control ack."""
+    return ControlAck.parse(raw)
+
+
+def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
+    """Parse any envelope, choosing the model by its `schema` field."""
+    if isinstance(raw, Mapping):
+        doc: Any = raw
+    else:
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise EnvelopeError("envelope", f"not JSON: {e}") from None
+    version = doc.get("schema") if isinstance(doc, dict) else None
+    model = ENVELOPES.get(version) if isinstance(version, str) else None
+    if model is None:
+        known = ", ".join(ENVELOPES)
+        raise EnvelopeError("envelope", f"schema: must be one of {known} (got {json.dumps(version)})")
+    return model.parse(doc)
+
+
+__all__ = [
+    "AGENT_REF",
+    "COMMAND_PAYLOADS",
+    "COMMAND_SCHEMA",
+    "CONTROL_ACK_SCHEMA",
+    "CONTROL_SCHEMA",
+    "ENVELOPES",
+    "EVENT_PAYLOADS",
+    "EVENT_SCHEMA",
+    "ID_CHARS",
+    "RFC3339",
+    "TOOL_NAME",
+    "TRACE_ID",
+    "AckRun",
+    "AckType",
+    "AgentCommand",
+    "ApprovalDecisionData",
+    "ApprovalRequiredData",
+    "BudgetExceededData",
+    "CommandData",
+    "CommandType",
+    "CommandUser",
+    "Component",
+    "ControlAck",
+    "ControlMessage",
+    "ControlType",
+    "Decision",
+    "Envelope",
+    "EnvelopeError",
+    "EscalatedData",
+    "EventData",
+    "EventType",
+    "FailedData",
+    "HaltedData",
+    "HandoffData",
+    "MessageData",
+    "PayloadEnvelope",
+    "ProvideSopData",
+    "QueryAnalysis",
+    "ResolvedData",
+    "ResumeData",
+    "ResumedData",
+    "Role",
+    "Rule",
+    "SessionEvent",
+    "SessionState",
+    "StatusData",
+    "ToolCallData",
+    "ToolResultData",
+    "UserMessageData",
+    "VerifySpec",
+    "WireModel",
+    "parse_ack",
+    "parse_command",
+    "parse_control",
+    "parse_envelope",
+    "parse_event",
+]

@@ -1,0 +1,150 @@
+"""Kill-switch control messages (topic `fleetward.control`) and their acks
+(topic `fleetward.control-acks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Field
+
+from fleetward.api.envelopes.wire import (
+    CONTROL_ACK_SCHEMA,
+    CONTROL_SCHEMA,
+    ID_CHARS,
+    AgentRef,
+    Count,
+    Envelope,
+    KillSwitchName,
+    Reason,
+    Rule,
+    RunId,
+    SessionId,
+    StepName,
+    WireModel,
+    now,
+)
+
+ControlType = Literal["halt", "resume", "rotate_keys"]
+
+
+class ControlMessage(Envelope):
+    """An order from the operator to every runtime and gateway (topic `fleetward.control`)."""
+
+    KIND = "control message"
+    SCHEMA = CONTROL_SCHEMA
+    RULES = (Rule("type", ("halt",), require=("mode", "drain_timeout_seconds")),)
+
+    schema_version: Literal["fleetward.control.v1"] = Field(alias="schema")
+    """Always fleetward.control.v1."""
+    type: ControlType
+    """halt, resume, or rotate_keys (reload the trust bundle and agent keys)."""
+    kill_switch: KillSwitchName
+    """The KillSwitch this order comes from."""
+    generation: Count
+    """The KillSwitch's metadata.generation; acks echo it, stale orders are ignored."""
+    agents: list[AgentRef] = Field(max_length=100_000)
+    """The agents in scope as namespace/name; an empty list means every agent."""
+    mode: Literal["drain", "abort"] | None = None
+    """drain: finish the current step, then stop; abort: stop at once. Required for halt."""
+    drain_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] | None = None
+    """Upper bound for draining. Required for halt."""
+    reason: Reason | None = None
+    """Why, for logs and the halted event."""
+
+    @classmethod
+    def new(
+        cls,
+        type: ControlType,
+        *,
+        kill_switch: str,
+        generation: int,
+        agents: list[str],
+        mode: Literal["drain", "abort"] | None = None,
+        drain_timeout_seconds: int | None = None,
+        reason: str | None = None,
+        timestamp: datetime | None = None,
+    ) -> Self:
+        """A validated control message with a fresh id and the current time."""
+        return cls._build(
+            type=type,
+            kill_switch=kill_switch,
+            generation=generation,
+            agents=agents,
+            mode=mode,
+            drain_timeout_seconds=drain_timeout_seconds,
+            reason=reason,
+            timestamp=timestamp or now(),
+        )
+
+
+class AckRun(WireModel):
+    """What happened to one in-flight run."""
+
+    session_id: SessionId
+    """The run's session."""
+    run_id: RunId
+    """The run."""
+    step: StepName
+    """The step the run stopped at (or after)."""
+    outcome: Literal["drained", "aborted", "forced"]
+    """drained: finished its step; aborted: stopped mid-step (abort mode); forced: the drain timed out."""
+
+
+AckType = Literal["drained", "halted", "resumed"]
+Component = Literal["runtime", "gateway"]
+CounterName = Annotated[str, Field(pattern=r"^[a-z][A-Za-z0-9]{0,63}$")]
+
+
+class ControlAck(Envelope):
+    """An instance reports how it carried out a control message (topic `fleetward.control-acks`)."""
+
+    KIND = "control ack"
+    SCHEMA = CONTROL_ACK_SCHEMA
+
+    schema_version: Literal["fleetward.control-ack.v1"] = Field(alias="schema")
+    """Always fleetward.control-ack.v1."""
+    type: AckType
+    """What the instance reports."""
+    kill_switch: KillSwitchName
+    """The KillSwitch of the control message."""
+    generation: Count
+    """The generation of the control message."""
+    instance: Annotated[str, Field(min_length=1, max_length=253, pattern=ID_CHARS)]
+    """The reporting pod or gateway instance."""
+    component: Component
+    """What kind of instance reports."""
+    agents: list[AgentRef] = Field(max_length=100_000)
+    """The agents this instance serves that the order covered."""
+    counts: dict[CounterName, Count] = Field(max_length=64)
+    """Named counters, e.g. runsDrained, runsAborted, sessionsClosed."""
+    runs: list[AckRun] = Field(max_length=100_000)
+    """The in-flight runs and what happened to each."""
+
+    @classmethod
+    def new(
+        cls,
+        type: AckType,
+        *,
+        kill_switch: str,
+        generation: int,
+        instance: str,
+        component: Component,
+        agents: list[str],
+        counts: Mapping[str, int] | None = None,
+        runs: Sequence[AckRun | Mapping[str, Any]] = (),
+        timestamp: datetime | None = None,
+    ) -> Self:
+        """A validated ack with a fresh id and the current time."""
+        return cls._build(
+            type=type,
+            kill_switch=kill_switch,
+            generation=generation,
+            instance=instance,
+            component=component,
+            agents=agents,
+            counts=dict(counts or {}),
+            runs=list(runs),
+            timestamp=timestamp or now(),
+        )

@@ -1,0 +1,197 @@
+"""Golden tests of the operator's desired state (fleetward.operator.desired) for every
+GitHouse Agent: the objects the reconciler applies for a given spec, resolved SOPs and
+Guardrails, and settings. Regenerate after an intended change with
+`UPDATE_GOLDEN=1 make test-unit` and review the diff."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from fleetward.operator.desired.agent import (
+    CONFIG_HASH_ANNOTATION,
+    AgentInputs,
+    AgentRef,
+    desired_agent,
+)
+from fleetward.operator.resolve import resolve, selector_matches
+from fleetward.operator.settings import OperatorSettings
+
+from fleetward.api.agent import AgentSpec
+from fleetward.api.runtimeconfig import RuntimeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = REPO / "tests" / "golden" / "operator"
+EXAMPLE = REPO / "examples" / "githouse"
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((EXAMPLE / name).read_text()) if d]
+
+
+AGENTS = {d["metadata"]["name"]: d for d in _docs("30-agents.yaml")}
+SOPS = _docs("20-sops.yaml")
+GUARDRAILS = {d["metadata"]["name"]: d for d in _docs("10-guardrails.yaml")}
+
+
+def inputs_for(name: str, **overrides) -> AgentInputs:
+    agent = AGENTS[name]
+    spec = AgentSpec.model_validate(agent["spec"])
+    res = resolve(spec, SOPS, GUARDRAILS, set(AGENTS))
+    assert res.complete, res.missing_guardrails
+    fields = dict(
+        ref=AgentRef("githouse", name, f"uid-{name}", 1),
+        spec=spec,
+        settings=OperatorSettings(namespace="fleetward-system"),
+        sops=res.sops,
+        guardrails=res.guardrails,
+        key_id=f"githouse.{name}.0000000000000000",
+        kafka_username=f"fleetward.githouse.{name}",
+        model_keys={0: b"sk-primary", 1: b"sk-fallback"},
+    )
+    fields.update(overrides)
+    return AgentInputs(**fields)
+
+
+@pytest.mark.parametrize("name", sorted(AGENTS))
+def test_desired_objects_match_golden(name: str) -> None:
+    desired = desired_agent(inputs_for(name))
+    rendered = yaml.safe_dump_all(desired.objects, sort_keys=True)
+    path = GOLDEN / f"{name}.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(rendered)
+    assert path.exists(), f"no golden file {path}; run with UPDATE_GOLDEN=1 and review it"
+    assert rendered == path.read_text(), f"desired objects of {name} changed; if intended, UPDATE_GOLDEN=1"
+
+
+def test_every_object_is_owned_and_labelled() -> None:
+    for name in AGENTS:
+        for obj in desired_agent(inputs_for(name)).objects:
+            meta = obj["metadata"]
+            assert meta["ownerReferences"] == [
+                {
+                    "apiVersion": "fleetward.dev/v1alpha1",
+                    "kind": "Agent",
+                    "name": name,
+                    "uid": f"uid-{name}",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ]
+            assert meta["labels"]["fleetward.dev/agent"] == name
+            assert meta["labels"]["app.kubernetes.io/managed-by"] == "fleetward"
+            assert meta["namespace"] == "githouse"
+
+
+def test_config_hash_rolls_pods_only_when_the_config_changes() -> None:
+    base = desired_agent(inputs_for("billing"))
+    same = desired_agent(inputs_for("billing"))
+    assert base.config.config_hash == same.config.config_hash
+    sops = inputs_for("billing").sops
+    edited = sops[0].model_copy(update={"version": "9.9.9"})
+    changed = desired_agent(inputs_for("billing", sops=[edited, *sops[1:]]))
+    assert changed.config.config_hash != base.config.config_hash
+    dep = next(o for o in changed.objects if o["kind"] == "Deployment")
+    assert dep["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] == changed.config.config_hash
+
+
+def test_rendered_config_round_trips_through_the_runtime_contract() -> None:
+    desired = desired_agent(inputs_for("account-security"))
+    cm = next(o for o in desired.objects if o["kind"] == "ConfigMap")
+    loaded = RuntimeConfig.model_validate_json(cm["data"]["config.json"])
+    assert loaded.content_hash() == loaded.config_hash == desired.config.config_hash
+    assert [s.name for s in loaded.sops] == sorted(
+        s["metadata"]["name"] for s in SOPS if s["metadata"]["labels"]["githouse.dev/domain"] == "account-security"
+    )
+    assert loaded.topics.request == "fleetward.requests.githouse.account-security"
+
+
+def test_router_config_maps_routes_to_request_topics() -> None:
+    config = desired_agent(inputs_for("router")).config
+    assert config.topics.routes["billing"] == "fleetward.requests.githouse.billing"
+    assert len(config.topics.routes) == len(AGENTS["router"]["spec"]["routes"])
+
+
+def test_paused_scales_to_zero_and_drops_the_hpa() -> None:
+    spec = AgentSpec.model_validate({**AGENTS["router"]["spec"], "paused": True})
+    desired = desired_agent(inputs_for("router", spec=spec))
+    dep = next(o for o in desired.objects if o["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 0
+    assert not any(o["kind"] == "HorizontalPodAutoscaler" for o in desired.objects)
+    assert ("HorizontalPodAutoscaler", "fw-router") in desired.absent
+
+
+def test_autoscaling_leaves_replicas_to_the_hpa() -> None:
+    desired = desired_agent(inputs_for("router"))
+    dep = next(o for o in desired.objects if o["kind"] == "Deployment")
+    assert "replicas" not in dep["spec"]
+    hpa = next(o for o in desired.objects if o["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["maxReplicas"] == AGENTS["router"]["spec"]["autoscaling"]["maxReplicas"]
+
+
+def test_placement_block_passes_through() -> None:
+    placement = {
+        "nodeSelector": {"type": "kwok"},
+        "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
+                }
+            }
+        },
+        "priorityClassName": "agents",
+        "podLabels": {"team": "support"},
+        "podAnnotations": {"example.com/x": "1"},
+        "env": [{"name": "LOG_LEVEL", "value": "debug"}],
+    }
+    spec = AgentSpec.model_validate({**AGENTS["billing"]["spec"], "deployment": placement})
+    dep = next(o for o in desired_agent(inputs_for("billing", spec=spec)).objects if o["kind"] == "Deployment")
+    pod = dep["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"type": "kwok"}
+    assert pod["spec"]["tolerations"][0]["operator"] == "Exists"
+    assert pod["spec"]["affinity"] == placement["affinity"]
+    assert pod["spec"]["priorityClassName"] == "agents"
+    assert pod["metadata"]["labels"]["team"] == "support"
+    assert pod["metadata"]["annotations"]["example.com/x"] == "1"
+    assert {"name": "LOG_LEVEL", "value": "debug"} in pod["spec"]["containers"][0]["env"]
+
+
+def test_runtime_pods_are_locked_down() -> None:
+    dep = next(o for o in desired_agent(inputs_for("billing")).objects if o["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in container["env"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["command"][:3] == ["fleetward", "runtime", "run"]
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "match"),
+    [
+        (None, {"a": "1"}, False),
+        ({}, {"a": "1"}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "2"}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {"a": "1"}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {}, True),
+    ],
+)
+def test_label_selector_semantics(selector, labels, match) -> None:
+    assert selector_matches(selector, labels) is match
+
+
+def test_missing_guardrail_is_reported_not_dropped() -> None:
+    spec = AgentSpec.model_validate({**AGENTS["billing"]["spec"], "guardrailRefs": [{"name": "nope"}]})
+    res = resolve(spec, SOPS, GUARDRAILS, set(AGENTS))
+    assert res.missing_guardrails == ["nope"] and not res.complete
