@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client
 
 from fleetward.devcluster.cluster import DevCluster
+from fleetward.devcluster.install import NAMESPACE, helm_install, local_values, wait_operator_ready
 from fleetward.devcluster.kube import install_crds
 from fleetward.devcluster.layout import REPO
 from fleetward.devcluster.process import wait_for
@@ -108,3 +109,12 @@ def namespace(core: client.CoreV1Api, request) -> Iterator[str]:
         yield name
     finally:
         core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def fleetward(cluster: DevCluster, api: client.ApiClient, kafka: Kafka, crds: list[str]) -> str:
+    """Fleetward installed with `helm upgrade --install` of charts/fleetward (cluster-wide);
+    the operator runs as a pod on the podlet. Returns the installation namespace."""
+    helm_install(cluster.bins.helm, cluster.kubeconfig, local_values(kafka.bootstrap))
+    wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
+    return NAMESPACE

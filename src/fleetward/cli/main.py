@@ -12,10 +12,11 @@ def build_parser() -> argparse.ArgumentParser:
         "guardrails and a kill switch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from fleetward.cli import crds, dev, operator, runtime, schemas
+    from fleetward.cli import crds, dev, llm, operator, runtime, schemas
 
     operator.register(sub)
     runtime.register(sub)
+    llm.register(sub)
     crds.register(sub)
     dev.register(sub)
     schemas.register(sub)

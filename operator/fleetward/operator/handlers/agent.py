@@ -16,9 +16,9 @@ def _backoff(retry: int) -> float:
 
 
 def register(settings: OperatorSettings) -> None:
-    @kopf.on.resume(GROUP, VERSION, "agents")
-    @kopf.on.create(GROUP, VERSION, "agents")
-    @kopf.on.update(GROUP, VERSION, "agents")
+    @kopf.on.resume(GROUP, VERSION, "agents", id="agent_changed")
+    @kopf.on.create(GROUP, VERSION, "agents", id="agent_changed")
+    @kopf.on.update(GROUP, VERSION, "agents", id="agent_changed")
     async def agent_changed(
         body: kopf.Body,
         namespace: str,
@@ -34,7 +34,14 @@ def register(settings: OperatorSettings) -> None:
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(f"not ready yet: {outcome.problem}", delay=_backoff(retry))
 
-    @kopf.timer(GROUP, VERSION, "agents", interval=settings.resync_seconds, initial_delay=settings.resync_seconds)
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        "agents",
+        interval=settings.resync_seconds,
+        initial_delay=settings.resync_seconds,
+        id="agent_drift",
+    )
     async def agent_drift(
         body: kopf.Body,
         namespace: str,
@@ -47,6 +54,6 @@ def register(settings: OperatorSettings) -> None:
         refs = references(namespace, agents_by_namespace, sops_by_namespace, guardrails_by_namespace)
         await reconcile_agent(memo.ctx, dict(body), refs)
 
-    @kopf.on.delete(GROUP, VERSION, "agents", retries=30, backoff=10)
+    @kopf.on.delete(GROUP, VERSION, "agents", retries=30, backoff=10, id="agent_deleted")
     async def agent_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
         await cleanup_agent(memo.ctx, namespace, name)

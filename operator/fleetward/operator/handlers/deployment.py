@@ -14,7 +14,7 @@ RUNTIME = {"app.kubernetes.io/managed-by": "fleetward", "app.kubernetes.io/compo
 
 
 def register(settings: OperatorSettings) -> None:
-    @kopf.on.event("apps", "v1", "deployments", labels=RUNTIME)
+    @kopf.on.event("apps", "v1", "deployments", labels=RUNTIME, id="runtime_deployment_event")
     async def runtime_deployment_event(
         event: kopf.RawEvent,
         namespace: str,

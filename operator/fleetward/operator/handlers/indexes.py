@@ -24,15 +24,15 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 
 
 def register() -> None:
-    @kopf.index(GROUP, VERSION, "agents")
+    @kopf.index(GROUP, VERSION, "agents", id="agents_by_namespace")
     def agents_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
         return {namespace: _plain(body)}
 
-    @kopf.index(GROUP, VERSION, "sops")
+    @kopf.index(GROUP, VERSION, "sops", id="sops_by_namespace")
     def sops_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
         return {namespace: _plain(body)}
 
-    @kopf.index(GROUP, VERSION, "guardrails")
+    @kopf.index(GROUP, VERSION, "guardrails", id="guardrails_by_namespace")
     def guardrails_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
         return {namespace: _plain(body)}
 

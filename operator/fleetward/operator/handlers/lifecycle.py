@@ -35,7 +35,7 @@ async def ensure_shared_topics(ctx: OperatorContext) -> None:
 def register(settings: OperatorSettings) -> None:
     indexes.register()
 
-    @kopf.on.startup()
+    @kopf.on.startup(id="configure")
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         # Progress and diff-base in annotations: the CRDs' status schemas have no room for
         # Kopf's own status fields (they would be pruned), and annotations survive restarts.
@@ -50,7 +50,7 @@ def register(settings: OperatorSettings) -> None:
         memo.ctx.bundle.start()
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
 
-    @kopf.on.cleanup()
+    @kopf.on.cleanup(id="shutdown")
     async def shutdown(memo: kopf.Memo, **_: Any) -> None:
         task = memo.get("topics_task")
         if task:

@@ -68,10 +68,10 @@ async def _write_used_by(ctx: OperatorContext, kind: str, body: kopf.Body, users
 
 
 def register(settings: OperatorSettings) -> None:
-    @kopf.on.resume(GROUP, VERSION, "sops")
-    @kopf.on.create(GROUP, VERSION, "sops")
-    @kopf.on.update(GROUP, VERSION, "sops")
-    @kopf.on.delete(GROUP, VERSION, "sops", optional=True)
+    @kopf.on.resume(GROUP, VERSION, "sops", id="sop_changed")
+    @kopf.on.create(GROUP, VERSION, "sops", id="sop_changed")
+    @kopf.on.update(GROUP, VERSION, "sops", id="sop_changed")
+    @kopf.on.delete(GROUP, VERSION, "sops", optional=True, id="sop_changed")
     async def sop_changed(
         body: kopf.Body, name: str, namespace: str, labels: kopf.Labels, reason: str, memo: kopf.Memo, **kwargs: Any
     ) -> None:
@@ -85,10 +85,10 @@ def register(settings: OperatorSettings) -> None:
             ]
             await _write_used_by(memo.ctx, "SOP", body, sorted(now_users))
 
-    @kopf.on.resume(GROUP, VERSION, "guardrails")
-    @kopf.on.create(GROUP, VERSION, "guardrails")
-    @kopf.on.update(GROUP, VERSION, "guardrails")
-    @kopf.on.delete(GROUP, VERSION, "guardrails", optional=True)
+    @kopf.on.resume(GROUP, VERSION, "guardrails", id="guardrail_changed")
+    @kopf.on.create(GROUP, VERSION, "guardrails", id="guardrail_changed")
+    @kopf.on.update(GROUP, VERSION, "guardrails", id="guardrail_changed")
+    @kopf.on.delete(GROUP, VERSION, "guardrails", optional=True, id="guardrail_changed")
     async def guardrail_changed(
         body: kopf.Body, name: str, namespace: str, reason: str, memo: kopf.Memo, **kwargs: Any
     ) -> None:
@@ -100,7 +100,7 @@ def register(settings: OperatorSettings) -> None:
             await _write_used_by(memo.ctx, "Guardrail", body, sorted(a["metadata"]["name"] for a in users))
 
     # usedBy also changes when an Agent's selector or refs change; a slow timer keeps it true.
-    @kopf.timer(GROUP, VERSION, "sops", interval=max(15.0, settings.resync_seconds / 4), idle=5)
+    @kopf.timer(GROUP, VERSION, "sops", interval=max(15.0, settings.resync_seconds / 4), idle=5, id="sop_used_by")
     async def sop_used_by(
         body: kopf.Body,
         name: str,
@@ -117,7 +117,9 @@ def register(settings: OperatorSettings) -> None:
         ]
         await _write_used_by(memo.ctx, "SOP", body, sorted(users))
 
-    @kopf.timer(GROUP, VERSION, "guardrails", interval=max(15.0, settings.resync_seconds / 4), idle=5)
+    @kopf.timer(
+        GROUP, VERSION, "guardrails", interval=max(15.0, settings.resync_seconds / 4), idle=5, id="guardrail_used_by"
+    )
     async def guardrail_used_by(
         body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, agents_by_namespace: kopf.Index, **_: Any
     ) -> None:

@@ -1,0 +1,66 @@
+{{- define "fleetward.labels" -}}
+app.kubernetes.io/name: fleetward
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: fleetward
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{- define "fleetward.operatorName" -}}
+{{ .Release.Name }}-operator
+{{- end }}
+
+{{- /* Rules on namespaced objects the operator manages: granted cluster-wide or per watched namespace. */ -}}
+{{- define "fleetward.namespacedRules" -}}
+- apiGroups: [fleetward.dev]
+  resources: [agents, sops, guardrails]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [fleetward.dev]
+  resources: [agents/status, sops/status, guardrails/status]
+  verbs: [get, patch, update]
+- apiGroups: [""]
+  resources: [secrets, configmaps, serviceaccounts, services]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
+
+{{- define "fleetward.settings" -}}
+installationId: {{ .Values.installationId | quote }}
+namespace: {{ .Release.Namespace | quote }}
+watchNamespaces: {{ .Values.watchNamespaces | toJson }}
+trustBundleName: {{ .Values.trustBundle.name | quote }}
+resyncSeconds: {{ .Values.operator.resyncSeconds }}
+maxConcurrentReconciles: {{ .Values.operator.maxConcurrentReconciles }}
+peering: {{ if .Values.operator.peering }}{{ .Release.Name | quote }}{{ else }}null{{ end }}
+kafka:
+  bootstrapServers: {{ .Values.kafka.bootstrapServers | quote }}
+  securityProtocol: {{ .Values.kafka.securityProtocol | quote }}
+  saslMechanism: {{ .Values.kafka.saslMechanism | toJson }}
+  adminUsername: {{ .Values.kafka.adminUsername | toJson }}
+  managePrincipals: {{ .Values.kafka.managePrincipals | toJson }}
+  requestTopicPartitions: {{ .Values.kafka.requestTopicPartitions }}
+  sharedTopicPartitions: {{ .Values.kafka.sharedTopicPartitions }}
+  replicationFactor: {{ .Values.kafka.replicationFactor }}
+  deleteTopicsWithAgent: {{ .Values.kafka.deleteTopicsWithAgent }}
+topics: {{ .Values.topics | toJson }}
+runtime:
+  image: {{ .Values.runtime.image | quote }}
+  imagePullPolicy: {{ .Values.runtime.imagePullPolicy | quote }}
+  command: {{ .Values.runtime.command | toJson }}
+  port: {{ .Values.runtime.port }}
+  runAsUser: {{ .Values.runtime.runAsUser }}
+  resources: {{ .Values.runtime.resources | toJson }}
+  databaseSecret: {{ .Values.runtime.databaseSecret | default nil | toJson }}
+{{- end }}

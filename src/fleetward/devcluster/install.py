@@ -1,0 +1,134 @@
+"""Installing Fleetward into the local cluster the way a platform team would: `helm
+upgrade --install` of charts/fleetward. The operator then runs as a pod on the podlet
+(the podlet runs the chart's `fleetward operator run` command as a local process).
+
+Used by `fleetward dev up` and by the tests, so both exercise the real chart.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from fleetward.devcluster.layout import REPO
+from fleetward.devcluster.process import ComponentFailed
+
+CHART = REPO / "charts" / "fleetward"
+NAMESPACE = "fleetward-system"
+RELEASE = "fleetward"
+
+
+def local_values(kafka_bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """Values for the local cluster: Kafka on loopback; images are ignored by the podlet."""
+    values: dict[str, Any] = {
+        "kafka": {"bootstrapServers": kafka_bootstrap},
+        # Quick drift checks keep the tests short; production keeps the chart's default.
+        "operator": {"resyncSeconds": 60},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return values
+
+
+def helm_install(
+    helm: Path,
+    kubeconfig: Path,
+    values: dict[str, Any],
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    timeout: float = 180,
+) -> None:
+    """`helm upgrade --install` the chart; raises ComponentFailed with helm's output."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(values, f)
+    cmd = [
+        str(helm),
+        "upgrade",
+        "--install",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        f"--kubeconfig={kubeconfig}",
+        "--values",
+        f.name,
+        "--timeout",
+        f"{int(timeout)}s",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
+    Path(f.name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise ComponentFailed(f"helm install of {CHART} failed ({proc.returncode}):\n{proc.stderr or proc.stdout}")
+
+
+def helm_uninstall(helm: Path, kubeconfig: Path, *, release: str = RELEASE, namespace: str = NAMESPACE) -> None:
+    subprocess.run(
+        [
+            str(helm),
+            "uninstall",
+            release,
+            "--namespace",
+            namespace,
+            f"--kubeconfig={kubeconfig}",
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+
+
+def wait_operator_ready(
+    api: client.ApiClient,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    timeout: float = 120,
+    log_dir: Path | None = None,
+) -> list[str]:
+    """Wait until every operator pod is Ready; returns their names. On timeout the error
+    carries the pods' state and, when log_dir is given, the tail of their logs."""
+    core = client.CoreV1Api(api)
+    apps = client.AppsV1Api(api)
+    deadline = time.monotonic() + timeout
+    name = f"{release}-operator"
+    while True:
+        dep = apps.read_namespaced_deployment(name, namespace)
+        want = dep.spec.replicas or 0
+        pods = core.list_namespaced_pod(
+            namespace, label_selector=f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"
+        ).items
+        ready = [
+            p.metadata.name
+            for p in pods
+            if p.metadata.deletion_timestamp is None
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+        if len(ready) >= want and (dep.status.updated_replicas or 0) >= want:
+            return ready
+        if time.monotonic() > deadline:
+            detail = "\n".join(
+                f"  {p.metadata.name}: {p.status.phase} {[(c.type, c.status) for c in p.status.conditions or []]}"
+                for p in pods
+            )
+            tails = ""
+            if log_dir is not None:
+                for log in sorted(log_dir.glob(f"{namespace}_{name}-*/operator/*.log"))[-2:]:
+                    tails += f"\n--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+            raise ComponentFailed(
+                f"the Fleetward operator did not become Ready within {timeout:.0f} s:\n{detail}{tails}"
+            )
+        time.sleep(0.5)

@@ -1,0 +1,124 @@
+"""The trust bundle document (a JWKS of every active agent key) and its parsing.
+
+Format (shared contract): {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "<b64url>",
+"kid": "<unique, never reused>", "alg": "EdDSA", "use": "sig", "agent": "<namespace>/<name>"}]}
+
+Parsing is per key: one bad entry is dropped and reported without revoking every other
+agent; a document that is not a JWKS at all raises InvalidJwks (callers fail closed).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+# "<namespace>/<name>", both DNS-1123 labels (what Kubernetes allows for the two names).
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+AGENT_PATTERN = re.compile(rf"^{_LABEL}/{_LABEL}$")
+MAX_KID_LENGTH = 256
+
+
+class InvalidJwks(ValueError):
+    """The document is not a JWKS ({"keys": [...]}); nothing in it can be trusted."""
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    kid: str
+    agent: str
+    public_key: Ed25519PublicKey
+
+
+@dataclass(frozen=True)
+class ParsedJwks:
+    keys: dict[str, TrustedKey]
+    problems: list[str]  # one line per dropped entry, naming the kid/index and the field
+
+
+def b64url_decode(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def b64url_encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def public_jwk(public_key: Ed25519PublicKey, kid: str, agent: str) -> dict[str, str]:
+    """The bundle entry for one agent key."""
+    if not AGENT_PATTERN.match(agent):
+        raise ValueError(f"agent {agent!r} must be '<namespace>/<name>' (DNS-1123 labels)")
+    if not kid or len(kid) > MAX_KID_LENGTH:
+        raise ValueError(f"kid must be 1-{MAX_KID_LENGTH} characters, got {len(kid)}")
+    x = b64url_encode(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+    return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig", "agent": agent}
+
+
+def jwks_document(entries: Iterable[Mapping[str, Any]]) -> str:
+    """The `jwks.json` text for a set of entries (stable order, so equal sets are equal text)."""
+    return json.dumps({"keys": sorted((dict(e) for e in entries), key=lambda e: e["kid"])}, sort_keys=True)
+
+
+def _parse_key(entry: Any) -> TrustedKey:
+    """One JWKS entry -> TrustedKey; ValueError/TypeError names the offending member."""
+    if not isinstance(entry, Mapping):
+        raise TypeError("entry must be an object")
+    expected = {"kty": "OKP", "crv": "Ed25519"}
+    for member, value in expected.items():
+        if entry.get(member) != value:
+            raise ValueError(f"{member} must be {value!r}, got {entry.get(member)!r}")
+    if entry.get("alg", "EdDSA") != "EdDSA":
+        raise ValueError(f"alg must be 'EdDSA', got {entry.get('alg')!r}")
+    if entry.get("use", "sig") != "sig":
+        raise ValueError(f"use must be 'sig', got {entry.get('use')!r}")
+    if "d" in entry:
+        # A private key published in a bundle every tool service reads: refuse it loudly.
+        raise ValueError("member d (private key material) must never be in the trust bundle")
+    kid = entry.get("kid")
+    if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
+        raise ValueError(f"kid must be a string of 1-{MAX_KID_LENGTH} characters")
+    agent = entry.get("agent")
+    if not isinstance(agent, str) or not AGENT_PATTERN.match(agent):
+        raise ValueError(f"agent must be '<namespace>/<name>', got {agent!r}")
+    x = entry.get("x")
+    try:
+        raw = b64url_decode(x) if isinstance(x, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError("x must be the base64url encoding of a 32-byte Ed25519 public key")
+    return TrustedKey(kid=kid, agent=agent, public_key=Ed25519PublicKey.from_public_bytes(raw))
+
+
+def parse_jwks(document: str | bytes | Mapping[str, Any]) -> ParsedJwks:
+    if isinstance(document, (str, bytes)):
+        try:
+            document = json.loads(document)
+        except ValueError as e:
+            raise InvalidJwks(f"not JSON: {e}") from None
+    if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+        raise InvalidJwks('expected an object with a "keys" array')
+    keys: dict[str, TrustedKey] = {}
+    problems: list[str] = []
+    duplicates: set[str] = set()
+    for index, entry in enumerate(document["keys"]):
+        try:
+            key = _parse_key(entry)
+        except (ValueError, TypeError) as e:
+            kid = entry.get("kid") if isinstance(entry, Mapping) else None
+            problems.append(f"keys[{index}] (kid {kid!r}): {e}")
+            continue
+        if key.kid in keys or key.kid in duplicates:
+            # kids are unique by contract; two entries under one kid cannot both be right.
+            duplicates.add(key.kid)
+            keys.pop(key.kid, None)
+            problems.append(f"keys[{index}]: kid {key.kid!r} appears more than once; every entry with it dropped")
+            continue
+        keys[key.kid] = key
+    return ParsedJwks(keys=keys, problems=problems)
