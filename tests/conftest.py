@@ -115,6 +115,7 @@ def namespace(core: client.CoreV1Api, request) -> Iterator[str]:
 def fleetward(cluster: DevCluster, api: client.ApiClient, kafka: Kafka, crds: list[str]) -> str:
     """Fleetward installed with `helm upgrade --install` of charts/fleetward (cluster-wide);
     the operator runs as a pod on the podlet. Returns the installation namespace."""
-    helm_install(cluster.bins.helm, cluster.kubeconfig, local_values(kafka.bootstrap))
+    # Namespaces scoped-* belong to the namespace-scoped installation of test_operator_scoped.py.
+    helm_install(cluster.bins.helm, cluster.kubeconfig, local_values(kafka.bootstrap, excludeNamespaces=["scoped-*"]))
     wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
     return NAMESPACE

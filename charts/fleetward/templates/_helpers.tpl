@@ -40,6 +40,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 installationId: {{ .Values.installationId | quote }}
 namespace: {{ .Release.Namespace | quote }}
 watchNamespaces: {{ .Values.watchNamespaces | toJson }}
+excludeNamespaces: {{ .Values.excludeNamespaces | toJson }}
 trustBundleName: {{ .Values.trustBundle.name | quote }}
 resyncSeconds: {{ .Values.operator.resyncSeconds }}
 maxConcurrentReconciles: {{ .Values.operator.maxConcurrentReconciles }}

@@ -191,6 +191,13 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
             RECONCILE_ERRORS.labels("Agent", "Exception").inc()
             raise
     result = "retry" if outcome.retry_after else "ok"
+    log.info(
+        "reconciled Agent %s/%s: %s%s",
+        ns,
+        name,
+        outcome.status.get("phase"),
+        f" (retrying: {outcome.problem})" if outcome.problem else "",
+    )
     RECONCILE_SECONDS.labels("Agent", result).observe(time.monotonic() - started)
     return outcome
 

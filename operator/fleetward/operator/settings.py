@@ -9,6 +9,7 @@ operator at start with the field named.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +106,9 @@ class OperatorSettings(Settings):
     """Installation namespace: trust bundle, gateway, peering."""
     watch_namespaces: list[str] = Field(default_factory=list)
     """Namespaces whose Agents, SOPs and Guardrails are reconciled; empty = the whole cluster."""
+    exclude_namespaces: list[str] = Field(default_factory=list)
+    """Glob patterns of namespaces this installation leaves alone (e.g. ones another
+    Fleetward installation owns), applied on top of watchNamespaces."""
     trust_bundle_name: str = "fleetward-trust-bundle"
     resync_seconds: float = Field(default=60.0, ge=5)
     """How often every Agent is re-checked for drift, whatever happened."""
@@ -118,6 +122,9 @@ class OperatorSettings(Settings):
     @property
     def clusterwide(self) -> bool:
         return not self.watch_namespaces
+
+    def owns_namespace(self, namespace: str | None) -> bool:
+        return namespace is None or not any(fnmatch.fnmatchcase(namespace, p) for p in self.exclude_namespaces)
 
 
 class SettingsError(ValueError):

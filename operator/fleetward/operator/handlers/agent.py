@@ -12,13 +12,16 @@ from fleetward.operator.settings import OperatorSettings
 
 
 def _backoff(retry: int) -> float:
-    return min(60.0, 1.0 * 2 ** min(retry, 6))
+    return min(30.0, 1.0 * 2 ** min(retry, 5))
 
 
 def register(settings: OperatorSettings) -> None:
-    @kopf.on.resume(GROUP, VERSION, "agents", id="agent_changed")
-    @kopf.on.create(GROUP, VERSION, "agents", id="agent_changed")
-    @kopf.on.update(GROUP, VERSION, "agents", id="agent_changed")
+    def owned(namespace: str | None, **_: Any) -> bool:
+        return settings.owns_namespace(namespace)
+
+    @kopf.on.resume(GROUP, VERSION, "agents", when=owned, id="agent_changed")
+    @kopf.on.create(GROUP, VERSION, "agents", when=owned, id="agent_changed")
+    @kopf.on.update(GROUP, VERSION, "agents", when=owned, id="agent_changed")
     async def agent_changed(
         body: kopf.Body,
         namespace: str,
@@ -38,6 +41,7 @@ def register(settings: OperatorSettings) -> None:
         GROUP,
         VERSION,
         "agents",
+        when=owned,
         interval=settings.resync_seconds,
         initial_delay=settings.resync_seconds,
         id="agent_drift",
@@ -54,6 +58,6 @@ def register(settings: OperatorSettings) -> None:
         refs = references(namespace, agents_by_namespace, sops_by_namespace, guardrails_by_namespace)
         await reconcile_agent(memo.ctx, dict(body), refs)
 
-    @kopf.on.delete(GROUP, VERSION, "agents", retries=30, backoff=10, id="agent_deleted")
+    @kopf.on.delete(GROUP, VERSION, "agents", when=owned, retries=30, backoff=10, id="agent_deleted")
     async def agent_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
         await cleanup_agent(memo.ctx, namespace, name)

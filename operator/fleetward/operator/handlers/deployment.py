@@ -14,7 +14,10 @@ RUNTIME = {"app.kubernetes.io/managed-by": "fleetward", "app.kubernetes.io/compo
 
 
 def register(settings: OperatorSettings) -> None:
-    @kopf.on.event("apps", "v1", "deployments", labels=RUNTIME, id="runtime_deployment_event")
+    def owned(namespace: str | None, **_: Any) -> bool:
+        return settings.owns_namespace(namespace)
+
+    @kopf.on.event("apps", "v1", "deployments", when=owned, labels=RUNTIME, id="runtime_deployment_event")
     async def runtime_deployment_event(
         event: kopf.RawEvent,
         namespace: str,

@@ -8,6 +8,7 @@ from typing import Any
 
 import kopf
 from fleetward.operator.reconcile import References
+from fleetward.operator.settings import OperatorSettings
 
 GROUP, VERSION = "fleetward.dev", "v1alpha1"
 
@@ -23,16 +24,19 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-def register() -> None:
-    @kopf.index(GROUP, VERSION, "agents", id="agents_by_namespace")
+def register(settings: OperatorSettings) -> None:
+    def owned(namespace: str | None, **_: Any) -> bool:
+        return settings.owns_namespace(namespace)
+
+    @kopf.index(GROUP, VERSION, "agents", when=owned, id="agents_by_namespace")
     def agents_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
         return {namespace: _plain(body)}
 
-    @kopf.index(GROUP, VERSION, "sops", id="sops_by_namespace")
+    @kopf.index(GROUP, VERSION, "sops", when=owned, id="sops_by_namespace")
     def sops_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
         return {namespace: _plain(body)}
 
-    @kopf.index(GROUP, VERSION, "guardrails", id="guardrails_by_namespace")
+    @kopf.index(GROUP, VERSION, "guardrails", when=owned, id="guardrails_by_namespace")
     def guardrails_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
         return {namespace: _plain(body)}
 

@@ -33,7 +33,7 @@ async def ensure_shared_topics(ctx: OperatorContext) -> None:
 
 
 def register(settings: OperatorSettings) -> None:
-    indexes.register()
+    indexes.register(settings)
 
     @kopf.on.startup(id="configure")
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

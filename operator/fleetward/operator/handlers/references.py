@@ -68,10 +68,13 @@ async def _write_used_by(ctx: OperatorContext, kind: str, body: kopf.Body, users
 
 
 def register(settings: OperatorSettings) -> None:
-    @kopf.on.resume(GROUP, VERSION, "sops", id="sop_changed")
-    @kopf.on.create(GROUP, VERSION, "sops", id="sop_changed")
-    @kopf.on.update(GROUP, VERSION, "sops", id="sop_changed")
-    @kopf.on.delete(GROUP, VERSION, "sops", optional=True, id="sop_changed")
+    def owned(namespace: str | None, **_: Any) -> bool:
+        return settings.owns_namespace(namespace)
+
+    @kopf.on.resume(GROUP, VERSION, "sops", when=owned, id="sop_changed")
+    @kopf.on.create(GROUP, VERSION, "sops", when=owned, id="sop_changed")
+    @kopf.on.update(GROUP, VERSION, "sops", when=owned, id="sop_changed")
+    @kopf.on.delete(GROUP, VERSION, "sops", when=owned, optional=True, id="sop_changed")
     async def sop_changed(
         body: kopf.Body, name: str, namespace: str, labels: kopf.Labels, reason: str, memo: kopf.Memo, **kwargs: Any
     ) -> None:
@@ -85,10 +88,10 @@ def register(settings: OperatorSettings) -> None:
             ]
             await _write_used_by(memo.ctx, "SOP", body, sorted(now_users))
 
-    @kopf.on.resume(GROUP, VERSION, "guardrails", id="guardrail_changed")
-    @kopf.on.create(GROUP, VERSION, "guardrails", id="guardrail_changed")
-    @kopf.on.update(GROUP, VERSION, "guardrails", id="guardrail_changed")
-    @kopf.on.delete(GROUP, VERSION, "guardrails", optional=True, id="guardrail_changed")
+    @kopf.on.resume(GROUP, VERSION, "guardrails", when=owned, id="guardrail_changed")
+    @kopf.on.create(GROUP, VERSION, "guardrails", when=owned, id="guardrail_changed")
+    @kopf.on.update(GROUP, VERSION, "guardrails", when=owned, id="guardrail_changed")
+    @kopf.on.delete(GROUP, VERSION, "guardrails", when=owned, optional=True, id="guardrail_changed")
     async def guardrail_changed(
         body: kopf.Body, name: str, namespace: str, reason: str, memo: kopf.Memo, **kwargs: Any
     ) -> None:
@@ -100,7 +103,9 @@ def register(settings: OperatorSettings) -> None:
             await _write_used_by(memo.ctx, "Guardrail", body, sorted(a["metadata"]["name"] for a in users))
 
     # usedBy also changes when an Agent's selector or refs change; a slow timer keeps it true.
-    @kopf.timer(GROUP, VERSION, "sops", interval=max(15.0, settings.resync_seconds / 4), idle=5, id="sop_used_by")
+    @kopf.timer(
+        GROUP, VERSION, "sops", when=owned, interval=max(15.0, settings.resync_seconds / 4), idle=5, id="sop_used_by"
+    )
     async def sop_used_by(
         body: kopf.Body,
         name: str,
@@ -118,7 +123,13 @@ def register(settings: OperatorSettings) -> None:
         await _write_used_by(memo.ctx, "SOP", body, sorted(users))
 
     @kopf.timer(
-        GROUP, VERSION, "guardrails", interval=max(15.0, settings.resync_seconds / 4), idle=5, id="guardrail_used_by"
+        GROUP,
+        VERSION,
+        "guardrails",
+        when=owned,
+        interval=max(15.0, settings.resync_seconds / 4),
+        idle=5,
+        id="guardrail_used_by",
     )
     async def guardrail_used_by(
         body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, agents_by_namespace: kopf.Index, **_: Any
