@@ -47,7 +47,7 @@ class AgentAccess:
     write_topics: tuple[str, ...]
     group_prefix: str
 
-    def bindings(self) -> set[tuple[int, str, int, int]]:
+    def bindings(self) -> set[tuple[ResourceType, str, ResourcePatternType, AclOperation]]:
         """(resource type, name, pattern type, operation) tuples, all ALLOW for this principal."""
         topic, group = ResourceType.TOPIC, ResourceType.GROUP
         literal, prefixed = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
@@ -57,7 +57,7 @@ class AgentAccess:
         for t in self.write_topics:
             out |= {(topic, t, literal, AclOperation.WRITE), (topic, t, literal, AclOperation.DESCRIBE)}
         out.add((group, self.group_prefix, prefixed, AclOperation.READ))
-        return {(int(a), b, int(c), int(d)) for a, b, c, d in out}
+        return out
 
 
 class KafkaAdmin:
@@ -119,23 +119,30 @@ class KafkaAdmin:
         await fut
 
     async def _create_batch(self) -> None:
-        await asyncio.sleep(0.05)
-        pending, waiters = self._pending, self._waiters
-        self._pending, self._waiters = {}, []
-        rf = self.settings.replication_factor
-        topics = [NewTopic(n, p, rf) for n, p in sorted(pending.items())]
-        try:
-            futures = await self._call(self.admin.create_topics, topics, request_timeout=self.settings.timeout_seconds)
-            await asyncio.to_thread(self._wait_all, futures, (KafkaError.TOPIC_ALREADY_EXISTS,))
-        except Exception as e:
+        # Loops until nothing is pending: requests that arrive while a batch is in flight
+        # are sent in the next round, never left waiting.
+        while self._pending:
+            await asyncio.sleep(0.05)
+            pending, waiters = self._pending, self._waiters
+            self._pending, self._waiters = {}, []
+            error: Exception | None = None
+            try:
+                rf = self.settings.replication_factor
+                topics = [NewTopic(n, p, rf) for n, p in sorted(pending.items())]
+                futures = await self._call(
+                    self.admin.create_topics, topics, request_timeout=self.settings.timeout_seconds
+                )
+                await asyncio.to_thread(self._wait_all, futures, (KafkaError.TOPIC_ALREADY_EXISTS,))
+                self._known_topics |= set(pending)
+            except Exception as e:
+                error = e if isinstance(e, KafkaUnavailable) else KafkaUnavailable(repr(e))
             for _, fut in waiters:
-                if not fut.done():
-                    fut.set_exception(e if isinstance(e, KafkaUnavailable) else KafkaUnavailable(repr(e)))
-            return
-        self._known_topics |= set(pending)
-        for _, fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+                if fut.done():
+                    continue
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
 
     async def delete_topic(self, name: str) -> None:
         futures = await self._call(self.admin.delete_topics, [name], request_timeout=self.settings.timeout_seconds)
@@ -182,19 +189,11 @@ class KafkaAdmin:
             request_timeout=self.settings.timeout_seconds,
         )
         existing = await asyncio.to_thread(found.result, self.settings.timeout_seconds)
-        have = {(int(b.restype), b.name, int(b.resource_pattern_type), int(b.operation)): b for b in existing}
+        have = {(b.restype, b.name, b.resource_pattern_type, b.operation): b for b in existing}
         stale = [b for key, b in have.items() if key not in want]
         new = [
-            AclBinding(
-                ResourceType(t),
-                n,
-                ResourcePatternType(p),
-                f"User:{access.principal}",
-                "*",
-                AclOperation(o),
-                AclPermissionType.ALLOW,
-            )
-            for (t, n, p, o) in sorted(want - set(have))
+            AclBinding(t, n, p, f"User:{access.principal}", "*", o, AclPermissionType.ALLOW)
+            for (t, n, p, o) in sorted(want - set(have), key=str)
         ]
         if new:
             futures = await self._call(self.admin.create_acls, new, request_timeout=self.settings.timeout_seconds)

@@ -19,9 +19,9 @@ def register(settings: OperatorSettings) -> None:
     def owned(namespace: str | None, **_: Any) -> bool:
         return settings.owns_namespace(namespace)
 
-    @kopf.on.resume(GROUP, VERSION, "agents", when=owned, id="agent_changed")
-    @kopf.on.create(GROUP, VERSION, "agents", when=owned, id="agent_changed")
-    @kopf.on.update(GROUP, VERSION, "agents", when=owned, id="agent_changed")
+    @kopf.on.resume(GROUP, VERSION, "agents", when=owned, backoff=5, id="agent_changed")
+    @kopf.on.create(GROUP, VERSION, "agents", when=owned, backoff=5, id="agent_changed")
+    @kopf.on.update(GROUP, VERSION, "agents", when=owned, backoff=5, id="agent_changed")
     async def agent_changed(
         body: kopf.Body,
         namespace: str,

@@ -71,9 +71,9 @@ def register(settings: OperatorSettings) -> None:
     def owned(namespace: str | None, **_: Any) -> bool:
         return settings.owns_namespace(namespace)
 
-    @kopf.on.resume(GROUP, VERSION, "sops", when=owned, id="sop_changed")
-    @kopf.on.create(GROUP, VERSION, "sops", when=owned, id="sop_changed")
-    @kopf.on.update(GROUP, VERSION, "sops", when=owned, id="sop_changed")
+    @kopf.on.resume(GROUP, VERSION, "sops", when=owned, backoff=5, id="sop_changed")
+    @kopf.on.create(GROUP, VERSION, "sops", when=owned, backoff=5, id="sop_changed")
+    @kopf.on.update(GROUP, VERSION, "sops", when=owned, backoff=5, id="sop_changed")
     @kopf.on.delete(GROUP, VERSION, "sops", when=owned, optional=True, id="sop_changed")
     async def sop_changed(
         body: kopf.Body, name: str, namespace: str, labels: kopf.Labels, reason: str, memo: kopf.Memo, **kwargs: Any
@@ -88,9 +88,9 @@ def register(settings: OperatorSettings) -> None:
             ]
             await _write_used_by(memo.ctx, "SOP", body, sorted(now_users))
 
-    @kopf.on.resume(GROUP, VERSION, "guardrails", when=owned, id="guardrail_changed")
-    @kopf.on.create(GROUP, VERSION, "guardrails", when=owned, id="guardrail_changed")
-    @kopf.on.update(GROUP, VERSION, "guardrails", when=owned, id="guardrail_changed")
+    @kopf.on.resume(GROUP, VERSION, "guardrails", when=owned, backoff=5, id="guardrail_changed")
+    @kopf.on.create(GROUP, VERSION, "guardrails", when=owned, backoff=5, id="guardrail_changed")
+    @kopf.on.update(GROUP, VERSION, "guardrails", when=owned, backoff=5, id="guardrail_changed")
     @kopf.on.delete(GROUP, VERSION, "guardrails", when=owned, optional=True, id="guardrail_changed")
     async def guardrail_changed(
         body: kopf.Body, name: str, namespace: str, reason: str, memo: kopf.Memo, **kwargs: Any

@@ -1,0 +1,103 @@
+"""A namespace-scoped installation against Kafka with SASL/SCRAM and ACLs: the operator
+reconciles only its namespace, holds no cluster-wide access to Agents or Secrets, and
+gives every Agent a Kafka principal that can read its own request topic and nothing
+of another Agent's."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from kubernetes import client
+
+from fleetward.devcluster.install import helm_install, helm_uninstall, local_values, wait_operator_ready
+from fleetward.devcluster.kube import apply_manifest
+from tests.integration.test_services import consume_one, produce
+from tests.support.agents import agent, get_agent, model_secret, wait_ready
+
+RELEASE, SYSTEM, WATCHED, OTHER = "fw-scoped", "scoped-system", "scoped-a", "scoped-b"
+SERVICE_ACCOUNT = f"system:serviceaccount:{SYSTEM}:{RELEASE}-operator"
+
+
+@pytest.fixture(scope="module")
+def scoped(cluster, api, core, kafka_scram, fleetward) -> Iterator[None]:
+    for ns in (SYSTEM, WATCHED, OTHER):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    core.create_namespaced_secret(
+        SYSTEM,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="kafka-admin"), string_data={"password": kafka_scram.admin_password}
+        ),
+    )
+    values = local_values(
+        kafka_scram.bootstrap,
+        watchNamespaces=[WATCHED],
+        kafka={
+            "securityProtocol": "SASL_PLAINTEXT",
+            "saslMechanism": "SCRAM-SHA-512",
+            "adminUsername": "admin",
+            "adminPasswordSecret": {"name": "kafka-admin", "key": "password"},
+        },
+    )
+    helm_install(cluster.bins.helm, cluster.kubeconfig, values, release=RELEASE, namespace=SYSTEM)
+    wait_operator_ready(api, release=RELEASE, namespace=SYSTEM, log_dir=cluster.state / "podlet" / "logs")
+    try:
+        yield
+    finally:
+        helm_uninstall(cluster.bins.helm, cluster.kubeconfig, release=RELEASE, namespace=SYSTEM)
+        for ns in (WATCHED, OTHER, SYSTEM):
+            core.delete_namespace(ns)
+
+
+@pytest.mark.parametrize(
+    ("verb", "resource", "where", "allowed"),
+    [
+        ("list", "agents.fleetward.dev", "--all-namespaces", False),
+        ("watch", "agents.fleetward.dev", "--all-namespaces", False),
+        ("get", "secrets", "--all-namespaces", False),
+        ("list", "deployments.apps", "--all-namespaces", False),
+        ("list", "agents.fleetward.dev", f"--namespace={OTHER}", False),
+        ("get", "secrets", f"--namespace={OTHER}", False),
+        ("list", "agents.fleetward.dev", f"--namespace={WATCHED}", True),
+        ("create", "deployments.apps", f"--namespace={WATCHED}", True),
+        ("update", "configmaps", f"--namespace={SYSTEM}", True),
+    ],
+)
+def test_scoped_operator_has_no_cluster_wide_access(scoped, kubectl, verb, resource, where, allowed):
+    out = kubectl("auth", "can-i", verb, resource, where, f"--as={SERVICE_ACCOUNT}", check=False)
+    assert out.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, where, out.stdout, out.stderr)
+
+
+def test_each_agent_principal_reads_only_its_own_topic(scoped, api, core, kafka_scram):
+    for ns in (WATCHED, OTHER):
+        apply_manifest(api, json.dumps(model_secret(ns)), ns)
+    for name in ("alpha", "beta"):
+        apply_manifest(api, json.dumps(agent(WATCHED, name)), WATCHED)
+    apply_manifest(api, json.dumps(agent(OTHER, "gamma")), OTHER)
+    alpha, beta = wait_ready(api, WATCHED, "alpha", timeout=120), wait_ready(api, WATCHED, "beta", timeout=120)
+
+    secret = core.read_namespaced_secret("fw-alpha-credentials", WATCHED)
+    user = base64.b64decode(secret.data["kafka-username"]).decode()
+    password = base64.b64decode(secret.data["kafka-password"]).decode()
+    assert user == f"fleetward.{WATCHED}.alpha"
+    as_alpha = kafka_scram.client_config(user, password)
+    admin = kafka_scram.client_config()
+
+    produce(admin, alpha["status"]["requestTopic"], "s1", "for alpha")
+    assert consume_one(as_alpha, alpha["status"]["requestTopic"], f"fleetward.{WATCHED}.alpha") == ("s1", "for alpha")
+
+    produce(admin, beta["status"]["requestTopic"], "s2", "for beta")
+    with pytest.raises(KafkaException) as denied:
+        consume_one(as_alpha, beta["status"]["requestTopic"], f"fleetward.{WATCHED}.alpha")
+    assert denied.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    with pytest.raises(KafkaException) as denied_write:
+        produce(as_alpha, beta["status"]["requestTopic"], "s3", "forged request")
+    assert denied_write.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+    # gamma lives outside the watched namespace: neither installation touches it.
+    time.sleep(3)  # a negative: give a (wrong) reconcile time to happen
+    assert get_agent(api, OTHER, "gamma").get("status") is None
