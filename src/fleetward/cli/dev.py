@@ -2,9 +2,10 @@
 
 `fleetward dev up` starts a real Kubernetes control plane (etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler) on loopback with TLS, the podlet node that
-runs Pods as local processes, Kafka, PostgreSQL and Prometheus; installs the Fleetward
-CRDs; applies the GitHouse example; writes .fleetward/dev.env; and stays up until
-Ctrl-C, then stops everything. The binaries must be built first (`make build`;
+runs Pods as local processes, Kafka, PostgreSQL and Prometheus; installs Fleetward with
+`helm upgrade --install` of charts/fleetward (the operator runs as a pod on the podlet);
+applies the GitHouse example and waits until its Agents are Ready; writes
+.fleetward/dev.env; and stays up until Ctrl-C, then stops everything. The binaries must be built first (`make build`;
 `make up` does both).
 """
 
@@ -42,7 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help=f"manifest file or folder to apply after the CRDs (default: {EXAMPLE.relative_to(layout.REPO)})",
     )
-    up.add_argument("--no-example", action="store_true", help="apply no manifests, only the CRDs")
+    up.add_argument("--no-example", action="store_true", help="apply no manifests; install only Fleetward")
+    up.add_argument("--no-wait", action="store_true", help="do not wait for the applied Agents to become Ready")
+    up.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="how long to wait for the applied Agents to become Ready (default: %(default)s)",
+    )
     up.add_argument(
         "--env-file",
         type=Path,
@@ -58,6 +67,7 @@ def _print(msg: str = "") -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     from fleetward.devcluster.cluster import ClusterInUse, DevCluster
+    from fleetward.devcluster.install import CHART, NAMESPACE, helm_install, local_values, wait_operator_ready
     from fleetward.devcluster.kube import apply_manifest, install_crds, manifest_files
     from fleetward.devcluster.process import ComponentFailed
 
@@ -84,6 +94,10 @@ def run_up(args: argparse.Namespace) -> int:
         api = cluster.api_client()
         crds = install_crds(api, CRDS)
         _print(f"==> installed CRDs: {', '.join(crds)}")
+        _print(f"==> helm install {CHART.relative_to(layout.REPO)} into namespace {NAMESPACE} ...")
+        helm_install(cluster.bins.helm, cluster.kubeconfig, local_values(cluster.kafka("plain").bootstrap))
+        pods = wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
+        _print(f"==> the Fleetward operator is running: {', '.join(pods)}")
         targets = [] if args.no_example else (args.apply or [EXAMPLE])
         for path in manifest_files(targets):
             applied = apply_manifest(api, path.read_text())
@@ -91,6 +105,8 @@ def run_up(args: argparse.Namespace) -> int:
                 f"==> applied {path.relative_to(layout.REPO) if path.is_relative_to(layout.REPO) else path}: "
                 f"{len(applied)} objects"
             )
+        if targets and not args.no_wait:
+            _wait_agents_ready(api, args.wait_timeout)
         env_file = cluster.write_env_file(args.env_file or layout.state_root() / "dev.env")
         elapsed = time.monotonic() - started
         _print_summary(cluster, env_file, elapsed)
@@ -113,6 +129,38 @@ def run_up(args: argparse.Namespace) -> int:
         _print("==> stopped")
 
 
+def _wait_agents_ready(api, timeout: float) -> None:
+    """Print progress until every Agent in the cluster is Ready; on timeout, say which are
+    not and why (their Ready condition), then go on: the cluster stays up to look at."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        agents = custom.list_cluster_custom_object("fleetward.dev", "v1alpha1", "agents")["items"]
+
+        def ready(a) -> bool:
+            conds = (a.get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+        waiting = [a for a in agents if not ready(a)]
+        line = f"==> Agents Ready: {len(agents) - len(waiting)}/{len(agents)}"
+        if line != last:
+            _print(line)
+            last = line
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            for a in waiting:
+                conds = (a.get("status") or {}).get("conditions") or []
+                why = next((f"{c['reason']}: {c['message']}" for c in conds if c["type"] == "Ready"), "no status yet")
+                _print(f"    not Ready: {a['metadata']['namespace']}/{a['metadata']['name']} ({why})")
+            _print("    (see `kubectl describe agent NAME -n NAMESPACE`)")
+            return
+        time.sleep(1)
+
+
 def _print_summary(cluster, env_file: Path, elapsed: float) -> None:
     env = cluster.env()
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in cluster.timings.items())
@@ -128,6 +176,6 @@ def _print_summary(cluster, env_file: Path, elapsed: float) -> None:
     _print(f"In another shell:  source {env_file}")
     _print("                   kubectl get fleetward -A")
     _print()
-    _print("Nothing reconciles Agents, SOPs, Guardrails or KillSwitches yet: the operator is not")
-    _print("built so far. The resources are validated and stored by the API server.")
+    _print("                   kubectl get agents -n githouse      # the operator's work: phase, Ready")
+    _print("                   kubectl describe agent router -n githouse")
     _print("Press Ctrl-C to stop everything.")
