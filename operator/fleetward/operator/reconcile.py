@@ -10,6 +10,7 @@ Guardrail would be worse than a stale one).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -191,15 +192,78 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
             RECONCILE_ERRORS.labels("Agent", "Exception").inc()
             raise
     result = "retry" if outcome.retry_after else "ok"
+    elapsed = time.monotonic() - started
+    RECONCILE_SECONDS.labels("Agent", result).observe(elapsed)
     log.info(
-        "reconciled Agent %s/%s: %s%s",
+        "reconciled Agent %s/%s in %.4f s: %s%s",
         ns,
         name,
+        elapsed,
         outcome.status.get("phase"),
         f" (retrying: {outcome.problem})" if outcome.problem else "",
     )
-    RECONCILE_SECONDS.labels("Agent", result).observe(time.monotonic() - started)
     return outcome
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _keep(old_status: dict[str, Any]) -> tuple[str | None, str, None]:
+    """Nothing is applied (a reference or credential is missing): the last good config stays."""
+    return old_status.get("configHash"), "", None
+
+
+async def _ensure_principal(ctx: OperatorContext, spec: AgentSpec, ref: AgentRef, creds: AgentCredentials) -> str:
+    """SCRAM mode: the agent's Kafka user and ACLs. Returns a problem, or "" when done."""
+    if not ctx.settings.kafka.principals_managed:
+        return ""
+    try:
+        await ctx.kafka.ensure_principal(creds.kafka_username, creds.kafka_password)
+        await ctx.kafka.set_acls(_access(ctx, ref.namespace, ref.name, spec))
+    except KafkaUnavailable as e:
+        return f"Could not create the agent's Kafka user and ACLs: {e}. Retrying with backoff."
+    return ""
+
+
+async def _ensure_topic(ctx: OperatorContext, topic: str) -> str:
+    try:
+        await ctx.kafka.ensure_topics([topic], ctx.settings.kafka.request_topic_partitions)
+    except KafkaUnavailable as e:
+        return f"Could not create request topic {topic}: {e}. Retrying with backoff."
+    return ""
+
+
+async def _apply(
+    ctx, ref: AgentRef, spec: AgentSpec, res, creds: AgentCredentials, model_keys: dict[int, bytes]
+) -> tuple[str | None, str, dict[str, Any] | None]:
+    """Apply the desired objects; returns (config hash, problem or "", the applied Deployment)."""
+    inputs = AgentInputs(
+        ref=ref,
+        spec=spec,
+        settings=ctx.settings,
+        sops=res.sops,
+        guardrails=res.guardrails,
+        key_id=creds.key_id,
+        kafka_username=creds.kafka_username,
+        model_keys=model_keys,
+    )
+    desired = desired_agent(inputs)
+    *supporting, deployment = [o for o in desired.objects if o["kind"] != "HorizontalPodAutoscaler"]
+    hpa = [o for o in desired.objects if o["kind"] == "HorizontalPodAutoscaler"]
+    try:
+        # The key is trusted before any pod can mint a token with it, and what the pods
+        # mount exists before the Deployment that mounts it.
+        await asyncio.gather(
+            ctx.bundle.publish(f"{ref.namespace}/{ref.name}", creds.jwk), *(ctx.kube.apply(o) for o in supporting)
+        )
+        applied = await ctx.kube.apply(deployment)
+        await asyncio.gather(
+            *(ctx.kube.apply(o) for o in hpa), *(ctx.kube.delete(k, ref.namespace, n) for k, n in desired.absent)
+        )
+    except KubeError as e:
+        return None, f"Applying the agent's objects failed: {e}. Retrying with backoff.", None
+    return desired.config.config_hash, "", applied
 
 
 async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], refs: References) -> Outcome:
@@ -225,74 +289,43 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
     if res.missing_guardrails:
         transient.append("missing guardrails")
 
-    # Credentials: the model keys copied from the referenced Secrets, the signing key,
-    # and (SCRAM) the Kafka principal with its ACLs.
-    model_keys, key_problems = await _model_keys(ctx, ns, spec)
-    creds: AgentCredentials | None = None
+    # Reads first (model keys, the signing key), then everything that only waits on
+    # other systems (Kafka principal and topic, the trust bundle, the applies) at once:
+    # a reconcile's time is its slowest call, not the sum of them.
+    (model_keys, key_problems), creds = await asyncio.gather(
+        _model_keys(ctx, ns, spec), ensure_credentials(ctx.kube, ref)
+    )
     if key_problems:
         parts[c.CREDENTIALS_ISSUED] = key_problems[0]
         transient.append("model credentials")
     else:
-        creds = await ensure_credentials(ctx.kube, ref)
         parts[c.CREDENTIALS_ISSUED] = Cond(
             c.CREDENTIALS_ISSUED,
             True,
             Reason.ISSUED,
             f"Signing key {creds.key_id} is in the trust bundle; model credentials copied to Secret fw-{name}-model.",
         )
-        if ctx.settings.kafka.principals_managed:
-            try:
-                await ctx.kafka.ensure_principal(creds.kafka_username, creds.kafka_password)
-                await ctx.kafka.set_acls(_access(ctx, ns, name, spec))
-            except KafkaUnavailable as e:
-                parts[c.CREDENTIALS_ISSUED] = Cond(
-                    c.CREDENTIALS_ISSUED,
-                    False,
-                    Reason.KAFKA_UNAVAILABLE,
-                    f"Could not create the agent's Kafka user and ACLs: {e}. Retrying with backoff.",
-                )
-                transient.append("kafka principal")
-
     topic = ctx.settings.topics.request_topic(ns, name)
-    try:
-        await ctx.kafka.ensure_topics([topic], ctx.settings.kafka.request_topic_partitions)
-        parts[TOPIC_READY] = Cond(TOPIC_READY, True, "TopicExists", f"Request topic {topic} exists.")
-    except KafkaUnavailable as e:
-        parts[TOPIC_READY] = Cond(
-            TOPIC_READY,
-            False,
-            Reason.KAFKA_UNAVAILABLE,
-            f"Could not create request topic {topic}: {e}. Retrying with backoff.",
-        )
+    deployable = bool(parts[c.CONFIG_RESOLVED].ok and parts[c.CREDENTIALS_ISSUED].ok)
+    principal_task = _ensure_principal(ctx, spec, ref, creds) if deployable else _nothing()
+    principal_problem, topic_problem, (config_hash, apply_problem, dep) = await asyncio.gather(
+        principal_task,
+        _ensure_topic(ctx, topic),
+        _apply(ctx, ref, spec, res, creds, model_keys) if deployable else _keep(old_status),
+    )
+    if principal_problem:
+        parts[c.CREDENTIALS_ISSUED] = Cond(c.CREDENTIALS_ISSUED, False, Reason.KAFKA_UNAVAILABLE, principal_problem)
+        transient.append("kafka principal")
+    if topic_problem:
+        parts[TOPIC_READY] = Cond(TOPIC_READY, False, Reason.KAFKA_UNAVAILABLE, topic_problem)
         transient.append("kafka topic")
+    else:
+        parts[TOPIC_READY] = Cond(TOPIC_READY, True, "TopicExists", f"Request topic {topic} exists.")
+    if apply_problem:
+        transient.append("apply")
 
-    config_hash = old_status.get("configHash")
-    apply_problem = ""
-    if parts[c.CONFIG_RESOLVED].ok and creds is not None and parts[c.CREDENTIALS_ISSUED].ok:
-        inputs = AgentInputs(
-            ref=ref,
-            spec=spec,
-            settings=ctx.settings,
-            sops=res.sops,
-            guardrails=res.guardrails,
-            key_id=creds.key_id,
-            kafka_username=creds.kafka_username,
-            model_keys=model_keys,
-        )
-        desired = desired_agent(inputs)
-        try:
-            # The key is trusted before any pod can mint a token with it.
-            await ctx.bundle.publish(f"{ns}/{name}", creds.jwk)
-            for obj in desired.objects:
-                await ctx.kube.apply(obj)
-            for kind, obj_name in desired.absent:
-                await ctx.kube.delete(kind, ns, obj_name)
-            config_hash = desired.config.config_hash
-        except KubeError as e:
-            apply_problem = f"Applying the agent's objects failed: {e}. Retrying with backoff."
-            transient.append("apply")
-
-    dep = await ctx.kube.get("Deployment", ns, base_name(name))
+    if dep is None:  # nothing applied this time: look at what runs
+        dep = await ctx.kube.get("Deployment", ns, base_name(name))
     parts[c.AVAILABLE], replicas, ready = availability(
         dep, scaled_down=spec.paused, why_down="spec.paused is true: the runtime Deployment is scaled to zero."
     )
@@ -312,6 +345,7 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
         "resolvedGuardrails": [g.name for g in res.guardrails],
         "requestTopic": topic,
     }
+    config_hash = config_hash or old_status.get("configHash")
     if config_hash:
         status["configHash"] = config_hash
     await _write_status(ctx, ref, status, old_status)

@@ -112,7 +112,8 @@ class OperatorSettings(Settings):
     trust_bundle_name: str = "fleetward-trust-bundle"
     resync_seconds: float = Field(default=60.0, ge=5)
     """How often every Agent is re-checked for drift, whatever happened."""
-    max_concurrent_reconciles: int = Field(default=16, ge=1, le=256)
+    max_concurrent_reconciles: int = Field(default=64, ge=1, le=1024)
+    """Agents reconciled at once; reconciles mostly wait on I/O, so this is cheap."""
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

@@ -5,6 +5,7 @@ Node+RBAC authorization, like a production control plane; the named users `alice
 `bob` and `carol` exist for two-person tests (their group `fleetward:oncall` is
 bound to the on-call role in bootstrap.yaml).
 """
+
 from __future__ import annotations
 
 import ssl
@@ -21,6 +22,9 @@ from fleetward.devcluster.process import ManagedProcess, free_port
 SERVICE_CIDR = "10.96.0.0/16"  # allocation only: nothing routes there (no kube-proxy)
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 ONCALL_GROUP = "fleetward:oncall"
+# API request rate (per second) allowed to each client of the controller manager and the
+# scheduler; see where it is used for why the defaults (20 and 50) are too low here.
+CONTROLLER_QPS = 200
 
 ADMIN = Identity("fleetward-admin", ("system:masters",))
 USERS = (Identity("alice", (ONCALL_GROUP,)), Identity("bob", (ONCALL_GROUP,)), Identity("carol", (ONCALL_GROUP,)))
@@ -62,10 +66,14 @@ class ControlPlane:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
-                {"name": "fleetward-dev", "cluster": {"server": self.server, "certificate-authority": str(self.ca.cert_path)}}
+                {
+                    "name": "fleetward-dev",
+                    "cluster": {"server": self.server, "certificate-authority": str(self.ca.cert_path)},
+                }
             ],
             "users": [
-                {"name": name, "user": {"client-certificate": str(p.cert), "client-key": str(p.key)}} for name, p in users
+                {"name": name, "user": {"client-certificate": str(p.cert), "client-key": str(p.key)}}
+                for name, p in users
             ],
             "contexts": [
                 {"name": name, "context": {"cluster": "fleetward-dev", "user": name, "namespace": "default"}}
@@ -113,8 +121,13 @@ class ControlPlane:
         serving = self.ca.issue(
             "apiserver",
             "kube-apiserver",
-            server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                          "kubernetes.default.svc.cluster.local"),
+            server_names=(
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
             server_ips=("127.0.0.1", KUBERNETES_SERVICE_IP),
             client=False,
         )
@@ -124,74 +137,128 @@ class ControlPlane:
         data = self.state / "etcd"
         self._start(
             "etcd",
-            [self.bins.etcd, "--name=fleetward-dev", f"--data-dir={data}",
-             f"--listen-client-urls=http://127.0.0.1:{self.etcd_port}",
-             f"--advertise-client-urls=http://127.0.0.1:{self.etcd_port}",
-             f"--listen-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
-             f"--initial-advertise-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
-             f"--initial-cluster=fleetward-dev=http://127.0.0.1:{self.etcd_peer_port}",
-             "--listen-metrics-urls=", "--log-level=warn", "--quota-backend-bytes=4294967296",
-             # A dev cluster: fsync on every write only slows tests down.
-             "--unsafe-no-fsync"],
+            [
+                self.bins.etcd,
+                "--name=fleetward-dev",
+                f"--data-dir={data}",
+                f"--listen-client-urls=http://127.0.0.1:{self.etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{self.etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
+                f"--initial-cluster=fleetward-dev=http://127.0.0.1:{self.etcd_peer_port}",
+                "--listen-metrics-urls=",
+                "--log-level=warn",
+                "--quota-backend-bytes=4294967296",
+                # A dev cluster: fsync on every write only slows tests down.
+                "--unsafe-no-fsync",
+            ],
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.etcd_port}/health", timeout=2).status == 200,
             60,
         )
         admin = self.ca.client(ADMIN)
         self._start(
             "kube-apiserver",
-            [self.bins.kube_apiserver,
-             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-             "--bind-address=127.0.0.1", f"--secure-port={self.apiserver_port}",
-             "--advertise-address=127.0.0.1",
-             # The `kubernetes` Service's endpoints would be 127.0.0.1, which Endpoints
-             # validation rejects; pods reach the API server through the podlet instead.
-             "--endpoint-reconciler-type=none",
-             f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
-             f"--client-ca-file={self.ca.cert_path}",
-             f"--kubelet-certificate-authority={self.ca.cert_path}",
-             "--authorization-mode=Node,RBAC",
-             "--enable-admission-plugins=NodeRestriction",
-             f"--service-cluster-ip-range={SERVICE_CIDR}",
-             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-             f"--service-account-key-file={self.sa.cert}",
-             f"--service-account-signing-key-file={self.sa.key}",
-             "--allow-privileged=true", "--profiling=false", "--v=1"],
+            [
+                self.bins.kube_apiserver,
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.apiserver_port}",
+                "--advertise-address=127.0.0.1",
+                # The `kubernetes` Service's endpoints would be 127.0.0.1, which Endpoints
+                # validation rejects; pods reach the API server through the podlet instead.
+                "--endpoint-reconciler-type=none",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
+                f"--client-ca-file={self.ca.cert_path}",
+                f"--kubelet-certificate-authority={self.ca.cert_path}",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={self.sa.cert}",
+                f"--service-account-signing-key-file={self.sa.key}",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--v=1",
+            ],
             lambda: self._healthy(self.apiserver_port, "/readyz", admin),
             120,
         )
         # Serving certificates from our CA, so health checks verify them like any client would.
-        cm_serving = self.ca.issue("controller-manager-serving", "kube-controller-manager",
-                                   server_names=("localhost",), server_ips=("127.0.0.1",), client=False)
-        sched_serving = self.ca.issue("scheduler-serving", "kube-scheduler",
-                                      server_names=("localhost",), server_ips=("127.0.0.1",), client=False)
+        cm_serving = self.ca.issue(
+            "controller-manager-serving",
+            "kube-controller-manager",
+            server_names=("localhost",),
+            server_ips=("127.0.0.1",),
+            client=False,
+        )
+        sched_serving = self.ca.issue(
+            "scheduler-serving", "kube-scheduler", server_names=("localhost",), server_ips=("127.0.0.1",), client=False
+        )
         cm_kubeconfig = self.kubeconfig_for(CONTROLLER_MANAGER, "controller-manager")
         self._start(
             "kube-controller-manager",
-            [self.bins.kube_controller_manager,
-             f"--kubeconfig={cm_kubeconfig}", f"--authentication-kubeconfig={cm_kubeconfig}",
-             f"--authorization-kubeconfig={cm_kubeconfig}",
-             "--bind-address=127.0.0.1", f"--secure-port={self.controller_manager_port}",
-             f"--tls-cert-file={cm_serving.cert}", f"--tls-private-key-file={cm_serving.key}",
-             f"--service-account-private-key-file={self.sa.key}",
-             f"--root-ca-file={self.ca.cert_path}",
-             f"--cluster-signing-cert-file={self.ca.cert_path}", f"--cluster-signing-key-file={self.ca.key_path}",
-             "--use-service-account-credentials=true", "--leader-elect=false",
-             f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false", "--v=1"],
+            [
+                self.bins.kube_controller_manager,
+                f"--kubeconfig={cm_kubeconfig}",
+                f"--authentication-kubeconfig={cm_kubeconfig}",
+                f"--authorization-kubeconfig={cm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.controller_manager_port}",
+                f"--tls-cert-file={cm_serving.cert}",
+                f"--tls-private-key-file={cm_serving.key}",
+                f"--service-account-private-key-file={self.sa.key}",
+                f"--root-ca-file={self.ca.cert_path}",
+                f"--cluster-signing-cert-file={self.ca.cert_path}",
+                f"--cluster-signing-key-file={self.ca.key_path}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                # Client-side rate limit of each controller's API client. The default, 20 QPS
+                # (burst 30), made the Deployment controller alone need ~160 s to create the
+                # ReplicaSets of 1000 Deployments (a create, a status update and an Event each)
+                # before it could report any of them available; with 200 the API server's CPU
+                # is the limit again (bench/kwok_floor.py, docs/bench/kwok-floor.md).
+                f"--kube-api-qps={CONTROLLER_QPS}",
+                f"--kube-api-burst={2 * CONTROLLER_QPS}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--profiling=false",
+                "--v=1",
+            ],
             lambda: self._healthy(self.controller_manager_port),
             90,
         )
         sched_kubeconfig = self.kubeconfig_for(SCHEDULER, "scheduler")
         self._start(
             "kube-scheduler",
-            [self.bins.kube_scheduler,
-             f"--kubeconfig={sched_kubeconfig}", f"--authentication-kubeconfig={sched_kubeconfig}",
-             f"--authorization-kubeconfig={sched_kubeconfig}",
-             "--bind-address=127.0.0.1", f"--secure-port={self.scheduler_port}",
-             f"--tls-cert-file={sched_serving.cert}", f"--tls-private-key-file={sched_serving.key}",
-             "--leader-elect=false", "--profiling=false", "--v=1"],
+            [
+                self.bins.kube_scheduler,
+                f"--config={self._scheduler_config(sched_kubeconfig)}",
+                f"--authentication-kubeconfig={sched_kubeconfig}",
+                f"--authorization-kubeconfig={sched_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.scheduler_port}",
+                f"--tls-cert-file={sched_serving.cert}",
+                f"--tls-private-key-file={sched_serving.key}",
+                "--profiling=false",
+                "--v=1",
+            ],
             lambda: self._healthy(self.scheduler_port),
             90,
         )
+
+    def _scheduler_config(self, kubeconfig: Path) -> Path:
+        """The scheduler's client settings live in its config file (its --kube-api-qps and
+        --kubeconfig flags are deprecated). At the default 50 QPS (burst 100) binding alone
+        would take ~18 s for 1000 pods."""
+        config = {
+            "apiVersion": "kubescheduler.config.k8s.io/v1",
+            "kind": "KubeSchedulerConfiguration",
+            "clientConnection": {"kubeconfig": str(kubeconfig), "qps": CONTROLLER_QPS, "burst": 2 * CONTROLLER_QPS},
+            "leaderElection": {"leaderElect": False},
+        }
+        path = self.state / "kube-scheduler.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
 
     def check(self) -> None:
         for p in self.processes:

@@ -1,6 +1,7 @@
 """The services beside the control plane: Kafka (KRaft), PostgreSQL, Prometheus, and
 kwok for simulated nodes. Each binds to loopback on free ports, logs to a file, and
 is started on first use by DevCluster."""
+
 from __future__ import annotations
 
 import base64
@@ -11,7 +12,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ import yaml
 from fleetward.devcluster.layout import Binaries
 from fleetward.devcluster.process import ComponentFailed, ManagedProcess, free_port, port_open, run_checked
 
+
 @dataclass
 class Service:
     """A process the cluster starts on first use; subclasses set `proc` in start()."""
@@ -31,7 +32,7 @@ class Service:
     bins: Binaries
     proc: ManagedProcess | None = field(default=None, init=False, repr=False)
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         raise NotImplementedError
 
     def env(self) -> dict[str, str]:
@@ -103,11 +104,14 @@ class Kafka(Service):
         """confluent-kafka/librdkafka settings for this broker (admin when no user is given)."""
         cfg: dict[str, Any] = {"bootstrap.servers": self.bootstrap}
         if self.mode == "scram":
-            cfg.update({
-                "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
-                "sasl.username": username or KAFKA_ADMIN,
-                "sasl.password": password if username else self.admin_password,
-            })
+            cfg.update(
+                {
+                    "security.protocol": "SASL_PLAINTEXT",
+                    "sasl.mechanism": "SCRAM-SHA-512",
+                    "sasl.username": username or KAFKA_ADMIN,
+                    "sasl.password": password if username else self.admin_password,
+                }
+            )
         return cfg
 
     def properties(self, data: Path) -> str:
@@ -128,44 +132,55 @@ class Kafka(Service):
             "auto.create.topics.enable": "false",
         }
         if self.mode == "plain":
-            common.update({
-                "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
-                "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-                "inter.broker.listener.name": "PLAINTEXT",
-            })
+            common.update(
+                {
+                    "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+                    "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name": "PLAINTEXT",
+                }
+            )
         else:
             pw = self.admin_password
-            common.update({
-                "listeners": f"SASL_PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{self.port}",
-                "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
-                "inter.broker.listener.name": "SASL_PLAINTEXT",
-                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
-                "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
-                "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config":
-                    f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{KAFKA_ADMIN}" password="{pw}";',
-                "sasl.mechanism.controller.protocol": "PLAIN",
-                "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
-                "listener.name.controller.plain.sasl.jaas.config":
-                    f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{KAFKA_ADMIN}" '
+            common.update(
+                {
+                    "listeners": f"SASL_PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{self.port}",
+                    "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+                    "inter.broker.listener.name": "SASL_PLAINTEXT",
+                    "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                    "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+                    "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{KAFKA_ADMIN}" password="{pw}";',
+                    "sasl.mechanism.controller.protocol": "PLAIN",
+                    "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+                    "listener.name.controller.plain.sasl.jaas.config": f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{KAFKA_ADMIN}" '
                     f'password="{pw}" user_{KAFKA_ADMIN}="{pw}";',
-                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-                "super.users": f"User:{KAFKA_ADMIN}",
-                "allow.everyone.if.no.acl.found": "false",
-            })
+                    "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                    "super.users": f"User:{KAFKA_ADMIN}",
+                    "allow.everyone.if.no.acl.found": "false",
+                }
+            )
         return "".join(f"{k}={v}\n" for k, v in common.items())
 
     def _java(self, main_class: str, *args: str, heap: str = "512m") -> list[str]:
-        return ["java", f"-Xmx{heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
-                "-cp", f"{self.bins.kafka_libs}/*", main_class, *args]
+        return [
+            "java",
+            f"-Xmx{heap}",
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+            "-cp",
+            f"{self.bins.kafka_libs}/*",
+            main_class,
+            *args,
+        ]
 
     @property
     def home(self) -> Path:
         return self.state / self.name
 
-    def start(self) -> "Kafka":
+    def start(self) -> Kafka:
         if shutil.which("java") is None:
             raise ComponentFailed("kafka: java not found (Kafka needs Java 17+)")
         self.home.mkdir(parents=True, exist_ok=True)
@@ -177,10 +192,14 @@ class Kafka(Service):
         fmt = ["format", "--cluster-id", kafka_cluster_id(), "--config", str(props), "--ignore-formatted"]
         if self.mode == "scram":
             fmt += ["--add-scram", f"SCRAM-SHA-512=[name={KAFKA_ADMIN},password={self.admin_password}]"]
-        run_checked(f"{self.name} storage format", self._java("kafka.tools.StorageTool", *fmt, heap="256m"),
-                    self.state / "logs" / f"{self.name}-format.log")
-        self.proc = ManagedProcess(self.name, self._java("kafka.Kafka", str(props)),
-                                   self.state / "logs" / f"{self.name}.log").start()
+        run_checked(
+            f"{self.name} storage format",
+            self._java("kafka.tools.StorageTool", *fmt, heap="256m"),
+            self.state / "logs" / f"{self.name}-format.log",
+        )
+        self.proc = ManagedProcess(
+            self.name, self._java("kafka.Kafka", str(props)), self.state / "logs" / f"{self.name}.log"
+        ).start()
         self.proc.wait_ready(self._ready, 120)
         return self
 
@@ -200,8 +219,9 @@ class Kafka(Service):
 
         if self.mode != "scram":
             raise ValueError("users exist only in scram mode")
-        upsert = UserScramCredentialUpsertion(username, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096),
-                                              password.encode())
+        upsert = UserScramCredentialUpsertion(
+            username, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096), password.encode()
+        )
         admin = self.admin()  # keep the client alive until its futures resolve
         for fut in admin.alter_user_scram_credentials([upsert]).values():
             fut.result(30)
@@ -222,8 +242,11 @@ class Kafka(Service):
     def env(self) -> dict[str, str]:
         if self.mode == "plain":
             return {"KAFKA_BOOTSTRAP": self.bootstrap}
-        return {"KAFKA_SCRAM_BOOTSTRAP": self.bootstrap, "KAFKA_SCRAM_ADMIN_USER": KAFKA_ADMIN,
-                "KAFKA_SCRAM_ADMIN_PASSWORD": self.admin_password}
+        return {
+            "KAFKA_SCRAM_BOOTSTRAP": self.bootstrap,
+            "KAFKA_SCRAM_ADMIN_USER": KAFKA_ADMIN,
+            "KAFKA_SCRAM_ADMIN_PASSWORD": self.admin_password,
+        }
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
@@ -244,7 +267,7 @@ class Postgres(Service):
     def dsn(self) -> str:
         return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         home = self.state / "postgres"
         data = home / "data"
         home.mkdir(parents=True, exist_ok=True)
@@ -253,31 +276,64 @@ class Postgres(Service):
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError as e:
-                raise ComponentFailed("postgres: running as root needs the `postgres` user "
-                                      "(created by the Debian postgresql package; run hack/install-debian.sh)") from e
+                raise ComponentFailed(
+                    "postgres: running as root needs the `postgres` user "
+                    "(created by the Debian postgresql package; run hack/install-debian.sh)"
+                ) from e
             run_as = "postgres"
             os.chown(home, pw.pw_uid, pw.pw_gid)
             probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(home)])
             if probe.returncode != 0:
-                raise ComponentFailed(f"postgres: user `postgres` cannot write {home}; a parent folder is not "
-                                      "searchable by other users (move the checkout or set FLEETWARD_STATE)")
+                raise ComponentFailed(
+                    f"postgres: user `postgres` cannot write {home}; a parent folder is not "
+                    "searchable by other users (move the checkout or set FLEETWARD_STATE)"
+                )
         pwfile = home / "pwfile"
         pwfile.write_text(self.password + "\n")
         if run_as:
             shutil.chown(pwfile, run_as)
         pwfile.chmod(0o600)
-        run_checked("postgres initdb",
-                    [self.bins.postgres_bin / "initdb", "-D", data, "-U", self.user, f"--pwfile={pwfile}",
-                     "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8"],
-                    self.state / "logs" / "postgres-initdb.log", user=run_as)
+        run_checked(
+            "postgres initdb",
+            [
+                self.bins.postgres_bin / "initdb",
+                "-D",
+                data,
+                "-U",
+                self.user,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+            ],
+            self.state / "logs" / "postgres-initdb.log",
+            user=run_as,
+        )
         pwfile.unlink()
         self.proc = ManagedProcess(
             "postgres",
-            [self.bins.postgres_bin / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(self.port),
-             "-c", "unix_socket_directories=", "-c", "listen_addresses=127.0.0.1",
-             # Test data: durability is not wanted, speed is.
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-             "-c", "max_connections=200"],
+            [
+                self.bins.postgres_bin / "postgres",
+                "-D",
+                data,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                # Test data: durability is not wanted, speed is.
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
             self.state / "logs" / "postgres.log",
             user=run_as,
             stop_signal=signal.SIGINT,  # "fast" shutdown
@@ -322,28 +378,33 @@ class Prometheus(Service):
     def home(self) -> Path:
         return self.state / "prometheus"
 
-    def start(self) -> "Prometheus":
+    def start(self) -> Prometheus:
         self.home.mkdir(parents=True, exist_ok=True)
         self._write_targets()
         config = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
             "scrape_configs": [
                 {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{self.port}"]}]},
-                {"job_name": "fleetward", "file_sd_configs": [{"files": [str(self.home / "targets.json")],
-                                                               "refresh_interval": "1s"}]},
+                {
+                    "job_name": "fleetward",
+                    "file_sd_configs": [{"files": [str(self.home / "targets.json")], "refresh_interval": "1s"}],
+                },
             ],
         }
         (self.home / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.proc = ManagedProcess(
             "prometheus",
-            [self.bins.prometheus, f"--config.file={self.home / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.home / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
-             "--web.enable-lifecycle", "--storage.tsdb.retention.time=1d"],
+            [
+                self.bins.prometheus,
+                f"--config.file={self.home / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.home / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.enable-lifecycle",
+                "--storage.tsdb.retention.time=1d",
+            ],
             self.state / "logs" / "prometheus.log",
         ).start()
-        self.proc.wait_ready(
-            lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=2).status == 200, 60
-        )
+        self.proc.wait_ready(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=2).status == 200, 60)
         return self
 
     def _write_targets(self) -> None:
@@ -385,29 +446,51 @@ class Kwok(Service):
 
     kubeconfig: Path
     port: int = field(default_factory=free_port)
+    node_lease_seconds: int = 40  # see --node-lease-duration-seconds in start()
 
-    def start(self) -> "Kwok":
+    def start(self) -> Kwok:
         self.proc = ManagedProcess(
             "kwok",
-            [self.bins.kwok, f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=false",
-             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-             "--cidr=127.64.0.0/16", "--node-ip=127.63.0.1", f"--server-address=127.0.0.1:{self.port}",
-             *[f"--config={f}" for f in sorted((self.bins.kwok.parent / "stages").glob("*.yaml"))]],
+            [
+                self.bins.kwok,
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                "--cidr=127.64.0.0/16",
+                "--node-ip=127.63.0.1",
+                f"--server-address=127.0.0.1:{self.port}",
+                # Heartbeats through node Leases, renewed every duration/4 = 10 s (kwokctl's default;
+                # the kubelet's is the same 40 s). kwok's own default, 0, keeps no Lease at all, and the
+                # heartbeat-with-lease stage below refreshes node status only every 10-20 min, so the
+                # node controller saw no heartbeat for its 50 s grace period, marked every kwok node
+                # NotReady and its pods NotReady, and kwok never readies a Running pod again.
+                f"--node-lease-duration-seconds={self.node_lease_seconds}",
+                *[f"--config={f}" for f in sorted((self.bins.kwok.parent / "stages").glob("*.yaml"))],
+            ],
             self.state / "logs" / "kwok.log",
         ).start()
-        self.proc.wait_ready(lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2).status == 200,
-                             60)
+        healthz = f"http://127.0.0.1:{self.port}/healthz"
+        self.proc.wait_ready(lambda: urllib.request.urlopen(healthz, timeout=2).status == 200, 60)
         return self
 
     @staticmethod
     def node_manifest(name: str, cpu: str = "32", memory: str = "256Gi", pods: str = "110") -> dict[str, Any]:
         return {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "annotations": {KWOK_ANNOTATION: "fake"},
-                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                    "type": "kwok", "fleetward.dev/node-type": "kwok"}},
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {KWOK_ANNOTATION: "fake"},
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "type": "kwok",
+                    "fleetward.dev/node-type": "kwok",
+                },
+            },
             "spec": {"taints": [KWOK_TAINT]},
-            "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": pods},
-                       "capacity": {"cpu": cpu, "memory": memory, "pods": pods}},
+            "status": {
+                "allocatable": {"cpu": cpu, "memory": memory, "pods": pods},
+                "capacity": {"cpu": cpu, "memory": memory, "pods": pods},
+            },
         }
-

@@ -1,0 +1,200 @@
+"""Benchmark: N Agents on kwok nodes, from apply to every Agent Ready, beside the floor.
+
+The floor is the same cluster's time for N plain 1-replica Deployments applied directly
+(bench/kwok_floor.py): what Kubernetes itself needs, without the operator. Also measured:
+the operator's peak resident memory and its reconcile durations (p50/p99, from its log).
+
+    .venv/bin/python bench/operator_scale.py              # 1000 Agents (make bench)
+    .venv/bin/python bench/operator_scale.py --agents 200 --skip-floor
+
+Results: docs/bench/operator.json (appended) and the table in docs/bench/operator.md.
+The cluster runs in .fleetward/opbench and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kubernetes import client
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from kwok_floor import apply_and_wait_deployments, ensure_namespace, machine  # noqa: E402
+
+from fleetward.devcluster.cluster import DevCluster  # noqa: E402
+from fleetward.devcluster.install import NAMESPACE, helm_install, local_values, wait_operator_ready  # noqa: E402
+from fleetward.devcluster.kube import install_crds  # noqa: E402
+from fleetward.devcluster.process import wait_for  # noqa: E402
+
+RESULTS = REPO / "docs" / "bench" / "operator.json"
+KWOK_PLACEMENT = {
+    "nodeSelector": {"type": "kwok"},
+    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+}
+LOG_LINE = re.compile(r"reconciled Agent (?P<ns>[^/]+)/(?P<name>\S+) in (?P<seconds>[0-9.]+) s")
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def agent_manifest(namespace: str, name: str) -> dict:
+    return {
+        "apiVersion": "fleetward.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "role": "specialist",
+            "model": {
+                "name": "bench",
+                "baseURL": "http://127.0.0.1:18000/v1",
+                "credentialsSecretRef": {"name": "llm", "key": "api-key"},
+            },
+            "deployment": KWOK_PLACEMENT,
+        },
+    }
+
+
+def count_ready(api: client.ApiClient, namespace: str) -> int:
+    items = client.CustomObjectsApi(api).list_namespaced_custom_object(
+        "fleetward.dev", "v1alpha1", namespace, "agents"
+    )["items"]
+    return sum(
+        1
+        for a in items
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in (a.get("status") or {}).get("conditions") or [])
+    )
+
+
+def operator_pid(core: client.CoreV1Api) -> int:
+    (pod,) = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=operator").items
+    return int(pod.status.container_statuses[0].container_id.removeprefix("podlet://"))
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run(args: argparse.Namespace) -> dict:
+    cluster = DevCluster.create("opbench")
+    try:
+        cluster.start()
+        kafka = cluster.kafka("plain")
+        api = cluster.api_client()
+        core = client.CoreV1Api(api)
+        nodes = cluster.add_kwok_nodes(args.nodes)
+        say(f"{len(nodes)} kwok nodes Ready")
+        install_crds(api, REPO / "crds")
+        values = local_values(kafka.bootstrap, operator={"resyncSeconds": 600})
+        helm_install(cluster.bins.helm, cluster.kubeconfig, values)
+        wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
+        say("operator running")
+
+        floor = None
+        if not args.skip_floor:
+            ensure_namespace(api, "bench-floor")
+            floor = apply_and_wait_deployments(api, args.agents, "bench-floor", timeout=args.timeout, progress=say)
+            say(f"floor: {args.agents} Deployments available in {floor.ready_seconds:.1f} s")
+            core.delete_namespace("bench-floor")
+            wait_for(lambda: not core.list_namespaced_pod("bench-floor").items, 600, "the floor's pods gone", 2)
+
+        ns = "bench-agents"
+        ensure_namespace(api, ns)
+        core.create_namespaced_secret(
+            ns, client.V1Secret(metadata=client.V1ObjectMeta(name="llm"), string_data={"api-key": "sk-bench"})
+        )
+        custom = client.CustomObjectsApi(api)
+        names = [f"a-{i:05d}" for i in range(args.agents)]
+        say(f"applying {len(names)} Agents")
+        start = time.monotonic()
+
+        def create(name: str) -> None:
+            custom.create_namespaced_custom_object(
+                "fleetward.dev", "v1alpha1", ns, "agents", agent_manifest(ns, name), _preload_content=False
+            ).drain_conn()
+
+        with ThreadPoolExecutor(args.threads) as pool:
+            list(pool.map(create, names))
+        apply_seconds = time.monotonic() - start
+        say(f"applied in {apply_seconds:.1f} s")
+        pid = operator_pid(core)
+        last = -1.0
+
+        def all_ready() -> bool:
+            nonlocal last
+            ready = count_ready(api, ns)
+            now = time.monotonic() - start
+            if now - last >= 5 or ready == len(names):
+                say(
+                    f"  t={now:5.1f} s  Ready {ready}/{len(names)}  operator RSS {memory_kib(pid)['VmRSS'] // 1024} MiB"
+                )
+                last = now
+            return ready == len(names)
+
+        wait_for(all_ready, args.timeout, f"{len(names)} Agents Ready", interval=1.0)
+        ready_seconds = time.monotonic() - start
+        mem = memory_kib(pid)
+        log_files = sorted((cluster.state / "podlet" / "logs").glob(f"{NAMESPACE}_*operator*/operator/*.log"))
+        durations = [
+            float(m["seconds"])
+            for f in log_files
+            for line in f.read_text(errors="replace").splitlines()
+            if (m := LOG_LINE.search(line)) and m["ns"] == ns
+        ]
+        return {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "agents": args.agents,
+            "kwok_nodes": args.nodes,
+            "apply_seconds": round(apply_seconds, 2),
+            "agents_ready_seconds": round(ready_seconds, 2),
+            "floor_deployments_ready_seconds": floor.ready_seconds if floor else None,
+            "ratio_to_floor": round(ready_seconds / floor.ready_seconds, 2) if floor else None,
+            "operator_peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
+            "operator_rss_end_mib": round(mem["VmRSS"] / 1024, 1),
+            "reconciles": len(durations),
+            "reconcile_p50_ms": round(statistics.median(durations) * 1000, 1) if durations else None,
+            "reconcile_p99_ms": round(percentile(durations, 0.99) * 1000, 1) if durations else None,
+        }
+    finally:
+        cluster.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=12, help="kwok nodes (110 pods each)")
+    parser.add_argument("--threads", type=int, default=16, help="parallel API clients applying the Agents")
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--skip-floor", action="store_true", help="do not measure the plain-Deployment floor")
+    parser.add_argument("--no-record", action="store_true", help="print the result only")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    if not args.no_record:
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
