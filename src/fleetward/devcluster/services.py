@@ -150,11 +150,16 @@ class Kafka(Service):
                     "inter.broker.listener.name": "SASL_PLAINTEXT",
                     "sasl.enabled.mechanisms": "SCRAM-SHA-512",
                     "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
-                    "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{KAFKA_ADMIN}" password="{pw}";',
+                    "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": (
+                        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                        f'username="{KAFKA_ADMIN}" password="{pw}";'
+                    ),
                     "sasl.mechanism.controller.protocol": "PLAIN",
                     "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
-                    "listener.name.controller.plain.sasl.jaas.config": f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{KAFKA_ADMIN}" '
-                    f'password="{pw}" user_{KAFKA_ADMIN}="{pw}";',
+                    "listener.name.controller.plain.sasl.jaas.config": (
+                        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                        f'username="{KAFKA_ADMIN}" password="{pw}" user_{KAFKA_ADMIN}="{pw}";'
+                    ),
                     "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
                     "super.users": f"User:{KAFKA_ADMIN}",
                     "allow.everyone.if.no.acl.found": "false",
