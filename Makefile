@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help build up test test-unit lint format crds crds-check clean
+.PHONY: help build up test test-unit lint format bench crds crds-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ lint: ## ruff (lint + format check) for Python; rustfmt + clippy for the gateway
 
 format: ## apply ruff format and rustfmt
 	@$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix . && (cd gateway-rs && cargo fmt)
+
+bench: build ## slow scale benchmarks (kwok floor, 1000 Agents); results in docs/bench/
+	@$(PY) bench/kwok_floor.py --deployments 1000 --nodes 10 --runs 1 --stay 30 --write
+	@$(PY) bench/operator_scale.py --agents 1000 --nodes 12
 
 test-unit: ## run only the tests that need no cluster
 	@hack/bootstrap-python.sh && $(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
