@@ -129,12 +129,12 @@ def main(argv: list[str]) -> int:
 
 def test_cli_check_detects_a_stale_schema(tmp_path, capsys):
     out = tmp_path / "envelopes.schema.json"
-    assert main(["schemas", "generate", "--check", "--out", str(out)]) == 1  # missing
-    assert main(["schemas", "generate", "--out", str(out)]) == 0
+    assert main(["schemas", "generate", "--check", "--dir", str(tmp_path)]) == 1  # missing
+    assert main(["schemas", "generate", "--dir", str(tmp_path)]) == 0
     assert out.read_text() == SCHEMA_FILE.read_text()
-    assert main(["schemas", "generate", "--check", "--out", str(out)]) == 0
+    assert main(["schemas", "generate", "--check", "--dir", str(tmp_path)]) == 0
     out.write_text(out.read_text().replace('"maxLength": 128', '"maxLength": 129', 1))
-    assert main(["schemas", "generate", "--check", "--out", str(out)]) == 1
+    assert main(["schemas", "generate", "--check", "--dir", str(tmp_path)]) == 1
     assert "stale schema" in capsys.readouterr().err
 
 

@@ -195,3 +195,22 @@ def test_missing_guardrail_is_reported_not_dropped() -> None:
     spec = AgentSpec.model_validate({**AGENTS["billing"]["spec"], "guardrailRefs": [{"name": "nope"}]})
     res = resolve(spec, SOPS, GUARDRAILS, set(AGENTS))
     assert res.missing_guardrails == ["nope"] and not res.complete
+
+
+def test_runtime_config_schema_is_generated_and_validates_rendered_configs() -> None:
+    import json
+
+    import jsonschema
+
+    from fleetward.api import schemagen
+
+    committed = REPO / "schemas" / "runtime-config.schema.json"
+    assert committed.read_text() == schemagen.render_runtime_config(), "run `fleetward schemas generate`"
+    schema = json.loads(committed.read_text())
+    for name in AGENTS:
+        config = json.loads(desired_agent(inputs_for(name)).config.to_json())
+        jsonschema.validate(config, schema)
+    broken = json.loads(desired_agent(inputs_for("billing")).config.to_json())
+    broken["spec"]["model"]["temperature"] = 9
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)

@@ -1,4 +1,5 @@
-"""Generate `schemas/envelopes.schema.json` (JSON Schema draft 2020-12) from the envelope models.
+"""Generate `schemas/envelopes.schema.json` (JSON Schema draft 2020-12) from the envelope models,
+and `schemas/runtime-config.schema.json` from the runtime config contract (fleetward.api.runtimeconfig).
 
 Pydantic writes each model's schema; two things it cannot say are added here, from the
 same declarations the models validate with:
@@ -138,3 +139,44 @@ def write(path: Path) -> Path:
 def is_stale(path: Path) -> bool:
     """True when the file is missing or differs from what the models generate."""
     return not path.is_file() or path.read_text(encoding="utf-8") != render()
+
+
+RUNTIME_CONFIG_ID = "https://fleetward.dev/schemas/runtime-config.schema.json"
+
+
+def build_runtime_config() -> dict[str, Any]:
+    """The schema of the config the operator renders and `fleetward runtime run` loads."""
+    from fleetward.api.runtimeconfig import RuntimeConfig
+
+    schema = RuntimeConfig.model_json_schema(by_alias=True)
+    schema.update(
+        {
+            "$schema": DRAFT,
+            "$id": RUNTIME_CONFIG_ID,
+            "description": "Rendered runtime config of one Agent (config.json in its ConfigMap). Generated "
+            "from fleetward.api.runtimeconfig by `fleetward schemas generate`; do not edit.",
+        }
+    )
+    return schema
+
+
+def render_runtime_config() -> str:
+    return json.dumps(build_runtime_config(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+# Every generated schema file: name in schemas/ -> renderer.
+FILES = {"envelopes.schema.json": render, "runtime-config.schema.json": render_runtime_config}
+
+
+def stale_files(folder: Path) -> list[str]:
+    """Names of the generated files in `folder` that are missing or out of date."""
+    return [n for n, fn in FILES.items() if not (folder / n).is_file() or (folder / n).read_text("utf-8") != fn()]
+
+
+def write_all(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, fn in FILES.items():
+        (folder / name).write_text(fn(), encoding="utf-8")
+        out.append(folder / name)
+    return out

@@ -1,4 +1,6 @@
-"""`fleetward schemas`: generate or check the envelope JSON Schema from the typed models."""
+"""`fleetward schemas`: generate or check the JSON Schemas in schemas/ (event/command envelopes,
+runtime config) from the typed models."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,13 +8,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-DEFAULT_OUT = REPO / "schemas" / "envelopes.schema.json"
+DEFAULT_DIR = REPO / "schemas"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("schemas", help="generate or check schemas/envelopes.schema.json", description=__doc__)
-    p.add_argument("action", choices=["generate"], help="write the schema from fleetward.api.envelopes")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output file (default: %(default)s)")
+    p = sub.add_parser("schemas", help="generate or check the JSON Schemas in schemas/", description=__doc__)
+    p.add_argument("action", choices=["generate"], help="write the schemas from fleetward.api")
+    p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="output folder (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is stale")
     p.set_defaults(handler=run)
 
@@ -21,9 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from fleetward.api import schemagen
 
     if args.check:
-        if schemagen.is_stale(args.out):
-            print(f"stale schema {args.out}; run `fleetward schemas generate`", file=sys.stderr)
-            return 1
-        return 0
-    print(f"wrote {schemagen.write(args.out)}")
+        stale = schemagen.stale_files(args.dir)
+        for name in stale:
+            print(f"stale schema {args.dir / name}; run `fleetward schemas generate`", file=sys.stderr)
+        return 1 if stale else 0
+    for path in schemagen.write_all(args.dir):
+        print(f"wrote {path}")
     return 0
