@@ -185,3 +185,23 @@ def _agent_gone(api, ns) -> bool:
         return False
     except client.exceptions.ApiException as e:
         return e.status == 404
+
+
+def test_paused_scales_to_zero_and_says_so(api, core, fleetward, namespace):
+    _apply(api, namespace, model_secret(namespace), agent(namespace, "billing"))
+    wait_ready(api, namespace, "billing")
+    _apply(api, namespace, agent(namespace, "billing", paused=True))
+    obj = wait_agent(
+        api,
+        namespace,
+        "billing",
+        lambda a: a["status"].get("phase") == "Paused" and a["status"].get("readyReplicas") == 0,
+        60,
+        "Paused",
+    )
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Paused" and "scaled to zero" in ready["message"]
+    assert client.AppsV1Api(api).read_namespaced_deployment("fw-billing", namespace).spec.replicas == 0
+    wait_for(lambda: not _pods(core, namespace, "billing"), 60, "the runtime pods gone")
+    _apply(api, namespace, agent(namespace, "billing", paused=False))
+    wait_ready(api, namespace, "billing")

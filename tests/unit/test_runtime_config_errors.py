@@ -10,10 +10,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from fleetward.api.agent import AgentSpec
 from fleetward.operator.desired.agent import AgentInputs, AgentRef, runtime_config
 from fleetward.operator.settings import OperatorSettings
+
+from fleetward.api.agent import AgentSpec
 
 SPEC = {"role": "specialist", "model": {"name": "m", "baseURL": "http://127.0.0.1:1/v1"}}
 
