@@ -8,6 +8,7 @@ setuptools' `packages.find` cannot spread one package over several roots, so the
 mapping is computed here. (`operator/` itself is no package: that name would shadow
 the standard library module.)
 """
+
 from pathlib import Path
 
 from setuptools import find_namespace_packages, setup

@@ -1,4 +1,5 @@
 """Simulated kwok nodes for scale tests, and `fleetward dev up` as a whole."""
+
 from __future__ import annotations
 
 import os
@@ -24,14 +25,23 @@ def test_kwok_nodes_take_only_pods_that_tolerate_them(cluster, api, core, namesp
     apps = client.AppsV1Api(api)
 
     def deployment(name: str, replicas: int, on_kwok: bool) -> dict:
-        spec: dict = {"containers": [{"name": "c", "image": "none", "command": ["sleep", "300"]}],
-                      "terminationGracePeriodSeconds": 1}
+        spec: dict = {
+            "containers": [{"name": "c", "image": "none", "command": ["sleep", "300"]}],
+            "terminationGracePeriodSeconds": 1,
+        }
         if on_kwok:
             spec["tolerations"] = [{"key": KWOK_TAINT["key"], "operator": "Exists", "effect": "NoSchedule"}]
             spec["nodeSelector"] = {"type": "kwok"}
-        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-                "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                         "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": spec},
+            },
+        }
 
     apps.create_namespaced_deployment(namespace, deployment("simulated", 30, on_kwok=True))
     apps.create_namespaced_deployment(namespace, deployment("real", 1, on_kwok=False))
@@ -53,7 +63,10 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
     env_file = tmp_path / "dev.env"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetward.cli.main", "dev", "up", "--name", "uptest", "--env-file", str(env_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []
@@ -73,8 +86,16 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
         assert "Nothing reconciles Agents" in out
 
         # while it is up: the env file works in a shell, and the cluster answers with the example in it
-        check = subprocess.run(["bash", "-c", f"source {env_file} && command -v kubectl && command -v helm && "
-                                "kubectl get agents -n githouse -o name"], capture_output=True, text=True, timeout=60)
+        check = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f"source {env_file} && command -v kubectl && command -v helm && kubectl get agents -n githouse -o name",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert check.returncode == 0, check.stderr
         kubectl_path, helm_path, *agents = check.stdout.split()
         assert "/kubernetes-v" in kubectl_path and "/helm-v" in helm_path
@@ -98,7 +119,10 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
 def test_ctrl_c_during_start_up_stops_everything():
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetward.cli.main", "dev", "up", "--name", "uptest-interrupt"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:

@@ -1,4 +1,5 @@
 """Entry point of the `fleetward` command (also usable as `kubectl fleetward`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleetward",
-        description="Fleetward: run fleets of LLM agents on Kubernetes under SOPs, "
-        "guardrails and a kill switch.",
+        description="Fleetward: run fleets of LLM agents on Kubernetes under SOPs, guardrails and a kill switch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from fleetward.cli import crds, dev, llm, operator, runtime, schemas

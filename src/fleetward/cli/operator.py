@@ -1,6 +1,7 @@
 """`fleetward operator run`: the Kopf operator (SPEC §3). It reconciles Agents, SOPs and
 Guardrails into running, credentialed agent runtimes. Normally started by the Helm
 chart's Deployment; run it by hand against any kubeconfig for development."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """`fleetward runtime run`: the agent runtime that runs inside each Agent's pods, driven
 by the config the operator renders (SPEC §4). Started by the Agent's Deployment."""
+
 from __future__ import annotations
 
 import argparse
