@@ -12,10 +12,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fleetward: run fleets of LLM agents on Kubernetes under SOPs, guardrails and a kill switch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from fleetward.cli import crds, dev, llm, operator, runtime, schemas
+    from fleetward.cli import crds, dev, guardrail, llm, operator, runtime, schemas
 
     operator.register(sub)
     runtime.register(sub)
+    guardrail.register(sub)
     llm.register(sub)
     crds.register(sub)
     dev.register(sub)

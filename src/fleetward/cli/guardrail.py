@@ -1,0 +1,215 @@
+"""`fleetward guardrail scan`: run Guardrails over texts, as the agent runtime does.
+
+Reads JSON lines {"id": ..., "text": "..."} on standard input and writes one JSON line per
+input on standard output:
+
+    {"id": ..., "verdict": "allow"|"block"|"escalate", "text": <after redaction/masking/
+     hashing, null when blocked>, "findings": [{"kind": "pii"|"injection"|"policy"|"limit",
+     "type": ..., "start": ..., "end": ...}]}
+
+Offsets are character offsets into the input text. Several -f files (and several YAML
+documents per file) compose: all Guardrails apply, block beats escalate beats allow.
+Which parts apply at which --stage: PII per its applyTo; injection on input and
+toolResults; policy (bannedPhrases) on output; maxInputChars on input, maxOutputChars on
+output. A bad input line is reported on standard error with its line number and the scan
+goes on; the exit code is then 1. A bad Guardrail file stops before scanning (exit 2).
+
+Example:
+    echo '{"id": 1, "text": "mail me at jane@example.com"}' |
+      fleetward guardrail scan -f examples/githouse/10-guardrails.yaml --stage input
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from pydantic import ValidationError
+
+from fleetward.api.guardrail import Guardrail
+
+EXIT_BAD_LINES = 1
+EXIT_BAD_CONFIG = 2
+_INPUT_FIELDS = {"id", "text"}
+
+
+class ManifestError(Exception):
+    """A Guardrail manifest that cannot be used; the message names file, document and field."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("guardrail", help="test Guardrails locally", description="Test Guardrails locally.")
+    gsub = p.add_subparsers(dest="guardrail_command", metavar="ACTION", required=True)
+    scan = gsub.add_parser(
+        "scan",
+        help="scan JSON lines from stdin with Guardrail manifests",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scan.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="GUARDRAIL.yaml",
+        help="Guardrail manifest (kind Guardrail; several documents allowed); repeatable",
+    )
+    scan.add_argument(
+        "--stage",
+        choices=["input", "output", "toolResults"],
+        default="input",
+        help="where the text is in the agent's flow (default: input)",
+    )
+    scan.add_argument(
+        "--hash-key-file",
+        type=Path,
+        metavar="FILE",
+        help="installation key for the 'hash' strategy (HMAC-SHA256); without it hashes are plain SHA-256",
+    )
+    scan.set_defaults(handler=run_scan)
+
+
+def load_guardrails(paths: Iterable[Path]) -> list[Guardrail]:
+    """Every Guardrail document in the files, validated; raises ManifestError."""
+    guardrails: list[Guardrail] = []
+    for path in paths:
+        try:
+            docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        except OSError as e:
+            raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ManifestError(f"{path}: not valid YAML: {e}") from e
+        found = 0
+        for number, doc in enumerate(docs, start=1):
+            if doc is None:
+                continue
+            where = f"{path}: document {number}"
+            if not isinstance(doc, dict):
+                raise ManifestError(f"{where}: expected a mapping (a Guardrail manifest), got {type(doc).__name__}")
+            if doc.get("kind") != "Guardrail":
+                raise ManifestError(f"{where}: kind is {doc.get('kind')!r}; only kind Guardrail is allowed here")
+            name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
+            if name:
+                where += f" ({name})"
+            try:
+                guardrail = Guardrail.model_validate(doc)
+            except ValidationError as e:
+                raise ManifestError(f"{where}: {_describe(e)}") from e
+            _check_rules_beyond_schema(guardrail, where)
+            guardrails.append(guardrail)
+            found += 1
+        if not found:
+            raise ManifestError(f"{path}: no Guardrail document in the file")
+    return guardrails
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        got = item.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        problems.append(f"{field}: {item['msg']}{shown}")
+    return "; ".join(problems)
+
+
+def _check_rules_beyond_schema(guardrail: Guardrail, where: str) -> None:
+    """The CEL rules the API server enforces, so a file that would be rejected fails here too."""
+    spec = guardrail.spec
+    if spec.pii is None and spec.injection is None and spec.policy is None and spec.limits is None:
+        raise ManifestError(f"{where}: spec: a Guardrail needs at least one of pii, injection, policy or limits")
+    for i, entity in enumerate(spec.pii.entities if spec.pii else ()):
+        if entity.type == "custom" and (entity.name is None or entity.detector is None):
+            raise ManifestError(
+                f"{where}: spec.pii.entities.{i}: "
+                "a custom PII entity needs 'name' and 'detector' (a regular expression)"
+            )
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    from fleetward.runtime.guardrails import GuardrailConfigError, GuardrailEngine
+
+    try:
+        guardrails = load_guardrails(args.files)
+        key = _read_key(args.hash_key_file) if args.hash_key_file else None
+        engine = GuardrailEngine(
+            [g.spec for g in guardrails],
+            names=[str(g.metadata.get("name", f"guardrail[{i}]")) for i, g in enumerate(guardrails)],
+            hash_key=key,
+        )
+    except (ManifestError, GuardrailConfigError) as e:
+        print(f"fleetward guardrail scan: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    bad = scan_lines(engine, args.stage, sys.stdin.buffer, sys.stdout, sys.stderr)
+    return EXIT_BAD_LINES if bad else 0
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise ManifestError(f"--hash-key-file {path}: cannot read: {e.strerror or e}") from e
+    if not key:
+        raise ManifestError(f"--hash-key-file {path}: the file is empty; give a key of at least 16 bytes")
+    return key
+
+
+def scan_lines(engine: Any, stage: str, source: IO[bytes], out: IO[str], err: IO[str]) -> int:
+    """Scan every JSON line of `source`; returns the number of bad lines."""
+    bad = 0
+    for number, raw in enumerate(source, start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = _parse_line(raw)
+        except ValueError as e:
+            bad += 1
+            print(f"fleetward guardrail scan: line {number}: {e}", file=err, flush=True)
+            continue
+        result = engine.scan(item["text"], stage)
+        record = {
+            "id": item["id"],
+            "verdict": result.verdict,
+            "text": result.text,
+            "findings": [f.to_json() for f in result.findings],
+        }
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+    return bad
+
+
+def _parse_line(raw: bytes) -> dict[str, Any]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte {e.start})") from e
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e.msg} (column {e.colno})") from e
+    if not isinstance(item, dict):
+        raise ValueError(f'expected a JSON object {{"id": ..., "text": "..."}}, got {type(item).__name__}')
+    missing = sorted(_INPUT_FIELDS - item.keys())
+    if missing:
+        raise ValueError(f'missing field(s) {", ".join(repr(m) for m in missing)}; each line needs "id" and "text"')
+    extra = sorted(item.keys() - _INPUT_FIELDS)
+    if extra:
+        raise ValueError(f'unknown field(s) {", ".join(repr(x) for x in extra)}; allowed: "id", "text"')
+    if not isinstance(item["text"], str):
+        raise ValueError(f'"text" must be a string, got {_json_type(item["text"])}')
+    if not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool):
+        raise ValueError(f'"id" must be a string or an integer, got {_json_type(item["id"])}')
+    return item
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )

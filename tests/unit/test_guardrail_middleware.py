@@ -1,0 +1,86 @@
+"""LangChain middleware built from Guardrail specs, run inside a real LangChain agent (the
+only stand-in is the chat model, a scripted fake that records what it was sent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+from fleetward.runtime.guardrails import GuardrailEngine, pii_middleware
+from langchain.agents import create_agent
+from langchain.agents.middleware import PIIDetectionError, PIIMiddleware
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.outputs import ChatResult
+
+from fleetward.api.guardrail import GuardrailSpec
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_SPECS = [
+    GuardrailSpec.model_validate(d["spec"])
+    for d in yaml.safe_load_all((REPO / "examples/githouse/10-guardrails.yaml").read_text())
+]
+
+
+class RecordingModel(GenericFakeChatModel):
+    """Scripted replies; remembers the messages each call received."""
+
+    seen: ClassVar[list[list[BaseMessage]]] = []
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        self.seen.append(list(messages))
+        return super()._generate(messages, *args, **kwargs)
+
+
+def agent_for(specs: list[GuardrailSpec], reply: str, key: bytes | None = None):
+    RecordingModel.seen = []
+    model = RecordingModel(messages=iter([AIMessage(reply)]))
+    return create_agent(model, middleware=pii_middleware(specs, hash_key=key)), model
+
+
+def test_one_middleware_per_entity_with_its_stages():
+    middlewares = pii_middleware(EXAMPLE_SPECS)
+    assert all(isinstance(m, PIIMiddleware) for m in middlewares)
+    assert len({m.name for m in middlewares}) == len(middlewares) == 9
+    assert [m.pii_type for m in middlewares][:3] == ["githouse_token", "jwt", "api_key"]  # most specific first
+    assert all(m.apply_to_input and m.apply_to_output and m.apply_to_tool_results for m in middlewares)
+
+
+def test_the_model_sees_what_the_scan_engine_produces():
+    text = (
+        "I'm jane@example.com, +1 (415) 555-0132, token ghp_abcdefghijklmnopqrstuvwxyz0123456789, IBAN "
+        "DE89 3704 0044 0532 0130 00, host 10.1.2.3 and eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+    )
+    key = b"installation-key-for-tests-0001"
+    agent, model = agent_for(EXAMPLE_SPECS, reply="Thanks, we will mail support@githouse.dev", key=key)
+    result = agent.invoke({"messages": [HumanMessage(text)]})
+    sent = model.seen[0][-1].content
+    assert sent == GuardrailEngine(EXAMPLE_SPECS, hash_key=key).scan(text, "input").text
+    assert "jane" not in sent and "0132" not in sent and "ghp_" not in sent and "3704" not in sent
+    # the model's answer (output stage) is masked too
+    assert result["messages"][-1].content == "Thanks, we will mail ****@githouse.dev"
+
+
+def test_block_strategy_stops_the_run():
+    agent, model = agent_for(EXAMPLE_SPECS, reply="ok")
+    with pytest.raises(PIIDetectionError):
+        agent.invoke({"messages": [HumanMessage("my card is 4111 1111 1111 1111")]})
+    assert model.seen == []
+
+
+def test_two_guardrails_on_one_type_compose_like_the_engine():
+    masking = GuardrailSpec.model_validate({"pii": {"entities": [{"type": "email", "strategy": "mask"}]}})
+    redacting = GuardrailSpec.model_validate(
+        {"pii": {"entities": [{"type": "email", "strategy": "redact"}], "applyTo": ["output"]}}
+    )
+    middlewares = pii_middleware([masking, redacting])
+    assert sorted((m.strategy, m.apply_to_input, m.apply_to_output) for m in middlewares) == [
+        ("mask", True, False),
+        ("redact", False, True),
+    ]
+    agent, model = agent_for([masking, redacting], reply="write to ops@example.com")
+    result = agent.invoke({"messages": [HumanMessage("I am jane@example.com")]})
+    assert model.seen[0][-1].content == "I am ****@example.com"
+    assert result["messages"][-1].content == "write to [REDACTED_EMAIL]"
