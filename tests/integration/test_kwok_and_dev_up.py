@@ -83,14 +83,16 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
         assert "Press Ctrl-C" in out, out[-3000:]
         assert "Fleetward local cluster is up" in out
         assert "applied examples/githouse/30-agents.yaml: 10 objects" in out
-        assert "Nothing reconciles Agents" in out
+        assert "the Fleetward operator is running" in out
+        assert "Agents Ready: 10/10" in out, out[-3000:]
 
         # while it is up: the env file works in a shell, and the cluster answers with the example in it
         check = subprocess.run(
             [
                 "bash",
                 "-c",
-                f"source {env_file} && command -v kubectl && command -v helm && kubectl get agents -n githouse -o name",
+                f"source {env_file} && command -v kubectl && command -v helm && "
+                "kubectl get agents -n githouse -o jsonpath='{range .items[*]}{.metadata.name}={.status.phase} {end}'",
             ],
             capture_output=True,
             text=True,
@@ -99,7 +101,7 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
         assert check.returncode == 0, check.stderr
         kubectl_path, helm_path, *agents = check.stdout.split()
         assert "/kubernetes-v" in kubectl_path and "/helm-v" in helm_path
-        assert "agent.fleetward.dev/router" in agents and len(agents) == 10
+        assert "router=Ready" in agents and len(agents) == 10 and all(a.endswith("=Ready") for a in agents), agents
         text = env_file.read_text()
         for key in ("KUBECONFIG", "PATH", "KAFKA_BOOTSTRAP", "POSTGRES_DSN", "PROMETHEUS_URL"):
             assert f"export {key}=" in text, key
