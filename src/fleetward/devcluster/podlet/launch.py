@@ -22,6 +22,7 @@ MS_RDONLY = 1
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
+O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
@@ -35,16 +36,21 @@ def _mount(source: str | None, target: str, flags: int) -> None:
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    for m in spec["mounts"]:  # sorted by depth, so a nested target lands inside its parent volume
+    # Open every source before mounting anything: a volume mounted over, say, /tmp would
+    # otherwise hide the sources of the volumes after it when the podlet's state lives there.
+    sources = [os.open(m["source"], O_PATH) for m in spec["mounts"]]
+    for m, fd in zip(spec["mounts"], sources, strict=True):  # by depth: nested targets land inside their parent
         if m.get("file"):
             os.makedirs(os.path.dirname(m["target"]), exist_ok=True)
             if not os.path.exists(m["target"]):
                 open(m["target"], "a").close()
         else:
             os.makedirs(m["target"], exist_ok=True)
-        _mount(m["source"], m["target"], MS_BIND | MS_REC)
+        _mount(f"/proc/self/fd/{fd}", m["target"], MS_BIND | MS_REC)
         if m.get("readOnly"):
             _mount(None, m["target"], MS_BIND | MS_REMOUNT | MS_RDONLY)
+    for fd in sources:
+        os.close(fd)
     os.chdir(spec.get("workingDir") or "/")
     argv = spec["argv"]
     os.execvpe(argv[0], argv, spec["env"])
