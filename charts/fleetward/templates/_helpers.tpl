@@ -64,4 +64,26 @@ runtime:
   runAsUser: {{ .Values.runtime.runAsUser }}
   resources: {{ .Values.runtime.resources | toJson }}
   databaseSecret: {{ .Values.runtime.databaseSecret | default nil | toJson }}
+gateway:
+  enabled: {{ .Values.gateway.enabled }}
+  name: {{ printf "%s-gateway" .Release.Name | quote }}
+  image: {{ .Values.gateway.image | quote }}
+  imagePullPolicy: {{ .Values.gateway.imagePullPolicy | quote }}
+  command: {{ .Values.gateway.command | toJson }}
+  port: {{ .Values.gateway.port }}
+  replicas: {{ .Values.gateway.replicas }}
+  autoscaling: {{ .Values.gateway.autoscaling | toJson }}
+  resources: {{ .Values.gateway.resources | toJson }}
+  maxConnections: {{ .Values.gateway.maxConnections }}
+  auth:
+    audience: {{ .Values.gateway.auth.audience | quote }}
+    issuer: {{ .Values.gateway.auth.issuer | quote }}
+    leewaySeconds: {{ .Values.gateway.auth.leewaySeconds }}
+    allowQueryToken: {{ .Values.gateway.auth.allowQueryToken }}
+    jwksUrl: {{ .Values.gateway.auth.jwksUrl | default nil | toJson }}
+    hs256Secret: {"name": {{ include "fleetward.gatewaySecret" . | quote }}, "key": "hs256"}
+{{- end }}
+
+{{- define "fleetward.gatewaySecret" -}}
+{{ .Values.gateway.auth.hs256SecretName | default (printf "%s-gateway-auth" .Release.Name) }}
 {{- end }}

@@ -99,6 +99,48 @@ class RuntimeSettings(Settings):
     run_as_user: int = 65532
 
 
+class SecretRef(Settings):
+    name: str
+    key: str = "secret"
+
+
+class GatewayAuthSettings(Settings):
+    audience: str = "fleetward-gateway"
+    issuer: str = "fleetward"
+    leeway_seconds: int = Field(default=5, ge=0, le=30)
+    hs256_secret: SecretRef | None = None
+    """Secret (installation namespace) holding the HS256 key users' tokens are signed with."""
+    jwks_url: str | None = None
+    """JWKS of an identity provider (RS256/ES256/EdDSA), instead of or beside HS256."""
+    allow_query_token: bool = False
+
+
+class GatewayAutoscaling(Settings):
+    min_replicas: int = Field(default=2, ge=1)
+    max_replicas: int = Field(default=10, ge=1)
+    target_cpu_utilization_percentage: int = Field(default=70, ge=1, le=100, alias="targetCPUUtilizationPercentage")
+
+
+class GatewaySettings(Settings):
+    """The WebSocket gateway the operator runs in the installation namespace (SPEC §5)."""
+
+    enabled: bool = True
+    name: str = "fleetward-gateway"
+    image: str = "ghcr.io/fleetward/fleetward-gateway:0.1.0"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    command: list[str] = Field(default_factory=lambda: ["fleetward-gateway"])
+    port: int = Field(default=8080, ge=1, le=65535)
+    replicas: int = Field(default=2, ge=0, le=1000)
+    autoscaling: GatewayAutoscaling | None = None
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
+    )
+    max_connections: int = Field(default=10000, ge=1)
+    auth: GatewayAuthSettings = Field(default_factory=GatewayAuthSettings)
+    kafka_credentials: SecretRef | None = None
+    """Secret with `username` and `password` for the gateway's Kafka principal (SASL)."""
+
+
 class OperatorSettings(Settings):
     installation_id: str = Field(default="fleetward", min_length=1, max_length=253)
     """Names this installation: the `iss` of tool tokens, the field manager's peers."""
@@ -117,6 +159,7 @@ class OperatorSettings(Settings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     peering: str | None = "fleetward"
     """Kopf peering name: replicas coordinate so that only one acts. None: standalone."""
 

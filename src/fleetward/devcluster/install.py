@@ -16,7 +16,7 @@ from typing import Any
 
 from kubernetes import client
 
-from fleetward.devcluster.layout import REPO
+from fleetward.devcluster.layout import REPO, gateway_binary
 from fleetward.devcluster.process import ComponentFailed
 
 CHART = REPO / "charts" / "fleetward"
@@ -28,6 +28,8 @@ def local_values(kafka_bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """Values for the local cluster: Kafka on loopback; images are ignored by the podlet."""
     values: dict[str, Any] = {
         "kafka": {"bootstrapServers": kafka_bootstrap},
+        # The podlet runs host commands: the gateway binary `make build` produced.
+        "gateway": {"command": [str(gateway_binary())]},
         # Quick drift checks keep the tests short; production keeps the chart's default.
         "operator": {"resyncSeconds": 60},
     }

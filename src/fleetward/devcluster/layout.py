@@ -75,6 +75,11 @@ def _postgres_bin() -> Path:
     return found[-1].parent
 
 
+def gateway_binary() -> Path:
+    """Where `make build` (hack/build-gateway.sh) puts the Rust gateway; may not exist yet."""
+    return cache_dir() / "cargo-target" / "release" / "fleetward-gateway"
+
+
 def binaries() -> Binaries:
     v, c = versions(), cache_dir()
     k8s = c / f"kubernetes-v{v['KUBERNETES_VERSION']}"

@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.handlers import indexes
+from fleetward.operator.handlers.gateway import keep_gateway
 from fleetward.operator.kafka import KafkaUnavailable
 from fleetward.operator.settings import OperatorSettings
 
@@ -49,12 +50,15 @@ def register(settings: OperatorSettings) -> None:
         memo.ctx = await OperatorContext.create(memo.settings)
         memo.ctx.bundle.start()
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
+        if memo.settings.gateway.enabled:
+            memo.gateway_task = asyncio.create_task(keep_gateway(memo.ctx))
 
     @kopf.on.cleanup(id="shutdown")
     async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-        task = memo.get("topics_task")
-        if task:
-            task.cancel()
+        for name in ("topics_task", "gateway_task"):
+            task = memo.get(name)
+            if task:
+                task.cancel()
         ctx = memo.get("ctx")
         if ctx is not None:
             await ctx.close()
