@@ -17,7 +17,8 @@ build: ## build/fetch everything (cached under .cache, keyed by version)
 up: build ## run the product locally (Ctrl-C stops it)
 	@$(VENV)/bin/fleetward dev up
 
-test: build lint ## run lint, then all tests (unit, local-cluster integration)
+test: build lint ## run lint, then all tests (Rust unit tests, then pytest: unit, local-cluster integration)
+	@hack/test-gateway.sh
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: ## ruff (lint + format check) for Python; rustfmt + clippy for the gateway

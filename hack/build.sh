@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build or fetch everything the local cluster and the tests need, each step cached:
 #   Debian packages (PostgreSQL, Prometheus), the Python environment (.venv),
-#   etcd + Kubernetes + kwok + Helm from their Go modules, and the Kafka jars.
+#   etcd + Kubernetes + kwok + Helm from their Go modules, the Kafka jars, and the Rust gateway.
 # Safe to re-run: finished steps are skipped. Set FLEETWARD_CACHE to move the cache.
 source "$(dirname "$0")/lib.sh"
 start=$SECONDS
@@ -9,4 +9,5 @@ start=$SECONDS
 "$REPO/hack/bootstrap-python.sh"
 "$REPO/hack/build-go.sh"
 "$REPO/hack/fetch-kafka.sh"
+"$REPO/hack/build-gateway.sh"
 step "build complete in $((SECONDS - start)) s (cache: $CACHE)"

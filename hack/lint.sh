@@ -9,9 +9,10 @@ step "ruff check"
 step "ruff format --check"
 .venv/bin/ruff format --check .
 if [[ -f gateway-rs/Cargo.toml ]]; then
+  [[ -d $HOME/.cargo/bin ]] && PATH=$HOME/.cargo/bin:$PATH
   export CARGO_TARGET_DIR=$CACHE/cargo-target
   step "cargo fmt --check"
   (cd gateway-rs && cargo fmt --check)
   step "cargo clippy"
-  (cd gateway-rs && cargo clippy --locked --all-targets --quiet -- -D warnings)
+  (cd gateway-rs && cargo clippy --release --locked --all-targets --quiet -- -D warnings)
 fi

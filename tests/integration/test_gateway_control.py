@@ -1,0 +1,239 @@
+"""Client frames to agent commands, the kill switch over the control topic, and the
+after-runner verification, with the real gateway binary and the local cluster's Kafka
+(SPEC §5, §5.1, §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from fleetward.api.envelopes import ControlMessage, parse_ack, parse_command
+from fleetward.devcluster.services import Kafka
+from tests.gateway_support import GatewayProcess, KafkaWriter, Topics, event, read_topic
+
+SECRET = "control-test-secret-0123456789-abcdef"
+ROUTER, BILLING = "support/router", "support/billing"
+
+
+@pytest.fixture(scope="module")
+def topics(kafka: Kafka) -> Topics:
+    t = Topics()
+    t.create(kafka.bootstrap, [ROUTER, BILLING])
+    return t
+
+
+@pytest.fixture(scope="module")
+def writer(kafka: Kafka) -> KafkaWriter:
+    return KafkaWriter(kafka.bootstrap)
+
+
+@pytest.fixture(scope="module")
+def gw(kafka: Kafka, topics: Topics, tmp_path_factory) -> Iterator[GatewayProcess]:
+    g = GatewayProcess(kafka.bootstrap, topics, SECRET, tmp_path_factory.mktemp("gw") / "gw.log", instance="gw-ctl")
+    g.start()
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def connect(gw: GatewayProcess, session: str, **token_claims):
+    return websockets.connect(
+        gw.url(session),
+        open_timeout=10,
+        additional_headers={"Authorization": "Bearer " + gw.token(session, **token_claims)},
+    )
+
+
+def commands(kafka: Kafka, topic: str, session: str, until) -> list[dict]:
+    msgs = read_topic(kafka.bootstrap, topic, lambda ms: until([m for m in ms if m["key"] == session]))
+    return [m for m in msgs if m["key"] == session]
+
+
+def test_user_message_becomes_a_command_with_the_verified_identity(gw, kafka: Kafka, topics: Topics):
+    async def main() -> None:
+        async with connect(gw, "in-1", sub="carol", role="user") as ws:
+            await ws.send(json.dumps({"type": "user_message", "text": "my invoice is wrong", "clientMessageId": "m-1"}))
+            # Bad frames get an error frame and the connection stays usable.
+            await ws.send("{not json")
+            err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert err["control"] == "error" and err["code"] == "invalid_frame"
+            await ws.send(json.dumps({"type": "user_message", "text": "still there?"}))
+
+    asyncio.run(main())
+    got = commands(kafka, topics.requests(ROUTER), "in-1", lambda ms: len(ms) >= 2)
+    assert len(got) == 2
+    first = parse_command(json.dumps(got[0]["value"]))  # the shared Python model accepts it
+    assert first.type == "user_message" and first.agent == ROUTER and first.session_id == "in-1"
+    assert first.user.sub == "carol" and first.user.role == "user"
+    assert first.data.text == "my invoice is wrong"
+    assert first.idempotency_key == "in-1:m-1"
+    # The produced message continues a trace: traceparent header carries the command's traceId.
+    assert got[0]["headers"]["traceparent"].split("-")[1] == first.trace_id
+
+
+def test_a_user_cannot_decide_and_nothing_is_produced(gw, kafka: Kafka, topics: Topics):
+    async def main() -> None:
+        async with connect(gw, "in-2", role="user") as ws:
+            await ws.send(json.dumps({"type": "approval_decision", "runId": "run-1", "decision": "approve"}))
+            err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert err["control"] == "error" and err["code"] == "forbidden", err
+            # A marker after the refused decision: once it is on the topic, anything produced before it is too.
+            await ws.send(json.dumps({"type": "user_message", "text": "marker"}))
+
+    asyncio.run(main())
+    got = commands(
+        kafka, topics.requests(ROUTER), "in-2", lambda ms: any(m["value"]["type"] == "user_message" for m in ms)
+    )
+    assert [m["value"]["type"] for m in got] == ["user_message"]
+    other = read_topic(kafka.bootstrap, topics.requests(BILLING), lambda ms: False, timeout=2)
+    assert not [m for m in other if m["key"] == "in-2"]
+    assert gw.metric("fleetward_gateway_inbound_frames_total", type="approval_decision", outcome="forbidden") >= 1
+
+
+def test_a_reviewer_decision_resumes_the_agent_that_asked(gw, kafka: Kafka, topics: Topics, writer: KafkaWriter):
+    session = "in-3"
+
+    async def main() -> None:
+        async with connect(gw, session, sub="rita", role="reviewer", agent=ROUTER) as ws:
+            # The billing specialist (not the session's router) raises the approval.
+            writer.send(
+                topics.events,
+                session,
+                event(
+                    session,
+                    0,
+                    kind="approval_required",
+                    agent=BILLING,
+                    run="run-b7",
+                    data={"kind": "draft", "draft": "Refund 12 EUR", "reason": "refunds", "timeoutSeconds": 600},
+                ),
+            )
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 15))
+            assert frame["event"]["type"] == "approval_required"
+            await ws.send(
+                json.dumps(
+                    {"type": "approval_decision", "runId": "run-b7", "decision": "edit", "edit": "Refund 10 EUR"}
+                )
+            )
+            await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+    got = commands(kafka, topics.requests(BILLING), session, lambda ms: len(ms) >= 1)
+    assert len(got) == 1
+    cmd = parse_command(json.dumps(got[0]["value"]))
+    assert cmd.type == "resume" and cmd.agent == BILLING
+    assert (cmd.data.run_id, cmd.data.decision, cmd.data.edit, cmd.data.reviewer) == (
+        "run-b7",
+        "edit",
+        "Refund 10 EUR",
+        "rita",
+    )
+    assert cmd.user.role == "reviewer"
+
+
+def control(kind: str, generation: int, agents: list[str]) -> str:
+    extra = {"mode": "drain", "drain_timeout_seconds": 30} if kind == "halt" else {}
+    return ControlMessage.new(
+        kind, kill_switch="stop-billing", generation=generation, agents=agents, reason="refund loop", **extra
+    ).to_json()
+
+
+def acks(kafka: Kafka, topics: Topics, kind: str) -> list:
+    msgs = read_topic(
+        kafka.bootstrap,
+        topics.acks,
+        lambda ms: any(m["value"]["type"] == kind and m["value"]["instance"] == "gw-ctl" for m in ms),
+    )
+    return [parse_ack(json.dumps(m["value"])) for m in msgs if m["value"]["type"] == kind]
+
+
+def test_halt_and_resume_over_the_control_topic(gw, kafka: Kafka, topics: Topics, writer: KafkaWriter):
+    async def main() -> None:
+        async with connect(gw, "halt-b", agent=BILLING) as billing, connect(gw, "halt-r", agent=ROUTER) as router:
+            writer.send(topics.control, "stop-billing", control("halt", 1, [BILLING]))
+            halted = json.loads(await asyncio.wait_for(billing.recv(), 15))
+            assert halted["control"] == "halted" and halted["killSwitch"] == "stop-billing", halted
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(billing.recv(), 10)
+            assert closed.value.rcvd.code == 4009
+            # New sessions of the halted agent are refused; other agents are untouched.
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(gw, "halt-b2", agent=BILLING):
+                    pass
+            assert refused.value.response.status_code == 403
+            writer.send(topics.events, "halt-r", event("halt-r", 0))
+            assert json.loads(await asyncio.wait_for(router.recv(), 15))["event"]["sessionId"] == "halt-r"
+
+            writer.send(topics.control, "stop-billing", control("resume", 1, [BILLING]))
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    async with connect(gw, "halt-b3", agent=BILLING):
+                        break
+                except InvalidStatus as e:
+                    assert e.response.status_code == 403
+                    assert time.monotonic() < deadline, "still refused after resume"
+                    await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    halted_acks = acks(kafka, topics, "halted")
+    assert halted_acks[0].component == "gateway" and halted_acks[0].instance == "gw-ctl"
+    assert halted_acks[0].counts["sessionsClosed"] == 1 and halted_acks[0].generation == 1
+    assert halted_acks[0].agents == [BILLING]
+    assert acks(kafka, topics, "resumed")[0].kill_switch == "stop-billing"
+
+
+class Health(BaseHTTPRequestHandler):
+    """/ok answers 200, /broken 503: a fix that held and one that did not."""
+
+    def do_GET(self) -> None:
+        self.send_response({"/ok": 200, "/broken": 503}.get(self.path, 404))
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_after_runner_alerts_when_the_fix_did_not_hold(gw, kafka: Kafka, topics: Topics, writer: KafkaWriter):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        # The verify consumer joins its group after start; `resolved` events before that are not its share.
+        deadline = time.monotonic() + 60
+        while gw.metric("fleetward_gateway_verify_partitions") < 3:
+            assert time.monotonic() < deadline, "verify consumer never got the events partitions"
+            time.sleep(0.5)
+        for session, path in (("fix-held", "/ok"), ("fix-broke", "/broken")):
+            writer.send(
+                topics.events,
+                session,
+                event(
+                    session,
+                    0,
+                    kind="resolved",
+                    data={"summary": "refund issued", "verify": {"url": base + path, "delaySeconds": 1}},
+                ),
+            )
+        alerts = read_topic(kafka.bootstrap, topics.alerts, lambda ms: len(ms) >= 1, timeout=30)
+        assert [a["key"] for a in alerts] == ["fix-broke"]
+        alert = alerts[0]["value"]
+        assert alert["type"] == "verification_failed" and alert["data"]["status"] == 503
+        assert alert["data"]["url"] == base + "/broken" and alert["sessionId"] == "fix-broke"
+        deadline = time.monotonic() + 15
+        while gw.metric("fleetward_gateway_verifications_total", outcome="healthy") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        # Only the broken one alerted, also after the healthy check finished.
+        assert len(read_topic(kafka.bootstrap, topics.alerts, lambda ms: False, timeout=2)) == 1
+    finally:
+        server.shutdown()

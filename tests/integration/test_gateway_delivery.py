@@ -1,0 +1,252 @@
+"""The Rust gateway as a real process against the local cluster's Kafka: every replica serves
+every session, resume misses nothing, a slow client is cut off (4008) without slowing anyone,
+shutdown closes with 1001, and the size, expiry and connection limits hold (SPEC §5, §5.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from fleetward.devcluster.services import Kafka
+from tests.gateway_support import GatewayProcess, KafkaWriter, Topics, event
+
+SECRET = "delivery-test-secret-0123456789-abcdef"
+ROUTER = "support/router"
+
+
+@pytest.fixture(scope="module")
+def topics(kafka: Kafka) -> Topics:
+    t = Topics()
+    t.create(kafka.bootstrap, [ROUTER])
+    return t
+
+
+@pytest.fixture(scope="module")
+def writer(kafka: Kafka) -> KafkaWriter:
+    return KafkaWriter(kafka.bootstrap)
+
+
+@pytest.fixture(scope="module")
+def gateways(kafka: Kafka, topics: Topics, tmp_path_factory) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
+    logs = tmp_path_factory.mktemp("gateway-logs")
+    a = GatewayProcess(kafka.bootstrap, topics, SECRET, logs / "gw-a.log", instance="gw-a").start()
+    # gw-b keeps only 2 events per session in memory, so resumes there read Kafka.
+    b = GatewayProcess(
+        kafka.bootstrap, topics, SECRET, logs / "gw-b.log", "--history-per-session=2", instance="gw-b"
+    ).start()
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def connect(gw: GatewayProcess, session: str, query: str = "", **kw):
+    return websockets.connect(
+        gw.url(session, query),
+        additional_headers={"Authorization": "Bearer " + gw.token(session)},
+        open_timeout=10,
+        **kw,
+    )
+
+
+async def frames(ws, n: int, timeout: float = 20) -> list[dict]:
+    return [json.loads(await asyncio.wait_for(ws.recv(), timeout)) for _ in range(n)]
+
+
+def sequences(fs: list[dict]) -> list[int]:
+    return [f["event"]["sequence"] for f in fs]
+
+
+async def close_code(ws, timeout: float = 30) -> int:
+    """Read until the server closes; the close code it sent."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as e:
+        return e.rcvd.code if e.rcvd else 1006
+
+
+def test_each_replica_serves_every_session(gateways, topics: Topics, writer: KafkaWriter):
+    gw_a, gw_b = gateways
+
+    async def main() -> None:
+        async with (
+            connect(gw_a, "deliv-a") as on_a,
+            connect(gw_b, "deliv-b") as on_b,
+            connect(gw_b, "deliv-a") as a_on_b,
+        ):
+            sent: dict[str, list[tuple[int, int]]] = {"deliv-a": [], "deliv-b": []}
+            for seq in range(5):
+                for session in sent:
+                    sent[session].append(writer.send(topics.events, session, event(session, seq)))
+            got_a, got_b, got_a_on_b = await frames(on_a, 5), await frames(on_b, 5), await frames(a_on_b, 5)
+            assert sequences(got_a) == sequences(got_b) == sequences(got_a_on_b) == [0, 1, 2, 3, 4]
+            assert {f["event"]["sessionId"] for f in got_a + got_a_on_b} == {"deliv-a"}
+            assert {f["event"]["sessionId"] for f in got_b} == {"deliv-b"}
+            # Positions are the Kafka positions the events were written at.
+            assert [f["position"] for f in got_a] == [f"{p}:{o}" for p, o in sent["deliv-a"]]
+            assert [f["position"] for f in got_a_on_b] == [f"{p}:{o}" for p, o in sent["deliv-a"]]
+            # Nothing else arrives: no broadcast of other sessions' events.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(on_a.recv(), 1.5)
+
+    asyncio.run(main())
+    assert gw_a.metric("fleetward_gateway_deliveries_total") >= 5
+    assert gw_a.metric("fleetward_gateway_delivery_latency_seconds_count") >= 5
+
+
+def test_resume_misses_nothing_in_order(gateways, topics: Topics, writer: KafkaWriter):
+    gw_a, gw_b = gateways
+    session = "deliv-resume"
+
+    async def main() -> None:
+        async with connect(gw_a, session) as ws:
+            for seq in range(3):
+                writer.send(topics.events, session, event(session, seq))
+            first = await frames(ws, 3)
+        assert sequences(first) == [0, 1, 2]
+        last = first[-1]["position"]
+        # Missed while disconnected; more than gw-b keeps in memory, so it reads them from Kafka.
+        for seq in range(3, 8):
+            writer.send(topics.events, session, event(session, seq))
+        kafka_resumes = gw_b.metric("fleetward_gateway_resumes_total", outcome="kafka")
+        async with connect(gw_b, session, f"since={last}") as ws:
+            missed = await frames(ws, 5)
+            writer.send(topics.events, session, event(session, 8))
+            live = await frames(ws, 1)
+            assert sequences(missed) == [3, 4, 5, 6, 7]
+            assert sequences(live) == [8]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 1.5)  # no duplicate after the seam
+        assert gw_b.metric("fleetward_gateway_resumes_total", outcome="kafka") == kafka_resumes + 1
+        # The same resume on gw-a comes from its history.
+        async with connect(gw_a, session, f"since={last}") as ws:
+            assert sequences(await frames(ws, 6)) == [3, 4, 5, 6, 7, 8]
+        # A position this gateway cannot serve: recovery_failed first.
+        async with connect(gw_a, session, "since=999:0") as ws:
+            first_frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert first_frame["control"] == "recovery_failed", first_frame
+
+    asyncio.run(main())
+
+
+def test_slow_client_is_closed_4008_and_fast_one_keeps_up(
+    kafka: Kafka, topics: Topics, writer: KafkaWriter, tmp_path: Path
+):
+    gw = GatewayProcess(
+        kafka.bootstrap, topics, SECRET, tmp_path / "gw-slow.log", "--outbound-queue=4", instance="gw-slow"
+    ).start()
+    n = 150
+    big = "x" * 40_000  # large frames fill the socket buffers of a client that stops reading
+
+    async def main() -> None:
+        # The slow client: a tiny receive buffer and a websockets queue of one frame, never read.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        async with (
+            websockets.connect(
+                gw.url("slow-s"),
+                sock=sock,
+                max_queue=1,
+                additional_headers={"Authorization": "Bearer " + gw.token("slow-s")},
+            ) as slow,
+            connect(gw, "fast-s") as fast,
+        ):
+
+            def produce() -> None:
+                for seq in range(n):
+                    writer.send(topics.events, "slow-s", event("slow-s", seq, data={"role": "assistant", "text": big}))
+                    writer.send(topics.events, "fast-s", event("fast-s", seq))
+
+            # The fast client reads as the events come (production runs in a thread meanwhile).
+            fast_reader = asyncio.create_task(frames(fast, n, timeout=30))
+            await asyncio.to_thread(produce)
+            assert sequences(await fast_reader) == list(range(n))
+            # Now the slow client reads what reached it, then the close frame.
+            received: list[dict] = []
+            code = 0
+            try:
+                async with asyncio.timeout(30):
+                    while True:
+                        received.append(json.loads(await slow.recv()))
+            except ConnectionClosed as e:
+                code = e.rcvd.code if e.rcvd else 1006
+            assert code == 4008, f"slow client closed with {code}"
+            assert 0 < len(received) < n
+            assert sequences(received) == list(range(len(received)))
+        # It resumes from its last position and gets the rest, in order.
+        async with connect(gw, "slow-s", f"since={received[-1]['position']}") as again:
+            rest = await frames(again, n - len(received), timeout=30)
+            assert sequences(received + rest) == list(range(n))
+
+    try:
+        asyncio.run(main())
+        assert gw.metric("fleetward_gateway_slow_client_closes_total") == 1
+        assert gw.metric("fleetward_gateway_closes_total", code="4008") == 1
+    finally:
+        gw.stop()
+
+
+def test_sigterm_closes_clients_with_1001(kafka: Kafka, topics: Topics, tmp_path: Path):
+    gw = GatewayProcess(kafka.bootstrap, topics, SECRET, tmp_path / "gw-term.log", instance="gw-term").start()
+
+    async def main() -> list[int]:
+        async with connect(gw, "term-1") as c1, connect(gw, "term-2") as c2:
+            await asyncio.sleep(0.3)
+            gw.proc.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(close_code(c1), close_code(c2)))
+
+    try:
+        assert asyncio.run(main()) == [1001, 1001]
+        assert gw.proc.wait(20) == 0
+        assert "shutting down" in gw.logs()
+    finally:
+        gw.stop()
+
+
+def test_connection_limit_answers_503(kafka: Kafka, topics: Topics, tmp_path: Path):
+    gw = GatewayProcess(
+        kafka.bootstrap, topics, SECRET, tmp_path / "gw-limit.log", "--max-connections=1", instance="gw-limit"
+    ).start()
+
+    async def main() -> None:
+        async with connect(gw, "limit-1"):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(gw, "limit-2"):
+                    pass
+            assert refused.value.response.status_code == 503
+        # The slot is free again once the first connection closed.
+        await asyncio.sleep(0.5)
+        async with connect(gw, "limit-2"):
+            pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        gw.stop()
+
+
+def test_too_big_message_closes_1009_and_expired_token_4001(gateways):
+    gw_a, _ = gateways
+
+    async def main() -> None:
+        async with connect(gw_a, "big-1") as ws:
+            await ws.send(json.dumps({"type": "user_message", "text": "y" * 70_000}))
+            assert await close_code(ws) == 1009
+        # A token valid for 2 more seconds (+5 s leeway): the connection is closed when it expires.
+        token = gw_a.token("exp-1", ttl=2)
+        async with websockets.connect(gw_a.url("exp-1"), additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            assert await close_code(ws, timeout=20) == 4001
+
+    asyncio.run(main())
