@@ -235,6 +235,7 @@ def _env(inputs: AgentInputs) -> list[dict[str, Any]]:
         {"name": "POD_NAME", **field_ref("metadata.name")},
         {"name": "POD_NAMESPACE", **field_ref("metadata.namespace")},
         {"name": "FLEETWARD_CONFIG", "value": f"{CONFIG_DIR}/config.json"},
+        {"name": "TMPDIR", "value": "/var/tmp"},
     ]
     if inputs.settings.runtime.database_secret:
         env.append(
@@ -291,7 +292,9 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
             {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True},
             {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
             {"name": "state", "mountPath": "/var/lib/fleetward"},
-            {"name": "tmp", "mountPath": "/tmp"},
+            # Writable temp space on a read-only root: /var/tmp, named by TMPDIR. (Not /tmp: on
+            # the local cluster's podlet a volume there would hide a checkout living in /tmp.)
+            {"name": "tmp", "mountPath": "/var/tmp"},
         ],
     }
     pod_spec: dict[str, Any] = {
