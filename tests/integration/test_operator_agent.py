@@ -70,7 +70,7 @@ def test_agent_becomes_ready_with_every_object(api, core, kafka, fleetward, name
     dep = _read(api, "Deployment", namespace, "fw-billing")
     assert dep.spec.template.metadata.annotations["fleetward.dev/config-hash"] == st["configHash"]
     pods = core.list_namespaced_pod(namespace, label_selector="fleetward.dev/agent=billing").items
-    assert pods and all(p.spec.node_name == "podlet" and p.status.pod_ip.startswith("127.0.") for p in pods)
+    assert pods and all(p.spec.node_name == "podlet" and p.status.pod_ip.startswith("127.") for p in pods)
 
     # The rendered config carries the resolved SOP text and guardrail.
     config = json.loads(_read(api, "ConfigMap", namespace, "fw-billing-config").data["config.json"])

@@ -6,6 +6,7 @@ and deleting the Deployment garbage-collects everything."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -121,7 +122,7 @@ def is_ready(pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
-def test_deployment_runs_as_real_processes_on_the_podlet(api, core, app_config, control):
+def test_deployment_runs_as_real_processes_on_the_podlet(cluster, api, core, app_config, control):
     ns = app_config
     apps = client.AppsV1Api(api)
     apps.create_namespaced_deployment(
@@ -156,7 +157,7 @@ def test_deployment_runs_as_real_processes_on_the_podlet(api, core, app_config, 
         assert pod.metadata.owner_references[0].name == rs[0].metadata.name
         assert is_ready(pod) and pod.status.phase == "Running"
         ip = pod.status.pod_ip
-        assert ip.startswith("127.0.") and not ip.startswith("127.0.0."), ip
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(cluster.pod_cidr) and not ip.startswith("127.0.0."), ip
         ips.add(ip)
 
         # A real process: its PID is alive, runs our command, in its own mount namespace.

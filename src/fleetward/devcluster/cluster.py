@@ -16,6 +16,7 @@ import shlex
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,14 @@ class DevCluster:
                     ) from e
                 time.sleep(0.2)
 
+    @property
+    def pod_cidr(self) -> str:
+        """This cluster's slice of the loopback range for pod IPs: 127.N.0.0/16 with N from
+        the state folder, so two local clusters (a `make up` and a test run, say) do not
+        hand out the same pod IPs and clash on their ports. N stays below 63: kwok's fake
+        node and pod IPs use 127.63 and 127.64."""
+        return f"127.{1 + zlib.crc32(str(self.state.resolve()).encode()) % 62}.0.0/16"
+
     def start_podlet(self) -> None:
         kubeconfig = self.control_plane.kubeconfig_for(node_identity(PODLET_NODE), "podlet")
         proc = ManagedProcess(
@@ -144,6 +153,8 @@ class DevCluster:
                 str(self.control_plane.apiserver_port),
                 "--kubelet-version",
                 f"v{layout.versions()['KUBERNETES_VERSION']}",
+                "--pod-cidr",
+                self.pod_cidr,
             ],
             self.state / "logs" / "podlet.log",
             env={**os.environ, "PATH": self.path_env()},

@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         help="how often ConfigMap/Secret volumes are re-read (default: %(default)s)",
     )
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra Node label")
+    p.add_argument(
+        "--pod-cidr",
+        default="127.0.1.0/16",
+        help="loopback range pod IPs come from (default: %(default)s; 127.0.0.0/24 is never used)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     labels = dict(label.split("=", 1) for label in args.label)
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         kubelet_version=args.kubelet_version,
         volume_resync_seconds=args.volume_resync_seconds,
         labels=labels,
+        pod_cidr=args.pod_cidr,
     )
 
     def on_signal(signum, frame):

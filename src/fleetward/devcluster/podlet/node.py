@@ -31,7 +31,8 @@ STATUS_EVERY = 20
 
 
 class IPPool:
-    """One loopback address per pod, from 127.0.1.1 upwards (127.0.0.0/24 is left to the
+    """One loopback address per pod from the node's range (default 127.0.1.1 upwards; DevCluster
+    gives each cluster its own /16). 127.0.0.0/24 is always left to the
     host's own services). Linux routes all of 127.0.0.0/8 to `lo`, so no setup is needed.
     Released addresses go to the end of the pool, so a new pod does not inherit the
     address a deleted pod's clients may still be talking to."""
@@ -74,12 +75,13 @@ class Podlet:
     )
     labels: dict[str, str] = field(default_factory=dict)
     host_ip: str = "127.0.0.1"
+    pod_cidr: str = "127.0.1.0/16"
 
     def __post_init__(self) -> None:
         self.api_client = config.new_client_from_config(str(self.kubeconfig))
         self.core = client.CoreV1Api(self.api_client)
         self.coordination = client.CoordinationV1Api(self.api_client)
-        self.ips = IPPool()
+        self.ips = IPPool(self.pod_cidr)
         self.tokens = TokenCache()
         self.workers: dict[str, PodWorker] = {}
         self.stopping = threading.Event()
