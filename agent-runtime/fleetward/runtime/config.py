@@ -69,3 +69,109 @@ def kafka_client_config(config: RuntimeConfig) -> dict[str, str]:
             raise ConfigError(f"kafka.passwordFile {k.password_file}: {e.strerror}") from e
         out.update({"sasl.mechanism": k.sasl_mechanism, "sasl.username": k.username, "sasl.password": password})
     return out
+
+
+# --- Process settings the rendered config does not carry ---------------------------------
+# These come from the pod's environment: the operator sets FLEETWARD_DATABASE_DSN from its
+# `runtime.databaseSecret`; the others have defaults that suit one pod and can be tuned per
+# Deployment.
+
+MODEL_PRICES_ENV = "FLEETWARD_MODEL_PRICES"
+SOP_THRESHOLD_ENV = "FLEETWARD_SOP_SIMILARITY_THRESHOLD"
+SHUTDOWN_SECONDS_ENV = "FLEETWARD_SHUTDOWN_SECONDS"
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD per million tokens."""
+
+    input_per_million: float
+    output_per_million: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    database_dsn: str | None
+    """PostgreSQL DSN (from the env variable `persistence.dsnEnv` names); None: SQLite."""
+    sqlite_path: str
+    instance: str
+    """This pod (POD_NAME), or the host name outside Kubernetes: acks and logs name it."""
+    prices: dict[str, ModelPrice]
+    sop_similarity_threshold: float
+    shutdown_seconds: float
+    """How long SIGTERM waits for in-flight runs to reach a step boundary."""
+
+
+def _float_env(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number from {low} to {high}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r}: expected a number from {low} to {high}")
+    return value
+
+
+def parse_prices(raw: str | None) -> dict[str, ModelPrice]:
+    """`{"<model name>": {"input": <USD per 1M prompt tokens>, "output": <USD per 1M completion tokens>}}`."""
+    if not raw:
+        return {}
+    import json
+
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"{MODEL_PRICES_ENV}: not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f'{MODEL_PRICES_ENV}: expected an object {{"<model>": {{"input": 0.15, "output": 0.6}}}}')
+    prices = {}
+    for model, entry in doc.items():
+        if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
+            raise ConfigError(f'{MODEL_PRICES_ENV}.{model}: expected {{"input": <USD/1M>, "output": <USD/1M>}}')
+        values = []
+        for side in ("input", "output"):
+            v = entry[side]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"{MODEL_PRICES_ENV}.{model}.{side}: expected a number >= 0, got {v!r}")
+            values.append(float(v))
+        prices[model] = ModelPrice(*values)
+    return prices
+
+
+def process_settings(config: RuntimeConfig, env: dict[str, str] | None = None) -> ProcessSettings:
+    import os
+    import socket
+
+    env = dict(os.environ) if env is None else env
+    dsn = None
+    if config.persistence.dsn_env:
+        dsn = env.get(config.persistence.dsn_env) or None
+        if dsn is None:
+            raise ConfigError(
+                f"persistence.dsnEnv names {config.persistence.dsn_env}, but that environment variable is empty"
+            )
+    return ProcessSettings(
+        database_dsn=dsn,
+        sqlite_path=config.persistence.sqlite_path,
+        instance=env.get("POD_NAME") or socket.gethostname(),
+        prices=parse_prices(env.get(MODEL_PRICES_ENV)),
+        sop_similarity_threshold=_float_env(env, SOP_THRESHOLD_ENV, 0.30, -1.0, 1.0),
+        shutdown_seconds=_float_env(env, SHUTDOWN_SECONDS_ENV, 20.0, 0.0, 3600.0),
+    )
+
+
+def load_model_api_key(config: RuntimeConfig, index: int = 0) -> str | None:
+    """The mounted API key of model `index` (0 = primary); None when the model needs none."""
+    entry = next((m for m in config.credentials.models if m.index == index), None)
+    if entry is None or entry.api_key_file is None:
+        return None
+    try:
+        return Path(entry.api_key_file).read_text().strip() or None
+    except OSError as e:
+        raise ConfigError(f"credentials.models[{index}].apiKeyFile {entry.api_key_file}: {e.strerror}") from e

@@ -1,8 +1,9 @@
 """`fleetward runtime run`: one agent runtime process, driven by its rendered config.
 
 It serves /healthz (alive), /readyz (config, key and Kafka usable) and /metrics on the
-pod IP, and stops on SIGTERM within the pod's grace period. The agent graphs plug in
-here (intake, graphs, events, control) as they are built.
+pod IP, runs the agent (intake -> graph -> events, control) and stops on SIGTERM within
+the pod's grace period: no new work, runs in flight stop at their next step boundary
+(checkpointed, their requests left uncommitted), then Kafka and the database are closed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,31 @@ import time
 from pathlib import Path
 
 from aiohttp import web
-from fleetward.runtime.config import ConfigError, kafka_client_config, load_config, load_signing_key
+from fleetward.runtime.config import (
+    ConfigError,
+    ProcessSettings,
+    SigningKey,
+    kafka_client_config,
+    load_config,
+    load_model_api_key,
+    load_signing_key,
+    process_settings,
+)
+from fleetward.runtime.context import Services
+from fleetward.runtime.control import Control
+from fleetward.runtime.events import EventPublisher
+from fleetward.runtime.graphs.specialist import build_specialist, chat_model
+from fleetward.runtime.guardrails.engine import GuardrailEngine
+from fleetward.runtime.intake import Intake
+from fleetward.runtime.kafka import AsyncProducer
+from fleetward.runtime.persistence import Persistence, open_persistence
+from fleetward.runtime.retrieval import SopRetriever
+from fleetward.runtime.runs import RunExecutor, RunRegistry
+from fleetward.runtime.telemetry import setup_logging, setup_tracing, shutdown_tracing
+from fleetward.runtime.tools import ToolHttpClient
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+
+from fleetward.api.runtimeconfig import RuntimeConfig
 
 log = logging.getLogger("fleetward.runtime")
 READY = Gauge("fleetward_runtime_ready", "1 when the runtime is ready to take work.", ["agent"])
@@ -75,9 +99,53 @@ async def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     key = load_signing_key(config)
     kafka_config = kafka_client_config(config)
+    settings = process_settings(config)
     agent = config.agent.ref
+    setup_tracing(settings.instance, agent)
     readiness = Readiness()
+    readiness.checks.update({"persistence": "not open yet", "intake": "not started", "control": "not subscribed"})
     log.info("runtime for agent %s starting (config %s, key %s)", agent, config.config_hash, key.key_id)
+    runner = await start_server(args, config, readiness)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_kafka() -> None:
+        delay = 1.0
+        while not stop.is_set():
+            problem = await asyncio.to_thread(check_kafka, kafka_config, config.topics.request)
+            if problem != readiness.checks["kafka"]:
+                log.info("kafka check: %s", problem or "ok")
+            readiness.checks["kafka"] = problem
+            READY.labels(agent).set(1 if readiness.ready else 0)
+            delay = 10.0 if problem is None else min(delay * 2, 10.0)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+
+    watcher = asyncio.create_task(watch_kafka())
+    try:
+        async with open_persistence(settings.database_dsn, settings.sqlite_path) as persistence:
+            readiness.checks["persistence"] = None
+            log.info("persistence: %s", persistence.backend)
+            await run_agent(config, key, kafka_config, settings, persistence, readiness, stop)
+    finally:
+        started = time.monotonic()
+        readiness.stopping = True
+        READY.labels(agent).set(0)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await runner.cleanup()
+        shutdown_tracing()
+        log.info("stopped in %.2f s", time.monotonic() - started)
+    return 0
+
+
+async def start_server(args: argparse.Namespace, config: RuntimeConfig, readiness: Readiness) -> web.AppRunner:
+    agent = config.agent.ref
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "agent": agent})
@@ -100,45 +168,104 @@ async def serve(args: argparse.Namespace) -> int:
         host, port = h or host, int(p)
     await web.TCPSite(runner, host, port).start()
     log.info("serving /healthz /readyz /metrics on %s:%d", host, port)
+    return runner
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
-    async def watch_kafka() -> None:
-        delay = 1.0
-        while not stop.is_set():
-            problem = await asyncio.to_thread(check_kafka, kafka_config, config.topics.request)
-            if problem != readiness.checks["kafka"]:
-                log.info("kafka check: %s", problem or "ok")
-            readiness.checks["kafka"] = problem
-            READY.labels(agent).set(1 if readiness.ready else 0)
-            delay = 10.0 if problem is None else min(delay * 2, 10.0)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
+async def run_agent(
+    config: RuntimeConfig,
+    key: SigningKey,
+    kafka_config: dict[str, str],
+    settings: ProcessSettings,
+    persistence: Persistence,
+    readiness: Readiness,
+    stop: asyncio.Event,
+) -> None:
+    """Intake, control and the graph until `stop`; then a bounded, orderly shutdown."""
+    agent = config.agent.ref
+    producer = AsyncProducer(kafka_config, client_id=f"{config.kafka.consumer_group}.{settings.instance}")
+    tool_client = ToolHttpClient()
+    try:
+        engine = (
+            GuardrailEngine([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+            if config.guardrails
+            else None
+        )
+        retriever = SopRetriever(config.sops, settings.sop_similarity_threshold)
+        await asyncio.to_thread(retriever.warm_up)
+        services = Services(
+            config=config,
+            events=EventPublisher(producer, persistence.ledger, config.topics.events, agent),
+            ledger=persistence.ledger,
+            signing_key=key,
+            guardrails=engine,
+            retriever=retriever,
+            prices=settings.prices,
+        )
+        if config.spec.role != "specialist":
+            # The router graph comes with the next issue. Until then a router takes no work:
+            # its requests wait in Kafka, uncommitted, for the runtime that serves them.
+            readiness.checks["intake"] = None
+            readiness.checks["control"] = None
+            log.warning("role %s: no graph yet; requests stay queued in %s", config.spec.role, config.topics.request)
+            await stop.wait()
+            return
+        graph = build_specialist(
+            services, chat_model(config, load_model_api_key(config, 0)), tool_client, persistence.checkpointer
+        )
+        registry = RunRegistry()
+        executor = RunExecutor(services, graph, registry)
+        intake = Intake(
+            kafka_config,
+            topic=config.topics.request,
+            group=config.kafka.consumer_group,
+            dlq_topic=config.topics.dlq,
+            instance=settings.instance,
+            executor=executor,
+            registry=registry,
+            producer=producer,
+        )
+        intake.shutdown_timeout = settings.shutdown_seconds
+        control = Control(
+            kafka_config,
+            services=services,
+            intake=intake,
+            registry=registry,
+            producer=producer,
+            instance=settings.instance,
+            group_prefix=config.kafka.consumer_group,
+        )
+        tasks = [asyncio.create_task(intake.run(), name="intake"), asyncio.create_task(control.run(), name="control")]
+        readiness.checks["intake"] = None
 
-    watcher = asyncio.create_task(watch_kafka())
-    await stop.wait()
-    started = time.monotonic()
-    readiness.stopping = True
-    READY.labels(agent).set(0)
-    log.info("SIGTERM: stopping (no run in flight)")
-    watcher.cancel()
-    await asyncio.gather(watcher, return_exceptions=True)
-    await runner.cleanup()
-    log.info("stopped in %.2f s", time.monotonic() - started)
-    return 0
+        async def control_ready() -> None:
+            await control.ready.wait()
+            readiness.checks["control"] = None
+
+        ready_task = asyncio.create_task(control_ready())
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stopper and t.exception() is not None:
+                log.error("%s ended: %r", t.get_name(), t.exception())
+        log.info(
+            "stopping: no new work; runs in flight finish their current step (at most %.0f s)",
+            settings.shutdown_seconds,
+        )
+        readiness.stopping = True
+        intake.stopping.set()
+        control.stopping.set()
+        ready_task.cancel()
+        stopper.cancel()
+        await asyncio.wait(tasks, timeout=settings.shutdown_seconds + 10)
+    finally:
+        await tool_client.close()
+        undelivered = await asyncio.to_thread(producer.close)
+        if undelivered:
+            log.error("%d Kafka records were not delivered before shutdown", undelivered)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stdout,
-        format='{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}',
-    )
+    setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
     if args.config is None:
         print("error: no config: pass --config PATH or set FLEETWARD_CONFIG", file=sys.stderr)
         return 2
@@ -147,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
             config = load_config(args.config)
             load_signing_key(config)
             kafka_client_config(config)
+            process_settings(config)
             print(f"config {args.config} is valid (agent {config.agent.ref}, hash {config.config_hash})")
             return 0
         return asyncio.run(serve(args))

@@ -1,0 +1,256 @@
+"""Kill-switch control (SPEC §7): `halt`, `resume`, `rotate_keys` from the control topic,
+acks on control-acks.
+
+Every instance reads every control message: its consumer group is its own (pod name), so a
+container restarted in the same pod re-reads what it has not acknowledged, and a new pod
+starts from the latest message. Orders for other agents, and orders older than the last
+generation seen from the same KillSwitch, are ignored.
+
+halt: intake takes no new command at once and pauses its partitions (ack `halted`); each
+run in flight finishes its current graph step, is checkpointed and parks at the next step
+boundary (`drain`), or is cancelled at once (`abort`: the in-flight model or tool call is
+dropped; the last checkpoint stays). A run still busy when `drainTimeoutSeconds` ends is
+cancelled too (`forced`). Each gets a `halted` session event; then the ack `drained` lists
+them. Their requests stay uncommitted in Kafka.
+resume: parked runs go on, cancelled ones restart from their checkpoints, intake resumes;
+each halted run gets a `resumed` event; ack `resumed`.
+rotate_keys: the signing key is read again from its mounted file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from fleetward.runtime.config import SigningKey, load_signing_key
+from fleetward.runtime.context import RunContext, Services
+from fleetward.runtime.intake import Intake
+from fleetward.runtime.kafka import AsyncProducer
+from fleetward.runtime.runs import RunRegistry
+from fleetward.runtime.telemetry import HALTED
+
+from fleetward.api.envelopes import ControlAck, ControlMessage, EnvelopeError, parse_control
+
+log = logging.getLogger("fleetward.runtime.control")
+
+
+@dataclass(frozen=True)
+class HaltedRun:
+    run_id: str
+    session_id: str
+    trace_id: str
+    step: str
+    outcome: str
+
+
+class Control:
+    def __init__(
+        self,
+        client_config: dict[str, str],
+        *,
+        services: Services,
+        intake: Intake,
+        registry: RunRegistry,
+        producer: AsyncProducer,
+        instance: str,
+        group_prefix: str,
+    ) -> None:
+        self.services = services
+        self.intake = intake
+        self.registry = registry
+        self.producer = producer
+        self.instance = instance
+        self.topic = services.config.topics.control
+        self.acks_topic = services.config.topics.control_acks
+        self.consumer = Consumer(
+            {
+                **client_config,
+                "group.id": f"{group_prefix}.control.{instance}",
+                "client.id": f"{group_prefix}.control.{instance}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "latest",
+            }
+        )
+        self.generations: dict[str, int] = {}
+        self.halted_runs: list[HaltedRun] = []
+        self.halted_by: tuple[str, int] | None = None
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    @property
+    def agent(self) -> str:
+        return self.services.agent
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            # A new instance starts at the end of the topic, fixed here rather than by
+            # auto.offset.reset=latest, which is resolved lazily: an order sent right after
+            # the runtime reported ready would otherwise be skipped.
+            committed = consumer.committed(partitions, timeout=10)
+            for tp in committed:
+                if tp.offset < 0:
+                    tp.offset = consumer.get_watermark_offsets(tp, timeout=10)[1]
+            consumer.assign(committed)
+            loop.call_soon_threadsafe(self.ready.set)
+
+        self.consumer.subscribe([self.topic], on_assign=assigned)
+        try:
+            while not self.stopping.is_set():
+                message = await asyncio.to_thread(self.consumer.poll, 0.25)
+                if message is None:
+                    continue
+                if message.error():
+                    if message.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("control topic: %s", message.error())
+                    continue
+                try:
+                    order = parse_control(message.value() or b"")
+                except EnvelopeError as e:
+                    log.warning("ignoring an invalid control message at offset %d: %s", message.offset(), e)
+                else:
+                    await self.handle(order)
+                await asyncio.to_thread(self.consumer.commit, message=message, asynchronous=False)
+        finally:
+            await asyncio.to_thread(self.consumer.close)
+
+    def _applies(self, order: ControlMessage) -> bool:
+        if order.agents and self.agent not in order.agents:
+            return False
+        last = self.generations.get(order.kill_switch)
+        if last is not None and order.generation < last:
+            log.info("ignoring %s of %s generation %d (seen %d)", order.type, order.kill_switch, order.generation, last)
+            return False
+        self.generations[order.kill_switch] = order.generation
+        return True
+
+    async def handle(self, order: ControlMessage) -> None:
+        if not self._applies(order):
+            return
+        log.info("control: %s from %s (generation %d)", order.type, order.kill_switch, order.generation)
+        if order.type == "halt":
+            await self._halt(order)
+        elif order.type == "resume":
+            await self._resume(order)
+        else:
+            self._rotate_keys()
+
+    async def _ack(self, type_: str, order: ControlMessage, counts: dict[str, int], runs: list[HaltedRun]) -> None:
+        ack = ControlAck.new(
+            type_,  # type: ignore[arg-type]
+            kill_switch=order.kill_switch,
+            generation=order.generation,
+            instance=self.instance,
+            component="runtime",
+            agents=[self.agent],
+            counts=counts,
+            runs=[{"sessionId": r.session_id, "runId": r.run_id, "step": r.step, "outcome": r.outcome} for r in runs],
+        )
+        await self.producer.send(self.acks_topic, ack.to_json(), key=self.agent)
+
+    async def _halt(self, order: ControlMessage) -> None:
+        started = time.monotonic()
+        self.intake.halt()
+        self.registry.halt()
+        HALTED.labels(self.agent).set(1)
+        in_flight = list(self.registry.active.values())
+        await self._ack("halted", order, {"runsInFlight": len(in_flight)}, [])
+        outcomes: dict[str, str] = {}
+        if order.mode == "abort":
+            for ctx in in_flight:
+                outcomes[ctx.run_id] = "aborted"
+                if ctx.task is not None:
+                    ctx.task.cancel()
+        else:
+            timeout = float(order.drain_timeout_seconds or 30)
+            waits = {ctx.run_id: asyncio.ensure_future(self._parked_or_done(ctx)) for ctx in in_flight}
+            if waits:
+                await asyncio.wait(waits.values(), timeout=timeout)
+            for ctx in in_flight:
+                w = waits[ctx.run_id]
+                if w.done():
+                    outcomes[ctx.run_id] = "drained"
+                else:
+                    w.cancel()
+                    outcomes[ctx.run_id] = "forced"
+                    if ctx.task is not None:
+                        ctx.task.cancel()
+        runs = []
+        for ctx in in_flight:
+            if outcomes[ctx.run_id] == "drained" and not ctx.parked:
+                continue  # it finished its last step instead of parking: nothing is halted
+            run = HaltedRun(ctx.run_id, ctx.session_id, ctx.trace_id, ctx.current_step, outcomes[ctx.run_id])
+            runs.append(run)
+            await self._emit_for(
+                run,
+                f"halted/{order.kill_switch}/{order.generation}",
+                "halted",
+                {
+                    "killSwitch": order.kill_switch,
+                    "reason": order.reason,
+                    "step": run.step,
+                },
+            )
+        self.halted_runs = runs
+        self.halted_by = (order.kill_switch, order.generation)
+        counts = {
+            "runsDrained": sum(r.outcome == "drained" for r in runs),
+            "runsAborted": sum(r.outcome == "aborted" for r in runs),
+            "runsForced": sum(r.outcome == "forced" for r in runs),
+            "drainMillis": int((time.monotonic() - started) * 1000),
+        }
+        await self._ack("drained", order, counts, runs)
+
+    @staticmethod
+    async def _parked_or_done(ctx: RunContext) -> None:
+        parked = asyncio.ensure_future(ctx.parked_event.wait())
+        waits: set[asyncio.Future[Any]] = {parked}
+        if ctx.task is not None:
+            waits.add(ctx.task)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            parked.cancel()
+
+    async def _emit_for(self, run: HaltedRun, key: str, type_: str, data: dict[str, Any]) -> None:
+        await self.services.events.emit(
+            f"{run.run_id}/{key}",
+            type_,  # type: ignore[arg-type]
+            session_id=run.session_id,
+            run_id=run.run_id,
+            trace_id=run.trace_id,
+            data={k: v for k, v in data.items() if v is not None},
+        )
+
+    async def _resume(self, order: ControlMessage) -> None:
+        runs, self.halted_runs = self.halted_runs, []
+        # The resumed events go out before the runs move, so they precede the runs' next events.
+        for run in runs:
+            await self._emit_for(
+                run, f"resumed/{order.kill_switch}/{order.generation}", "resumed", {"killSwitch": order.kill_switch}
+            )
+        self.registry.resume()
+        self.intake.resume()
+        HALTED.labels(self.agent).set(0)
+        await self._ack("resumed", order, {"runsResumed": len(runs)}, [])
+
+    def _rotate_keys(self) -> None:
+        config = self.services.config
+        key_id_file = Path(config.credentials.signing_key_file).with_name("key-id")
+        key_id = config.credentials.key_id
+        with contextlib.suppress(OSError):
+            key_id = key_id_file.read_text().strip() or key_id
+        try:
+            fresh = load_signing_key(config)
+        except Exception as e:
+            log.error("rotate_keys: the signing key could not be read again: %s", e)
+            return
+        self.services.signing_key = SigningKey(key_id, fresh.private_key)
+        log.info("rotate_keys: signing key reloaded (kid %s)", key_id)

@@ -1,0 +1,1 @@
+"""The runtime's LangGraph graphs, one module per Agent role (SPEC §4)."""

@@ -1,0 +1,290 @@
+"""Durable intake from the agent's request topic (SPEC §4): a consumer group per agent,
+key = session id, offsets committed only when the run reached a durable resting point.
+
+- One worker per assigned partition takes that partition's commands in order, one at a
+  time: a session's commands (one key, one partition) never overtake each other.
+- A command's offset is committed after its run reached a durable checkpoint at which it
+  rests: completed, failed, or waiting at an interrupt (a human's answer arrives later as
+  its own command). A duplicate (same idempotency key, see the ledger) is committed
+  without running again.
+- A malformed command, or one that cannot be served, goes to the dead-letter topic with
+  the reason; its offset is committed and the worker moves on.
+- Stopping (SIGTERM, a lost partition): runs stop at their next step boundary, after the
+  current step is checkpointed; their commands and everything not started stay
+  uncommitted, so whoever owns the partition next picks them up from the checkpoint.
+- Halt (control.py): no command is started; running ones park at a step boundary;
+  partitions are paused. Resume restarts from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from fleetward.runtime.kafka import AsyncProducer, header_value
+from fleetward.runtime.runs import Delivery, Outcome, Rejected, RunExecutor, RunRegistry
+from fleetward.runtime.telemetry import REQUESTS
+
+from fleetward.api.envelopes import EnvelopeError, parse_command
+
+log = logging.getLogger("fleetward.runtime.intake")
+
+QUEUE_PAUSE_AT = 8
+"""Fetched-but-unstarted commands per partition above which the partition is paused."""
+
+
+def consumer_config(client_config: dict[str, str], group: str, instance: str) -> dict[str, Any]:
+    return {
+        **client_config,
+        "group.id": group,
+        "client.id": f"{group}.{instance}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": 10000,
+        "heartbeat.interval.ms": 1000,
+        # A run may take long; the poll loop keeps polling, so this only bounds a stuck process.
+        "max.poll.interval.ms": 300000,
+    }
+
+
+def dead_letter(message: Message, reason: str, agent: str) -> tuple[str, dict[str, str]]:
+    """The DLQ record: the original command (verbatim, as text) with where it came from and why."""
+    raw = message.value() or b""
+    body = {
+        "reason": reason,
+        "agent": agent,
+        "topic": message.topic(),
+        "partition": message.partition(),
+        "offset": message.offset(),
+        "key": message.key().decode(errors="replace") if message.key() else None,
+        "value": raw.decode(errors="replace"),
+        "deadLetteredAt": datetime.now(UTC).isoformat(),
+    }
+    headers = {
+        "fleetward-dlq-reason": reason[:1000],
+        "fleetward-original-topic": message.topic() or "",
+        "fleetward-original-partition": str(message.partition()),
+        "fleetward-original-offset": str(message.offset()),
+    }
+    return json.dumps(body, ensure_ascii=False), headers
+
+
+@dataclass
+class PartitionWorker:
+    partition: int
+    queue: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    revoked: bool = False
+    paused: bool = False
+
+
+class Intake:
+    def __init__(
+        self,
+        client_config: dict[str, str],
+        *,
+        topic: str,
+        group: str,
+        dlq_topic: str,
+        instance: str,
+        executor: RunExecutor,
+        registry: RunRegistry,
+        producer: AsyncProducer,
+    ) -> None:
+        self.topic = topic
+        self.dlq_topic = dlq_topic
+        self.executor = executor
+        self.registry = registry
+        self.producer = producer
+        self.consumer = Consumer(consumer_config(client_config, group, instance))
+        self.workers: dict[int, PartitionWorker] = {}
+        self.stopping = asyncio.Event()
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.assigned = asyncio.Event()
+
+    @property
+    def agent(self) -> str:
+        return self.executor.agent
+
+    # -- consumer callbacks (run on the polling thread) ---------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._assigned, [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._revoked([p.partition for p in partitions]), self._loop)
+        try:
+            future.result(timeout=20)  # let in-flight runs reach a step boundary first
+        except Exception as e:
+            log.warning("revoking partitions %s: %s", [p.partition for p in partitions], e)
+
+    def _assigned(self, partitions: list[int]) -> None:
+        for p in partitions:
+            worker = PartitionWorker(p)
+            self.workers[p] = worker
+            worker.task = asyncio.create_task(self._work(worker), name=f"intake-p{p}")
+        log.info("assigned partitions %s of %s", partitions, self.topic)
+        if not self.resumed.is_set():
+            self._pause_all()
+        self.assigned.set()
+
+    async def _revoked(self, partitions: list[int]) -> None:
+        workers = [self.workers.pop(p) for p in partitions if p in self.workers]
+        for w in workers:
+            w.revoked = True
+            for ctx in list(self.registry.active.values()):
+                if ctx.partition == w.partition:
+                    ctx.gate.stop.set()
+        tasks = [w.task for w in workers if w.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=15)
+            for t in pending:
+                t.cancel()
+        log.info("revoked partitions %s of %s", partitions, self.topic)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self.stopping.is_set():
+                message = await asyncio.to_thread(self.consumer.poll, 0.25)
+                if message is None:
+                    continue
+                if message.error():
+                    if message.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("request topic: %s", message.error())
+                    continue
+                worker = self.workers.get(message.partition())
+                if worker is None:  # assignment callbacks are scheduled, not yet run: run them first
+                    await asyncio.sleep(0)
+                    worker = self.workers.get(message.partition())
+                if worker is None:
+                    log.warning(
+                        "message for unassigned partition %d dropped (it stays uncommitted)", message.partition()
+                    )
+                    continue
+                worker.queue.put_nowait(message)
+                if worker.queue.qsize() >= QUEUE_PAUSE_AT and not worker.paused:
+                    self._pause([worker.partition])
+                    worker.paused = True
+        finally:
+            await self._shutdown()
+
+    def _pause(self, partitions: list[int]) -> None:
+        self.consumer.pause([TopicPartition(self.topic, p) for p in partitions])
+
+    def _resume(self, partitions: list[int]) -> None:
+        self.consumer.resume([TopicPartition(self.topic, p) for p in partitions])
+
+    def _pause_all(self) -> None:
+        if self.workers:
+            self._pause(list(self.workers))
+
+    def halt(self) -> None:
+        """Take no new command; runs in flight park at their next step (registry.halt)."""
+        self.resumed.clear()
+        self._pause_all()
+
+    def resume(self) -> None:
+        self.resumed.set()
+        self._resume([p for p, w in self.workers.items() if not w.paused])
+
+    async def _shutdown(self) -> None:
+        workers = list(self.workers.values())
+        self.registry.stop_all()
+        tasks = [w.task for w in workers if w.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.to_thread(self.consumer.close)
+
+    shutdown_timeout: float = 20.0
+
+    # -- one partition ---------------------------------------------------------------------------------
+
+    async def _work(self, worker: PartitionWorker) -> None:
+        while not (self.stopping.is_set() or worker.revoked):
+            try:
+                message = await asyncio.wait_for(worker.queue.get(), 0.5)
+            except TimeoutError:
+                continue
+            if worker.paused and worker.queue.qsize() < QUEUE_PAUSE_AT // 2 and self.resumed.is_set():
+                self._resume([worker.partition])
+                worker.paused = False
+            while True:
+                if not await self._wait_resumed(worker):
+                    return  # stopping: the command stays uncommitted
+                task = asyncio.create_task(self._process(message, worker.partition))
+                try:
+                    outcome = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if task.cancelled() and not (self.stopping.is_set() or worker.revoked):
+                        # cancelled by a kill switch in abort mode: redo it from its checkpoint after resume
+                        log.info("run of offset %d aborted; it resumes from its checkpoint", message.offset())
+                        continue
+                    task.cancel()
+                    raise
+                break
+            REQUESTS.labels(self.agent, outcome.value).inc()
+            if not outcome.final:
+                return  # stopped at a step boundary: leave it (and what follows) uncommitted
+            await asyncio.to_thread(
+                self.consumer.commit,
+                offsets=[TopicPartition(self.topic, worker.partition, message.offset() + 1)],
+                asynchronous=False,
+            )
+
+    async def _wait_resumed(self, worker: PartitionWorker) -> bool:
+        while not self.resumed.is_set():
+            if self.stopping.is_set() or worker.revoked:
+                return False
+            try:
+                await asyncio.wait_for(self.resumed.wait(), 0.5)
+            except TimeoutError:
+                pass
+        return not (self.stopping.is_set() or worker.revoked)
+
+    async def _process(self, message: Message, partition: int) -> Outcome:
+        traceparent = header_value(message.headers(), "traceparent")
+        try:
+            command = parse_command(message.value() or b"")
+        except EnvelopeError as e:
+            await self._dead_letter(message, str(e), [p for p, _ in e.problems])
+            return Outcome.FAILED
+        try:
+            return await self.executor.handle(Delivery(command, traceparent, partition))
+        except Rejected as e:
+            await self._dead_letter(message, str(e), [str(e).split(":", 1)[0]])
+            return Outcome.FAILED
+
+    async def _dead_letter(self, message: Message, reason: str, fields: list[str]) -> None:
+        value, headers = dead_letter(message, reason, self.agent)
+        await self.producer.send(
+            self.dlq_topic,
+            value,
+            key=message.key().decode(errors="replace") if message.key() else None,
+            headers=headers,
+        )
+        REQUESTS.labels(self.agent, "dead_lettered").inc()
+        # The reason can quote the input; the log names only the offending fields.
+        log.warning(
+            "command at %s[%d]@%d dead-lettered (fields: %s)",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            ", ".join(fields) or "-",
+        )

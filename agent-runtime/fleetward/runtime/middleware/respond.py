@@ -1,0 +1,46 @@
+"""The last step of a specialist run (after_agent, a graph node): send the answer and
+`resolved`, or — when the output guardrail withheld the answer — never send it and report
+`failed` (block) or `escalated` (escalate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext
+from fleetward.runtime.middleware.guardrails import GUARDRAIL_METADATA
+from fleetward.runtime.middleware.sop_gate import SpecialistState
+from langchain.agents.middleware import AgentMiddleware
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.runtime import Runtime
+
+NO_ANSWER = "I could not produce an answer for this request."
+
+
+def _summary(state: SpecialistState) -> str:
+    sop = state.get("sop") or {}
+    done = [m.name for m in state["messages"] if isinstance(m, ToolMessage) and m.status != "error" and m.name]
+    tools = f"; tools: {', '.join(done)}" if done else "; no tool calls"
+    return f"Answered under SOP {sop.get('name', '-')}@{sop.get('version', '-')}{tools}."
+
+
+class RespondMiddleware(AgentMiddleware[SpecialistState, RunContext]):
+    state_schema = SpecialistState
+
+    async def aafter_agent(self, state: SpecialistState, runtime: Runtime[RunContext]) -> dict[str, Any] | None:
+        ctx = runtime.context
+        await ctx.before_step("respond")
+        last = state["messages"][-1] if state["messages"] else None
+        verdict = (last.response_metadata or {}).get(GUARDRAIL_METADATA) if isinstance(last, AIMessage) else None
+        if verdict:
+            reason = f"The answer was withheld by a guardrail ({verdict['findings']})."
+            if verdict["verdict"] == "escalate":
+                sop = state.get("sop") or {}
+                queue = sop.get("escalationQueue") or DEFAULT_HUMAN_QUEUE
+                await ctx.emit("escalated", "escalated", {"queue": queue, "reason": reason})
+            else:
+                await ctx.emit("failed", "failed", {"reason": reason})
+            return None
+        text = last.text if isinstance(last, AIMessage) and last.text else NO_ANSWER
+        await ctx.emit("reply", "message", {"role": "assistant", "text": text})
+        await ctx.emit("resolved", "resolved", {"summary": _summary(state)})
+        return None

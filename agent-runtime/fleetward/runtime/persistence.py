@@ -1,0 +1,294 @@
+"""Durable state of a runtime: LangGraph checkpoints plus the runtime's own ledgers, in one
+database — PostgreSQL when the operator passes a DSN (FLEETWARD_DATABASE_DSN, shared by
+replicas), else SQLite at `persistence.sqlitePath` (the embedded default for one replica).
+
+Ledgers (tables `fw_*`, created at start):
+- `fw_requests`: one row per command idempotency key: the run it started or resumed and
+  its status. A redelivered command finds its row and is not run twice (SPEC §4).
+- `fw_runs`: one row per run (= one LangGraph thread): session, trace id, status.
+- `fw_session_events`: every session event by a deterministic key, with the sequence
+  number allocated for it and whether it reached Kafka. A step replayed after a crash
+  re-emits the same key: it gets the same sequence and envelope, and is not published
+  twice once it was (see events.py).
+
+The SQL is written once with `?` placeholders and common syntax (ON CONFLICT, RETURNING)
+that SQLite >= 3.35 and PostgreSQL both understand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS fw_requests (
+        agent TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        command_type TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (agent, idempotency_key))""",
+    """CREATE TABLE IF NOT EXISTS fw_runs (
+        run_id TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        trace_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        waiting_for TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS fw_session_events (
+        session_id TEXT NOT NULL,
+        sequence BIGINT NOT NULL,
+        event_key TEXT NOT NULL UNIQUE,
+        envelope TEXT,
+        published INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (session_id, sequence))""",
+)
+
+# Request statuses. `running`: accepted, the run has not reached a resting state (a crash
+# leaves it so; the redelivered command resumes it). The rest are final for the command.
+RUNNING, DONE = "running", "done"
+# Run statuses.
+RUN_ACTIVE, RUN_WAITING, RUN_COMPLETED, RUN_FAILED = "active", "waiting", "completed", "failed"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Database(Protocol):
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None: ...
+    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None: ...
+    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]: ...
+
+
+class SqliteDatabase:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        await self.conn.execute(sql, params)
+
+    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        async with self.conn.execute(sql, params) as cur:
+            row = await cur.fetchone()
+        return dict(row) if row is not None else None
+
+    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        async with self.conn.execute(sql, params) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+
+class PostgresDatabase:
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(self._sql(sql), params)
+
+    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self._sql(sql), params)
+            return await cur.fetchone()
+
+    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self._sql(sql), params)
+            return list(await cur.fetchall())
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    run_id: str
+    status: str
+    command_type: str
+    new: bool
+    """True when this call recorded the request (first delivery)."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    agent: str
+    session_id: str
+    trace_id: str
+    status: str
+    waiting_for: str | None
+
+
+class Ledger:
+    """The runtime's bookkeeping tables (see the module docstring)."""
+
+    def __init__(self, db: Database, backend: str) -> None:
+        self.db = db
+        self.backend = backend
+
+    async def setup(self) -> None:
+        for statement in SCHEMA:
+            await self.db.execute(statement)
+
+    # -- requests (dedupe) ---------------------------------------------------------------------
+
+    async def begin_request(
+        self, agent: str, idempotency_key: str, session_id: str, command_type: str, run_id: str
+    ) -> RequestRecord:
+        """Record a command, or find it when it was recorded before (a redelivery)."""
+        now = _now()
+        await self.db.execute(
+            "INSERT INTO fw_requests (agent, idempotency_key, session_id, run_id, command_type, status, created_at,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent, idempotency_key) DO NOTHING",
+            (agent, idempotency_key, session_id, run_id, command_type, RUNNING, now, now),
+        )
+        row = await self.db.fetchone(
+            "SELECT run_id, status, command_type, created_at FROM fw_requests WHERE agent = ? AND idempotency_key = ?",
+            (agent, idempotency_key),
+        )
+        assert row is not None
+        return RequestRecord(row["run_id"], row["status"], row["command_type"], new=row["run_id"] == run_id)
+
+    async def finish_request(self, agent: str, idempotency_key: str, status: str = DONE) -> None:
+        await self.db.execute(
+            "UPDATE fw_requests SET status = ?, updated_at = ? WHERE agent = ? AND idempotency_key = ?",
+            (status, _now(), agent, idempotency_key),
+        )
+
+    # -- runs --------------------------------------------------------------------------------------
+
+    async def create_run(self, run_id: str, agent: str, session_id: str, trace_id: str) -> RunRecord:
+        now = _now()
+        await self.db.execute(
+            "INSERT INTO fw_runs (run_id, agent, session_id, trace_id, status, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
+            (run_id, agent, session_id, trace_id, RUN_ACTIVE, now, now),
+        )
+        run = await self.get_run(run_id)
+        assert run is not None
+        return run
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        row = await self.db.fetchone(
+            "SELECT run_id, agent, session_id, trace_id, status, waiting_for FROM fw_runs WHERE run_id = ?", (run_id,)
+        )
+        return RunRecord(**row) if row else None
+
+    async def set_run_status(self, run_id: str, status: str, waiting_for: str | None = None) -> None:
+        await self.db.execute(
+            "UPDATE fw_runs SET status = ?, waiting_for = ?, updated_at = ? WHERE run_id = ?",
+            (status, waiting_for, _now(), run_id),
+        )
+
+    # -- session events (outbox) ---------------------------------------------------------------
+
+    async def event_by_key(self, event_key: str) -> dict[str, Any] | None:
+        return await self.db.fetchone(
+            "SELECT session_id, sequence, envelope, published FROM fw_session_events WHERE event_key = ?", (event_key,)
+        )
+
+    async def allocate_event(self, session_id: str, event_key: str) -> int:
+        """The sequence for `event_key`: the one it already has, else the session's next."""
+        for _ in range(5):
+            existing = await self.event_by_key(event_key)
+            if existing is not None:
+                return int(existing["sequence"])
+            try:
+                await self.db.execute(
+                    "INSERT INTO fw_session_events (session_id, sequence, event_key, published)"
+                    " SELECT CAST(? AS TEXT), COALESCE(MAX(sequence) + 1, 0), CAST(? AS TEXT), 0 FROM fw_session_events"
+                    " WHERE session_id = ?"
+                    " ON CONFLICT (event_key) DO NOTHING",
+                    (session_id, event_key, session_id),
+                )
+            except Exception as e:  # two writers took the same next sequence: take the one after
+                if not _is_unique_violation(e):
+                    raise
+        existing = await self.event_by_key(event_key)
+        if existing is None:
+            raise RuntimeError(f"could not allocate a sequence for event {event_key} in session {session_id}")
+        return int(existing["sequence"])
+
+    async def store_envelope(self, event_key: str, envelope: str) -> None:
+        await self.db.execute(
+            "UPDATE fw_session_events SET envelope = ? WHERE event_key = ? AND envelope IS NULL", (envelope, event_key)
+        )
+
+    async def mark_published(self, event_key: str) -> None:
+        await self.db.execute("UPDATE fw_session_events SET published = 1 WHERE event_key = ?", (event_key,))
+
+
+def _is_unique_violation(error: Exception) -> bool:
+    if isinstance(error, sqlite3.IntegrityError):
+        return True
+    return getattr(error, "sqlstate", None) == "23505"
+
+
+@dataclass
+class Persistence:
+    checkpointer: BaseCheckpointSaver
+    ledger: Ledger
+    backend: str
+    """"postgres" or "sqlite"."""
+
+
+@contextlib.asynccontextmanager
+async def open_persistence(dsn: str | None, sqlite_path: str) -> AsyncIterator[Persistence]:
+    """The checkpointer and ledger, set up; PostgreSQL when `dsn` is given, else SQLite."""
+    if dsn:
+        from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        from psycopg.rows import dict_row
+        from psycopg_pool import AsyncConnectionPool
+
+        pool = AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=8,
+            open=False,
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        )
+        await pool.open(wait=True, timeout=30)
+        try:
+            saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
+            await saver.setup()
+            ledger = Ledger(PostgresDatabase(pool), "postgres")
+            await ledger.setup()
+            yield Persistence(saver, ledger, "postgres")
+        finally:
+            await pool.close()
+        return
+
+    import aiosqlite
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    Path(sqlite_path).parent.mkdir(parents=True, exist_ok=True)
+    # Two connections (checkpoints, ledgers) on one WAL database: each commits on its own.
+    saver_conn = await aiosqlite.connect(sqlite_path)
+    ledger_conn = await aiosqlite.connect(sqlite_path, isolation_level=None)
+    try:
+        for conn in (saver_conn, ledger_conn):
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA busy_timeout=10000")
+            await conn.execute("PRAGMA synchronous=FULL")
+        ledger_conn.row_factory = sqlite3.Row
+        saver = AsyncSqliteSaver(saver_conn)
+        await saver.setup()
+        ledger = Ledger(SqliteDatabase(ledger_conn), "sqlite")
+        await ledger.setup()
+        yield Persistence(saver, ledger, "sqlite")
+    finally:
+        await ledger_conn.close()
+        await saver_conn.close()

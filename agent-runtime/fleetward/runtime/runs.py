@@ -1,0 +1,278 @@
+"""Executing one command: dedupe, start or resume the run's graph from its checkpoint, and
+record where it came to rest (SPEC §4).
+
+Every run is one LangGraph thread (thread id = run id) checkpointed after every step with
+durability "sync": the next step starts only once the previous one is durable. That is
+what makes a replay after SIGKILL exact: a tool-call step re-executed after a crash sees
+the same checkpointed model message (same tool-call ids, hence the same Idempotency-Keys),
+so a mutating tool applies its effect once.
+
+A command's outcome tells intake whether its offset may be committed: everything but
+`STOPPED` (stopped at a step boundary, request to be redelivered) is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext, RunStopped, Services, StepGate
+from fleetward.runtime.middleware.guardrails import finding_summary, scan
+from fleetward.runtime.middleware.sop_gate import SOP_INTERRUPT
+from fleetward.runtime.persistence import DONE, RUN_COMPLETED, RUN_FAILED, RUN_WAITING, RunRecord
+from fleetward.runtime.telemetry import RUN_DURATION, RUNS_IN_FLIGHT, context_from_traceparent, trace_id_hex, tracer
+from langchain_core.messages import HumanMessage
+from langgraph.types import Command
+from opentelemetry import trace
+
+from fleetward.api.envelopes import AgentCommand, HandoffData, ProvideSopData, ResumeData, UserMessageData
+
+log = logging.getLogger("fleetward.runtime.runs")
+
+APPROVAL_INTERRUPT = "approval"  # human review of drafts/tools (next issue); resume commands answer it
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    WAITING = "waiting"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+    STOPPED = "stopped"
+
+    @property
+    def final(self) -> bool:
+        return self is not Outcome.STOPPED
+
+
+class Rejected(Exception):
+    """The command is well-formed but cannot be served (wrong agent, unknown run, no
+    matching interrupt): it goes to the dead-letter topic with this reason."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    command: AgentCommand
+    traceparent: str | None = None
+    partition: int | None = None
+
+
+class RunRegistry:
+    """Runs executing in this process and the halt state, shared with control.py."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, RunContext] = {}
+        self.halted = False
+
+    def new_gate(self) -> StepGate:
+        gate = StepGate()
+        if self.halted:
+            gate.resumed.clear()
+        return gate
+
+    def halt(self) -> None:
+        self.halted = True
+        for ctx in self.active.values():
+            ctx.gate.resumed.clear()
+
+    def resume(self) -> None:
+        self.halted = False
+        for ctx in self.active.values():
+            ctx.gate.resumed.set()
+
+    def stop_all(self) -> None:
+        for ctx in self.active.values():
+            ctx.gate.stop.set()
+
+
+def _thread(run_id: str) -> dict[str, Any]:
+    return {"configurable": {"thread_id": run_id}}
+
+
+def _pending_interrupt(snapshot: Any) -> dict[str, Any] | None:
+    for intr in getattr(snapshot, "interrupts", ()) or ():
+        if isinstance(intr.value, dict):
+            return intr.value
+    return None
+
+
+class RunExecutor:
+    def __init__(self, services: Services, graph: Any, registry: RunRegistry) -> None:
+        self.services = services
+        self.graph = graph
+        self.registry = registry
+
+    @property
+    def agent(self) -> str:
+        return self.services.agent
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        cmd = delivery.command
+        if cmd.agent != self.agent:
+            raise Rejected(f"agent: the command is for {cmd.agent}, this runtime serves {self.agent}")
+        if isinstance(cmd.data, UserMessageData | HandoffData):
+            return await self._new_request(delivery, cmd.data.text)
+        if isinstance(cmd.data, ProvideSopData):
+            return await self._answer(delivery, cmd.data.run_id, SOP_INTERRUPT, self._sop_answer(cmd))
+        if isinstance(cmd.data, ResumeData):
+            return await self._answer(delivery, cmd.data.run_id, APPROVAL_INTERRUPT, cmd.data.to_wire())
+        raise Rejected(f"type: {cmd.type} is not served by a {self.services.config.spec.role}")
+
+    @staticmethod
+    def _sop_answer(cmd: AgentCommand) -> dict[str, Any]:
+        data = cmd.data
+        assert isinstance(data, ProvideSopData)
+        return {
+            "instructions": data.instructions,
+            "title": data.title,
+            "providedBy": cmd.user.sub if cmd.user else None,
+        }
+
+    # -- a new request -------------------------------------------------------------------------
+
+    async def _new_request(self, delivery: Delivery, text: str) -> Outcome:
+        cmd = delivery.command
+        ledger = self.services.ledger
+        request = await ledger.begin_request(
+            self.agent, cmd.idempotency_key, cmd.session_id, cmd.type, f"run-{uuid.uuid4().hex}"
+        )
+        if request.status == DONE:
+            log.info(
+                "duplicate request %s: already served by run %s",
+                cmd.idempotency_key,
+                request.run_id,
+                extra={"fw": {"sessionId": cmd.session_id, "runId": request.run_id}},
+            )
+            return Outcome.DUPLICATE
+        run_id = request.run_id
+        with self._span(delivery, run_id) as span:
+            run = await ledger.get_run(run_id) or await ledger.create_run(
+                run_id, self.agent, cmd.session_id, trace_id_hex(span)
+            )
+            ctx = self._context(run, span, cmd, delivery.partition)
+            snapshot = await self.graph.aget_state(_thread(run_id))
+            if snapshot.values:
+                graph_input: Any = None  # a redelivery after a crash: continue from the checkpoint
+            else:
+                guarded = scan(self.services.guardrails, text, "input", self.agent)
+                if not guarded.allowed:
+                    return await self._input_refused(ctx, cmd, guarded.verdict, finding_summary(guarded.findings))
+                await ctx.emit("start", "status", {"state": "Active", "step": "intake", "detail": "request accepted"})
+                graph_input = {"messages": [HumanMessage(content=guarded.text or "", id=f"{run_id}-input")]}
+            outcome = await self._drive(ctx, graph_input)
+        if outcome.final:
+            await ledger.finish_request(self.agent, cmd.idempotency_key)
+        return outcome
+
+    async def _input_refused(self, ctx: RunContext, cmd: AgentCommand, verdict: str, why: str) -> Outcome:
+        reason = f"The request was refused by a guardrail ({why}); it was not passed to the model."
+        if verdict == "escalate":
+            await ctx.emit("input-escalated", "escalated", {"queue": DEFAULT_HUMAN_QUEUE, "reason": reason})
+        else:
+            await ctx.emit("input-refused", "failed", {"reason": reason})
+        await self.services.ledger.set_run_status(ctx.run_id, RUN_FAILED)
+        await self.services.ledger.finish_request(self.agent, cmd.idempotency_key)
+        return Outcome.FAILED
+
+    # -- an answer to a waiting run (provide_sop, resume) --------------------------------------
+
+    async def _answer(self, delivery: Delivery, run_id: str, kind: str, answer: dict[str, Any]) -> Outcome:
+        cmd = delivery.command
+        ledger = self.services.ledger
+        run = await ledger.get_run(run_id)
+        if run is None or run.agent != self.agent:
+            raise Rejected(f"data.runId: no run {run_id} of agent {self.agent}")
+        if run.session_id != cmd.session_id:
+            raise Rejected(f"sessionId: run {run_id} belongs to another session")
+        request = await ledger.begin_request(self.agent, cmd.idempotency_key, cmd.session_id, cmd.type, run_id)
+        if request.status == DONE:
+            return Outcome.DUPLICATE
+        snapshot = await self.graph.aget_state(_thread(run_id))
+        pending = _pending_interrupt(snapshot)
+        if pending is not None and pending.get("kind") == kind:
+            graph_input: Any = Command(resume=answer)
+        elif pending is None and snapshot.next:
+            graph_input = None  # answered before a crash; the run goes on from its checkpoint
+        elif pending is None:
+            await ledger.finish_request(self.agent, cmd.idempotency_key)
+            return Outcome.DUPLICATE  # the run already finished
+        else:
+            await ledger.finish_request(self.agent, cmd.idempotency_key)
+            raise Rejected(f"data.runId: run {run_id} is waiting for {pending.get('kind')}, not for {kind}")
+        with self._span(delivery, run_id) as span:
+            ctx = self._context(run, span, cmd, delivery.partition)
+            outcome = await self._drive(ctx, graph_input)
+        if outcome.final:
+            await ledger.finish_request(self.agent, cmd.idempotency_key)
+        return outcome
+
+    # -- driving the graph ---------------------------------------------------------------------------
+
+    def _span(self, delivery: Delivery, run_id: str) -> Any:
+        cmd = delivery.command
+        parent = context_from_traceparent(delivery.traceparent, cmd.trace_id)
+        return tracer().start_as_current_span(
+            "agent run",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "fleetward.agent": self.agent,
+                "fleetward.run_id": run_id,
+                "fleetward.session_id": cmd.session_id,
+                "fleetward.command": cmd.type,
+            },
+        )
+
+    def _context(self, run: RunRecord, span: Any, cmd: AgentCommand, partition: int | None) -> RunContext:
+        from fleetward.runtime.telemetry import traceparent_of
+
+        return RunContext(
+            run_id=run.run_id,
+            session_id=run.session_id,
+            trace_id=run.trace_id,
+            services=self.services,
+            gate=self.registry.new_gate(),
+            traceparent=traceparent_of(span),
+            user=cmd.user.sub if cmd.user else None,
+            partition=partition,
+        )
+
+    async def _drive(self, ctx: RunContext, graph_input: Any) -> Outcome:
+        ledger = self.services.ledger
+        started = time.monotonic()
+        ctx.task = asyncio.current_task()
+        self.registry.active[ctx.run_id] = ctx
+        RUNS_IN_FLIGHT.labels(self.agent).inc()
+        outcome = Outcome.FAILED
+        try:
+            async for _ in self.graph.astream(
+                graph_input, _thread(ctx.run_id), context=ctx, durability="sync", stream_mode="updates"
+            ):
+                pass
+            snapshot = await self.graph.aget_state(_thread(ctx.run_id))
+            pending = _pending_interrupt(snapshot)
+            if pending is not None:
+                await ledger.set_run_status(ctx.run_id, RUN_WAITING, pending.get("kind"))
+                outcome = Outcome.WAITING
+            else:
+                await ledger.set_run_status(ctx.run_id, RUN_COMPLETED)
+                outcome = Outcome.COMPLETED
+            return outcome
+        except RunStopped as e:
+            log.info("run %s stopped at a step boundary: %s", ctx.run_id, e, extra={"fw": {"runId": ctx.run_id}})
+            outcome = Outcome.STOPPED
+            return outcome
+        except Exception as e:
+            log.exception("run %s failed", ctx.run_id, extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}})
+            await ctx.emit("failed", "failed", {"reason": "The run failed.", "error": f"{type(e).__name__}"})
+            await ledger.set_run_status(ctx.run_id, RUN_FAILED)
+            trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, type(e).__name__))
+            return outcome
+        finally:
+            self.registry.active.pop(ctx.run_id, None)
+            RUNS_IN_FLIGHT.labels(self.agent).dec()
+            RUN_DURATION.labels(self.agent, outcome.value).observe(time.monotonic() - started)

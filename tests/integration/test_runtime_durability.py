@@ -1,0 +1,246 @@
+"""Durability of the runtime as a local process against the real Kafka and PostgreSQL:
+SIGKILL in the middle of a mutating tool call, SIGTERM mid-run, and the kill switch's
+halt/resume over the control topic."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleetward.api.envelopes import parse_ack
+from fleetward.llmstandin import StandinServer
+from tests.support.runtime import (
+    PII_GUARDRAIL,
+    REFUND_SOP,
+    EventReader,
+    GitHouseTools,
+    HoldingProxy,
+    TopicReader,
+    agent_spec,
+    billing_tools,
+    committed_offset,
+    control,
+    produce,
+    render_local_agent,
+    user_message,
+)
+
+VERIFY = {"name": "verify_transaction", "arguments": {"account": "jdoe", "transaction_id": "txn_1002"}}
+REFUND = {"name": "issue_refund", "arguments": {"transaction_id": "txn_1002", "amount_cents": 2100}}
+
+
+def refund_script(*, verify_delay: float = 0, refund_delay: float = 0) -> list[dict]:
+    return [
+        {"name": "reply", "match": {"toolResultFor": "issue_refund"}, "respond": {"content": "Refunded."}},
+        {
+            "name": "refund",
+            "match": {"toolResultFor": "verify_transaction"},
+            "delaySeconds": refund_delay,
+            "respond": {"toolCalls": [REFUND]},
+        },
+        {
+            "name": "verify",
+            "match": {"lastRole": "user"},
+            "delaySeconds": verify_delay,
+            "respond": {"toolCalls": [VERIFY]},
+        },
+    ]
+
+
+def assert_clean_stream(events) -> None:
+    """Nothing lost or doubled: sequences 0..n-1, unique ids, one event per key."""
+    assert [e.sequence for e in events] == list(range(len(events))), [(e.sequence, e.type) for e in events]
+    assert len({e.id for e in events}) == len(events)
+    calls = [e.data.call_id for e in events if e.type == "tool_call"]
+    assert len(calls) == len(set(calls)), calls
+    assert sum(e.type == "resolved" for e in events) == 1
+
+
+@pytest.fixture
+def llm() -> Iterator[StandinServer]:
+    with StandinServer(None) as server:
+        yield server
+
+
+@pytest.fixture
+def events(kafka) -> Iterator[EventReader]:
+    reader = EventReader(kafka.bootstrap)
+    yield reader
+    reader.close()
+
+
+def test_sigkill_during_a_mutating_tool_call_completes_the_run_with_the_effect_applied_once(
+    kafka, postgres_dsn, llm, events, tmp_path: Path
+):
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    proxy = HoldingProxy(tools.port, hold_path="/tools/issue_refund")
+    llm.set_scenario(refund_script())
+    agent = render_local_agent(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        spec=agent_spec(llm.url, billing_tools(proxy.port)),
+        sops={"refunds": REFUND_SOP},
+        guardrails={"pii": PII_GUARDRAIL},
+        dsn=postgres_dsn,
+    )
+    with tools, proxy.start():
+        proxy.hold.set()
+        agent.start().wait_ready(90)
+        try:
+            session = f"s-{uuid.uuid4().hex[:12]}"
+            produce(
+                kafka.bootstrap,
+                agent.request_topic,
+                user_message(agent.ref, session, "refund txn_1002").to_json(),
+                session,
+            )
+            # The refund reached the tool service and was applied; its answer is held back.
+            assert proxy.held.wait(60), agent.log()
+            deadline = time.monotonic() + 10
+            while not [e for e in tools.effects() if e["tool"] == "issue_refund"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            applied = [e for e in tools.effects() if e["tool"] == "issue_refund"]
+            assert len(applied) == 1
+            agent.kill()  # SIGKILL: no chance to checkpoint the tool result or commit the request
+            proxy.hold.clear()
+            proxy.release.set()
+            agent.start().wait_ready(90)
+            stream = events.wait_for(session, "resolved", 90)
+            run_id = stream[0].run_id
+            # The effect happened once: the replayed call carried the same Idempotency-Key.
+            effects = [e for e in tools.effects() if e["runId"] == run_id]
+            assert [e["tool"] for e in effects] == ["issue_refund"]
+            assert tools.metric("githouse_tool_calls_total", tool="issue_refund") == 2  # the original and the replay
+        finally:
+            agent.stop()
+    assert {e.run_id for e in stream} == {run_id}
+    refund_result = [e.data for e in stream if e.type == "tool_result" and e.data.tool == "issue_refund"]
+    assert (
+        len(refund_result) == 1
+        and refund_result[0].ok
+        and refund_result[0].result["refundId"] == applied[0]["result"]["refundId"]
+    )
+    assert_clean_stream(stream)
+    # The model was not asked again for steps that were checkpointed before the kill.
+    assert len(llm.requests(rule="verify")) == 1 and len(llm.requests(rule="refund")) == 1
+    assert "persistence: postgres" in agent.log()
+
+
+def test_sigterm_mid_run_finishes_the_step_and_a_restart_completes_the_run(kafka, llm, events, tmp_path: Path):
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    llm.set_scenario(refund_script(refund_delay=3))
+    agent = render_local_agent(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        spec=agent_spec(llm.url, billing_tools(tools.port)),
+        sops={"refunds": REFUND_SOP},
+    )
+    with tools:
+        agent.start().wait_ready(90)
+        try:
+            session = f"s-{uuid.uuid4().hex[:12]}"
+            partition, offset = produce(
+                kafka.bootstrap,
+                agent.request_topic,
+                user_message(agent.ref, session, "refund txn_1002").to_json(),
+                session,
+            )
+            group = agent.config.kafka.consumer_group
+            deadline = time.monotonic() + 60
+            while not llm.requests(rule="refund") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert llm.requests(rule="refund"), agent.log()
+            started = time.monotonic()
+            assert agent.terminate(timeout=30) == 0
+            # It waited for the model step to finish, then stopped before the refund tool.
+            assert time.monotonic() - started < 20
+            assert llm.requests(rule="refund")[0]["outcome"] == "answered"
+            assert not [e for e in tools.effects() if e["tool"] == "issue_refund"]
+            assert "stopped at a step boundary" in agent.log()
+            # The request was started, not finished: its offset is not committed.
+            assert committed_offset(kafka.bootstrap, group, agent.request_topic, partition) <= offset
+            agent.start().wait_ready(90)
+            stream = events.wait_for(session, "resolved", 90)
+            deadline = time.monotonic() + 10
+            while committed_offset(kafka.bootstrap, group, agent.request_topic, partition) != offset + 1:
+                assert time.monotonic() < deadline, "the finished request's offset was not committed"
+                time.sleep(0.1)
+            assert len([e for e in tools.effects() if e["runId"] == stream[0].run_id]) == 1
+        finally:
+            agent.stop()
+    assert len(llm.requests(rule="refund")) == 1  # the finished step was checkpointed, not redone
+    assert_clean_stream(stream)
+
+
+def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_queue(kafka, llm, events, tmp_path: Path):
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    llm.set_scenario(refund_script(verify_delay=2))
+    agent = render_local_agent(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        spec=agent_spec(llm.url, billing_tools(tools.port)),
+        sops={"refunds": REFUND_SOP},
+    )
+    acks = TopicReader(kafka.bootstrap, "fleetward.control-acks")
+    instance = agent.env["POD_NAME"]
+
+    def my_acks(records):
+        return [a for a in (parse_ack(v) for _, v, _ in records) if a.instance == instance]
+
+    with tools:
+        agent.start().wait_ready(90)
+        try:
+            first = f"s-{uuid.uuid4().hex[:12]}"
+            produce(
+                kafka.bootstrap, agent.request_topic, user_message(agent.ref, first, "refund txn_1002").to_json(), first
+            )
+            deadline = time.monotonic() + 60
+            while not llm.requests(rule="verify") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert llm.requests(rule="verify"), agent.log()
+            # Halt while the first model call is in flight (it takes 2 s).
+            produce(
+                kafka.bootstrap,
+                "fleetward.control",
+                control("halt", [agent.ref], 1, mode="drain", drain_timeout_seconds=20, reason="test").to_json(),
+                None,
+            )
+            drained = acks.wait(lambda recs: [a for a in my_acks(recs) if a.type == "drained"], 30, "the drained ack")[
+                0
+            ]
+            assert [a.type for a in my_acks(acks.snapshot())][:1] == ["halted"]
+            assert [(r.session_id, r.outcome) for r in drained.runs] == [(first, "drained")]
+            assert drained.counts["runsDrained"] == 1 and drained.agents == [agent.ref]
+            halted = events.wait_for(first, "halted", 10)[-1]
+            assert halted.data.kill_switch == "test-switch"
+            # The model step finished; nothing after it started.
+            assert llm.requests(rule="verify")[0]["outcome"] == "answered"
+            assert not [e for e in events.session(first) if e.type == "tool_call"]
+            # New work is not taken while halted.
+            second = f"s-{uuid.uuid4().hex[:12]}"
+            produce(
+                kafka.bootstrap,
+                agent.request_topic,
+                user_message(agent.ref, second, "refund txn_1002").to_json(),
+                second,
+            )
+            assert agent.metric("fleetward_runtime_halted") == 1
+            resume_sent = time.time()
+            produce(kafka.bootstrap, "fleetward.control", control("resume", [agent.ref], 1).to_json(), None)
+            acks.wait(lambda recs: [a for a in my_acks(recs) if a.type == "resumed"], 30, "the resumed ack")
+            stream = events.wait_for(first, "resolved", 60)
+            later = events.wait_for(second, "resolved", 60)
+        finally:
+            agent.stop()
+            acks.close()
+    types = [e.type for e in stream]
+    assert types.index("halted") < types.index("resumed") < types.index("tool_call")
+    assert later[0].timestamp.timestamp() >= resume_sent - 0.5
+    assert len(llm.requests(rule="verify")) == 2  # one per run: the halted run's call was not redone
+    assert_clean_stream(stream)
+    assert json.loads(drained.to_json())["component"] == "runtime"

@@ -1,0 +1,63 @@
+"""The runtime's ledgers on the embedded SQLite database (persistence.py): request dedupe,
+runs and the per-session event sequence."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fleetward.runtime.persistence import DONE, RUN_WAITING, RUNNING, open_persistence
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_request_is_recorded_once_and_a_redelivery_finds_its_run(tmp_path: Path):
+    async def scenario():
+        async with open_persistence(None, str(tmp_path / "state.db")) as p:
+            first = await p.ledger.begin_request("ns/a", "key-1", "s1", "user_message", "run-1")
+            again = await p.ledger.begin_request("ns/a", "key-1", "s1", "user_message", "run-2")
+            other_agent = await p.ledger.begin_request("ns/b", "key-1", "s1", "user_message", "run-3")
+            await p.ledger.finish_request("ns/a", "key-1")
+            done = await p.ledger.begin_request("ns/a", "key-1", "s1", "user_message", "run-4")
+            return first, again, other_agent, done
+
+    first, again, other_agent, done = run(scenario())
+    assert (first.run_id, first.status, first.new) == ("run-1", RUNNING, True)
+    assert (again.run_id, again.status, again.new) == ("run-1", RUNNING, False)
+    assert other_agent.run_id == "run-3" and other_agent.new
+    assert (done.run_id, done.status) == ("run-1", DONE)
+
+
+def test_the_ledger_survives_a_reopen(tmp_path: Path):
+    async def scenario():
+        db = str(tmp_path / "state.db")
+        async with open_persistence(None, db) as p:
+            await p.ledger.create_run("run-1", "ns/a", "s1", "0" * 32)
+            await p.ledger.set_run_status("run-1", RUN_WAITING, "sop")
+        async with open_persistence(None, db) as p:
+            return await p.ledger.get_run("run-1")
+
+    got = run(scenario())
+    assert got is not None and (got.status, got.waiting_for, got.session_id) == (RUN_WAITING, "sop", "s1")
+
+
+def test_event_sequences_increase_per_session_and_a_replayed_key_keeps_its_number(tmp_path: Path):
+    async def scenario():
+        async with open_persistence(None, str(tmp_path / "state.db")) as p:
+            ledger = p.ledger
+            a0 = await ledger.allocate_event("sA", "run-1/start")
+            a1 = await ledger.allocate_event("sA", "run-1/tool_call/c1")
+            b0 = await ledger.allocate_event("sB", "run-2/start")
+            replay = await ledger.allocate_event("sA", "run-1/tool_call/c1")
+            await ledger.store_envelope("run-1/start", '{"x": 1}')
+            await ledger.store_envelope("run-1/start", '{"x": 2}')  # the first envelope stays
+            await ledger.mark_published("run-1/start")
+            row = await ledger.event_by_key("run-1/start")
+            a2 = await ledger.allocate_event("sA", "run-1/resolved")
+            return a0, a1, b0, replay, row, a2
+
+    a0, a1, b0, replay, row, a2 = run(scenario())
+    assert (a0, a1, a2) == (0, 1, 2) and b0 == 0 and replay == 1
+    assert row["envelope"] == '{"x": 1}' and row["published"] == 1
