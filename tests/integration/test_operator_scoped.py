@@ -88,11 +88,14 @@ def test_each_agent_principal_reads_only_its_own_topic(scoped, api, core, kafka_
     admin = kafka_scram.client_config()
 
     produce(admin, alpha["status"]["requestTopic"], "s1", "for alpha")
-    assert consume_one(as_alpha, alpha["status"]["requestTopic"], f"fleetward.{WATCHED}.alpha") == ("s1", "for alpha")
+    # A group of its own under the agent's prefix: the agent's runtime consumes (and
+    # dead-letters) whatever lands in its main group.
+    mine = f"fleetward.{WATCHED}.alpha.test"
+    assert consume_one(as_alpha, alpha["status"]["requestTopic"], mine) == ("s1", "for alpha")
 
     produce(admin, beta["status"]["requestTopic"], "s2", "for beta")
     with pytest.raises(KafkaException) as denied:
-        consume_one(as_alpha, beta["status"]["requestTopic"], f"fleetward.{WATCHED}.alpha")
+        consume_one(as_alpha, beta["status"]["requestTopic"], mine)
     assert denied.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     with pytest.raises(KafkaException) as denied_write:
         produce(as_alpha, beta["status"]["requestTopic"], "s3", "forged request")

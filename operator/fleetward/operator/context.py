@@ -29,6 +29,8 @@ class OperatorContext:
     """The status last written per Agent: lets cheap events (a Deployment's readiness)
     update one condition without re-reading or re-reconciling the Agent."""
     shared_topics_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    deleted: set[str] = field(default_factory=set)
+    """uids of Agents whose cleanup ran: nothing may be issued for them again."""
 
     @classmethod
     async def create(cls, settings: OperatorSettings, kubeconfig: str | None = None) -> OperatorContext:

@@ -105,10 +105,14 @@ async def ensure_credentials(kube: Kube, ref: AgentRef) -> AgentCredentials:
     for _ in range(3):
         secret = await kube.get("Secret", ref.namespace, name)
         if secret is not None:
-            parsed = _parse(secret, ref)
+            meta = secret["metadata"]
+            owned = any(o.get("uid") == ref.uid for o in meta.get("ownerReferences") or [])
+            parsed = _parse(secret, ref) if owned and not meta.get("deletionTimestamp") else None
             if parsed is not None:
                 return parsed
-            log.warning("credentials Secret %s/%s is unusable; issuing a new key", ref.namespace, name)
+            # Unusable, or left by a deleted Agent of the same name: that key was revoked
+            # with its Agent and is never trusted again.
+            log.warning("credentials Secret %s/%s is not this Agent's; issuing a new key", ref.namespace, name)
             await kube.delete("Secret", ref.namespace, name)
         try:
             created = await kube.create(_new_secret(ref))
@@ -154,8 +158,8 @@ class TrustBundle:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def publish(self, agent: str, jwk: dict[str, Any]) -> None:
-        if self.keys.get(agent) == jwk and agent not in self._pending:
-            return
+        # No shortcut from what this process last wrote: the ConfigMap may have been edited,
+        # deleted or changed by another replica since; _write reads it and skips no-ops.
         await self._change(agent, jwk)
 
     async def withdraw(self, agent: str) -> None:

@@ -56,7 +56,10 @@ class AgentAccess:
             out |= {(topic, t, literal, AclOperation.READ), (topic, t, literal, AclOperation.DESCRIBE)}
         for t in self.write_topics:
             out |= {(topic, t, literal, AclOperation.WRITE), (topic, t, literal, AclOperation.DESCRIBE)}
-        out.add((group, self.group_prefix, prefixed, AclOperation.READ))
+        # Its own group, and groups under it ("<group>.control.<pod>"); the dot keeps agent
+        # "a" out of agent "ab"'s groups (Agent names cannot contain dots).
+        out.add((group, self.group_prefix, literal, AclOperation.READ))
+        out.add((group, f"{self.group_prefix}.", prefixed, AclOperation.READ))
         return out
 
 
@@ -82,23 +85,32 @@ class KafkaAdmin:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except KafkaException as e:
             raise KafkaUnavailable(str(e.args[0]) if e.args else repr(e)) from e
+        except ValueError as e:  # the admin client cannot be built (e.g. SASL without a password)
+            raise KafkaUnavailable(str(e)) from e
 
-    def _wait_all(self, futures: dict[Any, Any], ignore: tuple[int, ...] = ()) -> None:
+    def _errors(self, futures: dict[Any, Any], ignore: tuple[int, ...] = ()) -> dict[str, str]:
+        """Per-key errors of admin futures (keys whose error is in `ignore` count as done)."""
+        out: dict[str, str] = {}
         for key, fut in futures.items():
             try:
                 fut.result(self.settings.timeout_seconds)
             except KafkaException as e:
                 err = e.args[0]
-                if isinstance(err, KafkaError) and err.code() in ignore:
-                    continue
-                raise KafkaUnavailable(f"{key}: {err}") from e
+                if not (isinstance(err, KafkaError) and err.code() in ignore):
+                    out[str(key)] = str(err)
             except Exception as e:  # concurrent.futures.TimeoutError and friends
-                raise KafkaUnavailable(f"{key}: {e!r}") from e
+                out[str(key)] = repr(e)
+        return out
+
+    def _wait_all(self, futures: dict[Any, Any], ignore: tuple[int, ...] = ()) -> None:
+        errors = self._errors(futures, ignore)
+        if errors:
+            raise KafkaUnavailable("; ".join(f"{k}: {e}" for k, e in errors.items()))
 
     # -- topics -------------------------------------------------------------------------
 
     async def refresh_topics(self) -> set[str]:
-        md = await self._call(self.admin.list_topics, timeout=self.settings.timeout_seconds)
+        md = await self._call(lambda: self.admin.list_topics(timeout=self.settings.timeout_seconds))
         self._known_topics = set(md.topics)
         self._known_at = time.monotonic()
         return self._known_topics
@@ -125,24 +137,26 @@ class KafkaAdmin:
             await asyncio.sleep(0.05)
             pending, waiters = self._pending, self._waiters
             self._pending, self._waiters = {}, []
-            error: Exception | None = None
+            errors: dict[str, str] = {}
             try:
                 rf = self.settings.replication_factor
                 topics = [NewTopic(n, p, rf) for n, p in sorted(pending.items())]
                 futures = await self._call(
                     self.admin.create_topics, topics, request_timeout=self.settings.timeout_seconds
                 )
-                await asyncio.to_thread(self._wait_all, futures, (KafkaError.TOPIC_ALREADY_EXISTS,))
-                self._known_topics |= set(pending)
-            except Exception as e:
-                error = e if isinstance(e, KafkaUnavailable) else KafkaUnavailable(repr(e))
-            for _, fut in waiters:
+                errors = await asyncio.to_thread(self._errors, futures, (KafkaError.TOPIC_ALREADY_EXISTS,))
+            except KafkaUnavailable as e:
+                errors = {n: str(e) for n in pending}
+            self._known_topics |= {n for n in pending if n not in errors}
+            # Each caller hears about its own topics only: one bad topic fails no one else.
+            for names, fut in waiters:
                 if fut.done():
                     continue
-                if error is None:
-                    fut.set_result(None)
+                mine = {n: errors[n] for n in names if n in errors}
+                if mine:
+                    fut.set_exception(KafkaUnavailable("; ".join(f"{n}: {e}" for n, e in mine.items())))
                 else:
-                    fut.set_exception(error)
+                    fut.set_result(None)
 
     async def delete_topic(self, name: str) -> None:
         futures = await self._call(self.admin.delete_topics, [name], request_timeout=self.settings.timeout_seconds)

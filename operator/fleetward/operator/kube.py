@@ -45,7 +45,7 @@ class Kind:
 
     def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
         base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        if self.namespaced:
+        if self.namespaced and namespace is not None:  # None: across all namespaces (lists)
             base += f"/namespaces/{namespace}"
         base += f"/{self.plural}"
         if name:

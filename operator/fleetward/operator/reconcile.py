@@ -184,7 +184,13 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     ref = AgentRef(ns, name, meta["uid"], meta.get("generation"))
-    async with ctx.reconcile_slots, ctx.locks[(ns, name)]:
+    # The Agent's lock first, then a slot: several wake-ups of one Agent must not hold
+    # slots other Agents need while they wait for each other.
+    async with ctx.locks[(ns, name)], ctx.reconcile_slots:
+        if meta["uid"] in ctx.deleted or meta.get("deletionTimestamp"):
+            # Being deleted: a reconcile that queued up before the delete handler must not
+            # publish the key, topic or Kafka user the cleanup just removed.
+            return Outcome(dict(body.get("status") or {}), problem="being deleted")
         try:
             outcome = await _reconcile(ctx, ref, body, refs)
         except Exception:
@@ -203,6 +209,16 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
         f" (retrying: {outcome.problem})" if outcome.problem else "",
     )
     return outcome
+
+
+async def _all(*aws) -> list:
+    """gather that lets every call finish before raising the first error, so nothing of a
+    failed reconcile is still running when the next one (or the cleanup) starts."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 async def _nothing() -> None:
@@ -254,11 +270,11 @@ async def _apply(
     try:
         # The key is trusted before any pod can mint a token with it, and what the pods
         # mount exists before the Deployment that mounts it.
-        await asyncio.gather(
+        await _all(
             ctx.bundle.publish(f"{ref.namespace}/{ref.name}", creds.jwk), *(ctx.kube.apply(o) for o in supporting)
         )
         applied = await ctx.kube.apply(deployment)
-        await asyncio.gather(
+        await _all(
             *(ctx.kube.apply(o) for o in hpa), *(ctx.kube.delete(k, ref.namespace, n) for k, n in desired.absent)
         )
     except KubeError as e:
@@ -434,9 +450,10 @@ async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> Non
         state.parts, state.status = parts, status
 
 
-async def cleanup_agent(ctx: OperatorContext, ns: str, name: str) -> None:
+async def cleanup_agent(ctx: OperatorContext, ns: str, name: str, uid: str) -> None:
     """An Agent is being deleted: its objects go by garbage collection (owner references);
     what lives outside Kubernetes objects goes here."""
+    ctx.deleted.add(uid)  # before the lock: reconciles queued behind it see it
     async with ctx.locks[(ns, name)]:
         await ctx.bundle.withdraw(f"{ns}/{name}")
         if ctx.settings.kafka.delete_topics_with_agent:
@@ -444,4 +461,3 @@ async def cleanup_agent(ctx: OperatorContext, ns: str, name: str) -> None:
         if ctx.settings.kafka.principals_managed:
             await ctx.kafka.delete_principal(kafka_principal(ns, name))
         ctx.statuses.pop((ns, name), None)
-    ctx.locks.pop((ns, name), None)

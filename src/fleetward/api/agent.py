@@ -223,8 +223,9 @@ class EnvVar(ApiModel):
         json_schema_extra=validations(
             cel("has(self.value) != has(self.valueFrom)", "an env entry needs exactly one of 'value' or 'valueFrom'"),
             cel(
-                "!self.name.startsWith('FLEETWARD_') && !(self.name in ['POD_IP', 'POD_NAME', 'POD_NAMESPACE'])",
-                "env names FLEETWARD_* and POD_IP, POD_NAME, POD_NAMESPACE are set by Fleetward "
+                "!self.name.startsWith('FLEETWARD_') && "
+                "!(self.name in ['POD_IP', 'POD_NAME', 'POD_NAMESPACE', 'TMPDIR'])",
+                "env names FLEETWARD_* and POD_IP, POD_NAME, POD_NAMESPACE, TMPDIR are set by Fleetward "
                 "and cannot be overridden",
                 field_path=".name",
             ),

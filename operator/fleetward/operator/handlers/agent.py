@@ -59,5 +59,5 @@ def register(settings: OperatorSettings) -> None:
         await reconcile_agent(memo.ctx, dict(body), refs)
 
     @kopf.on.delete(GROUP, VERSION, "agents", when=owned, retries=30, backoff=10, id="agent_deleted")
-    async def agent_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        await cleanup_agent(memo.ctx, namespace, name)
+    async def agent_deleted(namespace: str, name: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+        await cleanup_agent(memo.ctx, namespace, name, uid)

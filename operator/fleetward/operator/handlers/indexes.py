@@ -41,9 +41,14 @@ def register(settings: OperatorSettings) -> None:
         return {namespace: _plain(body)}
 
 
+def _live(index: kopf.Index, namespace: str) -> list[dict[str, Any]]:
+    """Index entries that are not being deleted (a deleted SOP must leave its Agents now)."""
+    return [o for o in index.get(namespace, []) if not o["metadata"].get("deletionTimestamp")]
+
+
 def references(namespace: str, agents: kopf.Index, sops: kopf.Index, guardrails: kopf.Index) -> References:
     return References(
-        sops=list(sops.get(namespace, [])),
-        guardrails={g["metadata"]["name"]: g for g in guardrails.get(namespace, [])},
-        agents={a["metadata"]["name"] for a in agents.get(namespace, [])},
+        sops=_live(sops, namespace),
+        guardrails={g["metadata"]["name"]: g for g in _live(guardrails, namespace)},
+        agents={a["metadata"]["name"] for a in _live(agents, namespace)},
     )

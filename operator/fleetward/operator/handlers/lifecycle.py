@@ -10,6 +10,7 @@ import kopf
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.handlers import indexes
 from fleetward.operator.handlers.gateway import keep_gateway
+from fleetward.operator.handlers.housekeeping import keep_house
 from fleetward.operator.kafka import KafkaUnavailable
 from fleetward.operator.settings import OperatorSettings
 
@@ -50,12 +51,13 @@ def register(settings: OperatorSettings) -> None:
         memo.ctx = await OperatorContext.create(memo.settings)
         memo.ctx.bundle.start()
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
+        memo.housekeeping_task = asyncio.create_task(keep_house(memo.ctx))
         if memo.settings.gateway.enabled:
             memo.gateway_task = asyncio.create_task(keep_gateway(memo.ctx))
 
     @kopf.on.cleanup(id="shutdown")
     async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-        for name in ("topics_task", "gateway_task"):
+        for name in ("topics_task", "gateway_task", "housekeeping_task"):
             task = memo.get(name)
             if task:
                 task.cancel()

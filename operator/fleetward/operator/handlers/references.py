@@ -51,7 +51,7 @@ def _used_by_essence(status: dict[str, Any]) -> tuple:
     return status.get("observedGeneration"), status.get("usedBy"), conds
 
 
-async def _write_used_by(ctx: OperatorContext, kind: str, body: kopf.Body, users: list[str]) -> None:
+async def write_used_by(ctx: OperatorContext, kind: str, body: kopf.Body, users: list[str]) -> None:
     gen = body["metadata"].get("generation")
     old = dict(body.get("status") or {})
     n = len(users)
@@ -86,7 +86,7 @@ def register(settings: OperatorSettings) -> None:
             now_users = [
                 a["metadata"]["name"] for a in agents if selector_matches(a["spec"].get("sopSelector"), dict(labels))
             ]
-            await _write_used_by(memo.ctx, "SOP", body, sorted(now_users))
+            await write_used_by(memo.ctx, "SOP", body, sorted(now_users))
 
     @kopf.on.resume(GROUP, VERSION, "guardrails", when=owned, backoff=5, id="guardrail_changed")
     @kopf.on.create(GROUP, VERSION, "guardrails", when=owned, backoff=5, id="guardrail_changed")
@@ -100,39 +100,4 @@ def register(settings: OperatorSettings) -> None:
         if reason != "resume":
             await _reconcile_users(memo.ctx, users, namespace, kwargs)
         if reason != "delete":
-            await _write_used_by(memo.ctx, "Guardrail", body, sorted(a["metadata"]["name"] for a in users))
-
-    # usedBy also changes when an Agent's selector or refs change; a slow timer keeps it true.
-    @kopf.timer(
-        GROUP, VERSION, "sops", when=owned, interval=max(15.0, settings.resync_seconds / 4), idle=5, id="sop_used_by"
-    )
-    async def sop_used_by(
-        body: kopf.Body,
-        name: str,
-        namespace: str,
-        labels: kopf.Labels,
-        memo: kopf.Memo,
-        agents_by_namespace: kopf.Index,
-        **_: Any,
-    ) -> None:
-        users = [
-            a["metadata"]["name"]
-            for a in agents_by_namespace.get(namespace, [])
-            if selector_matches(a["spec"].get("sopSelector"), dict(labels))
-        ]
-        await _write_used_by(memo.ctx, "SOP", body, sorted(users))
-
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        "guardrails",
-        when=owned,
-        interval=max(15.0, settings.resync_seconds / 4),
-        idle=5,
-        id="guardrail_used_by",
-    )
-    async def guardrail_used_by(
-        body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, agents_by_namespace: kopf.Index, **_: Any
-    ) -> None:
-        users = guardrail_users(list(agents_by_namespace.get(namespace, [])), name)
-        await _write_used_by(memo.ctx, "Guardrail", body, sorted(a["metadata"]["name"] for a in users))
+            await write_used_by(memo.ctx, "Guardrail", body, sorted(a["metadata"]["name"] for a in users))
