@@ -14,6 +14,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetward.operator.desired.common import cpu_autoscaler
 from fleetward.operator.settings import OperatorSettings
 
 from fleetward.api.agent import AgentSpec
@@ -374,28 +375,13 @@ def horizontal_pod_autoscaler(inputs: AgentInputs) -> dict[str, Any] | None:
     if scaling is None or inputs.scaled_down:
         return None
     name = base_name(inputs.ref.name)
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": inputs.ref.metadata(name),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-            "minReplicas": scaling.min_replicas,
-            "maxReplicas": scaling.max_replicas,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {
-                            "type": "Utilization",
-                            "averageUtilization": scaling.target_cpu_utilization_percentage,
-                        },
-                    },
-                }
-            ],
-        },
-    }
+    return cpu_autoscaler(
+        inputs.ref.metadata(name),
+        name,
+        scaling.min_replicas,
+        scaling.max_replicas,
+        scaling.target_cpu_utilization_percentage,
+    )
 
 
 @dataclass

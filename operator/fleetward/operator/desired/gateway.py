@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleetward.operator.desired.common import cpu_autoscaler
 from fleetward.operator.settings import OperatorSettings
 
 COMPONENT = "gateway"
@@ -146,28 +147,13 @@ def horizontal_pod_autoscaler(settings: OperatorSettings) -> dict[str, Any] | No
     scaling = settings.gateway.autoscaling
     if scaling is None:
         return None
-    return {
-        "apiVersion": "autoscaling/v2",
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": _meta(settings),
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": settings.gateway.name},
-            "minReplicas": scaling.min_replicas,
-            "maxReplicas": scaling.max_replicas,
-            "metrics": [
-                {
-                    "type": "Resource",
-                    "resource": {
-                        "name": "cpu",
-                        "target": {
-                            "type": "Utilization",
-                            "averageUtilization": scaling.target_cpu_utilization_percentage,
-                        },
-                    },
-                }
-            ],
-        },
-    }
+    return cpu_autoscaler(
+        _meta(settings),
+        settings.gateway.name,
+        scaling.min_replicas,
+        scaling.max_replicas,
+        scaling.target_cpu_utilization_percentage,
+    )
 
 
 def desired_gateway(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
