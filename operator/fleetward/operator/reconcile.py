@@ -187,6 +187,7 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
     # The Agent's lock first, then a slot: several wake-ups of one Agent must not hold
     # slots other Agents need while they wait for each other.
     async with ctx.locks[(ns, name)], ctx.reconcile_slots:
+        waited = time.monotonic() - started
         if meta["uid"] in ctx.deleted or meta.get("deletionTimestamp"):
             # Being deleted: a reconcile that queued up before the delete handler must not
             # publish the key, topic or Kafka user the cleanup just removed.
@@ -201,10 +202,11 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
     elapsed = time.monotonic() - started
     RECONCILE_SECONDS.labels("Agent", result).observe(elapsed)
     log.info(
-        "reconciled Agent %s/%s in %.4f s: %s%s",
+        "reconciled Agent %s/%s in %.4f s (waited %.4f s for a slot): %s%s",
         ns,
         name,
-        elapsed,
+        elapsed - waited,
+        waited,
         outcome.status.get("phase"),
         f" (retrying: {outcome.problem})" if outcome.problem else "",
     )
@@ -418,15 +420,15 @@ async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> Non
     """A runtime Deployment changed: update the owning Agent's Available/Ready alone."""
     meta = dep["metadata"]
     ns, name = meta["namespace"], (meta.get("labels") or {}).get("fleetward.dev/agent")
-    state = ctx.statuses.get((ns, name)) if name else None
-    if state is None:
-        return  # not reconciled by this process yet: its reconcile reads the Deployment itself
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "Agent"), None)
-    if owner is None:
+    if not name or owner is None:
         return
+    # Wait for a reconcile in flight first: an event that arrives while the Agent's first
+    # reconcile runs must not be dropped, or a Deployment that became available in that
+    # window would leave the Agent Pending until the next resync.
     async with ctx.locks[(ns, name)]:
         state = ctx.statuses.get((ns, name))
-        if state is None:
+        if state is None:  # never reconciled here: its reconcile will read the Deployment itself
             return
         avail, replicas, ready = availability(
             dep, scaled_down=state.paused, why_down="spec.paused is true: the runtime Deployment is scaled to zero."
