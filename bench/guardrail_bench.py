@@ -12,9 +12,14 @@ shared, busy machine the wall clock also counts time spent waiting for a core):
   fleetward_full          GuardrailEngine.scan, input stage: every PII type (redact) + injection
   fleetward_full_attack   the same with an (obfuscated) injection appended: verdict block
   fleetward_pii_only      GuardrailEngine.scan with only the PII entities
+  fleetward_full_python   fleetward_full on the pure-Python reference execution of the engine
+                          (FLEETWARD_GUARDRAIL_CORE=python), for comparison with the compiled core
   langchain_detectors     LangChain's built-in detectors alone (detect_email, detect_credit_card,
                           detect_ip: the types it has) + its redact strategy
   langchain_middleware    the same through PIIMiddleware.before_model (3 middlewares)
+
+Then, where the time of `fleetward_full` goes: CPU time of each compiled-core call the scan
+makes on the message, min over 15 interleaved rounds of 1,000 calls (`breakdown_cpu_us`).
 
 Writes docs/bench/guardrail.json (machine, date, numbers) unless --no-write.
 """
@@ -30,10 +35,12 @@ import platform
 import statistics
 import sys
 import time
+import timeit
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fleetward.runtime.guardrails import GuardrailEngine
+from fleetward.runtime.guardrails import GuardrailEngine, core
+from fleetward.runtime.guardrails.normalize import injection_view
 from langchain.agents.middleware import PIIMiddleware
 from langchain.agents.middleware._redaction import apply_strategy, detect_credit_card, detect_email, detect_ip
 from langchain_core.messages import HumanMessage
@@ -93,6 +100,37 @@ def machine() -> dict[str, object]:
     }
 
 
+def breakdown(full: GuardrailEngine) -> dict[str, float]:
+    """CPU µs per call of each part of the full scan (min over 15 interleaved rounds of 1,000 calls)."""
+    compiled = core.active()
+    if compiled is None:
+        return {}
+    types = sorted(PII_TYPES)
+    view = injection_view(MESSAGE).text
+    _, runs = compiled.scan_pii(MESSAGE, True, True, True, True, True, types)
+
+    calls = {
+        "engine_scan_total": lambda: full.scan(MESSAGE, "input"),
+        "core_scan_ascii": lambda: compiled.scan_ascii(MESSAGE, types, True),
+        "core_pii_passes_resolved": lambda: compiled.scan_pii(MESSAGE, True, True, True, True, True, types),
+        "core_digit_led_pass": lambda: compiled.scan_pii(MESSAGE, True, False, False, False, False, None),
+        "core_emails": lambda: compiled.scan_pii(MESSAGE, False, True, False, False, False, None),
+        "core_token_runs_and_secrets": lambda: compiled.scan_pii(MESSAGE, False, False, True, False, False, None),
+        "core_ipv6": lambda: compiled.scan_pii(MESSAGE, False, False, False, True, False, None),
+        "core_injection_phrases": lambda: compiled.scan_view_hits(view),
+        "core_base64_runs": lambda: [compiled.scan_base64_run_hits(MESSAGE[s:e], s, 0) for s, e in runs],
+        "core_empty_call": lambda: compiled.scan_pii("", False, False, False, False, False, None),
+    }
+    # Interleaved rounds, min per part: a busy machine slows every part alike.
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(15):
+        for name, fn in calls.items():
+            best[name] = min(best[name], timeit.timeit(fn, number=1000, timer=time.thread_time) / 1000 * 1e6)
+    parts = {name: round(us, 2) for name, us in best.items()}
+    parts["python_glue"] = round(parts["engine_scan_total"] - parts["core_scan_ascii"], 2)
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=20000, help="timed scans per variant (default 20000)")
@@ -115,16 +153,25 @@ def main(argv: list[str] | None = None) -> int:
                 current = update
         return current
 
+    def full_python() -> object:
+        with core.reference_python():
+            return full.scan(MESSAGE, "input")
+
     variants = {
         "fleetward_full": lambda: full.scan(MESSAGE, "input"),
         "fleetward_full_attack": lambda: full.scan(attack, "input"),
         "fleetward_pii_only": lambda: pii_only.scan(MESSAGE, "input"),
+        "fleetward_full_python": full_python,
         "langchain_detectors": lambda: langchain_detectors(MESSAGE),
         "langchain_middleware": lc_middleware,
     }
     # What each finds on the message (same input for all).
     ours = full.scan(MESSAGE, "input")
+    with core.reference_python():
+        reference = (full.scan(MESSAGE, "input"), full.scan(attack, "input"))
     found = {
+        "engine": "compiled core" if core.active() is not None else "pure Python (FLEETWARD_GUARDRAIL_CORE=python)",
+        "same_as_python_reference": (ours, full.scan(attack, "input")) == reference,
         "fleetward": sorted({f.type for f in ours.findings}),
         "fleetward_count": len(ours.findings),
         "fleetward_attack_verdict": full.scan(attack, "input").verdict,
@@ -173,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         "iterations_per_variant": per_round * args.rounds,
         "goal_p50_us": GOAL_P50_US,
         "goal_met": results["fleetward_full"]["p50_us"] < GOAL_P50_US,
+        "goal_met_cpu": results["fleetward_full"]["cpu_p50_us"] < GOAL_P50_US,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "results": results,
         "detected": found,
+        "breakdown_cpu_us": breakdown(full),
     }
     print(json.dumps(report, indent=2))
     if not args.no_write:

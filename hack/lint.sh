@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lint for the whole tree: ruff (lint + format check) for Python, rustfmt and
-# clippy (warnings are errors) for the gateway. `make test` runs it first.
+# clippy (warnings are errors) for the gateway and the guardrail core. `make test` runs it first.
 source "$(dirname "$0")/lib.sh"
 cd "$REPO"
 "$REPO/hack/bootstrap-python.sh"
@@ -15,4 +15,12 @@ if [[ -f gateway-rs/Cargo.toml ]]; then
   (cd gateway-rs && cargo fmt --check)
   step "cargo clippy"
   (cd gateway-rs && cargo clippy --release --locked --all-targets --quiet -- -D warnings)
+fi
+if [[ -f agent-runtime/guardrail-core/Cargo.toml ]]; then
+  [[ -d $HOME/.cargo/bin ]] && PATH=$HOME/.cargo/bin:$PATH
+  export CARGO_TARGET_DIR=$CACHE/guardrail-core-target
+  step "cargo fmt --check (guardrail-core)"
+  (cd agent-runtime/guardrail-core && cargo fmt --check)
+  step "cargo clippy (guardrail-core)"
+  (cd agent-runtime/guardrail-core && cargo clippy --release --locked --all-targets --quiet -- -D warnings)
 fi

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
 
+from fleetward.runtime.guardrails import core
 from fleetward.runtime.guardrails.normalize import View, pii_view, token_view
 from langchain.agents.middleware import PIIMatch
 
@@ -554,21 +555,46 @@ class PIIScanner:
         self._emails = "email" in b
         self._secrets = bool(b & {"api_key", "jwt"})
         self._ipv6 = "ip" in b
+        self._builtin_list = sorted(b)
 
     def scan(self, text: str, *, want_runs: bool = False) -> ScanOutput:
         view = pii_view(text)
         vt = view.text
         assert isinstance(vt, str)
         found: list[Candidate] = []
-        if self._numbers:
-            scan_numbers(vt, found)
-        if self._emails:
-            scan_emails(vt, found)
-        runs = scan_token_runs(vt) if (self._secrets or want_runs) else []
-        if self._secrets:
-            scan_secrets(runs, found)
-        if self._ipv6:
-            scan_ipv6(vt, found)
+        compiled = core.active()
+        scanned = None
+        if compiled is not None and vt.isascii():
+            # The same passes in the compiled core (see core.py); with no Guardrail regex it
+            # also resolves overlaps and keeps the asked types, as the code below does.
+            try:
+                scanned = compiled.scan_pii(
+                    vt,
+                    self._numbers,
+                    self._emails,
+                    self._secrets,
+                    self._ipv6,
+                    want_runs,
+                    None if self.user_regexes else self._builtin_list,
+                )
+            except core.LimitError:
+                pass  # pathological text: the Python passes below (see core.LimitError)
+        if scanned is not None:
+            raw, spans = scanned
+            found = [Candidate(t, s, e, vt[s:e], SPECIFICITY[t]) for t, s, e in raw]
+            runs = [TokenRun(s, e, vt[s:e], ()) for s, e in spans]
+            if not self.user_regexes:
+                return ScanOutput(self._mapped(found, view), runs, view)
+        else:
+            if self._numbers:
+                scan_numbers(vt, found)
+            if self._emails:
+                scan_emails(vt, found)
+            runs = scan_token_runs(vt) if (self._secrets or want_runs) else []
+            if self._secrets:
+                scan_secrets(runs, found)
+            if self._ipv6:
+                scan_ipv6(vt, found)
         for rx in self.user_regexes:
             for m in rx.pattern.finditer(vt):
                 if m.end() > m.start():
@@ -581,13 +607,18 @@ class PIIScanner:
         found = [
             c for c in resolve_overlaps(found) if c.type in self.builtin or c.specificity == USER_REGEX_SPECIFICITY
         ]
-        if view.index is not None:
-            mapped = []
-            for c in found:
-                s, e = view.span(c.start, c.end)
-                mapped.append(Candidate(c.type, s, e, c.value, c.specificity))
-            found = mapped
-        return ScanOutput(found, runs, view)
+        return ScanOutput(self._mapped(found, view), runs, view)
+
+    @staticmethod
+    def _mapped(found: list[Candidate], view: View) -> list[Candidate]:
+        """Candidates in input offsets (the view's offsets differ for non-ASCII input)."""
+        if view.index is None:
+            return found
+        mapped = []
+        for c in found:
+            s, e = view.span(c.start, c.end)
+            mapped.append(Candidate(c.type, s, e, c.value, c.specificity))
+        return mapped
 
 
 def _drop_unasked_over_user_matches(found: list[Candidate], asked: frozenset[str]) -> list[Candidate]:

@@ -3,7 +3,9 @@
     engine = GuardrailEngine([spec_a, spec_b], hash_key=b"...")
     result = engine.scan(text, "input")   # -> ScanResult(verdict, text, findings)
 
-The same engine runs in the agent runtime and behind `fleetward guardrail scan`.
+The same engine runs in the agent runtime and behind `fleetward guardrail scan`. Its scans
+of ASCII text run in the compiled core (core.py); the Python code below and in the detector
+modules is the reference it is tested against and handles what the core hands back.
 
 Composition of several Guardrails (all apply):
 - verdict: block beats escalate beats allow;
@@ -42,10 +44,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fleetward.runtime.guardrails import core
 from fleetward.runtime.guardrails import injection as inj
 from fleetward.runtime.guardrails.detectors import (
     BUILTIN_TYPES,
-    Candidate,
     PIIScanner,
     TokenRun,
     UserRegex,
@@ -112,6 +114,10 @@ class _StagePlan:
     injections: list[_InjectionPolicy] = field(default_factory=list)
     policies: list[_PolicyRule] = field(default_factory=list)
     limit: tuple[str, int] | None = None
+    builtin_types: list[str] = field(default_factory=list)
+    """The built-in PII types scanned for (sorted)."""
+    ascii_fast_path: bool = True
+    """No Guardrail regex among the PII entities: the compiled core's one-call scan applies."""
 
     @property
     def builtin_injection(self) -> bool:
@@ -146,31 +152,47 @@ class GuardrailEngine:
             if len(text) > limit:
                 return ScanResult("block", None, (Finding("limit", limit_name, limit, len(text)),))
 
-        candidates: list[Candidate] = []
-        runs: list[TokenRun] | None = None
+        # PII candidates as (type, start, end, value); value None means text[start:end].
+        candidates: list[tuple[str, int, int, str | None]] = []
+        builtin_hits: list[tuple[str, int, int]] = []
         normalized: View | None = None
-        if plan.scanner is not None:
-            out = plan.scanner.scan(text, want_runs=plan.builtin_injection)
-            candidates = out.candidates
-            normalized = out.view if out.view.index is not None else None
-            # The scanner's token runs are in its (NFKC) view's offsets; reuse them only when
-            # that view is the input itself (ASCII text), else find them again on the input.
-            runs = out.runs if normalized is None else None
-        elif not text.isascii() and (plan.policies or any(p.custom for p in plan.injections)):
-            view = pii_view(text)
-            normalized = view if view.index is not None else None
+        compiled = core.active()
+        fast = None
+        if compiled is not None and plan.ascii_fast_path and text.isascii():
+            # ASCII text (views are the text itself), no Guardrail regexes among the PII
+            # entities: the compiled core does the PII and built-in injection scans in one call.
+            try:
+                fast = compiled.scan_ascii(text, plan.builtin_types, plan.builtin_injection)
+            except core.LimitError:
+                pass  # pathological text: the step-by-step path below (see core.LimitError)
+        if fast is not None:
+            candidates = [(t, s, e, None) for t, s, e in fast[0]]
+            builtin_hits = fast[1]
+        else:
+            runs: list[TokenRun] | None = None
+            if plan.scanner is not None:
+                out = plan.scanner.scan(text, want_runs=plan.builtin_injection)
+                candidates = [(c.type, c.start, c.end, c.value) for c in out.candidates]
+                normalized = out.view if out.view.index is not None else None
+                # The scanner's token runs are in its (NFKC) view's offsets; reuse them only when
+                # that view is the input itself (ASCII text), else find them again on the input.
+                runs = out.runs if normalized is None else None
+            elif not text.isascii() and (plan.policies or any(p.custom for p in plan.injections)):
+                view = pii_view(text)
+                normalized = view if view.index is not None else None
+            if plan.injections:
+                if runs is None:
+                    runs = scan_token_runs(text)
+                builtin_hits = [(hit.family, hit.start, hit.end) for hit in inj.detect_builtin(text, runs)]
 
-        for c in candidates:
-            findings.append(Finding("pii", c.type, c.start, c.end))
-            if plan.strategies[c.type] == "block":
+        for pii_type, start, end, _ in candidates:
+            findings.append(Finding("pii", pii_type, start, end))
+            if plan.strategies[pii_type] == "block":
                 verdict = "block"
 
         if plan.injections:
-            if runs is None:
-                runs = scan_token_runs(text)
-            builtin_hits = inj.detect_builtin(text, runs)
-            for hit in builtin_hits:
-                findings.append(Finding("injection", hit.family, hit.start, hit.end))
+            for family, start, end in builtin_hits:
+                findings.append(Finding("injection", family, start, end))
             for policy in plan.injections:
                 own = policy.custom.find(text, normalized) if policy.custom else []
                 for hit in own:
@@ -185,23 +207,30 @@ class GuardrailEngine:
             if hits:
                 verdict = _worst(verdict, rule.action)
 
-        if len(findings) > 1:
-            # PII findings are unique by construction; injection ones may repeat (built-in and a
-            # Guardrail's own pattern on the same span): dict.fromkeys de-duplicates in order.
+        if len(findings) > 1 and (len(findings) > len(candidates) or normalized is not None):
+            # PII findings in ASCII text are unique and in order by construction (resolved,
+            # non-overlapping); the others may repeat (built-in and a Guardrail's own pattern
+            # on the same span) and interleave: dict.fromkeys de-duplicates in order, then sort.
             findings = sorted(dict.fromkeys(findings), key=_finding_order)
         if verdict == "block":
             return ScanResult("block", None, tuple(findings))
         return ScanResult(verdict, self._apply(text, candidates, plan.strategies), tuple(findings))
 
-    def _apply(self, text: str, candidates: list[Candidate], strategies: dict[str, Strategy]) -> str:
+    def _apply(
+        self, text: str, candidates: list[tuple[str, int, int, str | None]], strategies: dict[str, Strategy]
+    ) -> str:
         if not candidates:
             return text
         pieces: list[str] = []
         pos = 0
-        for c in candidates:  # sorted, non-overlapping
-            pieces.append(text[pos : c.start])
-            pieces.append(render(c.type, c.value, strategies[c.type], self._hash_key))
-            pos = c.end
+        for pii_type, start, end, value in candidates:  # sorted, non-overlapping
+            pieces.append(text[pos:start])
+            strategy = strategies[pii_type]
+            if strategy == "redact":  # the common case; needs no value
+                pieces.append(f"[REDACTED_{pii_type.upper()}]")
+            else:
+                pieces.append(render(pii_type, text[start:end] if value is None else value, strategy, self._hash_key))
+            pos = end
         pieces.append(text[pos:])
         return "".join(pieces)
 
@@ -258,7 +287,9 @@ def _build_plan(stage: Stage, specs: Sequence[GuardrailSpec], names: Sequence[st
             if limit is not None and (plan.limit is None or limit[1] < plan.limit[1]):
                 plan.limit = limit  # the smallest limit of all Guardrails wins
     if plan.strategies:
-        plan.scanner = PIIScanner(builtin=sorted(builtin & set(BUILTIN_TYPES)), user_regexes=user_regexes)
+        plan.builtin_types = sorted(builtin & set(BUILTIN_TYPES))
+        plan.scanner = PIIScanner(builtin=plan.builtin_types, user_regexes=user_regexes)
+        plan.ascii_fast_path = not user_regexes
     return plan
 
 

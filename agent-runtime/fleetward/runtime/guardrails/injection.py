@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from fleetward.runtime.guardrails import core
 from fleetward.runtime.guardrails.detectors import TokenRun
 from fleetward.runtime.guardrails.normalize import SquashedView, View, injection_view, squash
 
@@ -312,6 +313,12 @@ def _family_of(data: bytes, match: re.Match[bytes], by_family: dict[str, re.Patt
 def _scan_view(view: View) -> list[InjectionHit]:
     data = view.text
     assert isinstance(data, bytes)
+    compiled = core.active()
+    if compiled is not None:  # the same scan in the compiled core (core.py), view offsets
+        try:
+            return [InjectionHit(f, *view.span(s, e)) for f, s, e in compiled.scan_view_hits(data)]
+        except core.LimitError:
+            pass  # pathological text: the Python scan below (see core.LimitError)
     hits = []
     padded = b" " + data  # so a phrase at the very start also has a "character before"
     for m in _SPACED_RX.finditer(padded):
@@ -362,28 +369,40 @@ def detect_builtin(text: str, runs: Iterable[TokenRun] = (), *, depth: int = 0) 
 
 
 def _scan_base64_run(run: str, offset: int, depth: int) -> list[InjectionHit]:
+    compiled = core.active()
+    if compiled is not None:  # the same scan in the compiled core (core.py)
+        try:
+            return [InjectionHit(f, s, e) for f, s, e in compiled.scan_base64_run_hits(run, offset, depth)]
+        except core.LimitError:
+            pass  # pathological text: the Python scan below (see core.LimitError)
     if depth >= _MAX_DEPTH:
         return []
     # Runs that look like API keys or JWTs are decoded too: a payload behind an "sk-" or
     # "eyJ" prefix must not slip through (random key material fails the text check at once).
     hits = []
     for m in _BASE64_RUN.finditer(run):
-        chunk = m.group()
-        decoded = _decode_base64(chunk)
-        if decoded is None:
-            # A key-style prefix ("sk-", "ghp_", "xoxb-") shifts the base64 alignment: retry
-            # after the last "-"/"_" near the start.
-            cut = max(chunk.rfind("-", 0, 16), chunk.rfind("_", 0, 16))
-            if cut > 0:
-                decoded = _decode_base64(chunk[cut + 1 :])
-        if decoded is None:
-            continue
-        inner_runs = [TokenRun(r.start(), r.end(), r.group(), ()) for r in _TOKEN_RUN_FOR_NESTED.finditer(decoded)]
-        inner = detect_builtin(decoded, inner_runs, depth=depth + 1)
-        if inner:
+        family = _chunk_family(m.group(), depth)
+        if family is not None:
             # One finding per encoded run; offsets inside the decoded text mean nothing outside.
-            hits.append(InjectionHit(inner[0].family, offset + m.start(), offset + m.end()))
+            hits.append(InjectionHit(family, offset + m.start(), offset + m.end()))
     return hits
+
+
+def _chunk_family(chunk: str, depth: int) -> str | None:
+    """The family of the first injection in the base64 `chunk`'s decoded text, if any. The
+    compiled core calls this for payloads that decode to non-ASCII text."""
+    decoded = _decode_base64(chunk)
+    if decoded is None:
+        # A key-style prefix ("sk-", "ghp_", "xoxb-") shifts the base64 alignment: retry
+        # after the last "-"/"_" near the start.
+        cut = max(chunk.rfind("-", 0, 16), chunk.rfind("_", 0, 16))
+        if cut > 0:
+            decoded = _decode_base64(chunk[cut + 1 :])
+    if decoded is None:
+        return None
+    inner_runs = [TokenRun(r.start(), r.end(), r.group(), ()) for r in _TOKEN_RUN_FOR_NESTED.finditer(decoded)]
+    inner = detect_builtin(decoded, inner_runs, depth=depth + 1)
+    return inner[0].family if inner else None
 
 
 _TOKEN_RUN_FOR_NESTED = re.compile(r"[A-Za-z0-9+/=_-]{16,}")

@@ -1,0 +1,1102 @@
+//! Compiled hot path of `fleetward.runtime.guardrails`.
+//!
+//! The Python package stays the owner of what is detected: its regular expressions, tables
+//! and rules are handed to [`Core`] at start-up (`fleetward/runtime/guardrails/core.py`), and
+//! this crate runs the same passes over ASCII text, line for line as `detectors.py` and
+//! `injection.py` do, without the interpreter's per-position and per-candidate costs.
+//! PCRE2 runs the patterns: it has Python `re`'s match semantics for every construct they
+//! use (lookbehind, backreferences, leftmost-first backtracking), so the patterns are reused
+//! verbatim rather than rewritten. The callers only hand ASCII text to the scan functions
+//! (the Python engine keeps the non-ASCII views); the two rare cases that need Python's
+//! Unicode or JSON behaviour (a base64 payload that decodes to non-ASCII text, a JWT header
+//! that `serde_json` refuses) are answered by calling back into the Python functions, so the
+//! result is the same as the pure-Python engine's in every case.
+
+use pcre2::bytes::{CaptureLocations, Regex, RegexBuilder};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyString};
+use std::sync::Mutex;
+
+pub mod validate;
+
+use validate::{
+    card_value, fit_phone, ipv4_valid, ipv6_valid, is_word_byte, ssn_valid, trunk_phone,
+};
+
+/// Built-in PII types, in `detectors.BUILTIN_TYPES` order.
+pub const PII_TYPES: [&str; 8] = [
+    "email",
+    "credit_card",
+    "ip",
+    "phone",
+    "us_ssn",
+    "iban",
+    "api_key",
+    "jwt",
+];
+const EMAIL: usize = 0;
+const CREDIT_CARD: usize = 1;
+const IP: usize = 2;
+const PHONE: usize = 3;
+const US_SSN: usize = 4;
+const IBAN: usize = 5;
+const API_KEY: usize = 6;
+const JWT: usize = 7;
+
+/// The named branches of `detectors._NUM` (the outermost group that took part tells which).
+const NUM_BRANCHES: [&str; 9] = [
+    "iban", "ipv4", "card", "ssn", "ssnbare", "us1", "us", "intl00", "trunk",
+];
+
+const MAX_BASE64_DEPTH: usize = 2; // injection._MAX_DEPTH
+
+/// A detected value: type index into [`PII_TYPES`] and its span (byte = character offsets:
+/// the text is ASCII).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub kind: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// An injection hit: family index into `Core::families` and its span.
+type Hit = (usize, usize, usize);
+
+fn regex_error(what: &str, pattern: &str, e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(format!(
+        "guardrail core: pattern {what} ({pattern:?}) does not compile in PCRE2: {e}"
+    ))
+}
+
+/// Python `re` syntax to PCRE2 for ASCII subjects. Only two constructs differ for the
+/// patterns in use: `\Z` (Python: end of string; PCRE2's `\Z` also matches before a final
+/// newline, its `\z` is Python's `\Z`) and `\s` (Python's str patterns also count
+/// \x1c-\x1f as white space).
+pub fn python_to_pcre2(pattern: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut in_class = false;
+    let mut chars = pattern.chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '\\' => {
+                let next = chars
+                    .next()
+                    .ok_or_else(|| "trailing backslash".to_string())?;
+                match next {
+                    'Z' => out.push_str("\\z"),
+                    's' if in_class => out.push_str("\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f\\x20"),
+                    's' => out.push_str("[\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f\\x20]"),
+                    'S' => return Err("\\S is not supported".into()),
+                    _ => {
+                        out.push('\\');
+                        out.push(next);
+                    }
+                }
+            }
+            '[' if !in_class => {
+                in_class = true;
+                out.push(ch);
+                // A "]" right after "[" or "[^" is a literal, not the end of the class.
+                let rest = chars.as_str();
+                let lead = if rest.starts_with('^') { 1 } else { 0 };
+                if rest[lead..].starts_with(']') {
+                    out.push_str(&rest[..lead + 1]);
+                    chars = rest[lead + 1..].chars();
+                }
+            }
+            ']' if in_class => {
+                in_class = false;
+                out.push(ch);
+            }
+            _ => out.push(ch),
+        }
+    }
+    Ok(out)
+}
+
+pub fn compile(what: &str, pattern: &str) -> PyResult<Regex> {
+    let translated = python_to_pcre2(pattern).map_err(|e| regex_error(what, pattern, e))?;
+    RegexBuilder::new()
+        .jit_if_available(true)
+        // Backtracking into long repetitions (a domain of thousands of labels) needs more
+        // than the default 32 KiB; beyond 1 MiB the caller falls back (MatchLimitError).
+        .max_jit_stack_size(Some(1 << 20))
+        .build(&translated)
+        .map_err(|e| regex_error(what, pattern, e))
+}
+
+/// `rx.match(data, pos)` of Python: a match that starts exactly at `pos`.
+fn compile_anchored(what: &str, pattern: &str) -> PyResult<Regex> {
+    compile(what, &format!("\\G(?:{pattern})"))
+}
+
+pyo3::create_exception!(
+    fleetward_guardrail_core,
+    MatchLimitError,
+    pyo3::exceptions::PyRuntimeError,
+    "A pattern hit a PCRE2 resource limit (JIT stack, match or depth limit) on this text; \
+     Python's `re` has none, so the caller scans this text with the Python code instead."
+);
+
+fn pcre_err(e: pcre2::Error) -> PyErr {
+    match e.kind() {
+        pcre2::ErrorKind::Match => MatchLimitError::new_err(format!("guardrail core: {e}")),
+        _ => PyValueError::new_err(format!("guardrail core: PCRE2 failed: {e}")),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Decoded base64 text, as `injection._decode_base64` classifies it.
+enum Decoded {
+    /// Not base64, not UTF-8, empty, no letter or not printable enough.
+    Rejected,
+    /// ASCII text that passed every check.
+    Ascii(Vec<u8>),
+    /// Valid UTF-8 with non-ASCII characters: Python's Unicode rules decide (callback).
+    NonAscii,
+}
+
+fn base64_value(b: u8) -> Option<u32> {
+    Some(match b {
+        b'A'..=b'Z' => b - b'A',
+        b'a'..=b'z' => b - b'a' + 26,
+        b'0'..=b'9' => b - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => return None,
+    } as u32)
+}
+
+/// `base64.b64decode(padded, validate=True)` / `urlsafe_b64decode(padded)` for the chunks the
+/// injection scan produces (alphabet characters, then at most a few trailing "="): unused
+/// trailing bits are ignored as binascii does; a length of 4n+1 is an error.
+pub fn decode_base64(chunk: &[u8]) -> Option<Vec<u8>> {
+    let urlsafe = chunk.iter().any(|&b| b == b'-' || b == b'_');
+    let end = chunk.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
+    let data = &chunk[..end];
+    if data.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() / 4 * 3 + 2);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for &b in data {
+        let b = match (urlsafe, b) {
+            (true, b'-') => b'+',
+            (true, b'_') => b'/',
+            // the urlsafe decoder maps "+" and "/" away first (they are discarded); the chunk
+            // pattern never mixes them with "-"/"_", so this only guards the assumption
+            (true, b'+' | b'/') => return None,
+            _ => b,
+        };
+        let v = base64_value(b)?; // "=" inside the data, or a non-alphabet byte: an error
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn classify_decoded(raw: Option<Vec<u8>>) -> Decoded {
+    let Some(raw) = raw else {
+        return Decoded::Rejected;
+    };
+    if raw.is_empty() {
+        return Decoded::Rejected;
+    }
+    if !raw.is_ascii() {
+        return if std::str::from_utf8(&raw).is_ok() {
+            Decoded::NonAscii
+        } else {
+            Decoded::Rejected
+        };
+    }
+    if !raw.iter().any(u8::is_ascii_alphabetic) {
+        return Decoded::Rejected;
+    }
+    let printable = raw
+        .iter()
+        .filter(|&&b| (0x20..0x7f).contains(&b) || matches!(b, b'\n' | b'\t' | b'\r'))
+        .count();
+    if printable == raw.len() || printable as f64 >= 0.95 * raw.len() as f64 {
+        Decoded::Ascii(raw)
+    } else {
+        Decoded::Rejected
+    }
+}
+
+/// Runs of at least 16 key-ish characters (`detectors.scan_token_runs` on ASCII text).
+pub fn token_runs(text: &[u8], token_bytes: &[bool; 256]) -> Vec<(usize, usize)> {
+    let is_token = |b: u8| token_bytes[b as usize];
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < text.len() {
+        if !is_token(text[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < text.len() && is_token(text[i]) {
+            i += 1;
+        }
+        if i - start >= 16 {
+            runs.push((start, i));
+        }
+    }
+    runs
+}
+
+/// `detectors.resolve_overlaps`: the longest match of each overlapping cluster wins, then the
+/// most specific type, then the leftmost; the rest of the cluster is re-resolved.
+pub fn resolve_overlaps(candidates: &mut Vec<Candidate>, specificity: &[i64; 8]) {
+    if candidates.len() < 2 {
+        return;
+    }
+    candidates.sort_by_key(|c| (c.start, c.end)); // stable, as Python's sorted
+    if candidates.windows(2).all(|w| w[0].end <= w[1].start) {
+        return;
+    }
+    let mut chosen = Vec::with_capacity(candidates.len());
+    let mut cluster: Vec<Candidate> = vec![candidates[0]];
+    let mut cluster_end = candidates[0].end;
+    for &c in &candidates[1..] {
+        if c.start < cluster_end {
+            cluster.push(c);
+            cluster_end = cluster_end.max(c.end);
+            continue;
+        }
+        resolve_cluster(&mut cluster, specificity, &mut chosen);
+        cluster = vec![c];
+        cluster_end = c.end;
+    }
+    resolve_cluster(&mut cluster, specificity, &mut chosen);
+    *candidates = chosen;
+}
+
+fn resolve_cluster(cluster: &mut [Candidate], specificity: &[i64; 8], out: &mut Vec<Candidate>) {
+    if cluster.len() == 1 {
+        out.push(cluster[0]);
+        return;
+    }
+    cluster.sort_by(|a, b| {
+        let ka = (a.start as i64 - a.end as i64, -specificity[a.kind], a.start);
+        let kb = (b.start as i64 - b.end as i64, -specificity[b.kind], b.start);
+        ka.cmp(&kb)
+            .then_with(|| PII_TYPES[a.kind].cmp(PII_TYPES[b.kind]))
+    });
+    let mut kept: Vec<Candidate> = Vec::new();
+    for &c in cluster.iter() {
+        if kept.iter().all(|k| c.end <= k.start || c.start >= k.end) {
+            kept.push(c);
+        }
+    }
+    kept.sort_by_key(|c| c.start);
+    out.extend(kept);
+}
+
+/// Which built-in passes a scan runs (`PIIScanner`'s flags).
+#[derive(Clone, Copy)]
+pub struct Passes {
+    pub numbers: bool,
+    pub emails: bool,
+    pub secrets: bool,
+    pub ipv6: bool,
+}
+
+/// The compiled plan: the Python detectors' patterns and tables, compiled once.
+#[pyclass(frozen, module = "fleetward_guardrail_core")]
+pub struct Core {
+    num: Regex,
+    num_groups: Vec<usize>, // capture index of each NUM_BRANCHES entry
+    /// Capture buffers for `num`, reused: creating one allocates a JIT stack.
+    num_locations: Mutex<Vec<CaptureLocations>>,
+    plus: Regex,
+    paren: Regex,
+    ssn_context: Regex,
+    email_domain: Regex,
+    local_chars: [bool; 256],
+    secret_hint: Regex,
+    secret: Regex,
+    ipv6_seed: Regex,
+    iban_lengths: [[u8; 26]; 26], // 0 = country not in the registry
+    specificity: [i64; 8],
+    spaced: Regex,
+    squashed: Regex,
+    spaced_by_family: Vec<Regex>,
+    squashed_by_family: Vec<Regex>,
+    families: Vec<Py<PyString>>,
+    split_evidence: Regex,
+    squash_stems: Vec<Vec<u8>>,
+    base64_run: Regex,
+    nested_token_run: Regex,
+    injection_bytes: [u8; 256],
+    token_bytes: [bool; 256],
+    type_names: Vec<Py<PyString>>,
+    /// `detectors._jwt_header_valid(header) -> bool`, for headers serde_json refuses.
+    jwt_header_fallback: Py<PyAny>,
+    /// `injection._chunk_family(chunk, depth) -> str | None`, for non-ASCII payloads.
+    chunk_fallback: Py<PyAny>,
+}
+
+fn get_str(d: &Bound<'_, PyDict>, key: &str) -> PyResult<String> {
+    d.get_item(key)?
+        .ok_or_else(|| PyValueError::new_err(format!("guardrail core: config has no {key:?}")))?
+        .extract()
+}
+
+fn get_item<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, PyAny>> {
+    d.get_item(key)?
+        .ok_or_else(|| PyValueError::new_err(format!("guardrail core: config has no {key:?}")))
+}
+
+impl Core {
+    fn family_of(
+        &self,
+        data: &[u8],
+        start: usize,
+        end: usize,
+        by_family: &[Regex],
+    ) -> PyResult<usize> {
+        for (i, rx) in by_family.iter().enumerate() {
+            if let Some(m) = rx.find_at(data, start).map_err(pcre_err)? {
+                if m.end() == end {
+                    return Ok(i);
+                }
+            }
+        }
+        for (i, rx) in by_family.iter().enumerate() {
+            if rx.find_at(data, start).map_err(pcre_err)?.is_some() {
+                return Ok(i);
+            }
+        }
+        Err(PyValueError::new_err(
+            "guardrail core: a combined match must match one family",
+        ))
+    }
+
+    /// `injection._scan_view`: hits in view offsets.
+    pub fn scan_view(&self, data: &[u8]) -> PyResult<Vec<Hit>> {
+        let mut padded = Vec::with_capacity(data.len() + 1);
+        padded.push(b' ');
+        padded.extend_from_slice(data);
+        let mut hits = Vec::new();
+        for m in self.spaced.find_iter(&padded) {
+            let m = m.map_err(pcre_err)?;
+            let family = self.family_of(&padded, m.start(), m.end(), &self.spaced_by_family)?;
+            hits.push((family, m.start(), m.end() - 1));
+        }
+        if !hits.is_empty()
+            || self
+                .split_evidence
+                .find(&padded)
+                .map_err(pcre_err)?
+                .is_none()
+        {
+            return Ok(hits);
+        }
+        let letters: Vec<usize> = (0..data.len())
+            .filter(|&i| data[i].is_ascii_lowercase())
+            .collect();
+        let squashed: Vec<u8> = letters.iter().map(|&i| data[i]).collect();
+        if self
+            .squash_stems
+            .iter()
+            .any(|stem| contains(&squashed, stem) && !contains(data, stem))
+        {
+            for m in self.squashed.find_iter(&squashed) {
+                let m = m.map_err(pcre_err)?;
+                let family =
+                    self.family_of(&squashed, m.start(), m.end(), &self.squashed_by_family)?;
+                hits.push((family, letters[m.start()], letters[m.end() - 1] + 1));
+            }
+        }
+        Ok(hits)
+    }
+
+    /// `injection._scan_base64_run`.
+    pub fn scan_base64_run(
+        &self,
+        py: Python<'_>,
+        run: &[u8],
+        offset: usize,
+        depth: usize,
+    ) -> PyResult<Vec<Hit>> {
+        if depth >= MAX_BASE64_DEPTH {
+            return Ok(Vec::new());
+        }
+        let mut chunks = Vec::new(); // collected first: the fallback may re-enter this regex
+        for m in self.base64_run.find_iter(run) {
+            let m = m.map_err(pcre_err)?;
+            chunks.push((m.start(), m.end()));
+        }
+        let mut hits = Vec::new();
+        for (s, e) in chunks {
+            if let Some(family) = self.chunk_family(py, &run[s..e], depth)? {
+                hits.push((family, offset + s, offset + e));
+            }
+        }
+        Ok(hits)
+    }
+
+    fn chunk_family(&self, py: Python<'_>, chunk: &[u8], depth: usize) -> PyResult<Option<usize>> {
+        let mut decoded = classify_decoded(decode_base64(chunk));
+        if matches!(decoded, Decoded::Rejected) {
+            // A key-style prefix ("sk-", "ghp_") shifts the alignment: retry after the last
+            // "-"/"_" among the first 16 characters.
+            let head = &chunk[..chunk.len().min(16)];
+            if let Some(cut) = head.iter().rposition(|&b| b == b'-' || b == b'_') {
+                if cut > 0 {
+                    decoded = classify_decoded(decode_base64(&chunk[cut + 1..]));
+                }
+            }
+        }
+        match decoded {
+            Decoded::Rejected => Ok(None),
+            Decoded::Ascii(text) => self.first_family(py, &text, depth + 1),
+            Decoded::NonAscii => {
+                let chunk = std::str::from_utf8(chunk).expect("base64 chunks are ASCII");
+                let family = self.chunk_fallback.call1(py, (chunk, depth))?;
+                if family.is_none(py) {
+                    return Ok(None);
+                }
+                let family: String = family.extract(py)?;
+                let index = self
+                    .families
+                    .iter()
+                    .position(|f| f.bind(py).to_str().map(|s| s == family).unwrap_or(false));
+                index.map(Some).ok_or_else(|| {
+                    PyValueError::new_err(format!("guardrail core: unknown family {family:?}"))
+                })
+            }
+        }
+    }
+
+    /// The family of the first hit of `injection.detect_builtin(text, nested runs, depth)`.
+    fn first_family(&self, py: Python<'_>, text: &[u8], depth: usize) -> PyResult<Option<usize>> {
+        let view: Vec<u8> = text
+            .iter()
+            .map(|&b| self.injection_bytes[b as usize])
+            .collect();
+        if let Some(&(family, _, _)) = self.scan_view(&view)?.first() {
+            return Ok(Some(family));
+        }
+        let mut runs = Vec::new();
+        for m in self.nested_token_run.find_iter(text) {
+            let m = m.map_err(pcre_err)?;
+            runs.push((m.start(), m.end()));
+        }
+        for (s, e) in runs {
+            if let Some(&(family, _, _)) = self.scan_base64_run(py, &text[s..e], s, depth)?.first()
+            {
+                return Ok(Some(family));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The built-in PII passes over ASCII text, candidates in the order Python appends them.
+    pub fn scan_pii_raw(
+        &self,
+        py: Python<'_>,
+        t: &[u8],
+        passes: Passes,
+        runs: &[(usize, usize)],
+    ) -> PyResult<Vec<Candidate>> {
+        let mut out = Vec::new();
+        if passes.numbers {
+            self.scan_numbers(t, &mut out)?;
+        }
+        if passes.emails {
+            self.scan_emails(t, &mut out)?;
+        }
+        if passes.secrets {
+            self.scan_secrets(py, t, runs, &mut out)?;
+        }
+        if passes.ipv6 {
+            self.scan_ipv6(t, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn scan_numbers(&self, t: &[u8], out: &mut Vec<Candidate>) -> PyResult<()> {
+        let pooled = self
+            .num_locations
+            .lock()
+            .ok()
+            .and_then(|mut pool| pool.pop());
+        let mut locs = pooled.unwrap_or_else(|| self.num.capture_locations());
+        let result = self.scan_numbers_with(&mut locs, t, out);
+        if let Ok(mut pool) = self.num_locations.lock() {
+            pool.push(locs);
+        }
+        result
+    }
+
+    fn scan_numbers_with(
+        &self,
+        locs: &mut CaptureLocations,
+        t: &[u8],
+        out: &mut Vec<Candidate>,
+    ) -> PyResult<()> {
+        let mut pos = 0;
+        while pos <= t.len() {
+            let Some(m) = self.num.captures_read_at(locs, t, pos).map_err(pcre_err)? else {
+                break;
+            };
+            let (start, end) = (m.start(), m.end());
+            let branch = self.num_groups.iter().position(|&g| locs.get(g).is_some());
+            if branch == Some(0) {
+                // An IBAN-shaped run whose check fails is skipped as a whole.
+                self.accept_iban(t, start - 2, end, out);
+                pos = end;
+                continue;
+            }
+            match branch.and_then(|b| self.classify(b, t, start, end).transpose()) {
+                Some(found) => {
+                    let found = found?;
+                    out.push(found);
+                    pos = found.end;
+                }
+                None => pos = start + 1,
+            }
+        }
+        for (lead, rx, lo) in [(b'+', &self.plus, 8), (b'(', &self.paren, 10)] {
+            if !t.contains(&lead) {
+                continue;
+            }
+            for m in rx.find_iter(t) {
+                let m = m.map_err(pcre_err)?;
+                if let Some(n) = fit_phone(m.as_bytes(), lo, 15) {
+                    out.push(Candidate {
+                        kind: PHONE,
+                        start: m.start(),
+                        end: m.start() + n,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn classify(
+        &self,
+        branch: usize,
+        t: &[u8],
+        start: usize,
+        end: usize,
+    ) -> PyResult<Option<Candidate>> {
+        let v = &t[start..end];
+        let (kind, accepted) = match NUM_BRANCHES[branch] {
+            "card" => (CREDIT_CARD, card_value(v)),
+            "ssn" => {
+                let digits: Vec<u8> = v.iter().copied().filter(u8::is_ascii_digit).collect();
+                (US_SSN, ssn_valid(&digits).then_some(v.len()))
+            }
+            "ssnbare" => {
+                let lo = start.saturating_sub(32);
+                let context = self
+                    .ssn_context
+                    .find_at(&t[..start], lo)
+                    .map_err(pcre_err)?
+                    .is_some();
+                (US_SSN, (ssn_valid(v) && context).then_some(v.len()))
+            }
+            "ipv4" => (IP, ipv4_valid(v).then_some(v.len())),
+            "us1" | "us" => (PHONE, Some(v.len())),
+            "intl00" => (PHONE, fit_phone(v, 10, 17)),
+            "trunk" => (
+                PHONE,
+                fit_phone(v, 10, 12).filter(|&n| trunk_phone(&v[..n])),
+            ),
+            _ => (PHONE, None),
+        };
+        Ok(accepted.map(|n| Candidate {
+            kind,
+            start,
+            end: start + n,
+        }))
+    }
+
+    fn accept_iban(&self, t: &[u8], start: usize, end: usize, out: &mut Vec<Candidate>) {
+        let raw = &t[start..end];
+        let (a, b) = (raw[0].to_ascii_uppercase(), raw[1].to_ascii_uppercase());
+        if !a.is_ascii_uppercase() || !b.is_ascii_uppercase() {
+            return;
+        }
+        let length = self.iban_lengths[(a - b'A') as usize][(b - b'A') as usize] as usize;
+        if length == 0 {
+            return;
+        }
+        // `_iban_cut(length).match(raw)`: the first `length` alphanumerics, single spaces
+        // between them allowed (the optional space cannot be backtracked into usefully).
+        if !raw[0].is_ascii_alphanumeric() {
+            return;
+        }
+        let (mut i, mut taken) = (1, 1);
+        while taken < length {
+            if i + 1 < raw.len() && raw[i] == b' ' && raw[i + 1].is_ascii_alphanumeric() {
+                i += 2;
+            } else if i < raw.len() && raw[i].is_ascii_alphanumeric() {
+                i += 1;
+            } else {
+                return;
+            }
+            taken += 1;
+        }
+        if i < raw.len() && raw[i] != b' ' {
+            return; // the run goes on without a space: not this IBAN
+        }
+        let compact: Vec<u8> = raw[..i]
+            .iter()
+            .filter(|&&b| b != b' ')
+            .map(u8::to_ascii_uppercase)
+            .collect();
+        if validate::iban_valid(&compact, length) {
+            out.push(Candidate {
+                kind: IBAN,
+                start,
+                end: start + i,
+            });
+        }
+    }
+
+    fn scan_emails(&self, t: &[u8], out: &mut Vec<Candidate>) -> PyResult<()> {
+        if !t.contains(&b'@') {
+            return Ok(());
+        }
+        for m in self.email_domain.find_iter(t) {
+            let m = m.map_err(pcre_err)?;
+            let at = m.start();
+            let lo = at.saturating_sub(64);
+            let mut i = at;
+            while i > lo && self.local_chars[t[i - 1] as usize] {
+                i -= 1;
+            }
+            while i < at && matches!(t[i], b'.' | b'-' | b'\'') {
+                i += 1;
+            }
+            if i == at || t[at - 1] == b'.' {
+                continue;
+            }
+            out.push(Candidate {
+                kind: EMAIL,
+                start: i,
+                end: m.end(),
+            });
+        }
+        Ok(())
+    }
+
+    fn scan_secrets(
+        &self,
+        py: Python<'_>,
+        t: &[u8],
+        runs: &[(usize, usize)],
+        out: &mut Vec<Candidate>,
+    ) -> PyResult<()> {
+        for &(rs, re) in runs {
+            let run = &t[rs..re];
+            if self.secret_hint.find(run).map_err(pcre_err)?.is_none() {
+                continue;
+            }
+            for m in self.secret.find_iter(run) {
+                let m = m.map_err(pcre_err)?;
+                let value = m.as_bytes();
+                let kind = if value.starts_with(b"eyJ") {
+                    if !self.jwt_header_valid(py, value)? {
+                        continue;
+                    }
+                    JWT
+                } else {
+                    API_KEY
+                };
+                out.push(Candidate {
+                    kind,
+                    start: rs + m.start(),
+                    end: rs + m.end(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn jwt_header_valid(&self, py: Python<'_>, token: &[u8]) -> PyResult<bool> {
+        let header = token.split(|&b| b == b'.').next().unwrap_or(token);
+        // `urlsafe_b64decode(header + "=" * (-len(header) % 4))`
+        let Some(raw) = decode_base64(header) else {
+            return Ok(false);
+        };
+        match serde_json::from_slice::<serde_json::Value>(&raw) {
+            Ok(value) => Ok(value.as_object().is_some_and(|o| o.contains_key("alg"))),
+            // Python's json is more lenient (NaN, encoded surrogates, deep nesting): ask it.
+            Err(_) => {
+                let header = std::str::from_utf8(header).expect("JWT headers are ASCII");
+                self.jwt_header_fallback.call1(py, (header,))?.extract(py)
+            }
+        }
+    }
+
+    fn scan_ipv6(&self, t: &[u8], out: &mut Vec<Candidate>) -> PyResult<()> {
+        let is_hcd = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+        let n = t.len();
+        let mut pos = 0;
+        while pos <= n {
+            let Some(m) = self.ipv6_seed.find_at(t, pos).map_err(pcre_err)? else {
+                break;
+            };
+            let mut start = m.start();
+            let floor = m.start().saturating_sub(45);
+            while start > floor && is_hcd(t[start - 1]) {
+                start -= 1;
+            }
+            let mut end = m.end();
+            let ceil = (m.end() + 45).min(n);
+            while end < ceil && is_hcd(t[end]) {
+                end += 1;
+            }
+            pos = end;
+            // Trim label colons ("Address:2001:db8::1") and sentence punctuation ("... ::1.").
+            while start < end
+                && (t[start] == b'.' || (t[start] == b':' && t.get(start + 1) != Some(&b':')))
+            {
+                start += 1;
+            }
+            while end > start
+                && (t[end - 1] == b'.' || (t[end - 1] == b':' && (end < 2 || t[end - 2] != b':')))
+            {
+                end -= 1;
+            }
+            if (start > 0 && is_word_byte(t[start - 1])) || (end < n && is_word_byte(t[end])) {
+                continue;
+            }
+            let value = &t[start..end];
+            let hexish = value.iter().filter(|&&b| b != b':' && b != b'.').count();
+            if hexish < 4 || !ipv6_valid(value) {
+                continue;
+            }
+            out.push(Candidate {
+                kind: IP,
+                start,
+                end,
+            });
+        }
+        Ok(())
+    }
+
+    fn injection_view(&self, t: &[u8]) -> Vec<u8> {
+        t.iter()
+            .map(|&b| self.injection_bytes[b as usize])
+            .collect()
+    }
+
+    fn ascii<'a>(&self, text: &'a str) -> PyResult<&'a [u8]> {
+        if !text.is_ascii() {
+            return Err(PyValueError::new_err(
+                "guardrail core: scan functions take ASCII text only",
+            ));
+        }
+        Ok(text.as_bytes())
+    }
+
+    fn hits_to_py(&self, py: Python<'_>, hits: &[Hit]) -> Vec<(Py<PyString>, usize, usize)> {
+        hits.iter()
+            .map(|&(f, s, e)| (self.families[f].clone_ref(py), s, e))
+            .collect()
+    }
+}
+
+fn builtin_mask(py_types: &[String]) -> PyResult<[bool; 8]> {
+    let mut mask = [false; 8];
+    for t in py_types {
+        let i = PII_TYPES.iter().position(|p| p == t).ok_or_else(|| {
+            PyValueError::new_err(format!("guardrail core: unknown PII type {t:?}"))
+        })?;
+        mask[i] = true;
+    }
+    Ok(mask)
+}
+
+#[pymethods]
+impl Core {
+    /// `config`: the Python detectors' patterns and tables (built by `guardrails/core.py`).
+    #[new]
+    fn new(py: Python<'_>, config: &Bound<'_, PyDict>) -> PyResult<Self> {
+        let p = |key: &str| -> PyResult<Regex> { compile(key, &get_str(config, key)?) };
+        let num = p("num")?;
+        let names = num.capture_names();
+        let num_groups = NUM_BRANCHES
+            .iter()
+            .map(|b| {
+                names
+                    .iter()
+                    .position(|n| n.as_deref() == Some(*b))
+                    .ok_or_else(|| {
+                        PyValueError::new_err(format!("guardrail core: num has no group {b:?}"))
+                    })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let mut local_chars = [false; 256];
+        for b in get_str(config, "local_chars")?.bytes() {
+            local_chars[b as usize] = true;
+        }
+        let mut iban_lengths = [[0u8; 26]; 26];
+        let lengths = get_item(config, "iban_lengths")?;
+        for (country, length) in lengths.downcast::<PyDict>()?.iter() {
+            let country: String = country.extract()?;
+            let c = country.as_bytes();
+            if c.len() != 2 || !c[0].is_ascii_uppercase() || !c[1].is_ascii_uppercase() {
+                return Err(PyValueError::new_err(format!(
+                    "guardrail core: bad IBAN country {country:?}"
+                )));
+            }
+            iban_lengths[(c[0] - b'A') as usize][(c[1] - b'A') as usize] = length.extract()?;
+        }
+        let mut specificity = [0i64; 8];
+        let spec = get_item(config, "specificity")?;
+        for (i, name) in PII_TYPES.iter().enumerate() {
+            specificity[i] = spec.get_item(*name)?.extract()?;
+        }
+        let table: Vec<u8> = get_item(config, "injection_bytes")?.extract()?;
+        let injection_bytes: [u8; 256] = table.try_into().map_err(|_| {
+            PyValueError::new_err("guardrail core: injection_bytes must be 256 bytes")
+        })?;
+        let mut families = Vec::new();
+        let mut spaced_by_family = Vec::new();
+        let mut squashed_by_family = Vec::new();
+        for item in get_item(config, "families")?.try_iter()? {
+            let (name, spaced, squashed): (String, String, String) = item?.extract()?;
+            spaced_by_family.push(compile_anchored(&name, &spaced)?);
+            squashed_by_family.push(compile_anchored(&name, &squashed)?);
+            families.push(PyString::intern(py, &name).unbind());
+        }
+        let mut token_bytes = [false; 256];
+        for b in get_item(config, "token_chars")?.extract::<Vec<u8>>()? {
+            token_bytes[b as usize] = true;
+        }
+        let squash_stems = get_item(config, "squash_stems")?
+            .try_iter()?
+            .map(|s| s?.extract::<Vec<u8>>())
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Core {
+            num,
+            num_groups,
+            num_locations: Mutex::new(Vec::new()),
+            plus: p("plus")?,
+            paren: p("paren")?,
+            ssn_context: p("ssn_context")?,
+            email_domain: p("email_domain")?,
+            local_chars,
+            secret_hint: p("secret_hint")?,
+            secret: p("secret")?,
+            ipv6_seed: p("ipv6_seed")?,
+            iban_lengths,
+            specificity,
+            spaced: p("spaced")?,
+            squashed: p("squashed")?,
+            spaced_by_family,
+            squashed_by_family,
+            families,
+            split_evidence: p("split_evidence")?,
+            squash_stems,
+            base64_run: p("base64_run")?,
+            nested_token_run: p("nested_token_run")?,
+            injection_bytes,
+            token_bytes,
+            type_names: PII_TYPES
+                .iter()
+                .map(|t| PyString::intern(py, t).unbind())
+                .collect(),
+            jwt_header_fallback: get_item(config, "jwt_header_fallback")?.unbind(),
+            chunk_fallback: get_item(config, "chunk_fallback")?.unbind(),
+        })
+    }
+
+    /// PII candidates of ASCII `text` as `(type, start, end)`, plus the token runs as
+    /// `(start, end)`. With `builtin` (the asked types) the candidates are overlap-resolved
+    /// and filtered as `PIIScanner.scan` does when no Guardrail regex takes part; without
+    /// it they come raw, in the order the Python passes append them.
+    #[pyo3(signature = (text, numbers, emails, secrets, ipv6, want_runs, builtin=None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn scan_pii(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        numbers: bool,
+        emails: bool,
+        secrets: bool,
+        ipv6: bool,
+        want_runs: bool,
+        builtin: Option<Vec<String>>,
+    ) -> PyResult<(Vec<(Py<PyString>, usize, usize)>, Vec<(usize, usize)>)> {
+        let t = self.ascii(text)?;
+        let runs = if secrets || want_runs {
+            token_runs(t, &self.token_bytes)
+        } else {
+            Vec::new()
+        };
+        let passes = Passes {
+            numbers,
+            emails,
+            secrets,
+            ipv6,
+        };
+        let mut found = self.scan_pii_raw(py, t, passes, &runs)?;
+        if let Some(builtin) = builtin {
+            let mask = builtin_mask(&builtin)?;
+            resolve_overlaps(&mut found, &self.specificity);
+            found.retain(|c| mask[c.kind]);
+        }
+        let cands = found
+            .iter()
+            .map(|c| (self.type_names[c.kind].clone_ref(py), c.start, c.end))
+            .collect();
+        Ok((cands, runs))
+    }
+
+    /// Everything the engine needs from an ASCII text in one call: resolved PII candidates
+    /// of the `builtin` types (none when `builtin` is empty) and, with `injection`, the
+    /// built-in injection hits (`detect_builtin(text, runs)`), as `(family, start, end)`.
+    #[allow(clippy::type_complexity)]
+    fn scan_ascii(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        builtin: Vec<String>,
+        injection: bool,
+    ) -> PyResult<(
+        Vec<(Py<PyString>, usize, usize)>,
+        Vec<(Py<PyString>, usize, usize)>,
+    )> {
+        let t = self.ascii(text)?;
+        let mask = builtin_mask(&builtin)?;
+        let passes = Passes {
+            numbers: mask[CREDIT_CARD] || mask[US_SSN] || mask[IP] || mask[PHONE] || mask[IBAN],
+            emails: mask[EMAIL],
+            secrets: mask[API_KEY] || mask[JWT],
+            ipv6: mask[IP],
+        };
+        let runs = if passes.secrets || injection {
+            token_runs(t, &self.token_bytes)
+        } else {
+            Vec::new()
+        };
+        let mut found = Vec::new();
+        if mask.iter().any(|&m| m) {
+            found = self.scan_pii_raw(py, t, passes, &runs)?;
+            resolve_overlaps(&mut found, &self.specificity);
+            found.retain(|c| mask[c.kind]);
+        }
+        let mut hits = Vec::new();
+        if injection {
+            hits = self.scan_view(&self.injection_view(t))?;
+            for &(s, e) in &runs {
+                hits.extend(self.scan_base64_run(py, &t[s..e], s, 0)?);
+            }
+        }
+        let cands = found
+            .iter()
+            .map(|c| (self.type_names[c.kind].clone_ref(py), c.start, c.end))
+            .collect();
+        Ok((cands, self.hits_to_py(py, &hits)))
+    }
+
+    /// `injection._scan_view` on an injection view (bytes): `(family, start, end)` in view
+    /// offsets.
+    fn scan_view_hits(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyBytes>,
+    ) -> PyResult<Vec<(Py<PyString>, usize, usize)>> {
+        let hits = self.scan_view(data.as_bytes())?;
+        Ok(self.hits_to_py(py, &hits))
+    }
+
+    /// `injection._scan_base64_run` on one token run (ASCII by construction).
+    fn scan_base64_run_hits(
+        &self,
+        py: Python<'_>,
+        run: &str,
+        offset: usize,
+        depth: usize,
+    ) -> PyResult<Vec<(Py<PyString>, usize, usize)>> {
+        let t = self.ascii(run)?;
+        let hits = self.scan_base64_run(py, t, offset, depth)?;
+        Ok(self.hits_to_py(py, &hits))
+    }
+}
+
+#[pymodule]
+fn fleetward_guardrail_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Core>()?;
+    m.add("MatchLimitError", m.py().get_type::<MatchLimitError>())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_syntax_is_translated() {
+        assert_eq!(python_to_pcre2(r"a\Z").unwrap(), r"a\z");
+        assert_eq!(
+            python_to_pcre2(r"x\s+y").unwrap(),
+            r"x[\t\n\x0b\x0c\r\x1c-\x1f\x20]+y"
+        );
+        assert_eq!(
+            python_to_pcre2(r"[]\s]").unwrap(),
+            r"[]\t\n\x0b\x0c\r\x1c-\x1f\x20]"
+        );
+        assert_eq!(python_to_pcre2(r"\\Z").unwrap(), r"\\Z");
+        assert!(python_to_pcre2(r"\S").is_err());
+    }
+
+    #[test]
+    fn base64_as_binascii() {
+        // expected values: base64.b64decode / urlsafe_b64decode on the padded input
+        assert_eq!(
+            decode_base64(b"SGVsbG8gd29ybGQ="),
+            Some(b"Hello world".to_vec())
+        );
+        assert_eq!(
+            decode_base64(b"SGVsbG8gd29ybGQ"),
+            Some(b"Hello world".to_vec())
+        );
+        assert_eq!(decode_base64(b"QUJDRB=="), Some(b"ABCD".to_vec())); // trailing bits ignored
+        assert_eq!(decode_base64(b"SGVsbG8gd29ybGQhI"), None); // 4n+1 characters
+        assert_eq!(decode_base64(b"-_-_"), Some(vec![0xfb, 0xff, 0xbf]));
+        assert_eq!(decode_base64(b"ab=c"), None);
+    }
+
+    #[test]
+    fn token_runs_need_16_characters() {
+        let mut table = [false; 256];
+        for b in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_.-" {
+            table[*b as usize] = true;
+        }
+        let text = b"key ghp_aB3dE5fG7hJ9kL1mN3pQ5 short 0123456789abcde, x";
+        assert_eq!(token_runs(text, &table), vec![(4, 29)]);
+    }
+
+    #[test]
+    fn overlaps_longest_then_most_specific() {
+        let spec = [75, 70, 60, 50, 65, 80, 85, 90];
+        let c = |kind, start, end| Candidate { kind, start, end };
+        let mut found = vec![
+            c(PHONE, 0, 12),
+            c(CREDIT_CARD, 0, 19),
+            c(EMAIL, 30, 40),
+            c(IP, 30, 40),
+        ];
+        resolve_overlaps(&mut found, &spec);
+        assert_eq!(found, vec![c(CREDIT_CARD, 0, 19), c(EMAIL, 30, 40)]);
+    }
+}
