@@ -14,6 +14,7 @@ from fleetward.api.envelopes import EventType, WireModel
 from fleetward.api.runtimeconfig import RuntimeConfig
 
 if TYPE_CHECKING:
+    from fleetward.runtime.audit import RuntimeAudit
     from fleetward.runtime.config import ModelPrice, SigningKey
     from fleetward.runtime.events import EventPublisher
     from fleetward.runtime.guardrails.engine import GuardrailEngine
@@ -39,6 +40,8 @@ class Services:
     guardrails: GuardrailEngine | None
     retriever: SopRetriever
     prices: Mapping[str, ModelPrice]
+    audit: RuntimeAudit | None = None
+    """The audit log (SPEC §8); None only where none is configured (unit tests)."""
 
     @property
     def agent(self) -> str:

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from fleetward.runtime.audit import record_guardrail_block
 from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext, RunStopped, Services, StepGate
 from fleetward.runtime.middleware.guardrails import finding_summary, scan
 from fleetward.runtime.middleware.sop_gate import SOP_INTERRUPT
@@ -170,6 +171,7 @@ class RunExecutor:
 
     async def _input_refused(self, ctx: RunContext, cmd: AgentCommand, verdict: str, why: str) -> Outcome:
         reason = f"The request was refused by a guardrail ({why}); it was not passed to the model."
+        await record_guardrail_block(ctx, "input", verdict, why)
         if verdict == "escalate":
             await ctx.emit("input-escalated", "escalated", {"queue": DEFAULT_HUMAN_QUEUE, "reason": reason})
         else:

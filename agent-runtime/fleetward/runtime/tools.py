@@ -7,6 +7,8 @@ sees, and the HTTP call. The credentials come from `middleware/tool_credentials.
 mints them for each invocation and hands them over in `CURRENT_INVOCATION` (a context
 variable: it travels with the awaited call, never through the model-visible arguments).
 A tool invoked without them refuses to run: no call leaves the runtime unauthenticated.
+Likewise, when the invocation carries an audit recorder, the call (arguments redacted) is
+appended to the audit log before the request is sent, and refused if it cannot be.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from langchain_core.tools import BaseTool, ToolException
@@ -35,6 +37,12 @@ def idempotency_key(run_id: str, tool_call_id: str) -> str:
     return f"fw1-{digest[:40]}"
 
 
+class ToolAudit(Protocol):
+    """Records a tool call in the audit log before it is sent (runtime/audit.py)."""
+
+    async def tool_call(self, spec: ToolSpec, arguments: dict[str, Any], invocation: Invocation) -> None: ...
+
+
 @dataclass(frozen=True)
 class Invocation:
     """Credentials and context of one tool call, minted by the tool-credentials middleware."""
@@ -45,6 +53,8 @@ class Invocation:
     token: str
     idempotency_key: str
     traceparent: str | None
+    audit: ToolAudit | None = None
+    """None only where no audit log is configured (never in a running runtime)."""
 
 
 CURRENT_INVOCATION: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar(
@@ -150,6 +160,13 @@ class HttpTool(BaseTool):
             # Fail closed: only the credentials middleware may start a call.
             raise ToolException(f"{self.name}: no credentials were issued for this call; refused")
         arguments.pop("run_manager", None)
+        if invocation.audit is not None:
+            try:
+                await invocation.audit.tool_call(self.spec, arguments, invocation)
+            except Exception as e:  # fail closed: no tool call without its audit record
+                raise ToolException(
+                    f"{self.name}: the call could not be recorded in the audit log ({e}); not sent"
+                ) from None
         outcome = await self.client.call(self.spec, arguments, invocation)
         self.last_outcomes[invocation.call_id] = outcome
         if not outcome.ok:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fleetward.runtime.audit import record_guardrail_block
 from fleetward.runtime.context import RunContext
 from fleetward.runtime.guardrails.engine import GuardrailEngine, ScanResult, Stage
 from fleetward.runtime.telemetry import GUARDRAIL_VIOLATIONS, PII_DETECTIONS
@@ -95,6 +96,7 @@ class GuardrailMiddleware(AgentMiddleware[Any, RunContext]):
                 return result
             return result.model_copy(update={"content": g.text})
         why = finding_summary(g.findings)
+        await record_guardrail_block(ctx, "toolResults", g.verdict, why)
         artifact = dict(result.artifact or {}) if isinstance(result.artifact, dict) else {}
         artifact.update(
             {"ok": False, "error": f"result withheld by guardrail ({g.verdict}: {why})", "guardrail": g.verdict}
@@ -118,6 +120,9 @@ class GuardrailMiddleware(AgentMiddleware[Any, RunContext]):
         for message in response.result:
             if isinstance(message, AIMessage) and isinstance(message.content, str) and message.content:
                 message = self._guard_output(message, ctx.services.agent)
+                withheld = (message.response_metadata or {}).get(GUARDRAIL_METADATA)
+                if withheld:
+                    await record_guardrail_block(ctx, "output", withheld["verdict"], withheld["findings"])
             out.append(message)
         return ModelResponse(result=out, structured_response=response.structured_response)
 

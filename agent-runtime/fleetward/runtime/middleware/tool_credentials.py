@@ -113,7 +113,9 @@ class ToolCredentialsMiddleware(AgentMiddleware[Any, RunContext]):
                 key,
                 issuer=services.config.installation.id,
             )
-            invocation = Invocation(call["name"], call["id"], ctx.run_id, token, key, traceparent_of(span))
+            invocation = Invocation(
+                call["name"], call["id"], ctx.run_id, token, key, traceparent_of(span), services.audit
+            )
             reset = CURRENT_INVOCATION.set(invocation)
             started = time.monotonic()
             try:

@@ -1,5 +1,6 @@
 """The wire contract between runtimes, gateways and the operator (SPEC §6): session
-events, agent commands, control messages and their acks, as JSON envelopes.
+events, agent commands, control messages and their acks, as JSON envelopes; and the
+audit records mirrored to the audit topic (SPEC §8).
 
 These models are the single source of truth: `schemas/envelopes.schema.json` is generated
 from them (`fleetward schemas generate`) and the Rust gateway checks itself against the
@@ -22,6 +23,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fleetward.api.envelopes.audit import (
+    AUDIT_SCHEMA,
+    GENESIS_HASH,
+    AuditAction,
+    AuditRecord,
+    canonical_json,
+    record_hash,
+)
 from fleetward.api.envelopes.commands import (
     COMMAND_PAYLOADS,
     AgentCommand,
@@ -79,6 +88,7 @@ ENVELOPES: dict[str, type[Envelope]] = {
     COMMAND_SCHEMA: AgentCommand,
     CONTROL_SCHEMA: ControlMessage,
     CONTROL_ACK_SCHEMA: ControlAck,
+    AUDIT_SCHEMA: AuditRecord,
 }
 """Envelope model by its `schema` value."""
 
@@ -103,6 +113,11 @@ def parse_ack(raw: bytes | str | Mapping[str, Any]) -> ControlAck:
     return ControlAck.parse(raw)
 
 
+def parse_audit_record(raw: bytes | str | Mapping[str, Any]) -> AuditRecord:
+    """Parse and validate an audit record (its hash is not checked here: see `expected_hash`)."""
+    return AuditRecord.parse(raw)
+
+
 def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
     """Parse any envelope, choosing the model by its `schema` field."""
     if isinstance(raw, Mapping):
@@ -122,6 +137,7 @@ def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
 
 __all__ = [
     "AGENT_REF",
+    "AUDIT_SCHEMA",
     "COMMAND_PAYLOADS",
     "COMMAND_SCHEMA",
     "CONTROL_ACK_SCHEMA",
@@ -129,6 +145,7 @@ __all__ = [
     "ENVELOPES",
     "EVENT_PAYLOADS",
     "EVENT_SCHEMA",
+    "GENESIS_HASH",
     "ID_CHARS",
     "RFC3339",
     "TOOL_NAME",
@@ -138,6 +155,8 @@ __all__ = [
     "AgentCommand",
     "ApprovalDecisionData",
     "ApprovalRequiredData",
+    "AuditAction",
+    "AuditRecord",
     "BudgetExceededData",
     "CommandData",
     "CommandType",
@@ -172,9 +191,12 @@ __all__ = [
     "UserMessageData",
     "VerifySpec",
     "WireModel",
+    "canonical_json",
     "parse_ack",
+    "parse_audit_record",
     "parse_command",
     "parse_control",
     "parse_envelope",
     "parse_event",
+    "record_hash",
 ]
