@@ -21,6 +21,7 @@ from typing import Any
 import jwt
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetward.api.envelopes import SessionEvent
 from fleetward.devcluster.layout import REPO
@@ -48,8 +49,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mint(
-    secret: str,
+def token_claims(
     session: str,
     *,
     role: str = "user",
@@ -57,8 +57,8 @@ def mint(
     sub: str = "alice",
     ttl: int = 300,
     **claims: Any,
-) -> str:
-    """An HS256 token the gateway accepts (override or drop claims with `claims`; None drops)."""
+) -> dict[str, Any]:
+    """The claims of a token the gateway accepts (override or drop claims with `claims`; None drops)."""
     now = int(time.time())
     body: dict[str, Any] = {
         "sub": sub,
@@ -71,7 +71,17 @@ def mint(
         "iss": ISSUER,
     }
     body.update(claims)
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, secret, algorithm="HS256")
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def mint(secret: str, session: str, **kw: Any) -> str:
+    """An HS256 token the gateway accepts (keywords as in `token_claims`)."""
+    return jwt.encode(token_claims(session, **kw), secret, algorithm="HS256")
+
+
+def mint_agent(private_key: Ed25519PrivateKey, kid: str, session: str, *, agent: str, **kw: Any) -> str:
+    """An EdDSA token signed with an agent's own key (`kid` = its id in the trust bundle)."""
+    return jwt.encode(token_claims(session, agent=agent, **kw), private_key, algorithm="EdDSA", headers={"kid": kid})
 
 
 def event(

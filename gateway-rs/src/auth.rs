@@ -7,6 +7,13 @@
 //! fields naming keys elsewhere (`jku`, `x5u`, `jwk`, `x5c`) are ignored: keys come only from
 //! the settings. Symmetric (`oct`) keys in a JWKS are ignored too.
 //!
+//! Beside either, the trust bundle (`trust_bundle`): agents' keys, watched through the
+//! Kubernetes API. A `kid` found there is verified with that key only (the JWKS is not
+//! consulted), and the token is bound to the key's agent: its `agent` claim must be that agent
+//! (403 `agent_mismatch`) and its role `user` (403 `agent_role`: an agent's key, which lives in
+//! the agent's pod, never speaks for a reviewer or an operator, so it cannot approve its own
+//! actions).
+//!
 //! Nothing here logs or formats a token or any part of one: refusals carry fixed reason
 //! codes, `Token`'s Debug prints `[redacted]`, and jsonwebtoken's errors (which can quote
 //! decoded bytes) are mapped to those codes, never displayed.
@@ -27,6 +34,7 @@ use serde_json::{Map, Value};
 use crate::config::{AuthSettings, KeySource};
 use crate::metrics::Metrics;
 use crate::protocol::{Role, is_agent_ref, is_session_id};
+use crate::trust_bundle::{Lookup, TrustBundle};
 
 /// The subprotocol the server selects; browsers send the token beside it.
 pub const SUBPROTOCOL: &str = "fleetward.v1";
@@ -80,12 +88,18 @@ pub enum Refusal {
     KeysUnavailable,
     SessionMismatch,
     AgentHalted,
+    /// A trust-bundle key signed a token whose `agent` is another agent.
+    AgentMismatch,
+    /// A trust-bundle key signed a token with a role other than `user`.
+    AgentRole,
 }
 
 impl Refusal {
     pub fn status(self) -> StatusCode {
         match self {
-            Refusal::SessionMismatch | Refusal::AgentHalted => StatusCode::FORBIDDEN,
+            Refusal::SessionMismatch | Refusal::AgentHalted | Refusal::AgentMismatch | Refusal::AgentRole => {
+                StatusCode::FORBIDDEN
+            }
             Refusal::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::UNAUTHORIZED,
         }
@@ -110,6 +124,8 @@ impl Refusal {
             Refusal::KeysUnavailable => "keys_unavailable",
             Refusal::SessionMismatch => "session_mismatch",
             Refusal::AgentHalted => "agent_halted",
+            Refusal::AgentMismatch => "agent_mismatch",
+            Refusal::AgentRole => "agent_role",
         }
     }
 }
@@ -123,6 +139,9 @@ pub struct Identity {
     pub agent: String,
     /// `exp`, seconds since the epoch.
     pub exp: u64,
+    /// The trust-bundle key that signed the token (None for HS256/JWKS tokens): the
+    /// connection is closed when that key leaves the bundle.
+    pub bundle_kid: Option<String>,
 }
 
 /// Where the token is: `Authorization: Bearer`, then the `fleetward.bearer.<jwt>` subprotocol,
@@ -170,9 +189,16 @@ pub fn extract_token(
 
 /// One verification key from a JWKS, with the only algorithm it accepts.
 #[derive(Clone)]
-struct VerifyKey {
-    alg: Algorithm,
-    key: DecodingKey,
+pub struct VerifyKey {
+    pub(crate) alg: Algorithm,
+    pub(crate) key: DecodingKey,
+}
+
+/// A usable JWKS entry: the key, and the entry as published (the trust bundle reads its
+/// `agent` member).
+pub(crate) struct ParsedJwk {
+    pub(crate) key: VerifyKey,
+    pub(crate) raw: Value,
 }
 
 #[derive(Debug, Clone)]
@@ -194,12 +220,12 @@ pub struct JwksStore {
 }
 
 /// Parse a JWKS document into usable keys; unusable entries are skipped with a note.
-fn parse_jwks(bytes: &[u8]) -> Result<(HashMap<String, VerifyKey>, Vec<String>), String> {
+pub(crate) fn parse_jwks(bytes: &[u8]) -> Result<(HashMap<String, ParsedJwk>, Vec<String>), String> {
     let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
     let Some(list) = doc.get("keys").and_then(Value::as_array) else {
         return Err("no \"keys\" array".into());
     };
-    let mut keys: HashMap<String, VerifyKey> = HashMap::new();
+    let mut keys: HashMap<String, ParsedJwk> = HashMap::new();
     let mut duplicates = Vec::new();
     let mut notes = Vec::new();
     for (i, raw) in list.iter().enumerate() {
@@ -246,7 +272,11 @@ fn parse_jwks(bytes: &[u8]) -> Result<(HashMap<String, VerifyKey>, Vec<String>),
                 continue;
             }
         };
-        if keys.insert(kid.clone(), VerifyKey { alg, key }).is_some() {
+        let parsed = ParsedJwk {
+            key: VerifyKey { alg, key },
+            raw: raw.clone(),
+        };
+        if keys.insert(kid.clone(), parsed).is_some() {
             duplicates.push(kid);
         }
     }
@@ -324,6 +354,7 @@ impl JwksStore {
             tracing::warn!(source = ?self.source, "jwks: {n}");
         }
         let n = keys.len();
+        let keys = keys.into_iter().map(|(kid, parsed)| (kid, parsed.key)).collect();
         *self.keys.write().expect("jwks lock") = Arc::new(keys);
         self.loaded.store(true, Ordering::Release);
         self.metrics.jwks_keys.set(n as i64);
@@ -375,13 +406,10 @@ impl JwksStore {
     }
 }
 
-enum Keys {
-    Hs256(DecodingKey),
-    Jwks(Arc<JwksStore>),
-}
-
 pub struct Authenticator {
-    keys: Keys,
+    hs256: Option<DecodingKey>,
+    jwks: Option<Arc<JwksStore>>,
+    bundle: Option<Arc<TrustBundle>>,
     audience: String,
     issuer: String,
     leeway: u64,
@@ -411,13 +439,25 @@ fn header_alg(token: &str) -> Result<String, Refusal> {
 
 impl Authenticator {
     pub fn new(settings: &AuthSettings, metrics: Arc<Metrics>) -> Authenticator {
-        let keys = match &settings.keys {
-            KeySource::Hs256Secret(s) => Keys::Hs256(DecodingKey::from_secret(s)),
-            KeySource::JwksFile(p) => Keys::Jwks(Arc::new(JwksStore::new(JwksSource::File(p.clone()), metrics))),
-            KeySource::JwksUrl(u) => Keys::Jwks(Arc::new(JwksStore::new(JwksSource::Url(u.clone()), metrics))),
-        };
+        let (mut hs256, mut jwks) = (None, None);
+        match &settings.keys {
+            None => {}
+            Some(KeySource::Hs256Secret(s)) => hs256 = Some(DecodingKey::from_secret(s)),
+            Some(KeySource::JwksFile(p)) => {
+                jwks = Some(Arc::new(JwksStore::new(JwksSource::File(p.clone()), metrics.clone())))
+            }
+            Some(KeySource::JwksUrl(u)) => {
+                jwks = Some(Arc::new(JwksStore::new(JwksSource::Url(u.clone()), metrics.clone())))
+            }
+        }
+        let bundle = settings
+            .trust_bundle
+            .as_ref()
+            .map(|t| Arc::new(TrustBundle::new(t.max_staleness, metrics.clone())));
         Authenticator {
-            keys,
+            hs256,
+            jwks,
+            bundle,
             audience: settings.audience.clone(),
             issuer: settings.issuer.clone(),
             leeway: settings.leeway_seconds,
@@ -427,18 +467,68 @@ impl Authenticator {
     }
 
     pub fn jwks(&self) -> Option<Arc<JwksStore>> {
-        match &self.keys {
-            Keys::Jwks(j) => Some(j.clone()),
-            Keys::Hs256(_) => None,
+        self.jwks.clone()
+    }
+
+    pub fn trust_bundle(&self) -> Option<Arc<TrustBundle>> {
+        self.bundle.clone()
+    }
+
+    /// Whether keys are available (a JWKS and the trust bundle must have loaded once).
+    pub fn ready(&self) -> bool {
+        self.jwks.as_ref().is_none_or(|j| j.is_loaded()) && self.bundle.as_ref().is_none_or(|b| b.is_loaded())
+    }
+
+    /// Why keys are not available, for `/readyz`.
+    pub fn problems(&self) -> Vec<&'static str> {
+        let mut p = Vec::new();
+        if self.jwks.as_ref().is_some_and(|j| !j.is_loaded()) {
+            p.push("token keys (JWKS) not loaded");
+        }
+        if self.bundle.as_ref().is_some_and(|b| !b.is_loaded()) {
+            p.push("trust bundle not loaded (Kubernetes API)");
+        }
+        p
+    }
+
+    /// Whether a connection authenticated with this identity may stay open: false once the
+    /// trust-bundle key that signed its token has left the bundle.
+    pub fn still_trusted(&self, id: &Identity) -> bool {
+        match (&id.bundle_kid, &self.bundle) {
+            (None, _) => true,
+            (Some(kid), Some(b)) => b.contains(kid),
+            (Some(_), None) => false,
         }
     }
 
-    /// Whether keys are available (a JWKS must have loaded once).
-    pub fn ready(&self) -> bool {
-        match &self.keys {
-            Keys::Hs256(_) => true,
-            Keys::Jwks(j) => j.is_loaded(),
+    /// The key for an asymmetric token's `kid`, and the agent it is bound to (trust-bundle
+    /// keys only). The bundle is asked first: a kid it holds is verified with its key only.
+    async fn asymmetric_key(&self, kid: &str) -> Result<(VerifyKey, Option<String>), Refusal> {
+        let mut bundle_unavailable = false;
+        if let Some(bundle) = &self.bundle {
+            match bundle.lookup(kid) {
+                Lookup::Found(k) => return Ok((k.verify, Some(k.agent))),
+                Lookup::NotInBundle => {}
+                Lookup::Unavailable => bundle_unavailable = true,
+            }
         }
+        let unknown = if bundle_unavailable {
+            Refusal::KeysUnavailable
+        } else {
+            Refusal::UnknownKey
+        };
+        let Some(store) = &self.jwks else {
+            return Err(unknown);
+        };
+        if !store.is_loaded() {
+            return Err(Refusal::KeysUnavailable);
+        }
+        let found = match store.get(kid) {
+            Some(k) => Some(k),
+            None if store.load_on_demand().await => store.get(kid),
+            None => None,
+        };
+        found.map(|k| (k, None)).ok_or(unknown)
     }
 
     /// Verify `token` for the session in the path. Halts are checked by the caller.
@@ -451,34 +541,20 @@ impl Authenticator {
             return Err(Refusal::Malformed);
         }
         let alg = header_alg(token)?;
-        let (alg, key) = match &self.keys {
-            Keys::Hs256(secret) => {
-                if alg != "HS256" {
-                    return Err(Refusal::BadAlgorithm);
-                }
-                (Algorithm::HS256, secret.clone())
-            }
-            Keys::Jwks(store) => {
-                if !store.is_loaded() {
-                    return Err(Refusal::KeysUnavailable);
-                }
-                if !matches!(alg.as_str(), "RS256" | "ES256" | "EdDSA") {
-                    return Err(Refusal::BadAlgorithm);
-                }
+        let asymmetric = self.jwks.is_some() || self.bundle.is_some();
+        let (alg, key, bound) = match (alg.as_str(), &self.hs256) {
+            ("HS256", Some(secret)) => (Algorithm::HS256, secret.clone(), None),
+            ("RS256" | "ES256" | "EdDSA", _) if asymmetric => {
                 let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Malformed)?;
                 let kid = header.kid.ok_or(Refusal::UnknownKey)?;
-                let found = match store.get(&kid) {
-                    Some(k) => Some(k),
-                    None if store.load_on_demand().await => store.get(&kid),
-                    None => None,
-                };
-                let vk = found.ok_or(Refusal::UnknownKey)?;
+                let (vk, agent) = self.asymmetric_key(&kid).await?;
                 // The key fixes the algorithm: RS256 for RSA, ES256 for P-256, EdDSA for Ed25519.
                 if format!("{:?}", vk.alg) != alg {
                     return Err(Refusal::BadAlgorithm);
                 }
-                (vk.alg, vk.key)
+                (vk.alg, vk.key, agent.map(|a| (kid, a)))
             }
+            _ => return Err(Refusal::BadAlgorithm),
         };
         let mut v = Validation::new(alg);
         v.leeway = self.leeway;
@@ -500,7 +576,18 @@ impl Authenticator {
             }
             _ => Refusal::Malformed,
         })?;
-        self.claims(&data.claims, path_session)
+        let mut id = self.claims(&data.claims, path_session)?;
+        if let Some((kid, agent)) = bound {
+            // An agent's key speaks only for its agent, and only as a user.
+            if id.agent != agent {
+                return Err(Refusal::AgentMismatch);
+            }
+            if id.role != Role::User {
+                return Err(Refusal::AgentRole);
+            }
+            id.bundle_kid = Some(kid);
+        }
+        Ok(id)
     }
 
     fn claims(&self, c: &Map<String, Value>, path_session: &str) -> Result<Identity, Refusal> {
@@ -540,6 +627,7 @@ impl Authenticator {
             role,
             agent,
             exp,
+            bundle_kid: None,
         })
     }
 
@@ -566,7 +654,8 @@ pub(crate) mod tests {
 
     fn settings(keys: KeySource) -> AuthSettings {
         AuthSettings {
-            keys,
+            keys: Some(keys),
+            trust_bundle: None,
             jwks_refresh: Duration::from_secs(30),
             audience: "fleetward-gateway".into(),
             issuer: "https://idp.test".into(),
@@ -869,6 +958,132 @@ pub(crate) mod tests {
         assert!(keys.is_empty(), "{notes:?}");
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(parse_jwks(b"{}").is_err());
+    }
+
+    /// An authenticator with the HS256 secret and a trust bundle (fed directly, no API server).
+    fn bundle_auth(hs256: bool) -> Authenticator {
+        use crate::config::{KubeApiSettings, TrustBundleSettings};
+        let mut s = settings(KeySource::Hs256Secret(SECRET.as_bytes().to_vec()));
+        if !hs256 {
+            s.keys = None;
+        }
+        s.trust_bundle = Some(TrustBundleSettings {
+            namespace: "fleetward-system".into(),
+            configmap: "fleetward-trust-bundle".into(),
+            key: "jwks.json".into(),
+            max_staleness: Duration::from_secs(10),
+            watch_timeout: Duration::from_secs(300),
+            api: KubeApiSettings {
+                url: "https://127.0.0.1:6443".into(),
+                token_file: "/dev/null".into(),
+                ca_pem: None,
+                ca_file: None,
+            },
+        });
+        Authenticator::new(&s, Arc::new(Metrics::new()))
+    }
+
+    fn agent_claims(agent: &str) -> Value {
+        let mut c = claims("s-1", "user");
+        c["agent"] = json!(agent);
+        c
+    }
+
+    #[tokio::test]
+    async fn trust_bundle_key_speaks_only_for_its_agent_as_a_user() {
+        use crate::trust_bundle::tests::{bundle_of, ed_key, entry};
+        let a = bundle_auth(true);
+        let verify = |t: String| {
+            let a = &a;
+            async move { a.verify(&Token::new(t), "s-1").await }
+        };
+        let ed = ed_key();
+        let kid = "support.router.0011223344556677";
+        let token = signed(Algorithm::EdDSA, kid, &ed, &agent_claims("support/router"));
+        // Not listed yet: agent tokens wait (503), users' HS256 tokens pass, readiness waits.
+        assert_eq!(verify(token.clone()).await, Err(Refusal::KeysUnavailable));
+        assert!(verify(hs(&claims("s-1", "user"))).await.is_ok());
+        assert!(!a.ready() && a.problems() == ["trust bundle not loaded (Kubernetes API)"]);
+
+        let bundle = a.trust_bundle().unwrap();
+        bundle.replace(bundle_of(&[entry(kid, "support/router")]));
+        assert!(a.ready());
+        let id = verify(token.clone()).await.unwrap();
+        assert_eq!(id.agent, "support/router");
+        assert_eq!(id.bundle_kid.as_deref(), Some(kid));
+        assert!(a.still_trusted(&id));
+
+        // Another agent's name, or a reviewer/operator role: refused (403).
+        let other = signed(Algorithm::EdDSA, kid, &ed, &agent_claims("billing/refunds"));
+        assert_eq!(verify(other).await, Err(Refusal::AgentMismatch));
+        assert_eq!(Refusal::AgentMismatch.status(), StatusCode::FORBIDDEN);
+        for role in ["reviewer", "operator"] {
+            let mut c = agent_claims("support/router");
+            c["role"] = json!(role);
+            assert_eq!(
+                verify(signed(Algorithm::EdDSA, kid, &ed, &c)).await,
+                Err(Refusal::AgentRole),
+                "{role}"
+            );
+        }
+        // The usual claims are still required and checked.
+        for claim in ["aud", "iss", "exp", "sid", "sub"] {
+            let mut c = agent_claims("support/router");
+            c.as_object_mut().unwrap().remove(claim);
+            assert_eq!(
+                verify(signed(Algorithm::EdDSA, kid, &ed, &c)).await,
+                Err(Refusal::MissingClaim),
+                "{claim}"
+            );
+        }
+        let mut c = agent_claims("support/router");
+        c["aud"] = json!("someone-else");
+        assert_eq!(
+            verify(signed(Algorithm::EdDSA, kid, &ed, &c)).await,
+            Err(Refusal::BadAudience)
+        );
+        // A bundle kid with another key's signature, or another algorithm.
+        let ec = EncodingKey::from_ec_pem(EC.as_bytes()).unwrap();
+        assert_eq!(
+            verify(signed(Algorithm::ES256, kid, &ec, &agent_claims("support/router"))).await,
+            Err(Refusal::BadAlgorithm)
+        );
+        let forged = signed(Algorithm::EdDSA, kid, &ed, &agent_claims("support/router"));
+        let parts: Vec<&str> = forged.split('.').collect();
+        let mut evil = agent_claims("support/router");
+        evil["sub"] = json!("mallory");
+        let tampered = format!("{}.{}.{}", parts[0], b64(&evil), parts[2]);
+        assert_eq!(verify(tampered).await, Err(Refusal::BadSignature));
+        // A kid the bundle does not hold.
+        let unknown = signed(
+            Algorithm::EdDSA,
+            "support.router.ffff",
+            &ed,
+            &agent_claims("support/router"),
+        );
+        assert_eq!(verify(unknown).await, Err(Refusal::UnknownKey));
+
+        // Removal: the same unexpired token is refused, and its connection no longer trusted.
+        let (_, removed) = bundle.replace(bundle_of(&[entry("support.router.8899", "support/router")]));
+        assert!(removed.contains(kid));
+        assert_eq!(verify(token).await, Err(Refusal::UnknownKey));
+        assert!(!a.still_trusted(&id));
+        // HS256 identities are never bundle-bound.
+        let user = verify(hs(&claims("s-1", "reviewer"))).await.unwrap();
+        assert!(user.bundle_kid.is_none() && a.still_trusted(&user));
+    }
+
+    #[tokio::test]
+    async fn trust_bundle_alone_refuses_hs256() {
+        use crate::trust_bundle::tests::{bundle_of, entry};
+        let a = bundle_auth(false);
+        a.trust_bundle()
+            .unwrap()
+            .replace(bundle_of(&[entry("ns1.a.1", "ns1/a")]));
+        assert_eq!(
+            a.verify(&Token::new(hs(&claims("s-1", "user"))), "s-1").await,
+            Err(Refusal::BadAlgorithm)
+        );
     }
 
     #[tokio::test]

@@ -12,6 +12,8 @@ use clap::{Parser, ValueEnum};
 pub const MAX_LEEWAY_SECONDS: u64 = 30;
 /// HS256 secrets shorter than this are refused (RFC 7518 §3.2: key >= hash output size).
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
+/// Where Kubernetes mounts a pod's service-account credentials (token, CA, namespace).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -143,6 +145,43 @@ pub struct Args {
     /// Clock leeway for exp/nbf/iat, seconds (at most 30).
     #[arg(long, env = "FLEETWARD_GATEWAY_JWT_LEEWAY_SECONDS", default_value_t = 5)]
     pub jwt_leeway_seconds: u64,
+    /// Trust bundle: the ConfigMap in which the operator publishes every active agent's public
+    /// key (a JWKS whose entries name their agent). Read and WATCHED through the Kubernetes API,
+    /// so a removed key is refused within milliseconds. A token signed by one of its keys may
+    /// speak only for that key's agent. Combines with any one key source above, or stands alone.
+    #[arg(long, env = "FLEETWARD_GATEWAY_TRUST_BUNDLE_CONFIGMAP")]
+    pub trust_bundle_configmap: Option<String>,
+    /// Namespace of the trust-bundle ConfigMap (default: the pod's own namespace).
+    #[arg(long, env = "FLEETWARD_GATEWAY_TRUST_BUNDLE_NAMESPACE")]
+    pub trust_bundle_namespace: Option<String>,
+    /// Key of the JWKS document in the ConfigMap's data.
+    #[arg(long, env = "FLEETWARD_GATEWAY_TRUST_BUNDLE_KEY", default_value = "jwks.json")]
+    pub trust_bundle_key: String,
+    /// While the Kubernetes API is unreachable the last known agent keys stay trusted this
+    /// long; after that, agent-signed tokens are refused (503) until the watch is back.
+    #[arg(
+        long,
+        env = "FLEETWARD_GATEWAY_TRUST_BUNDLE_MAX_STALENESS_SECONDS",
+        default_value_t = 10
+    )]
+    pub trust_bundle_max_staleness_seconds: u64,
+    /// Server-side length of one watch request; the watch then resumes from where it was.
+    #[arg(long, env = "FLEETWARD_GATEWAY_TRUST_BUNDLE_WATCH_SECONDS", default_value_t = 300)]
+    pub trust_bundle_watch_seconds: u64,
+    /// Kubernetes API server URL (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT).
+    #[arg(long, env = "FLEETWARD_GATEWAY_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+    /// Bearer token file for the Kubernetes API (re-read on every reconnect: projected tokens rotate).
+    #[arg(long, env = "FLEETWARD_GATEWAY_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) the Kubernetes API server's certificate must chain to.
+    #[arg(long, env = "FLEETWARD_GATEWAY_KUBE_CA_FILE")]
+    pub kube_ca_file: Option<PathBuf>,
+    /// Set by Kubernetes in every pod: the API server's in-cluster address.
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", hide = true)]
+    pub kubernetes_service_host: Option<String>,
+    #[arg(long, env = "KUBERNETES_SERVICE_PORT", hide = true)]
+    pub kubernetes_service_port: Option<String>,
     /// Accept `?access_token=` (off by default: query strings end up in proxy logs).
     #[arg(long, env = "FLEETWARD_GATEWAY_ALLOW_QUERY_TOKEN", default_value_t = false)]
     pub allow_query_token: bool,
@@ -268,9 +307,34 @@ impl Topics {
     }
 }
 
+/// How to reach the Kubernetes API (in-cluster service-account credentials, or explicit).
+#[derive(Debug, Clone)]
+pub struct KubeApiSettings {
+    /// `https://host:port` (or `http://` for a plain local API server), no trailing slash.
+    pub url: String,
+    pub token_file: PathBuf,
+    /// PEM of the CA the server certificate must chain to (https only).
+    pub ca_pem: Option<Vec<u8>>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The trust-bundle key source: one ConfigMap, listed then watched.
+#[derive(Debug, Clone)]
+pub struct TrustBundleSettings {
+    pub namespace: String,
+    pub configmap: String,
+    pub key: String,
+    pub max_staleness: Duration,
+    pub watch_timeout: Duration,
+    pub api: KubeApiSettings,
+}
+
 #[derive(Clone)]
 pub struct AuthSettings {
-    pub keys: KeySource,
+    /// At most one of HS256 / JWKS file / JWKS URL (None: only the trust bundle).
+    pub keys: Option<KeySource>,
+    /// The trust bundle, alone or beside `keys`.
+    pub trust_bundle: Option<TrustBundleSettings>,
     pub jwks_refresh: Duration,
     pub audience: String,
     pub issuer: String,
@@ -283,12 +347,20 @@ impl std::fmt::Debug for AuthSettings {
     // The HS256 secret never reaches a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let keys = match &self.keys {
-            KeySource::Hs256Secret(_) => "hs256-secret".to_string(),
-            KeySource::JwksFile(p) => format!("jwks-file {}", p.display()),
-            KeySource::JwksUrl(u) => format!("jwks-url {u}"),
+            None => "none".to_string(),
+            Some(KeySource::Hs256Secret(_)) => "hs256-secret".to_string(),
+            Some(KeySource::JwksFile(p)) => format!("jwks-file {}", p.display()),
+            Some(KeySource::JwksUrl(u)) => format!("jwks-url {u}"),
         };
+        let bundle = self.trust_bundle.as_ref().map(|t| {
+            format!(
+                "configmap {}/{} key {} via {}",
+                t.namespace, t.configmap, t.key, t.api.url
+            )
+        });
         f.debug_struct("AuthSettings")
             .field("keys", &keys)
+            .field("trust_bundle", &bundle)
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .field("leeway_seconds", &self.leeway_seconds)
@@ -385,6 +457,128 @@ fn http_url(flag: &str, value: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most `max` characters (DNS-1123 label).
+fn dns_label(s: &str, max: usize) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A DNS-1123 subdomain (ConfigMap names): dot-separated labels, at most 253 characters.
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(|l| dns_label(l, 63))
+}
+
+/// The trust-bundle settings, when `--trust-bundle-configmap` is set.
+fn trust_bundle_settings(a: &Args) -> Result<Option<TrustBundleSettings>, ConfigError> {
+    let Some(configmap) = a.trust_bundle_configmap.as_deref().map(str::trim) else {
+        return Ok(None);
+    };
+    if !dns_subdomain(configmap) {
+        return err(format!(
+            "--trust-bundle-configmap={configmap:?}: a ConfigMap name is a DNS-1123 subdomain \
+             (lowercase letters, digits, '-' and '.', at most 253 characters)"
+        ));
+    }
+    let sa = PathBuf::from(SERVICE_ACCOUNT_DIR);
+    let namespace = match a.trust_bundle_namespace.as_deref().map(str::trim) {
+        Some(ns) => ns.to_string(),
+        None => match std::fs::read_to_string(sa.join("namespace")) {
+            Ok(ns) => ns.trim().to_string(),
+            Err(_) => {
+                return err(format!(
+                    "--trust-bundle-namespace is required: {}/namespace (the pod's namespace) is not readable",
+                    SERVICE_ACCOUNT_DIR
+                ));
+            }
+        },
+    };
+    if !dns_label(&namespace, 63) {
+        return err(format!(
+            "--trust-bundle-namespace={namespace:?}: a namespace is a DNS-1123 label (1-63 of [a-z0-9-])"
+        ));
+    }
+    let key = a.trust_bundle_key.trim();
+    let key_ok = !key.is_empty()
+        && key.len() <= 253
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !key_ok {
+        return err(format!(
+            "--trust-bundle-key={key:?}: a ConfigMap key is 1-253 characters of [-._a-zA-Z0-9]"
+        ));
+    }
+    if a.trust_bundle_max_staleness_seconds > 300 {
+        return err(format!(
+            "--trust-bundle-max-staleness-seconds={}: at most 300 (revoked keys stay usable that long \
+             while the Kubernetes API is unreachable)",
+            a.trust_bundle_max_staleness_seconds
+        ));
+    }
+    let watch_seconds = positive("trust-bundle-watch-seconds", a.trust_bundle_watch_seconds)?;
+    let url = match a.kube_api_url.as_deref().map(str::trim) {
+        Some(u) => http_url("kube-api-url", u)?.trim_end_matches('/').to_string(),
+        None => match (
+            a.kubernetes_service_host.as_deref(),
+            a.kubernetes_service_port.as_deref(),
+        ) {
+            (Some(host), Some(port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.to_string()
+                };
+                format!("https://{host}:{port}")
+            }
+            _ => {
+                return err(
+                    "--trust-bundle-configmap needs the Kubernetes API: run in a pod (KUBERNETES_SERVICE_HOST and \
+                     KUBERNETES_SERVICE_PORT) or set --kube-api-url",
+                );
+            }
+        },
+    };
+    let token_file = a.kube_token_file.clone().unwrap_or_else(|| sa.join("token"));
+    if let Err(e) = std::fs::metadata(&token_file) {
+        return err(format!(
+            "--kube-token-file={}: cannot read the Kubernetes API token: {e} (is automountServiceAccountToken on?)",
+            token_file.display()
+        ));
+    }
+    let (ca_pem, ca_file) = if url.starts_with("https://") {
+        let ca_file = a.kube_ca_file.clone().unwrap_or_else(|| sa.join("ca.crt"));
+        let pem = std::fs::read(&ca_file)
+            .map_err(|e| ConfigError(format!("--kube-ca-file={}: cannot read it: {e}", ca_file.display())))?;
+        if !reqwest::Certificate::from_pem_bundle(&pem).is_ok_and(|certs| !certs.is_empty()) {
+            return err(format!(
+                "--kube-ca-file={}: not a PEM certificate bundle",
+                ca_file.display()
+            ));
+        }
+        (Some(pem), Some(ca_file))
+    } else {
+        (None, None)
+    };
+    Ok(Some(TrustBundleSettings {
+        namespace,
+        configmap: configmap.to_string(),
+        key: key.to_string(),
+        max_staleness: Duration::from_secs(a.trust_bundle_max_staleness_seconds),
+        watch_timeout: Duration::from_secs(watch_seconds),
+        api: KubeApiSettings {
+            url,
+            token_file,
+            ca_pem,
+            ca_file,
+        },
+    }))
+}
+
 impl Settings {
     pub fn from_args(a: Args) -> Result<Settings, ConfigError> {
         let listen: SocketAddr = a.listen.parse().map_err(|_| {
@@ -460,7 +654,7 @@ impl Settings {
             requests_prefix: valid_topic("requests-topic-prefix", &a.requests_topic_prefix)?,
         };
 
-        // Auth: exactly one key source.
+        // Auth: at most one of these key sources, plus optionally the trust bundle.
         let mut sources = Vec::new();
         if let Some(s) = &a.jwt_hs256_secret {
             sources.push(KeySource::Hs256Secret(s.as_bytes().to_vec()));
@@ -479,15 +673,16 @@ impl Settings {
         if let Some(u) = &a.jwks_url {
             sources.push(KeySource::JwksUrl(http_url("jwks-url", u)?));
         }
-        if sources.len() != 1 {
+        let trust_bundle = trust_bundle_settings(&a)?;
+        if sources.len() > 1 || (sources.is_empty() && trust_bundle.is_none()) {
             return err(format!(
                 "set exactly one token key source of --jwt-hs256-secret, --jwt-hs256-secret-file, --jwks-file, \
-                 --jwks-url (found {})",
+                 --jwks-url (found {}); --trust-bundle-configmap may be added to it or used alone",
                 sources.len()
             ));
         }
-        let keys = sources.remove(0);
-        if let KeySource::Hs256Secret(s) = &keys
+        let keys = sources.pop();
+        if let Some(KeySource::Hs256Secret(s)) = &keys
             && s.len() < MIN_HS256_SECRET_BYTES
         {
             return err(format!(
@@ -518,6 +713,7 @@ impl Settings {
         }
         let auth = AuthSettings {
             keys,
+            trust_bundle,
             jwks_refresh: Duration::from_secs(positive("jwks-refresh-seconds", a.jwks_refresh_seconds)?),
             audience,
             issuer,
@@ -678,6 +874,156 @@ mod tests {
             !dbg.contains("hunter2-pw") && !dbg.contains("0123456789abcdef"),
             "{dbg}"
         );
+    }
+
+    const KUBE_CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/kube-ca.crt");
+
+    /// A token file for the Kubernetes API settings (its content is not read at start).
+    fn token_file(name: &str) -> String {
+        let p = std::env::temp_dir().join(format!("fleetward-gw-config-{name}-{}", std::process::id()));
+        std::fs::write(&p, "token").unwrap();
+        p.display().to_string()
+    }
+
+    fn bundle_args(token: &str) -> Vec<String> {
+        [
+            "--trust-bundle-configmap=fleetward-trust-bundle",
+            "--trust-bundle-namespace=fleetward-system",
+            "--kube-api-url=https://127.0.0.1:6443/",
+            &format!("--kube-token-file={token}"),
+            &format!("--kube-ca-file={KUBE_CA}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `bundle_args` with `flags` (`--name=value`) replacing or adding to them (clap refuses repeats).
+    fn bundle_with(token: &str, flags: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = bundle_args(token)
+            .into_iter()
+            .filter(|a| !flags.iter().any(|f| f.split('=').next() == a.split('=').next()))
+            .collect();
+        v.extend(flags.iter().map(|f| f.to_string()));
+        v
+    }
+
+    fn with(extra: &[String]) -> Args {
+        args(&extra.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn trust_bundle_combines_with_hs256_or_stands_alone() {
+        let token = token_file("combine");
+        let s = Settings::from_args(with(&bundle_args(&token))).unwrap();
+        assert!(matches!(s.auth.keys, Some(KeySource::Hs256Secret(_))));
+        let tb = s.auth.trust_bundle.as_ref().unwrap();
+        assert_eq!(
+            (
+                tb.namespace.as_str(),
+                tb.configmap.as_str(),
+                tb.key.as_str(),
+                tb.api.url.as_str()
+            ),
+            (
+                "fleetward-system",
+                "fleetward-trust-bundle",
+                "jwks.json",
+                "https://127.0.0.1:6443"
+            )
+        );
+        assert!(tb.api.ca_pem.is_some());
+        assert_eq!(tb.max_staleness, Duration::from_secs(10));
+        let dbg = format!("{s:?}");
+        assert!(
+            dbg.contains("configmap fleetward-system/fleetward-trust-bundle"),
+            "{dbg}"
+        );
+
+        let mut alone = with(&bundle_args(&token));
+        alone.jwt_hs256_secret = None;
+        let s = Settings::from_args(alone).unwrap();
+        assert!(s.auth.keys.is_none() && s.auth.trust_bundle.is_some());
+
+        // Nothing at all is still refused.
+        let mut none = args(&[]);
+        none.jwt_hs256_secret = None;
+        let e = Settings::from_args(none).unwrap_err();
+        assert!(
+            e.0.contains("exactly one") && e.0.contains("--trust-bundle-configmap"),
+            "{}",
+            e.0
+        );
+    }
+
+    #[test]
+    fn trust_bundle_finds_the_api_from_the_pod_environment() {
+        let token = token_file("incluster");
+        for (host, url) in [
+            ("10.96.0.1", "https://10.96.0.1:443"),
+            ("fd00::1", "https://[fd00::1]:443"),
+        ] {
+            let mut a = with(&bundle_args(&token));
+            a.kube_api_url = None;
+            a.kubernetes_service_host = Some(host.into());
+            a.kubernetes_service_port = Some("443".into());
+            let s = Settings::from_args(a).unwrap();
+            assert_eq!(s.auth.trust_bundle.unwrap().api.url, url);
+        }
+        let mut a = with(&bundle_args(&token));
+        a.kube_api_url = None;
+        let e = Settings::from_args(a).unwrap_err();
+        assert!(
+            e.0.contains("KUBERNETES_SERVICE_HOST") && e.0.contains("--kube-api-url"),
+            "{}",
+            e.0
+        );
+    }
+
+    #[test]
+    fn trust_bundle_settings_errors_name_the_flag() {
+        let token = token_file("errors");
+        let cases: [(&str, &str); 7] = [
+            (
+                "--trust-bundle-configmap=Bad_Name",
+                "--trust-bundle-configmap=\"Bad_Name\"",
+            ),
+            (
+                "--trust-bundle-namespace=Not.A.Label",
+                "--trust-bundle-namespace=\"Not.A.Label\"",
+            ),
+            ("--trust-bundle-key=a/b", "--trust-bundle-key=\"a/b\""),
+            (
+                "--trust-bundle-max-staleness-seconds=301",
+                "--trust-bundle-max-staleness-seconds=301",
+            ),
+            (
+                "--kube-token-file=/nonexistent/token",
+                "--kube-token-file=/nonexistent/token",
+            ),
+            (
+                "--kube-ca-file=/nonexistent/ca.crt",
+                "--kube-ca-file=/nonexistent/ca.crt",
+            ),
+            ("--kube-api-url=ftp://api", "--kube-api-url=\"ftp://api\""),
+        ];
+        for (flag, want) in cases {
+            let e = Settings::from_args(with(&bundle_with(&token, &[flag]))).unwrap_err();
+            assert!(e.0.contains(want), "{flag}: {}", e.0);
+        }
+        // A CA file that is not PEM.
+        let not_pem = format!("--kube-ca-file={token}");
+        let e = Settings::from_args(with(&bundle_with(&token, &[&not_pem]))).unwrap_err();
+        assert!(e.0.contains("not a PEM certificate bundle"), "{}", e.0);
+        // A plain-HTTP API needs no CA.
+        let extra = bundle_with(
+            &token,
+            &[
+                "--kube-api-url=http://127.0.0.1:8001",
+                "--kube-ca-file=/nonexistent/ca.crt",
+            ],
+        );
+        let s = Settings::from_args(with(&extra)).unwrap();
+        assert!(s.auth.trust_bundle.unwrap().api.ca_pem.is_none());
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! One WebSocket connection: the resume, then a loop that writes queued events and control
 //! frames, pings, and closes for the documented reasons (SPEC §5.1): 1001 shutdown,
-//! 1009 message too big, 4001 token expired, 4008 slow consumer, 4009 halted; 1000 for idle
+//! 1009 message too big, 4001 token expired, 4003 the token's trust-bundle key was revoked,
+//! 4008 slow consumer, 4009 halted; 1000 for idle
 //! and heartbeat timeouts. Client frames are read by a separate task, which validates them
 //! and produces commands; its replies (error frames) reach the writer through a small queue.
 //!
 //! Every write can be cut short by a close request or by shutdown, so a client that stopped
 //! reading is closed (4008 by the hub when its queue fills) without anyone waiting on it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,6 +29,9 @@ use crate::telemetry;
 
 /// Longest a single write may take before the client is treated as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// While a resume reads Kafka, up to this many times `--outbound-queue` live events are held
+/// for the client (a burst must not close it with 4008 before it got anything).
+const RESUME_HOLD_FACTOR: usize = 16;
 /// Time allowed for the close handshake.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A slow client's socket is full: its close frame (4008) waits this long for the client to
@@ -53,6 +57,15 @@ enum Stop {
     Close(CloseReason),
     /// The peer is gone or closed first: nothing more to send.
     Gone,
+}
+
+/// The close for connections whose token's trust-bundle key was removed (SPEC §7 revocation).
+pub fn revoked_close() -> CloseReason {
+    CloseReason {
+        code: close_code::FORBIDDEN,
+        reason: "signing key revoked",
+        frame: None,
+    }
 }
 
 fn close(code: u16, reason: &'static str) -> Stop {
@@ -113,30 +126,39 @@ impl Writer {
         Ok(())
     }
 
-    /// Deliver what the client missed (SPEC §5.1 resume).
+    /// Deliver what the client missed (SPEC §5.1 resume). Live events arriving meanwhile (a
+    /// burst, e.g. the backlog a Kafka restart releases, can arrive while the missed events
+    /// are read and written) are moved from the bounded queue to `Held` and sent after them,
+    /// rather than left to fill the queue and close this client with 4008 before it caught up.
     async fn resume(
         &mut self,
         plan: Option<ResumePlan>,
         params: &Params,
+        live_rx: &mut mpsc::Receiver<Entry>,
         close_rx: &mut watch::Receiver<Option<CloseReason>>,
     ) -> Result<(), Stop> {
         let Some(since) = params.since else {
             return Ok(());
         };
+        let mut held = Held::new(
+            self.st
+                .settings
+                .limits
+                .outbound_queue
+                .saturating_mul(RESUME_HOLD_FACTOR),
+        );
         let m = self.st.metrics.clone();
         let failed = |reason: &str| protocol::recovery_failed_frame(&since.to_string(), reason);
-        match plan {
-            None => Ok(()),
+        let missed: Vec<Entry> = match plan {
+            None => Vec::new(),
             Some(ResumePlan::History(entries)) => {
                 m.resumes.with_label_values(&["history"]).inc();
-                for e in entries {
-                    self.send_entry(e, close_rx).await?;
-                }
-                Ok(())
+                entries
             }
             Some(ResumePlan::UnknownPartition) => {
                 m.resumes.with_label_values(&["recovery_failed"]).inc();
-                self.send_text(failed("unknown partition"), close_rx).await
+                self.send_text(failed("unknown partition"), close_rx).await?;
+                Vec::new()
             }
             Some(ResumePlan::Kafka {
                 partition,
@@ -145,28 +167,72 @@ impl Writer {
                 then,
             }) => {
                 let shutdown = self.st.shutdown.clone();
-                let fetched = tokio::select! {
-                    r = self.st.kafka.replay(&params.session_id, partition, from, until) => r,
-                    _ = shutdown.wait() => return Err(close(close_code::GOING_AWAY, "gateway shutting down")),
-                    _ = close_rx.changed() => return Err(close_rx.borrow().clone().map_or(Stop::Gone, Stop::Close)),
+                let kafka = self.st.kafka.clone();
+                let fetched = {
+                    let replay = kafka.replay(&params.session_id, partition, from, until);
+                    tokio::pin!(replay);
+                    loop {
+                        tokio::select! {
+                            r = &mut replay => break r,
+                            _ = shutdown.wait() => return Err(close(close_code::GOING_AWAY, "gateway shutting down")),
+                            _ = close_rx.changed() => return Err(close_rx.borrow().clone().map_or(Stop::Gone, Stop::Close)),
+                            Some(e) = live_rx.recv(), if held.has_room() => held.entries.push_back(e),
+                        }
+                    }
                 };
                 match fetched {
-                    Ok(entries) => {
+                    Ok(mut entries) => {
                         m.resumes.with_label_values(&["kafka"]).inc();
-                        for e in entries {
-                            self.send_entry(e, close_rx).await?;
-                        }
+                        entries.extend(then);
+                        entries
                     }
                     Err(reason) => {
                         m.resumes.with_label_values(&["recovery_failed"]).inc();
                         tracing::info!(session = %params.session_id, %since, reason = %reason, "resume: recovery failed");
                         self.send_text(failed(&reason), close_rx).await?;
+                        then
                     }
                 }
-                for e in then {
-                    self.send_entry(e, close_rx).await?;
-                }
-                Ok(())
+            }
+        };
+        for e in missed {
+            held.take_from(live_rx);
+            self.send_entry(e, close_rx).await?;
+        }
+        loop {
+            held.take_from(live_rx);
+            let Some(e) = held.entries.pop_front() else {
+                return Ok(());
+            };
+            self.send_entry(e, close_rx).await?;
+        }
+    }
+}
+
+/// Live events held back while a resume delivers what the client missed, at most `cap`.
+struct Held {
+    entries: VecDeque<Entry>,
+    cap: usize,
+}
+
+impl Held {
+    fn new(cap: usize) -> Held {
+        Held {
+            entries: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.entries.len() < self.cap
+    }
+
+    /// Move what is queued now (without waiting) while there is room.
+    fn take_from(&mut self, live_rx: &mut mpsc::Receiver<Entry>) {
+        while self.has_room() {
+            match live_rx.try_recv() {
+                Ok(e) => self.entries.push_back(e),
+                Err(_) => return,
             }
         }
     }
@@ -179,7 +245,8 @@ pub async fn run(socket: WebSocket, st: AppState, params: Params) {
     m.connections_total.inc();
     let limits = st.settings.limits.clone();
     let id = st.hub.next_client_id();
-    let (client, mut live_rx, mut close_rx) = Client::new(id, &params.identity.agent, limits.outbound_queue);
+    let (mut client, mut live_rx, mut close_rx) = Client::new(id, &params.identity.agent, limits.outbound_queue);
+    client.bundle_kid = params.identity.bundle_kid.as_deref().map(Arc::from);
     let handle = client.clone();
     let plan = st.hub.register(&params.session_id, client, params.since);
     // A halt applied between the handshake check and the registration above.
@@ -189,6 +256,11 @@ pub async fn run(socket: WebSocket, st: AppState, params: Params) {
             reason: "halted by a kill switch",
             frame: Some(protocol::halted_frame(&ks, generation, &params.identity.agent, None)),
         });
+    }
+    // Likewise a trust-bundle key removed meanwhile: the removal sweep runs after the key
+    // set changed, so either it saw this client or this check sees the new key set.
+    if !st.auth.still_trusted(&params.identity) {
+        handle.close(revoked_close());
     }
 
     let (sink, stream) = socket.split();
@@ -227,7 +299,7 @@ pub async fn run(socket: WebSocket, st: AppState, params: Params) {
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
 
-    let outcome: Stop = match w.resume(plan, &params, &mut close_rx).await {
+    let outcome: Stop = match w.resume(plan, &params, &mut live_rx, &mut close_rx).await {
         Err(stop) => stop,
         Ok(()) => loop {
             let step: Result<(), Stop> = tokio::select! {

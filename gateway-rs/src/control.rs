@@ -1,7 +1,7 @@
 //! Kill switch, gateway side (SPEC §7): the control topic is read by every replica without a
 //! consumer group. `halt` marks agents halted (empty list = every agent): new sessions of them
 //! are refused with 403, connected ones get `{"control":"halted",...}` and close 4009;
-//! `resume` lifts the halt; `rotate_keys` reloads the JWKS at once. Each halt/resume is acked
+//! `resume` lifts the halt; `rotate_keys` reloads the JWKS and re-lists the trust bundle at once. Each halt/resume is acked
 //! on the control-acks topic (component "gateway", counts {"sessionsClosed"}).
 //!
 //! At start the topic is read from its beginning to rebuild which kill switches are engaged
@@ -271,6 +271,10 @@ impl Control {
                 self.ack(&msg, AckType::Resumed, 0);
             }
             ControlType::RotateKeys => {
+                if let Some(bundle) = self.auth.trust_bundle() {
+                    tracing::info!("control: rotate_keys, trust bundle listed again");
+                    bundle.request_relist();
+                }
                 if let Some(jwks) = self.auth.jwks() {
                     tokio::spawn(async move {
                         match jwks.load().await {

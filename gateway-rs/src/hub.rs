@@ -51,6 +51,8 @@ pub struct Client {
     pub id: u64,
     /// The token's `agent` claim: halts select connections by it.
     pub agent: Arc<str>,
+    /// The trust-bundle key that signed the token, if any: its removal closes the connection.
+    pub bundle_kid: Option<Arc<str>>,
     tx: mpsc::Sender<Entry>,
     close: Arc<watch::Sender<Option<CloseReason>>>,
 }
@@ -68,6 +70,7 @@ impl Client {
             Client {
                 id,
                 agent: Arc::from(agent),
+                bundle_kid: None,
                 tx,
                 close: Arc::new(close_tx),
             },
@@ -340,11 +343,23 @@ impl Hub {
     /// Close every connection whose agent `covers` selects; returns how many were closed.
     /// A control-plane action, rare: it walks all sessions once.
     pub fn close_where(&self, covers: impl Fn(&str) -> bool, reason: impl Fn(&str) -> CloseReason) -> u64 {
+        self.close_clients(|c| covers(&c.agent), |c| reason(&c.agent))
+    }
+
+    /// Close every connection authenticated with one of these trust-bundle keys (revoked).
+    pub fn close_signed_by(&self, kids: &std::collections::HashSet<String>, reason: CloseReason) -> u64 {
+        self.close_clients(
+            |c| c.bundle_kid.as_deref().is_some_and(|k| kids.contains(k)),
+            |_| reason.clone(),
+        )
+    }
+
+    fn close_clients(&self, select: impl Fn(&Client) -> bool, reason: impl Fn(&Client) -> CloseReason) -> u64 {
         let mut closed = 0;
         for mut s in self.sessions.iter_mut() {
             s.clients.retain(|c| {
-                if covers(&c.agent) {
-                    c.close(reason(&c.agent));
+                if select(c) {
+                    c.close(reason(c));
                     closed += 1;
                     false
                 } else {
@@ -523,6 +538,30 @@ mod tests {
         assert_eq!(h.approval_agent("s-1", "r-1").as_deref(), Some("ns/billing"));
         assert_eq!(h.approval_agent("s-1", "r-2").as_deref(), Some("ns/router"));
         assert_eq!(h.approval_agent("s-1", "r-3"), None);
+    }
+
+    #[test]
+    fn close_signed_by_selects_by_bundle_key() {
+        let h = hub();
+        let (mut agent_a, _ra, ca) = Client::new(h.next_client_id(), "ns/a", 4);
+        agent_a.bundle_kid = Some(Arc::from("ns.a.1"));
+        let (mut agent_b, _rb, cb) = Client::new(h.next_client_id(), "ns/b", 4);
+        agent_b.bundle_kid = Some(Arc::from("ns.b.1"));
+        // A user of agent a (HS256 token): not signed by a bundle key, stays open.
+        let (user, _ru, cu) = Client::new(h.next_client_id(), "ns/a", 4);
+        h.register("s-1", agent_a, None);
+        h.register("s-1", user, None);
+        h.register("s-2", agent_b, None);
+        let revoked = std::collections::HashSet::from(["ns.a.1".to_string()]);
+        let reason = CloseReason {
+            code: close_code::FORBIDDEN,
+            reason: "signing key revoked",
+            frame: None,
+        };
+        assert_eq!(h.close_signed_by(&revoked, reason), 1);
+        assert_eq!(ca.borrow().as_ref().unwrap().code, close_code::FORBIDDEN);
+        assert!(cb.borrow().is_none() && cu.borrow().is_none());
+        assert_eq!((h.client_count("s-1"), h.client_count("s-2")), (1, 1));
     }
 
     #[test]

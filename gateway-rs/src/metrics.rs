@@ -37,6 +37,10 @@ pub struct Metrics {
     pub verify_partitions: IntGauge,
     pub jwks_keys: IntGauge,
     pub jwks_refreshes: IntCounterVec,
+    pub trust_bundle_keys: IntGauge,
+    pub trust_bundle_updates: IntCounterVec,
+    pub trust_bundle_source_up: IntGauge,
+    pub revoked_closes: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -204,6 +208,27 @@ impl Metrics {
                 "fleetward_gateway_jwks_refreshes_total",
                 "JWKS loads by outcome",
                 &["outcome"],
+            ),
+            trust_bundle_keys: gauge(
+                &r,
+                "fleetward_gateway_trust_bundle_keys",
+                "Agent keys currently trusted from the trust bundle",
+            ),
+            trust_bundle_updates: counter_vec(
+                &r,
+                "fleetward_gateway_trust_bundle_updates_total",
+                "Trust bundle reads (list or watch event) by outcome (ok, missing, invalid, error)",
+                &["outcome"],
+            ),
+            trust_bundle_source_up: gauge(
+                &r,
+                "fleetward_gateway_trust_bundle_source_up",
+                "1 while the trust-bundle list/watch on the Kubernetes API works",
+            ),
+            revoked_closes: counter(
+                &r,
+                "fleetward_gateway_revoked_closes_total",
+                "Connections closed (4003) because the trust-bundle key that signed their token was removed",
             ),
             registry: r,
         }

@@ -25,10 +25,15 @@ use crate::control::{Control, HaltState};
 use crate::history::Position;
 use crate::hub::Hub;
 use crate::kafka::Kafka;
+use crate::kube::KubeClient;
 use crate::metrics::Metrics;
 use crate::protocol::is_session_id;
 use crate::shutdown::{self, Shutdown};
+use crate::trust_bundle::OnRemoved;
 use crate::verify::Verifier;
+
+/// Initial read buffer of a WebSocket connection (grows on demand).
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 pub struct Inner {
     pub settings: Arc<Settings>,
@@ -51,9 +56,7 @@ impl Inner {
 
     fn problems(&self) -> Vec<&'static str> {
         let mut p = self.kafka.health.problems();
-        if !self.auth.ready() {
-            p.push("token keys (JWKS) not loaded");
-        }
+        p.extend(self.auth.problems());
         if self.shutdown.is_triggered() {
             p.push("shutting down");
         }
@@ -184,8 +187,12 @@ async fn ws_handler(
     let max = st.settings.limits.max_message_bytes;
     // The library limit sits above ours so that a merely oversized message is read and
     // answered with 1009 by the connection; the library cuts off anything much larger.
+    // The read buffer starts small and grows with the frames that need it: tungstenite's
+    // default of 128 KiB per connection was most of an idle connection's memory (clients
+    // send little: replies and decisions).
     let ws = ws
         .protocols([SUBPROTOCOL])
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(max.saturating_mul(2) + 1024)
         .max_frame_size(max.saturating_mul(2) + 1024);
     let guard = st.tracker.token();
@@ -237,7 +244,7 @@ pub async fn run(settings: Settings) -> ExitCode {
     if let Some(jwks) = auth.jwks() {
         match jwks.load().await {
             Ok(n) => tracing::info!(keys = n, "JWKS loaded"),
-            Err(e) if matches!(settings.auth.keys, crate::config::KeySource::JwksFile(_)) => {
+            Err(e) if matches!(settings.auth.keys, Some(crate::config::KeySource::JwksFile(_))) => {
                 tracing::error!(error = %e, "cannot load --jwks-file");
                 return ExitCode::from(2);
             }
@@ -290,6 +297,31 @@ pub async fn run(settings: Settings) -> ExitCode {
     background.spawn(verifier.run(shutdown.clone()));
     if let Some(jwks) = auth.jwks() {
         background.spawn(jwks.refresh_loop(settings.auth.jwks_refresh, shutdown.token()));
+    }
+    if let (Some(bundle), Some(bundle_settings)) = (auth.trust_bundle(), settings.auth.trust_bundle.clone()) {
+        let client = match KubeClient::new(&bundle_settings.api) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the Kubernetes API client for the trust bundle");
+                return ExitCode::from(2);
+            }
+        };
+        // Revocation: connections authenticated with a removed key are closed at once.
+        let (hub, metrics) = (hub.clone(), metrics.clone());
+        let on_removed: OnRemoved = Box::new(move |kids| {
+            let closed = hub.close_signed_by(kids, connection::revoked_close());
+            metrics.revoked_closes.inc_by(closed);
+            if closed > 0 {
+                tracing::info!(
+                    keys = kids.len(),
+                    connections = closed,
+                    "trust bundle: closed connections of removed keys (4003)"
+                );
+            }
+        });
+        tracing::info!(namespace = %bundle_settings.namespace, configmap = %bundle_settings.configmap,
+            api = %bundle_settings.api.url, "trust bundle: watching");
+        background.spawn(bundle.run(client, bundle_settings, on_removed, shutdown.token()));
     }
     {
         let hub = hub.clone();

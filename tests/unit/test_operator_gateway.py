@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from fleetward.operator.desired.gateway import desired_gateway
 from fleetward.operator.settings import OperatorSettings
+from pydantic import ValidationError
 
 
 def _env(dep: dict) -> dict[str, str]:
@@ -41,3 +43,55 @@ def test_autoscaling_gives_the_replicas_to_an_hpa():
     dep = next(o for o in objects if o["kind"] == "Deployment")
     hpa = next(o for o in objects if o["kind"] == "HorizontalPodAutoscaler")
     assert "replicas" not in dep["spec"] and hpa["spec"]["maxReplicas"] == 8 and not absent
+
+
+def _pod(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]
+
+
+def test_trust_bundle_is_on_by_default_and_names_the_configmap_and_service_account():
+    settings = OperatorSettings.model_validate(
+        {"namespace": "fw", "trustBundleName": "acme-bundle", "gateway": {"name": "acme-gateway"}}
+    )
+    assert settings.gateway.auth.trust_bundle is True
+    dep = next(o for o in desired_gateway(settings)[0] if o["kind"] == "Deployment")
+    env = _env(dep)
+    assert env["FLEETWARD_GATEWAY_TRUST_BUNDLE_CONFIGMAP"] == "acme-bundle"
+    assert env["FLEETWARD_GATEWAY_TRUST_BUNDLE_NAMESPACE"] == "fw"
+    # The watch needs the pod's service-account token; the chart creates this account and its Role.
+    assert _pod(dep)["serviceAccountName"] == "acme-gateway"
+    assert _pod(dep)["automountServiceAccountToken"] is True
+
+
+def test_trust_bundle_off_keeps_the_pod_without_api_credentials():
+    settings = OperatorSettings.model_validate(
+        {"gateway": {"auth": {"trustBundle": False, "hs256Secret": {"name": "gw-auth", "key": "hs256"}}}}
+    )
+    dep = next(o for o in desired_gateway(settings)[0] if o["kind"] == "Deployment")
+    env = _env(dep)
+    assert not any(k.startswith("FLEETWARD_GATEWAY_TRUST_BUNDLE") for k in env)
+    assert _pod(dep)["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in _pod(dep)
+    assert "FLEETWARD_GATEWAY_JWT_HS256_SECRET" in env
+
+
+def test_a_jwks_url_replaces_the_hs256_secret():
+    """The gateway takes one of HS256 and a JWKS (the trust bundle may join either): with both
+    set, the JWKS URL is used, so a chart that always names the HS256 Secret still starts."""
+    settings = OperatorSettings.model_validate(
+        {
+            "gateway": {
+                "auth": {"jwksUrl": "https://idp.example/jwks", "hs256Secret": {"name": "gw-auth", "key": "hs256"}}
+            }
+        }
+    )
+    dep = next(o for o in desired_gateway(settings)[0] if o["kind"] == "Deployment")
+    env = _env(dep)
+    assert env["FLEETWARD_GATEWAY_JWKS_URL"] == "https://idp.example/jwks"
+    assert "FLEETWARD_GATEWAY_JWT_HS256_SECRET" not in env
+    assert "FLEETWARD_GATEWAY_TRUST_BUNDLE_CONFIGMAP" in env
+
+
+def test_unknown_gateway_auth_setting_is_named():
+    with pytest.raises(ValidationError, match="trustBundel"):
+        OperatorSettings.model_validate({"gateway": {"auth": {"trustBundel": False}}})

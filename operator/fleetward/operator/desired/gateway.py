@@ -1,6 +1,14 @@
 """The gateway of one installation (SPEC §3, §5): a Deployment of `fleetward-gateway`, its
 Service and, with autoscaling, an HPA, in the installation namespace, configured from the
-operator settings (Helm values) and kept in step with the topic names. Pure functions."""
+operator settings (Helm values) and kept in step with the topic names and the trust bundle.
+Pure functions.
+
+With `gateway.auth.trustBundle` (the default) the gateway also accepts tokens signed by agent
+keys and watches the trust-bundle ConfigMap through the Kubernetes API to refuse removed keys
+at once (SPEC §7). Its pods then run as the ServiceAccount named like the gateway, with its
+token mounted; the Helm chart creates that ServiceAccount and a Role allowing only
+get/list/watch of the trust-bundle ConfigMap (the operator itself creates no RBAC objects:
+it would need the `bind`/`escalate` verbs for that)."""
 
 from __future__ import annotations
 
@@ -52,12 +60,16 @@ def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
         plain["FLEETWARD_GATEWAY_KAFKA_SASL_MECHANISM"] = kafka.sasl_mechanism
     if gw.auth.jwks_url:
         plain["FLEETWARD_GATEWAY_JWKS_URL"] = gw.auth.jwks_url
+    if gw.auth.trust_bundle:
+        plain["FLEETWARD_GATEWAY_TRUST_BUNDLE_CONFIGMAP"] = settings.trust_bundle_name
+        plain["FLEETWARD_GATEWAY_TRUST_BUNDLE_NAMESPACE"] = settings.namespace
     env: list[dict[str, Any]] = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         *({"name": k, "value": v} for k, v in plain.items()),
     ]
-    if gw.auth.hs256_secret:
+    # The gateway takes one of HS256 and a JWKS URL (beside the trust bundle): a JWKS URL wins.
+    if gw.auth.hs256_secret and not gw.auth.jwks_url:
         env.append(
             {
                 "name": "FLEETWARD_GATEWAY_JWT_HS256_SECRET",
@@ -77,6 +89,19 @@ def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
             },
         ]
     return env
+
+
+def _identity(settings: OperatorSettings) -> dict[str, Any]:
+    """The pod's API identity: none without the trust bundle, else the gateway's
+    ServiceAccount with its token mounted (the only API access it has is reading the bundle)."""
+    if not settings.gateway.auth.trust_bundle:
+        return {"automountServiceAccountToken": False}
+    return {"serviceAccountName": service_account_name(settings), "automountServiceAccountToken": True}
+
+
+def service_account_name(settings: OperatorSettings) -> str:
+    """The gateway pods' ServiceAccount (created by the Helm chart with its Role)."""
+    return settings.gateway.name
 
 
 def deployment(settings: OperatorSettings) -> dict[str, Any]:
@@ -113,7 +138,7 @@ def deployment(settings: OperatorSettings) -> dict[str, Any]:
                 "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(gw.port)},
             },
             "spec": {
-                "automountServiceAccountToken": False,
+                **_identity(settings),
                 # Closing every WebSocket with 1001 takes up to the gateway's own grace.
                 "terminationGracePeriodSeconds": 30,
                 "securityContext": {
