@@ -157,8 +157,13 @@ class AgentKey:
 class GitHouseTools:
     """The GitHouse service app on a free loopback port, trusting the given JWKS file."""
 
-    def __init__(self, jwks_file: Path, *, backend: Any = None) -> None:
+    def __init__(
+        self, jwks_file: Path | None, *, backend: Any = None, configmap: tuple[str, Any] | None = None
+    ) -> None:
+        """Trust the JWKS file, or with `configmap=(namespace, api_client)` the live trust
+        bundle through a watch, as a deployed tool service does."""
         self.jwks_file = jwks_file
+        self.configmap = configmap
         self.backend = backend
         self.port = free_port()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,7 +184,11 @@ class GitHouseTools:
         from fleetward.toolkit.verify import ToolTokenVerifier
 
         async def main() -> None:
-            bundle = TrustBundle.from_file(str(self.jwks_file)).start()
+            if self.configmap is not None:
+                namespace, api_client = self.configmap
+                bundle = TrustBundle.from_configmap(namespace, api_client=api_client).start()
+            else:
+                bundle = TrustBundle.from_file(str(self.jwks_file)).start()
             runner = web.AppRunner(
                 create_app(bundle, ToolTokenVerifier(bundle, issuer="fleetward"), backend=self.backend),
                 access_log=None,
@@ -435,6 +444,128 @@ class EventReader(TopicReader):
         )
 
 
+# --- An OTLP/HTTP trace receiver ---------------------------------------------------------------------
+
+
+@dataclass
+class ReceivedSpan:
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: int
+    attributes: dict[str, Any]
+    events: list[dict[str, Any]]
+    resource: dict[str, Any]
+
+
+def _any_value(v: Any) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(x) for x in v.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _any_value(kv.value) for kv in v.kvlist_value.values}
+    return getattr(v, kind) if kind else None
+
+
+class OtlpReceiver:
+    """Receives what an OpenTelemetry SDK exports to `OTEL_EXPORTER_OTLP_ENDPOINT` (OTLP/HTTP,
+    protobuf, POST /v1/traces), decoded with the official `opentelemetry-proto` messages:
+    the export path the product uses, end to end."""
+
+    def __init__(self) -> None:
+        import gzip
+        import http.server
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        self.spans: list[ReceivedSpan] = []
+        self.requests = 0
+        lock = self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if self.path != "/v1/traces":
+                    self.send_error(404)
+                    return
+                request = ExportTraceServiceRequest.FromString(body)
+                received = []
+                for rs in request.resource_spans:
+                    resource = {kv.key: _any_value(kv.value) for kv in rs.resource.attributes}
+                    for ss in rs.scope_spans:
+                        for sp in ss.spans:
+                            received.append(
+                                ReceivedSpan(
+                                    trace_id=sp.trace_id.hex(),
+                                    span_id=sp.span_id.hex(),
+                                    parent_span_id=sp.parent_span_id.hex(),
+                                    name=sp.name,
+                                    kind=sp.kind,
+                                    attributes={kv.key: _any_value(kv.value) for kv in sp.attributes},
+                                    events=[
+                                        {"name": e.name, **{kv.key: _any_value(kv.value) for kv in e.attributes}}
+                                        for e in sp.events
+                                    ],
+                                    resource=resource,
+                                )
+                            )
+                with lock:
+                    receiver.spans.extend(received)
+                    receiver.requests += 1
+                out = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="otlp-receiver")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """What a runtime needs to export here, at once (the batch processor waits 5 s by default)."""
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+
+    def __enter__(self) -> OtlpReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def trace(self, trace_id: str) -> list[ReceivedSpan]:
+        with self._lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def wait(
+        self, trace_id: str, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 20
+    ) -> list[ReceivedSpan]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            spans = self.trace(trace_id)
+            if predicate(spans):
+                return spans
+            time.sleep(0.05)
+        got = sorted(s.name for s in self.trace(trace_id))
+        raise AssertionError(f"trace {trace_id}: the expected spans did not arrive within {timeout:.0f} s; got {got}")
+
+
 # --- A local runtime process ------------------------------------------------------------------------------
 
 
@@ -451,6 +582,8 @@ class LocalAgent:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     starts: int = 0
+    launcher: list[str] = field(default_factory=lambda: [FLEETWARD])
+    """How `fleetward` is started (a benchmark may put a profiler in front)."""
 
     @property
     def ref(self) -> str:
@@ -465,7 +598,7 @@ class LocalAgent:
         self.log_path = self.dir / f"runtime-{self.starts}.log"
         out = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [FLEETWARD, "runtime", "run", "--config", str(self.config_path), "--listen", f"127.0.0.1:{self.port}"],
+            [*self.launcher, "runtime", "run", "--config", str(self.config_path), "--listen", f"127.0.0.1:{self.port}"],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -538,6 +671,7 @@ def render_local_agent(
     name: str | None = None,
     dsn: str | None = None,
     extra_env: dict[str, str] | None = None,
+    model_prices: dict[str, dict[str, float]] | None = None,
 ) -> LocalAgent:
     """The config the operator would render (desired.runtime_config), with file paths moved
     into `workdir`, plus a fresh agent key; topics are created."""
@@ -551,7 +685,11 @@ def render_local_agent(
     (workdir / "key-id").write_text(key.kid)
     (workdir / "api-key-0").write_text("sk-test-runtime-key")
     (workdir / "jwks.json").write_text(key.jwks())
-    settings = OperatorSettings(namespace="fleetward-system", kafka=KafkaSettings(bootstrap_servers=bootstrap))
+    settings = OperatorSettings(
+        namespace="fleetward-system",
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        model_prices=model_prices or {},  # the installation's price table (Helm value modelPrices)
+    )
     inputs = AgentInputs(
         ref=AgentRef(namespace, name, uid=str(uuid.uuid4())),
         spec=AgentSpec.model_validate(spec),

@@ -61,3 +61,38 @@ def test_event_sequences_increase_per_session_and_a_replayed_key_keeps_its_numbe
     a0, a1, b0, replay, row, a2 = run(scenario())
     assert (a0, a1, a2) == (0, 1, 2) and b0 == 0 and replay == 1
     assert row["envelope"] == '{"x": 1}' and row["published"] == 1
+
+
+def test_a_locked_database_is_waited_for_not_an_error(tmp_path):
+    """SQLite can refuse a write at once ("database is locked") while another connection
+    holds the write lock; the ledger retries instead of failing the command."""
+    import asyncio
+    import sqlite3
+    import threading
+    import time
+
+    import aiosqlite
+    from fleetward.runtime.persistence import SqliteDatabase
+
+    path = tmp_path / "ledger.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("CREATE TABLE t (v INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
+
+    async def main() -> float:
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout=0")  # refuse at once, as the snapshot case does
+        try:
+            started = time.monotonic()
+            await SqliteDatabase(conn).execute("INSERT INTO t VALUES (2)")
+            return time.monotonic() - started
+        finally:
+            await conn.close()
+
+    waited = asyncio.run(main())
+    assert waited >= 0.2
+    assert [r[0] for r in holder.execute("SELECT v FROM t ORDER BY v")] == [1, 2]
+    holder.close()

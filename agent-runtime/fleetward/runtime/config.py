@@ -74,10 +74,9 @@ def kafka_client_config(config: RuntimeConfig) -> dict[str, str]:
 # --- Process settings the rendered config does not carry ---------------------------------
 # These come from the pod's environment: the operator sets FLEETWARD_DATABASE_DSN from its
 # `runtime.databaseSecret`; the others have defaults that suit one pod and can be tuned per
-# Deployment.
+# Deployment. Model prices and the SOP similarity threshold are in the config
+# (`modelPrices`, `spec.sopRetrieval`), not here.
 
-MODEL_PRICES_ENV = "FLEETWARD_MODEL_PRICES"
-SOP_THRESHOLD_ENV = "FLEETWARD_SOP_SIMILARITY_THRESHOLD"
 SHUTDOWN_SECONDS_ENV = "FLEETWARD_SHUTDOWN_SECONDS"
 
 
@@ -92,6 +91,14 @@ class ModelPrice:
         return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
 
 
+def model_prices(config: RuntimeConfig) -> dict[str, ModelPrice]:
+    """The config's price table (validated non-negative by the API model), by model name."""
+    return {
+        name: ModelPrice(p.input_per_million_tokens, p.output_per_million_tokens)
+        for name, p in config.model_prices.items()
+    }
+
+
 @dataclass(frozen=True)
 class ProcessSettings:
     database_dsn: str | None
@@ -99,8 +106,6 @@ class ProcessSettings:
     sqlite_path: str
     instance: str
     """This pod (POD_NAME), or the host name outside Kubernetes: acks and logs name it."""
-    prices: dict[str, ModelPrice]
-    sop_similarity_threshold: float
     shutdown_seconds: float
     """How long SIGTERM waits for in-flight runs to reach a step boundary."""
 
@@ -116,32 +121,6 @@ def _float_env(env: dict[str, str], name: str, default: float, low: float, high:
     if not low <= value <= high:
         raise ConfigError(f"{name}={raw!r}: expected a number from {low} to {high}")
     return value
-
-
-def parse_prices(raw: str | None) -> dict[str, ModelPrice]:
-    """`{"<model name>": {"input": <USD per 1M prompt tokens>, "output": <USD per 1M completion tokens>}}`."""
-    if not raw:
-        return {}
-    import json
-
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise ConfigError(f"{MODEL_PRICES_ENV}: not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f'{MODEL_PRICES_ENV}: expected an object {{"<model>": {{"input": 0.15, "output": 0.6}}}}')
-    prices = {}
-    for model, entry in doc.items():
-        if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
-            raise ConfigError(f'{MODEL_PRICES_ENV}.{model}: expected {{"input": <USD/1M>, "output": <USD/1M>}}')
-        values = []
-        for side in ("input", "output"):
-            v = entry[side]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"{MODEL_PRICES_ENV}.{model}.{side}: expected a number >= 0, got {v!r}")
-            values.append(float(v))
-        prices[model] = ModelPrice(*values)
-    return prices
 
 
 def process_settings(config: RuntimeConfig, env: dict[str, str] | None = None) -> ProcessSettings:
@@ -160,8 +139,6 @@ def process_settings(config: RuntimeConfig, env: dict[str, str] | None = None) -
         database_dsn=dsn,
         sqlite_path=config.persistence.sqlite_path,
         instance=env.get("POD_NAME") or socket.gethostname(),
-        prices=parse_prices(env.get(MODEL_PRICES_ENV)),
-        sop_similarity_threshold=_float_env(env, SOP_THRESHOLD_ENV, 0.30, -1.0, 1.0),
         shutdown_seconds=_float_env(env, SHUTDOWN_SECONDS_ENV, 20.0, 0.0, 3600.0),
     )
 

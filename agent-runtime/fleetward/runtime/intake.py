@@ -225,6 +225,7 @@ class Intake:
             if worker.paused and worker.queue.qsize() < QUEUE_PAUSE_AT // 2 and self.resumed.is_set():
                 self._resume([worker.partition])
                 worker.paused = False
+            failures = 0
             while True:
                 if not await self._wait_resumed(worker):
                     return  # stopping: the command stays uncommitted
@@ -238,6 +239,24 @@ class Intake:
                         continue
                     task.cancel()
                     raise
+                except Exception:
+                    # A fault outside the run (e.g. the database briefly refusing a write) must
+                    # not end this partition's worker: the command is still uncommitted, and
+                    # the request ledger makes a retry safe (it continues from its checkpoint).
+                    failures += 1
+                    delay = min(30.0, 0.2 * 2 ** min(failures, 8))
+                    log.exception(
+                        "command at partition %d offset %d failed outside its run (attempt %d); retrying in %.1f s",
+                        worker.partition,
+                        message.offset(),
+                        failures,
+                        delay,
+                    )
+                    try:
+                        await asyncio.wait_for(self.stopping.wait(), delay)
+                        return  # stopping: the command stays uncommitted
+                    except TimeoutError:
+                        continue
                 break
             REQUESTS.labels(self.agent, outcome.value).inc()
             if not outcome.final:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from fleetward.runtime.audit import RuntimeAudit
 from fleetward.runtime.config import (
     ConfigError,
     ProcessSettings,
@@ -26,6 +27,7 @@ from fleetward.runtime.config import (
     load_config,
     load_model_api_key,
     load_signing_key,
+    model_prices,
     process_settings,
 )
 from fleetward.runtime.context import Services
@@ -38,7 +40,7 @@ from fleetward.runtime.kafka import AsyncProducer
 from fleetward.runtime.persistence import Persistence, open_persistence
 from fleetward.runtime.retrieval import SopRetriever
 from fleetward.runtime.runs import RunExecutor, RunRegistry
-from fleetward.runtime.telemetry import setup_logging, setup_tracing, shutdown_tracing
+from fleetward.runtime.telemetry import TracedGuardrails, setup_logging, setup_tracing, shutdown_tracing
 from fleetward.runtime.tools import ToolHttpClient
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
@@ -184,14 +186,22 @@ async def run_agent(
     agent = config.agent.ref
     producer = AsyncProducer(kafka_config, client_id=f"{config.kafka.consumer_group}.{settings.instance}")
     tool_client = ToolHttpClient()
+    audit: RuntimeAudit | None = None
     try:
         engine = (
-            GuardrailEngine([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+            TracedGuardrails(
+                GuardrailEngine([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+            )
             if config.guardrails
             else None
         )
-        retriever = SopRetriever(config.sops, settings.sop_similarity_threshold)
+        retriever = SopRetriever(config.sops, config.spec.sop_retrieval.similarity_threshold)
         await asyncio.to_thread(retriever.warm_up)
+        prices = model_prices(config)
+        unpriced = [m.name for m in [config.spec.model, *(config.spec.model.fallbacks or [])] if m.name not in prices]
+        if unpriced:
+            log.warning("no price for model(s) %s: their cost is not recorded", ", ".join(sorted(set(unpriced))))
+        audit = await RuntimeAudit.open(config, settings, kafka_config, key.key_id, engine)
         services = Services(
             config=config,
             events=EventPublisher(producer, persistence.ledger, config.topics.events, agent),
@@ -199,7 +209,8 @@ async def run_agent(
             signing_key=key,
             guardrails=engine,
             retriever=retriever,
-            prices=settings.prices,
+            prices=prices,
+            audit=audit,
         )
         if config.spec.role != "specialist":
             # The router graph comes with the next issue. Until then a router takes no work:
@@ -259,6 +270,8 @@ async def run_agent(
         await asyncio.wait(tasks, timeout=settings.shutdown_seconds + 10)
     finally:
         await tool_client.close()
+        if audit is not None:
+            await audit.close()
         undelivered = await asyncio.to_thread(producer.close)
         if undelivered:
             log.error("%d Kafka records were not delivered before shutdown", undelivered)

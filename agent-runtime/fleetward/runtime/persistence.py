@@ -17,6 +17,7 @@ that SQLite >= 3.35 and PostgreSQL both understand.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
@@ -73,21 +74,46 @@ class Database(Protocol):
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]: ...
 
 
+LOCKED_RETRY_SECONDS = 10.0
+
+
+async def _unlocked(op: Any) -> Any:
+    """Run `op()` again while SQLite answers "database is locked". In WAL mode a write can be
+    refused at once, without the busy handler, when another connection (the checkpointer's)
+    committed since this one's snapshot; waiting a little and retrying is the remedy."""
+    delay, waited = 0.01, 0.0
+    while True:
+        try:
+            return await op()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or waited >= LOCKED_RETRY_SECONDS:
+                raise
+        await asyncio.sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 0.25)
+
+
 class SqliteDatabase:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        await self.conn.execute(sql, params)
+        await _unlocked(lambda: self.conn.execute(sql, params))
 
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
-        async with self.conn.execute(sql, params) as cur:
-            row = await cur.fetchone()
-        return dict(row) if row is not None else None
+        async def op() -> dict[str, Any] | None:
+            async with self.conn.execute(sql, params) as cur:
+                row = await cur.fetchone()
+            return dict(row) if row is not None else None
+
+        return await _unlocked(op)
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        async with self.conn.execute(sql, params) as cur:
-            return [dict(r) for r in await cur.fetchall()]
+        async def op() -> list[dict[str, Any]]:
+            async with self.conn.execute(sql, params) as cur:
+                return [dict(r) for r in await cur.fetchall()]
+
+        return await _unlocked(op)
 
 
 class PostgresDatabase:

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -67,6 +68,7 @@ EVENTS_PUBLISHED = Counter("fleetward_runtime_events_total", "Session events pub
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _provider: TracerProvider | None = None
+_tracer: trace.Tracer | None = None
 
 
 def setup_tracing(service_instance: str, agent: str) -> TracerProvider:
@@ -88,15 +90,21 @@ def setup_tracing(service_instance: str, agent: str) -> TracerProvider:
 
 
 def shutdown_tracing() -> None:
-    global _provider
+    global _provider, _tracer
     if _provider is not None:
         _provider.shutdown()
         _provider = None
+        _tracer = None
 
 
 def tracer() -> trace.Tracer:
-    provider = _provider or setup_tracing(os.environ.get("POD_NAME", "local"), "unknown")
-    return provider.get_tracer("fleetward.runtime")
+    # One tracer per provider: get_tracer builds a new Tracer (and scope) on every call,
+    # which showed in the per-request profile (bench/runtime_overhead.py).
+    global _tracer
+    if _tracer is None:
+        provider = _provider or setup_tracing(os.environ.get("POD_NAME", "local"), "unknown")
+        _tracer = provider.get_tracer("fleetward.runtime")
+    return _tracer
 
 
 def context_from_traceparent(traceparent: str | None, trace_id: str | None = None) -> otel_context.Context:
@@ -128,6 +136,35 @@ def traceparent_of(span: Span | None = None) -> str | None:
 
 def trace_id_hex(span: Span) -> str:
     return format(span.get_span_context().trace_id, "032x")
+
+
+class TracedGuardrails:
+    """The guardrail engine with a `guardrail decision` span around every scan (SPEC §4, §8).
+
+    Wraps the engine (same `scan(text, stage)`) rather than changing it, so the detection
+    code stays free of telemetry. The span carries the stage, the verdict and the kinds and
+    types of the findings with their count, never the text or a matched value."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def scan(self, text: str, stage: str) -> Any:
+        with tracer().start_as_current_span(
+            "guardrail decision", attributes={"fleetward.guardrail.stage": stage}
+        ) as span:
+            result = self.engine.scan(text, stage)
+            span.set_attribute("fleetward.guardrail.verdict", result.verdict)
+            span.set_attribute("fleetward.guardrail.findings", len(result.findings))
+            if result.findings:
+                span.set_attribute(
+                    "fleetward.guardrail.finding_types", sorted({f"{f.kind}:{f.type}" for f in result.findings})
+                )
+            return result
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
 
 # --- JSON logs -----------------------------------------------------------------------------------

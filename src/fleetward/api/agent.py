@@ -39,6 +39,16 @@ Quantity = Annotated[
 ]
 
 
+class ModelPricing(ApiModel):
+    """What a model costs, in USD per million tokens: the runtime's
+    `fleetward_agent_cost_usd_total` is tokens x these prices."""
+
+    input_per_million_tokens: float = Field(ge=0.0, le=1_000_000.0)
+    """USD per million prompt (input) tokens, e.g. 0.15."""
+    output_per_million_tokens: float = Field(ge=0.0, le=1_000_000.0)
+    """USD per million completion (output) tokens, e.g. 0.6."""
+
+
 class ModelEndpoint(ApiModel):
     """An OpenAI-compatible chat model."""
 
@@ -60,6 +70,9 @@ class ModelEndpoint(ApiModel):
     """Retries of a transient failure (timeouts, 429, 5xx) before moving to the next fallback."""
     credentials_secret_ref: SecretKeyRef | None = None
     """Secret key holding the API key. The operator projects a copy into a per-agent Secret."""
+    pricing: ModelPricing | None = None
+    """Price of this model for this Agent; overrides the installation's price table (operator
+    setting `modelPrices`, by model name). A model priced in neither place has no cost recorded."""
 
 
 class ModelSpec(ModelEndpoint):
@@ -129,6 +142,15 @@ class RouteFallback(ApiModel):
     """A catch-all specialist Agent."""
     human_queue: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     """A human support queue, e.g. human-support."""
+
+
+class SopRetrieval(ApiModel):
+    """How a specialist picks the SOP for a request."""
+
+    similarity_threshold: float = Field(default=0.30, ge=0.0, le=1.0)
+    """Cosine similarity (0 to 1) between the request and an SOP (embedding model
+    all-MiniLM-L6-v2) at or above which the best SOP is chosen; below it, the SOP's trigger
+    keywords decide, and with none matching a human is asked for the procedure."""
 
 
 class GuardrailRef(ApiModel):
@@ -323,6 +345,8 @@ class AgentSpec(ApiModel):
     """The tool allow-list. Names are unique."""
     sop_selector: LabelSelector | None = None
     """Selects the SOPs (in this namespace) the agent works under."""
+    sop_retrieval: SopRetrieval = Field(default_factory=SopRetrieval, json_schema_extra={"default": {}})
+    """How the SOP for a request is chosen among the selected ones."""
     guardrail_refs: list[GuardrailRef] | None = Field(
         default=None,
         max_length=16,

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from fleetward.api.agent import AgentSpec
+from fleetward.api.agent import AgentSpec, ModelPricing
 from fleetward.api.base import ApiModel
 from fleetward.api.guardrail import GuardrailSpec
 from fleetward.api.sop import SOPSpec
@@ -132,6 +132,11 @@ class RuntimeConfig(ApiModel):
     credentials: Credentials
     persistence: Persistence = Field(default_factory=Persistence)
     server: Server = Field(default_factory=Server)
+    model_prices: dict[str, ModelPricing] = Field(default_factory=dict)
+    """USD per million tokens of each of this Agent's models (primary and fallbacks), by model
+    name, as the operator resolved them: the Agent's `model.pricing`, else the installation's
+    price table. Only this Agent's models, so a price change elsewhere does not roll its pods.
+    A model missing here has no cost recorded."""
     config_hash: str = ""
     """Hash of everything above; the pod template carries it, so a change rolls the pods."""
 

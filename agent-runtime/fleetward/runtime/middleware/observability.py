@@ -1,6 +1,6 @@
 """Model calls: a span each, token and cost metrics, and the step gate (halt/stop) before
 every call. Token counts come from the provider's usage report (`usage_metadata`); cost
-from the price table (FLEETWARD_MODEL_PRICES) by model name."""
+from the config's `modelPrices` by model name."""
 
 from __future__ import annotations
 

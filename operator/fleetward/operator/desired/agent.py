@@ -11,13 +11,14 @@ Agent names are at most 52 characters, so every name stays a valid DNS label.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetward.operator.desired.common import cpu_autoscaler
 from fleetward.operator.settings import OperatorSettings
 
-from fleetward.api.agent import AgentSpec
+from fleetward.api.agent import AgentSpec, ModelPricing
 from fleetward.api.runtimeconfig import (
     AgentIdentity,
     Credentials,
@@ -140,6 +141,18 @@ def request_topic(inputs: AgentInputs) -> str:
     return inputs.settings.topics.request_topic(inputs.ref.namespace, inputs.ref.name)
 
 
+def model_prices(spec: AgentSpec, table: Mapping[str, ModelPricing]) -> dict[str, ModelPricing]:
+    """The price of each of the Agent's models (primary, then fallbacks), by name: its own
+    `pricing`, else the installation's table; unpriced models are left out. When two
+    endpoints share a name, the first one's price counts (metrics are labelled by name)."""
+    prices: dict[str, ModelPricing] = {}
+    for endpoint in [spec.model, *(spec.model.fallbacks or [])]:
+        price = endpoint.pricing or table.get(endpoint.name)
+        if price is not None and endpoint.name not in prices:
+            prices[endpoint.name] = price
+    return prices
+
+
 def runtime_config(inputs: AgentInputs) -> RuntimeConfig:
     s, ref, spec = inputs.settings, inputs.ref, inputs.spec
     topics = s.topics
@@ -189,6 +202,7 @@ def runtime_config(inputs: AgentInputs) -> RuntimeConfig:
         ),
         persistence=Persistence(dsn_env=DATABASE_DSN_ENV if s.runtime.database_secret else None),
         server=Server(port=s.runtime.port),
+        model_prices=model_prices(spec, s.model_prices),
     )
     return config.with_hash()
 
