@@ -21,6 +21,7 @@ from fleetward.devcluster.process import wait_for
 from fleetward.devcluster.services import Kafka, Postgres, Prometheus
 
 INTEGRATION = Path(__file__).parent / "integration"
+AUDIT_SECRET = "fleetward-audit-db"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -112,10 +113,23 @@ def namespace(core: client.CoreV1Api, request) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def fleetward(cluster: DevCluster, api: client.ApiClient, kafka: Kafka, crds: list[str]) -> str:
+def fleetward(cluster: DevCluster, api: client.ApiClient, kafka: Kafka, crds: list[str], postgres_dsn: str) -> str:
     """Fleetward installed with `helm upgrade --install` of charts/fleetward (cluster-wide);
-    the operator runs as a pod on the podlet. Returns the installation namespace."""
+    the operator runs as a pod on the podlet, its audit log in the cluster's PostgreSQL.
+    Returns the installation namespace."""
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
+    except client.exceptions.ApiException as e:
+        if e.status != 409:
+            raise
+    core.create_namespaced_secret(
+        NAMESPACE, client.V1Secret(metadata=client.V1ObjectMeta(name=AUDIT_SECRET), string_data={"dsn": postgres_dsn})
+    )
     # Namespaces scoped-* belong to the namespace-scoped installation of test_operator_scoped.py.
-    helm_install(cluster.bins.helm, cluster.kubeconfig, local_values(kafka.bootstrap, excludeNamespaces=["scoped-*"]))
+    values = local_values(
+        kafka.bootstrap, excludeNamespaces=["scoped-*"], audit={"databaseSecret": {"name": AUDIT_SECRET, "key": "dsn"}}
+    )
+    helm_install(cluster.bins.helm, cluster.kubeconfig, values)
     wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
     return NAMESPACE

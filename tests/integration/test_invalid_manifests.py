@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 
 import pytest
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION = "fleetward.dev", "v1alpha1"
@@ -317,9 +317,12 @@ def test_unknown_fields_are_rejected_with_strict_validation(objs):
     assert 'unknown field "spec.colour"' in _message(err.value)
 
 
-def test_releasing_a_kill_switch_needs_two_approvals(objs):
+def test_releasing_a_kill_switch_needs_two_approvals(objs, user_kubeconfigs):
     name = "release-needs-approvals"
     engaged = broken(KILLSWITCH, setter("metadata.name", name))
+    # A scope that covers no Agent: the operator in this cluster would otherwise really halt
+    # every agent of the test cluster while this test checks the admission rules.
+    engaged["spec"]["scope"] = {"namespaces": ["no-agents-here"]}
     _create(objs, engaged)
     try:
         patch = {"spec": {"engaged": False}}
@@ -333,8 +336,16 @@ def test_releasing_a_kill_switch_needs_two_approvals(objs):
         with pytest.raises(ApiException):
             objs.patch_cluster_custom_object(GROUP, VERSION, "killswitches", name, one)
 
-        two = {"spec": {"engaged": False, "approvals": [{"user": "alice"}, {"user": "bob"}]}}
-        released = objs.patch_cluster_custom_object(GROUP, VERSION, "killswitches", name, two)
+        # Approvals are added by the approvers themselves (with the admission webhook installed
+        # a user cannot write another user's approval), then anyone may release.
+        for user in ("bob", "carol"):
+            as_user = client.CustomObjectsApi(config.new_client_from_config(str(user_kubeconfigs[user])))
+            current = as_user.get_cluster_custom_object(GROUP, VERSION, "killswitches", name)
+            approvals = [*(current["spec"].get("approvals") or []), {"user": user}]
+            as_user.patch_cluster_custom_object(
+                GROUP, VERSION, "killswitches", name, {"spec": {"approvals": approvals}}
+            )
+        released = objs.patch_cluster_custom_object(GROUP, VERSION, "killswitches", name, {"spec": {"engaged": False}})
         assert released["spec"]["engaged"] is False
     finally:
         objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)

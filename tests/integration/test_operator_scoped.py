@@ -104,3 +104,85 @@ def test_each_agent_principal_reads_only_its_own_topic(scoped, api, core, kafka_
     # gamma lives outside the watched namespace: neither installation touches it.
     time.sleep(3)  # a negative: give a (wrong) reconcile time to happen
     assert get_agent(api, OTHER, "gamma").get("status") is None
+
+
+def _login_refused(cfg: dict, topic: str, seconds: float = 15) -> bool:
+    """True once the broker reports an authentication failure for these credentials."""
+    from confluent_kafka import Consumer
+
+    errors: list[KafkaError] = []
+    c = Consumer({**cfg, "group.id": f"login-check-{time.monotonic_ns()}", "error_cb": errors.append})
+    c.subscribe([topic])
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            msg = c.poll(0.25)
+            assert msg is None or msg.error() is not None, "a revoked principal consumed a message"
+            if any(e.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED) for e in errors):
+                return True
+        return False
+    finally:
+        c.close()
+
+
+def test_a_kill_switch_removes_the_agents_kafka_principal(scoped, api, core, kafka_scram, user_kubeconfigs):
+    """SCRAM mode: engaging deletes the covered agent's Kafka login and ACLs (its old
+    password is refused); releasing issues a new password that works."""
+    from kubernetes import config
+
+    from fleetward.devcluster.process import wait_for
+
+    objs = client.CustomObjectsApi(api)
+    apply_manifest(api, json.dumps(model_secret(WATCHED)), WATCHED)
+    apply_manifest(api, json.dumps(agent(WATCHED, "delta")), WATCHED)
+    delta = wait_ready(api, WATCHED, "delta", timeout=120)
+    topic = delta["status"]["requestTopic"]
+
+    def creds() -> tuple[str, str]:
+        data = core.read_namespaced_secret("fw-delta-credentials", WATCHED).data
+        return base64.b64decode(data["kafka-username"]).decode(), base64.b64decode(data["kafka-password"]).decode()
+
+    user, old_password = creds()
+    admin = kafka_scram.client_config()
+    produce(admin, topic, "s1", "before the switch")
+    assert consume_one(kafka_scram.client_config(user, old_password), topic, f"fleetward.{WATCHED}.delta.t1")
+
+    name = "scoped-kafka-stop"
+    switch = {
+        "apiVersion": "fleetward.dev/v1alpha1",
+        "kind": "KillSwitch",
+        "metadata": {"name": name},
+        "spec": {"engaged": True, "reason": "principal drill", "scope": {"namespaces": [WATCHED]}},
+    }
+    objs.create_cluster_custom_object("fleetward.dev", "v1alpha1", "killswitches", switch)
+    try:
+        wait_for(
+            lambda: (
+                (
+                    objs.get_cluster_custom_object("fleetward.dev", "v1alpha1", "killswitches", name).get("status")
+                    or {}
+                ).get("phase")
+                == "Drained"
+            ),
+            240,  # a namespace-scoped installation's KillSwitch handler can start late (docs/NOTES.md)
+            "phase Drained",
+        )
+        produce(admin, topic, "s2", "during the switch")
+        assert _login_refused(kafka_scram.client_config(user, old_password), topic)
+
+        for approver in ("bob", "carol"):
+            as_user = client.CustomObjectsApi(config.new_client_from_config(str(user_kubeconfigs[approver])))
+            current = as_user.get_cluster_custom_object("fleetward.dev", "v1alpha1", "killswitches", name)
+            approvals = [*(current["spec"].get("approvals") or []), {"user": approver}]
+            as_user.patch_cluster_custom_object(
+                "fleetward.dev", "v1alpha1", "killswitches", name, {"spec": {"approvals": approvals}}
+            )
+        objs.patch_cluster_custom_object(
+            "fleetward.dev", "v1alpha1", "killswitches", name, {"spec": {"engaged": False}}
+        )
+        wait_ready(api, WATCHED, "delta", timeout=120)
+        new_user, new_password = creds()
+        assert new_user == user and new_password != old_password
+        assert consume_one(kafka_scram.client_config(user, new_password), topic, f"fleetward.{WATCHED}.delta.t3")
+    finally:
+        objs.delete_cluster_custom_object("fleetward.dev", "v1alpha1", "killswitches", name)

@@ -33,6 +33,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, update, patch, delete]
+# The kill switch lists runtime pods to wait for their drain and deletes those that never ack.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, delete]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, update, patch, delete]
@@ -53,6 +57,12 @@ trustBundleName: {{ .Values.trustBundle.name | quote }}
 resyncSeconds: {{ .Values.operator.resyncSeconds }}
 maxConcurrentReconciles: {{ .Values.operator.maxConcurrentReconciles }}
 peering: {{ if .Values.operator.peering }}{{ .Release.Name | quote }}{{ else }}null{{ end }}
+# In the settings (and so in the operator's checksum annotation): a price change restarts it.
+modelPrices: {{ .Values.modelPrices | default dict | toJson }}
+webhook:
+  enabled: {{ .Values.webhook.enabled }}
+  listenAddress: {{ .Values.webhook.listenAddress | quote }}
+  port: {{ .Values.webhook.port }}
 kafka:
   bootstrapServers: {{ .Values.kafka.bootstrapServers | quote }}
   securityProtocol: {{ .Values.kafka.securityProtocol | quote }}
@@ -89,9 +99,21 @@ gateway:
     leewaySeconds: {{ .Values.gateway.auth.leewaySeconds }}
     allowQueryToken: {{ .Values.gateway.auth.allowQueryToken }}
     jwksUrl: {{ .Values.gateway.auth.jwksUrl | default nil | toJson }}
+    trustBundle: {{ .Values.gateway.auth.trustBundle }}
     hs256Secret: {"name": {{ include "fleetward.gatewaySecret" . | quote }}, "key": "hs256"}
 {{- end }}
 
 {{- define "fleetward.gatewaySecret" -}}
 {{ .Values.gateway.auth.hs256SecretName | default (printf "%s-gateway-auth" .Release.Name) }}
+{{- end }}
+
+{{- /* clientConfig of a webhook: a URL (local cluster, no Service networking) or the operator Service. */ -}}
+{{- define "fleetward.webhookClient" -}}
+{{- $name := include "fleetward.operatorName" .root }}
+{{- if .root.Values.webhook.url }}
+url: {{ printf "%s/%s" (trimSuffix "/" .root.Values.webhook.url) .path }}
+{{- else }}
+service: {name: {{ $name }}, namespace: {{ .root.Release.Namespace }}, path: /{{ .path }}, port: 443}
+{{- end }}
+caBundle: {{ .ca }}
 {{- end }}

@@ -43,6 +43,9 @@ class Reason:
     NOT_READY = "NotReady"
     APPLY_FAILED = "ApplyFailed"
     HALTED_BY_KILL_SWITCH = "HaltedByKillSwitch"
+    # Halted
+    KILL_SWITCH_ENGAGED = "KillSwitchEngaged"
+    NOT_HALTED = "NotHalted"
 
 
 @dataclass(frozen=True)

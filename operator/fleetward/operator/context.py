@@ -9,8 +9,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetward.operator.audit import OperatorAudit
 from fleetward.operator.credentials import TrustBundle
 from fleetward.operator.kafka import KafkaAdmin
+from fleetward.operator.killswitch.control import ControlChannel
 from fleetward.operator.kube import Kube
 from fleetward.operator.settings import OperatorSettings
 
@@ -23,6 +25,8 @@ class OperatorContext:
     kube: Kube
     bundle: TrustBundle
     kafka: KafkaAdmin
+    control: ControlChannel
+    audit: OperatorAudit
     reconcile_slots: asyncio.Semaphore
     locks: defaultdict[AgentKey, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     statuses: dict[AgentKey, dict[str, Any]] = field(default_factory=dict)
@@ -41,9 +45,13 @@ class OperatorContext:
             kube=kube,
             bundle=bundle,
             kafka=KafkaAdmin(settings.kafka),
+            control=ControlChannel(settings),
+            audit=await asyncio.to_thread(OperatorAudit.open, settings),
             reconcile_slots=asyncio.Semaphore(settings.max_concurrent_reconciles),
         )
 
     async def close(self) -> None:
         await self.bundle.stop()
+        self.control.close()
+        self.audit.close()
         await self.kube.close()

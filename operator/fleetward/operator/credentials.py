@@ -147,6 +147,9 @@ class TrustBundle:
         self._task: asyncio.Task | None = None
         self.keys: dict[str, dict[str, Any]] = {}
         """Last written bundle: agent -> jwk."""
+        self.blocked: set[str] = set()
+        """Agents a kill switch covers: a publish for them is dropped by the writer, so a
+        reconcile that started before the switch engaged cannot put a key back."""
 
     def start(self) -> None:
         if self._task is None:
@@ -164,6 +167,23 @@ class TrustBundle:
 
     async def withdraw(self, agent: str) -> None:
         await self._change(agent, None)
+
+    def block(self, agent: str) -> None:
+        self.blocked.add(agent)
+
+    def unblock(self, agent: str) -> None:
+        self.blocked.discard(agent)
+
+    async def revoke(self, agents: list[str]) -> None:
+        """Block and withdraw many agents in one write (the kill switch's fast path)."""
+        self.blocked.update(agents)
+        self.start()
+        fut = asyncio.get_running_loop().create_future()
+        for agent in agents:
+            self._pending[agent] = None
+        self._waiters.append(fut)
+        self._wake.set()
+        await fut
 
     async def prune(self, keep: set[str]) -> list[str]:
         """Withdraw every agent not in `keep` (Agents deleted while the operator was down)."""
@@ -242,7 +262,7 @@ class TrustBundle:
             cm = await self.kube.get("ConfigMap", self.namespace, self.name)
             keys = self._keys_of(cm)
             for agent, jwk in pending.items():
-                if jwk is None:
+                if jwk is None or agent in self.blocked:
                     keys.pop(agent, None)
                 else:
                     keys[agent] = jwk

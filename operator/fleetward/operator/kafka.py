@@ -46,6 +46,9 @@ class AgentAccess:
     read_topics: tuple[str, ...]
     write_topics: tuple[str, ...]
     group_prefix: str
+    groups: bool = True
+    """Consumer groups (own group and groups under it); off for a halted agent that may
+    only report."""
 
     def bindings(self) -> set[tuple[ResourceType, str, ResourcePatternType, AclOperation]]:
         """(resource type, name, pattern type, operation) tuples, all ALLOW for this principal."""
@@ -58,6 +61,8 @@ class AgentAccess:
             out |= {(topic, t, literal, AclOperation.WRITE), (topic, t, literal, AclOperation.DESCRIBE)}
         # Its own group, and groups under it ("<group>.control.<pod>"); the dot keeps agent
         # "a" out of agent "ab"'s groups (Agent names cannot contain dots).
+        if not self.groups:
+            return out
         out.add((group, self.group_prefix, literal, AclOperation.READ))
         out.add((group, f"{self.group_prefix}.", prefixed, AclOperation.READ))
         return out
@@ -177,11 +182,43 @@ class KafkaAdmin:
         futures = await self._call(self.admin.alter_user_scram_credentials, [upsert])
         await asyncio.to_thread(self._wait_all, futures)
 
-    async def delete_principal(self, username: str) -> None:
+    async def delete_user(self, username: str) -> None:
+        """Delete the SCRAM credential: no new logins (open connections keep theirs, which
+        is why the ACLs are what revokes access at once)."""
         deletion = UserScramCredentialDeletion(username, self._mechanism())
         futures = await self._call(self.admin.alter_user_scram_credentials, [deletion])
         await asyncio.to_thread(self._wait_all, futures, (KafkaError.RESOURCE_NOT_FOUND,))
+
+    async def delete_principal(self, username: str) -> None:
+        await self.delete_user(username)
         await self.set_acls(AgentAccess(username, (), (), ""), only_delete=True)
+
+    async def withdraw_access(self, principals: list[str], keep_write: tuple[str, ...]) -> None:
+        """The kill switch's fast path: delete the SCRAM logins of many principals and every
+        ACL of theirs except WRITE/DESCRIBE on `keep_write`, in one request per kind."""
+        if not principals:
+            return
+        deletions = [UserScramCredentialDeletion(p, self._mechanism()) for p in principals]
+        futures = await self._call(self.admin.alter_user_scram_credentials, deletions)
+        await asyncio.to_thread(self._wait_all, futures, (KafkaError.RESOURCE_NOT_FOUND,))
+        wanted = {f"User:{p}" for p in principals}
+        every = AclBindingFilter(
+            ResourceType.ANY, None, ResourcePatternType.ANY, None, None, AclOperation.ANY, AclPermissionType.ANY
+        )
+        found = await self._call(self.admin.describe_acls, every, request_timeout=self.settings.timeout_seconds)
+        existing = await asyncio.to_thread(found.result, self.settings.timeout_seconds)
+        keep_ops = (AclOperation.WRITE, AclOperation.DESCRIBE)
+        doomed = [
+            AclBindingFilter(
+                b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation, b.permission_type
+            )
+            for b in existing
+            if b.principal in wanted
+            and not (b.restype == ResourceType.TOPIC and b.name in keep_write and b.operation in keep_ops)
+        ]
+        if doomed:
+            futures = await self._call(self.admin.delete_acls, doomed, request_timeout=self.settings.timeout_seconds)
+            await asyncio.to_thread(self._wait_all, futures)
 
     def _principal_filter(self, principal: str) -> AclBindingFilter:
         return AclBindingFilter(

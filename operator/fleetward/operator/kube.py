@@ -58,6 +58,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "ServiceAccount": Kind("v1", "serviceaccounts"),
     "Secret": Kind("v1", "secrets"),
+    "Pod": Kind("v1", "pods"),
     "ConfigMap": Kind("v1", "configmaps"),
     "Service": Kind("v1", "services"),
     "Namespace": Kind("v1", "namespaces", namespaced=False),
@@ -196,19 +197,39 @@ class Kube:
             params={"fieldManager": FIELD_MANAGER},
         )
 
-    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+    async def delete(self, kind: str, namespace: str | None, name: str, *, grace_seconds: int | None = None) -> bool:
         """Delete; False when it was gone already."""
+        options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if grace_seconds is not None:
+            options["gracePeriodSeconds"] = grace_seconds
         try:
-            await self.request(
-                "DELETE",
-                KINDS[kind].path(namespace, name),
-                body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
-            )
+            await self.request("DELETE", KINDS[kind].path(namespace, name), body=options)
             return True
         except KubeError as e:
             if e.status == 404:
                 return False
             raise
+
+    async def scale(self, kind: str, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        """Set spec.replicas alone (merge patch under its own field manager, so the next
+        server-side apply of the whole object takes the field back)."""
+        return await self.request(
+            "PATCH",
+            KINDS[kind].path(namespace, name),
+            body={"spec": {"replicas": replicas}},
+            params={"fieldManager": f"{FIELD_MANAGER}-killswitch"},
+            content_type="application/merge-patch+json",
+        )
+
+    async def patch(self, kind: str, namespace: str | None, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Merge patch of the object (not its status)."""
+        return await self.request(
+            "PATCH",
+            KINDS[kind].path(namespace, name),
+            body=body,
+            params={"fieldManager": FIELD_MANAGER},
+            content_type="application/merge-patch+json",
+        )
 
     async def patch_status(self, kind: str, namespace: str | None, name: str, status: dict[str, Any]) -> dict:
         """Merge-patch the status subresource (lists inside are replaced whole)."""

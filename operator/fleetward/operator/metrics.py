@@ -16,3 +16,18 @@ RECONCILE_ERRORS = Counter(
     ["kind", "reason"],
 )
 AGENTS = Gauge("fleetward_operator_agents", "Agents known to the operator, by phase.", ["phase"])
+KILL_SWITCH_ACTIVE = Gauge(
+    "fleetward_kill_switch_active",
+    "1 while the KillSwitch is engaged, 0 once released.",
+    ["kill_switch"],
+)
+KILL_SWITCH_REVOCATION_SECONDS = Gauge(
+    "fleetward_kill_switch_revocation_seconds",
+    "Seconds from the engage being accepted until the covered agents' keys and Kafka access were withdrawn.",
+    ["kill_switch"],
+)
+KILL_SWITCH_DRAIN_SECONDS = Gauge(
+    "fleetward_kill_switch_drain_seconds",
+    "Seconds from the engage being accepted until every covered runtime drained or was stopped by force.",
+    ["kill_switch"],
+)

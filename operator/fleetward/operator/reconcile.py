@@ -19,9 +19,17 @@ from typing import Any
 from fleetward.operator import conditions as c
 from fleetward.operator.conditions import Cond, Reason
 from fleetward.operator.context import OperatorContext
-from fleetward.operator.credentials import AgentCredentials, ensure_credentials
-from fleetward.operator.desired.agent import AgentInputs, AgentRef, base_name, desired_agent, kafka_principal
+from fleetward.operator.credentials import AgentCredentials, ensure_credentials, revoke_credentials
+from fleetward.operator.desired.agent import (
+    AgentInputs,
+    AgentRef,
+    base_name,
+    desired_agent,
+    kafka_principal,
+    model_secret_name,
+)
 from fleetward.operator.kafka import AgentAccess, KafkaUnavailable
+from fleetward.operator.killswitch.scope import Halt, halts_for
 from fleetward.operator.kube import KubeError
 from fleetward.operator.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS
 from fleetward.operator.resolve import resolve
@@ -40,6 +48,8 @@ class References:
     sops: list[dict[str, Any]] = field(default_factory=list)
     guardrails: dict[str, dict[str, Any]] = field(default_factory=dict)
     agents: set[str] = field(default_factory=set)
+    switches: list[dict[str, Any]] = field(default_factory=list)
+    """Every KillSwitch (cluster-scoped); the reconciler picks those that cover the Agent."""
 
 
 @dataclass
@@ -51,6 +61,7 @@ class AgentState:
     paused: bool
     status: dict[str, Any]
     expected_replicas: int | None
+    halted_by: str | None = None
 
 
 @dataclass
@@ -300,6 +311,12 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
         await _write_status(ctx, ref, status, old_status)
         return Outcome(status, problem=cond.message)
 
+    halts = halts_for(refs.switches, ns, (body["metadata"].get("labels") or {}))
+    if halts:
+        ctx.bundle.block(f"{ns}/{name}")
+        return await _reconcile_halted(ctx, ref, spec, halts, old_status)
+    ctx.bundle.unblock(f"{ns}/{name}")
+
     parts: dict[str, Cond] = {}
     transient: list[str] = []
     res = resolve(spec, refs.sops, refs.guardrails, refs.agents)
@@ -344,6 +361,14 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
 
     if dep is None:  # nothing applied this time: look at what runs
         dep = await ctx.kube.get("Deployment", ns, base_name(name))
+    if dep is not None and spec.autoscaling and not spec.paused and (dep.get("spec") or {}).get("replicas") == 0:
+        # The applied object leaves replicas to the HPA, which never scales up from zero:
+        # after a kill switch release (or an unpause) start it at its minimum.
+        try:
+            dep = await ctx.kube.scale("Deployment", ns, base_name(name), spec.autoscaling.min_replicas)
+        except KubeError as e:
+            transient.append("scale up")
+            log.warning("scaling %s/%s up from zero failed: %s", ns, name, e)
     parts[c.AVAILABLE], replicas, ready = availability(
         dep, scaled_down=spec.paused, why_down="spec.paused is true: the runtime Deployment is scaled to zero."
     )
@@ -353,16 +378,19 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
     elif parts[TOPIC_READY].ok is False and ready_cond.ok:
         ready_cond, phase = Cond(c.READY, False, Reason.KAFKA_UNAVAILABLE, parts[TOPIC_READY].message), "Degraded"
 
+    not_halted = Cond(c.HALTED, False, Reason.NOT_HALTED, "No engaged KillSwitch covers this agent.")
     status = {
         "observedGeneration": ref.generation,
         "phase": phase,
-        "conditions": c.merge(old_status.get("conditions"), [ready_cond, *parts.values()], ref.generation),
+        "conditions": c.merge(old_status.get("conditions"), [ready_cond, *parts.values(), not_halted], ref.generation),
         "replicas": replicas,
         "readyReplicas": ready,
         "resolvedSOPs": [f"{s.name}@{s.version}" for s in res.sops],
         "resolvedGuardrails": [g.name for g in res.guardrails],
         "requestTopic": topic,
     }
+    if config_hash and config_hash != old_status.get("configHash"):
+        await ctx.audit.config_changed(f"{ns}/{name}", ref.generation, old_status.get("configHash"), config_hash)
     config_hash = config_hash or old_status.get("configHash")
     if config_hash:
         status["configHash"] = config_hash
@@ -375,6 +403,96 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
             RECONCILE_ERRORS.labels("Agent", reason.replace(" ", "_")).inc()
         retry = 1.0
     return Outcome(status, retry_after=retry, problem=", ".join(transient))
+
+
+async def _withdraw_kafka_access(ctx: OperatorContext, ref: AgentRef, *, drained: bool) -> str:
+    """SCRAM mode, under a kill switch: the agent's user is deleted (no new logins) and its
+    ACLs shrink to reporting only (write its `halted` events and drain acks) until the drain
+    is over, then to nothing. Returns a problem, or "" when done."""
+    if not ctx.settings.kafka.principals_managed:
+        return ""
+    principal = kafka_principal(ref.namespace, ref.name)
+    topics = ctx.settings.topics
+    try:
+        if drained:
+            await ctx.kafka.delete_principal(principal)
+        else:
+            await ctx.kafka.delete_user(principal)
+            await ctx.kafka.set_acls(AgentAccess(principal, (), (topics.events, topics.control_acks), "", groups=False))
+    except KafkaUnavailable as e:
+        return f"Could not remove the agent's Kafka user and ACLs: {e}. Retrying with backoff."
+    return ""
+
+
+async def _reconcile_halted(
+    ctx: OperatorContext, ref: AgentRef, spec: AgentSpec, halts: list[Halt], old_status: dict[str, Any]
+) -> Outcome:
+    """A kill switch covers the Agent (SPEC §7): nothing is issued or deployed; what was
+    issued is revoked where it is verified (trust bundle, Kafka) and where it is stored
+    (Secrets); once the switch's drain is over, the runtime is scaled to zero."""
+    ns, name = ref.namespace, ref.name
+    names = ", ".join(h.switch for h in halts)
+    revoke = any(h.revoke_credentials for h in halts)
+    drained = all(h.drained for h in halts)
+    scale = any(h.scale_to_zero and h.drained for h in halts)
+    problems: list[str] = []
+    if revoke:
+        try:
+            await _all(
+                ctx.bundle.withdraw(f"{ns}/{name}"),
+                revoke_credentials(ctx.kube, ref),
+                ctx.kube.delete("Secret", ns, model_secret_name(name)),
+            )
+        except KubeError as e:
+            problems.append(f"Revoking the agent's credentials failed: {e}. Retrying with backoff.")
+        kafka_problem = await _withdraw_kafka_access(ctx, ref, drained=drained)
+        if kafka_problem:
+            problems.append(kafka_problem)
+    dep = await ctx.kube.get("Deployment", ns, base_name(name))
+    if scale and dep is not None and (dep.get("spec") or {}).get("replicas") != 0:
+        try:
+            dep = await ctx.kube.scale("Deployment", ns, base_name(name), 0)
+        except KubeError as e:
+            problems.append(f"Scaling the runtime to zero failed: {e}. Retrying with backoff.")
+    first = halts[0]
+    why = f"KillSwitch {first.switch} (engaged by {first.engaged_by}: {first.reason})"
+    if len(halts) > 1:
+        why = f"KillSwitches {names} (first: {first.switch}, engaged by {first.engaged_by}: {first.reason})"
+    done = []
+    if revoke:
+        done.append("credentials revoked")
+    done.append("scaled to zero" if scale else ("draining" if not drained else "runtime left running"))
+    halted = Cond(c.HALTED, True, Reason.KILL_SWITCH_ENGAGED, f"{why} covers this agent: {', '.join(done)}.")
+    withheld = Cond(
+        c.CREDENTIALS_ISSUED,
+        False,
+        Reason.WITHHELD_BY_KILL_SWITCH,
+        f"No credentials are issued while {why} is engaged; releasing it issues fresh ones (never the old key).",
+    )
+    avail, replicas, ready = availability(dep, scaled_down=scale, why_down=f"Scaled to zero by {why}." if scale else "")
+    if dep is None:
+        avail = Cond(c.AVAILABLE, False, Reason.NOT_DEPLOYED, f"Nothing is deployed while {why} is engaged.")
+    parts = {c.CREDENTIALS_ISSUED: withheld, c.AVAILABLE: avail}
+    ready_cond, phase = c.summarize_agent(parts, paused=spec.paused, halted_by=names)
+    status = {
+        "observedGeneration": ref.generation,
+        "phase": phase,
+        "conditions": c.merge(old_status.get("conditions"), [ready_cond, withheld, avail, halted], ref.generation),
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "requestTopic": ctx.settings.topics.request_topic(ns, name),
+    }
+    for key in ("configHash", "resolvedSOPs", "resolvedGuardrails"):
+        if old_status.get(key) is not None:
+            status[key] = old_status[key]
+    await _write_status(ctx, ref, status, old_status)
+    ctx.statuses[(ns, name)] = AgentState(
+        parts={**parts}, paused=spec.paused, status=status, expected_replicas=0 if scale else None, halted_by=names
+    )
+    if problems:
+        RECONCILE_ERRORS.labels("Agent", "halt").inc()
+        return Outcome(status, retry_after=1.0, problem="; ".join(problems))
+    return Outcome(status)
 
 
 def _essence(status: dict[str, Any]) -> dict[str, Any]:
@@ -430,11 +548,17 @@ async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> Non
         state = ctx.statuses.get((ns, name))
         if state is None:  # never reconciled here: its reconcile will read the Deployment itself
             return
-        avail, replicas, ready = availability(
-            dep, scaled_down=state.paused, why_down="spec.paused is true: the runtime Deployment is scaled to zero."
-        )
+        if state.halted_by:
+            scaled = state.expected_replicas == 0
+            avail, replicas, ready = availability(
+                dep, scaled_down=scaled, why_down=f"Scaled to zero by KillSwitch {state.halted_by}."
+            )
+        else:
+            avail, replicas, ready = availability(
+                dep, scaled_down=state.paused, why_down="spec.paused is true: the runtime Deployment is scaled to zero."
+            )
         parts = {**state.parts, c.AVAILABLE: avail}
-        ready_cond, phase = c.summarize_agent(parts, paused=state.paused)
+        ready_cond, phase = c.summarize_agent(parts, paused=state.paused, halted_by=state.halted_by)
         old = state.status
         prior_ready = c.get(old.get("conditions"), c.READY)
         if prior_ready and prior_ready["reason"] in (Reason.APPLY_FAILED, Reason.KAFKA_UNAVAILABLE):

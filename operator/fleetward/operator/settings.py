@@ -12,11 +12,13 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+from fleetward.api.agent import ModelPricing
 
 
 class Settings(BaseModel):
@@ -111,8 +113,13 @@ class GatewayAuthSettings(Settings):
     hs256_secret: SecretRef | None = None
     """Secret (installation namespace) holding the HS256 key users' tokens are signed with."""
     jwks_url: str | None = None
-    """JWKS of an identity provider (RS256/ES256/EdDSA), instead of or beside HS256."""
+    """JWKS of an identity provider (RS256/ES256/EdDSA), instead of HS256."""
     allow_query_token: bool = False
+    trust_bundle: bool = True
+    """Also accept tokens signed by agents' keys, watched in the trust-bundle ConfigMap through
+    the Kubernetes API, so that a key the kill switch removes is refused (and its connections
+    closed) within a second. The gateway pods then run as the ServiceAccount named like the
+    gateway, which may only get/list/watch that one ConfigMap (created by the Helm chart)."""
 
 
 class GatewayAutoscaling(Settings):
@@ -141,6 +148,27 @@ class GatewaySettings(Settings):
     """Secret with `username` and `password` for the gateway's Kafka principal (SASL)."""
 
 
+class WebhookSettings(Settings):
+    """The admission webhook the operator serves (KillSwitch identities, SPEC §2). The
+    chart creates its certificate and the webhook configurations with their caBundle."""
+
+    enabled: bool = False
+    listen_address: str = "0.0.0.0"
+    """Where to listen; the local cluster (no Service networking) uses 127.0.0.1."""
+    port: int = Field(default=9443, ge=1, le=65535)
+    cert_file: str = "/var/run/fleetward/webhook/tls.crt"
+    key_file: str = "/var/run/fleetward/webhook/tls.key"
+
+
+class AuditSettings(Settings):
+    """Where the operator's audit records go (SPEC §8)."""
+
+    dsn_env: str = "FLEETWARD_AUDIT_DSN"
+    """Environment variable with the DSN (postgresql://...), set from a Secret by the chart."""
+    sqlite_path: str = "/var/tmp/fleetward-audit.db"
+    """Embedded default when no DSN is set: kept only as long as the operator pod."""
+
+
 class OperatorSettings(Settings):
     installation_id: str = Field(default="fleetward", min_length=1, max_length=253)
     """Names this installation: the `iss` of tool tokens, the field manager's peers."""
@@ -160,8 +188,14 @@ class OperatorSettings(Settings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     peering: str | None = "fleetward"
     """Kopf peering name: replicas coordinate so that only one acts. None: standalone."""
+    model_prices: dict[Annotated[str, Field(min_length=1, max_length=256)], ModelPricing] = Field(default_factory=dict)
+    """Installation-wide price table, by model name (`spec.model.name`), USD per million
+    tokens; an Agent's `model.pricing` overrides it. Rendered into each Agent's runtime config
+    for its own models only."""
 
     @property
     def clusterwide(self) -> bool:

@@ -75,7 +75,11 @@ class KillSwitchSpec(ApiModel):
     scope: Scope = Field(default_factory=Scope, json_schema_extra={"default": {}})
     actions: Actions = Field(default_factory=Actions, json_schema_extra={"default": {}})
     drain_timeout_seconds: int = Field(default=30, ge=1, le=3600)
-    """Upper bound for draining; runs still busy then are marked halted where they stand."""
+    """Upper bound for draining; runtimes that have not acked by then are stopped by force."""
+    mode: Literal["drain", "abort"] = "drain"
+    """drain: in-flight runs finish their current step, are checkpointed and park (the
+    default). abort: in-flight model and tool calls are cancelled at once by closing their
+    connections and runs stay at their last checkpoint (for a runaway agent)."""
     approvals: list[Approval] | None = Field(
         default=None,
         max_length=16,
@@ -87,12 +91,30 @@ class KillSwitchSpec(ApiModel):
 KillSwitchPhase = Literal["Engaging", "Engaged", "Drained", "Released"]
 
 
+class RunResult(ApiModel):
+    """One run that was in flight when the switch engaged."""
+
+    session_id: str
+    run_id: str
+    step: str | None = None
+    """The graph step the run stopped at (or after)."""
+    outcome: Literal["drained", "aborted", "forced"]
+    """drained: finished its step and parked; aborted: cancelled mid-step (abort mode);
+    forced: its runtime did not ack within drainTimeoutSeconds and was stopped by force."""
+    instance: str | None = None
+    """The runtime pod that reported it."""
+
+
 class AgentResult(ApiModel):
     namespace: str
     name: str
     credentials_revoked: bool | None = None
     drained: bool | None = None
     scaled_to_zero: bool | None = None
+    runs: list[RunResult] | None = Field(default=None, max_length=1000)
+    """In-flight runs and what happened to each."""
+    forced_instances: list[str] | None = Field(default=None, max_length=1000)
+    """Runtime pods that did not ack the drain in time and were stopped by force."""
     message: str | None = None
 
 

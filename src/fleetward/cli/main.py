@@ -7,12 +7,14 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Installed twice: `fleetward` and `kubectl-fleetward` (so `kubectl fleetward kill ...` works).
+    prog = "kubectl fleetward" if sys.argv and sys.argv[0].endswith("kubectl-fleetward") else "fleetward"
     parser = argparse.ArgumentParser(
-        prog="fleetward",
+        prog=prog,
         description="Fleetward: run fleets of LLM agents on Kubernetes under SOPs, guardrails and a kill switch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from fleetward.cli import crds, dev, guardrail, llm, operator, runtime, schemas
+    from fleetward.cli import audit, crds, dev, guardrail, killswitch, llm, operator, runtime, schemas
 
     operator.register(sub)
     runtime.register(sub)
@@ -21,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     crds.register(sub)
     dev.register(sub)
     schemas.register(sub)
+    audit.register(sub)
+    killswitch.register(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes import client
 
 from fleetward.devcluster.layout import REPO, gateway_binary
-from fleetward.devcluster.process import ComponentFailed
+from fleetward.devcluster.process import ComponentFailed, free_port
 
 CHART = REPO / "charts" / "fleetward"
 NAMESPACE = "fleetward-system"
@@ -26,8 +26,12 @@ RELEASE = "fleetward"
 
 def local_values(kafka_bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """Values for the local cluster: Kafka on loopback; images are ignored by the podlet."""
+    port = free_port()
     values: dict[str, Any] = {
         "kafka": {"bootstrapServers": kafka_bootstrap},
+        # No Service networking: the API server calls the webhook on loopback, where every
+        # operator replica listens (SO_REUSEPORT); the chart's certificate names 127.0.0.1.
+        "webhook": {"url": f"https://127.0.0.1:{port}", "listenAddress": "127.0.0.1", "port": port},
         # The podlet runs host commands: the gateway binary `make build` produced.
         "gateway": {"command": [str(gateway_binary())]},
         # Quick drift checks keep the tests short; production keeps the chart's default.

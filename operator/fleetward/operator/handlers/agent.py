@@ -27,12 +27,9 @@ def register(settings: OperatorSettings) -> None:
         namespace: str,
         memo: kopf.Memo,
         retry: int,
-        agents_by_namespace: kopf.Index,
-        sops_by_namespace: kopf.Index,
-        guardrails_by_namespace: kopf.Index,
-        **_: Any,
+        **indexes: Any,
     ) -> None:
-        refs = references(namespace, agents_by_namespace, sops_by_namespace, guardrails_by_namespace)
+        refs = references(namespace, indexes)
         outcome = await reconcile_agent(memo.ctx, dict(body), refs)
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(f"not ready yet: {outcome.problem}", delay=_backoff(retry))
@@ -50,12 +47,9 @@ def register(settings: OperatorSettings) -> None:
         body: kopf.Body,
         namespace: str,
         memo: kopf.Memo,
-        agents_by_namespace: kopf.Index,
-        sops_by_namespace: kopf.Index,
-        guardrails_by_namespace: kopf.Index,
-        **_: Any,
+        **indexes: Any,
     ) -> None:
-        refs = references(namespace, agents_by_namespace, sops_by_namespace, guardrails_by_namespace)
+        refs = references(namespace, indexes)
         await reconcile_agent(memo.ctx, dict(body), refs)
 
     @kopf.on.delete(GROUP, VERSION, "agents", when=owned, retries=30, backoff=10, id="agent_deleted")

@@ -23,17 +23,15 @@ def register(settings: OperatorSettings) -> None:
         namespace: str,
         labels: kopf.Labels,
         memo: kopf.Memo,
-        agents_by_namespace: kopf.Index,
-        sops_by_namespace: kopf.Index,
-        guardrails_by_namespace: kopf.Index,
-        **_: Any,
+        **indexes: Any,
     ) -> None:
         body = event["object"]
         if event["type"] == "DELETED":
             name = labels.get("fleetward.dev/agent")
-            agent = next((a for a in agents_by_namespace.get(namespace, []) if a["metadata"]["name"] == name), None)
+            agents = indexes["agents_by_namespace"].get(namespace, [])
+            agent = next((a for a in agents if a["metadata"]["name"] == name), None)
             if agent is not None and not agent["metadata"].get("deletionTimestamp"):  # put it back
-                refs = references(namespace, agents_by_namespace, sops_by_namespace, guardrails_by_namespace)
+                refs = references(namespace, indexes)
                 await reconcile_agent(memo.ctx, agent, refs)
             return
         if event["type"] in ("ADDED", "MODIFIED", None):

@@ -40,15 +40,29 @@ def register(settings: OperatorSettings) -> None:
     def guardrails_by_namespace(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
         return {namespace: _plain(body)}
 
+    # Kopf fills every index before any handler runs, so an Agent reconciled at start-up
+    # already sees the switches that cover it and is never issued credentials by mistake.
+    @kopf.index(GROUP, VERSION, "killswitches", id="killswitches")
+    def killswitches(body: kopf.Body, **_: Any) -> dict[str, Any]:
+        plain = _plain(body)
+        plain["metadata"]["annotations"] = dict(body["metadata"].get("annotations") or {})
+        return {None: plain}
+
 
 def _live(index: kopf.Index, namespace: str) -> list[dict[str, Any]]:
     """Index entries that are not being deleted (a deleted SOP must leave its Agents now)."""
     return [o for o in index.get(namespace, []) if not o["metadata"].get("deletionTimestamp")]
 
 
-def references(namespace: str, agents: kopf.Index, sops: kopf.Index, guardrails: kopf.Index) -> References:
+def switches(index: kopf.Index) -> list[dict[str, Any]]:
+    return list(index.get(None, []))
+
+
+def references(namespace: str, indexes: dict[str, Any]) -> References:
+    """What an Agent in `namespace` may refer to, from the handler's index kwargs."""
     return References(
-        sops=_live(sops, namespace),
-        guardrails={g["metadata"]["name"]: g for g in _live(guardrails, namespace)},
-        agents={a["metadata"]["name"] for a in _live(agents, namespace)},
+        sops=_live(indexes["sops_by_namespace"], namespace),
+        guardrails={g["metadata"]["name"]: g for g in _live(indexes["guardrails_by_namespace"], namespace)},
+        agents={a["metadata"]["name"] for a in _live(indexes["agents_by_namespace"], namespace)},
+        switches=switches(indexes["killswitches"]),
     )

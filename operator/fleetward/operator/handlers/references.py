@@ -37,9 +37,7 @@ def guardrail_users(agents: list[dict[str, Any]], name: str) -> list[dict]:
 
 
 async def _reconcile_users(ctx: OperatorContext, users: list[dict], namespace: str, indexes: dict) -> None:
-    refs = references(
-        namespace, indexes["agents_by_namespace"], indexes["sops_by_namespace"], indexes["guardrails_by_namespace"]
-    )
+    refs = references(namespace, indexes)
     results = await asyncio.gather(*(reconcile_agent(ctx, a, refs) for a in users), return_exceptions=True)
     for agent, result in zip(users, results, strict=True):
         if isinstance(result, Exception):  # the Agent's own retries and timer pick it up again

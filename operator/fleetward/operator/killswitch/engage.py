@@ -1,0 +1,300 @@
+"""Engaging a KillSwitch (SPEC §7), in the order that stops harm soonest:
+
+1. revoke where credentials are verified: every covered key leaves the trust bundle in one
+   write (tool services and gateways watch it), and the covered Kafka principals lose
+   their SCRAM logins and every ACL except reporting (their `halted` events and drain
+   acks) in one admin request each;
+2. publish `halt` on the control topic (runtimes stop taking work, gateways close sessions);
+3. reconcile every covered Agent in halted mode (credential Secrets deleted, nothing
+   re-issued while the switch covers it);
+4. wait for the runtimes' `drained` acks, up to drainTimeoutSeconds; pods that did not ack
+   are deleted without grace and named in the status;
+5. scale to zero (the Agents' halted reconcile, now that the drain is over).
+
+Each step is idempotent and the status records progress, so an operator killed midway
+is replaced by one that finishes the job; revocation is level-based anyway (a covered
+Agent never gets a key, whatever woke the reconciler)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fleetward.operator import conditions as c
+from fleetward.operator.conditions import Cond
+from fleetward.operator.context import OperatorContext
+from fleetward.operator.desired.agent import AGENT_LABEL, kafka_principal
+from fleetward.operator.kafka import KafkaUnavailable
+from fleetward.operator.killswitch.control import AckBook, new_order, order_agents
+from fleetward.operator.killswitch.scope import ENGAGED_AT, ENGAGED_BY, agent_id
+from fleetward.operator.kube import KubeError
+from fleetward.operator.metrics import KILL_SWITCH_ACTIVE, KILL_SWITCH_DRAIN_SECONDS, KILL_SWITCH_REVOCATION_SECONDS
+
+log = logging.getLogger("fleetward.operator.killswitch")
+
+DRAINED = "Drained"
+CREDENTIALS_REVOKED = "CredentialsRevoked"
+
+
+def rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def accepted_at(switch: dict[str, Any]) -> float:
+    """When the API server accepted the engage: the webhook's stamp (microseconds), else
+    the object's creation time (whole seconds), else now."""
+    meta = switch["metadata"]
+    return (
+        parse_time((meta.get("annotations") or {}).get(ENGAGED_AT))
+        or parse_time(meta.get("creationTimestamp"))
+        or time.time()
+    )
+
+
+async def _revoke_kafka(ctx: OperatorContext, agents: list[dict[str, Any]]) -> None:
+    """SCRAM mode: all covered principals at once (one request per kind of change)."""
+    if not ctx.settings.kafka.principals_managed or not agents:
+        return
+    principals = [kafka_principal(a["metadata"]["namespace"], a["metadata"]["name"]) for a in agents]
+    topics = ctx.settings.topics
+    await ctx.kafka.withdraw_access(principals, keep_write=(topics.events, topics.control_acks))
+
+
+async def _running_instances(ctx: OperatorContext, agents: list[dict[str, Any]]) -> dict[str, str]:
+    """Runtime pods that may have work in flight: pod name -> namespace/agent."""
+    by_ns: dict[str, set[str]] = {}
+    for a in agents:
+        by_ns.setdefault(a["metadata"]["namespace"], set()).add(a["metadata"]["name"])
+    out: dict[str, str] = {}
+    for ns, names in by_ns.items():
+        pods = await ctx.kube.list(
+            "Pod", ns, "app.kubernetes.io/component=runtime,app.kubernetes.io/managed-by=fleetward"
+        )
+        for pod in pods:
+            agent = (pod["metadata"].get("labels") or {}).get(AGENT_LABEL)
+            running = (pod.get("status") or {}).get("phase") in ("Running", "Pending")
+            if agent in names and running and not pod["metadata"].get("deletionTimestamp"):
+                out[pod["metadata"]["name"]] = f"{ns}/{agent}"
+    return out
+
+
+def agent_results(
+    agents: list[dict[str, Any]], book: AckBook, instances: dict[str, str], forced: set[str], *, revoked: bool
+) -> list[dict[str, Any]]:
+    """Per-agent results for the status: runs from the drain acks, forced pods."""
+    out = []
+    acked = book.of("drained")
+    for a in agents:
+        ident = agent_id(a)
+        runs = []
+        for ack in acked:
+            if ident in ack.agents or not ack.agents:
+                runs += [
+                    {
+                        "sessionId": r.session_id,
+                        "runId": r.run_id,
+                        "step": r.step,
+                        "outcome": r.outcome,
+                        "instance": ack.instance,
+                    }
+                    for r in ack.runs
+                ]
+        mine = sorted(i for i, who in instances.items() if who == ident)
+        forced_here = sorted(i for i in mine if i in forced)
+        for pod in forced_here:
+            runs.append({"sessionId": "-", "runId": "-", "step": None, "outcome": "forced", "instance": pod})
+        entry: dict[str, Any] = {
+            "namespace": a["metadata"]["namespace"],
+            "name": a["metadata"]["name"],
+            "credentialsRevoked": revoked,
+            "drained": not forced_here,
+            "runs": runs[:1000],
+        }
+        if forced_here:
+            entry["forcedInstances"] = forced_here
+            entry["message"] = (
+                f"{len(forced_here)} runtime pod(s) did not ack the drain in time and were stopped by force."
+            )
+        else:
+            entry["message"] = f"{len(mine)} runtime pod(s) drained; {len(runs)} run(s) were in flight."
+        out.append(entry)
+    return out
+
+
+async def drain(
+    ctx: OperatorContext, switch: dict[str, Any], agents: list[dict[str, Any]], instances: dict[str, str], since: float
+) -> tuple[AckBook, set[str]]:
+    """Wait for a `drained` ack from every instance; returns the acks and the pods that
+    had to be stopped by force."""
+    spec, meta = switch.get("spec") or {}, switch["metadata"]
+    book = AckBook(meta["name"], int(meta.get("generation") or 1))
+    timeout = float(spec.get("drainTimeoutSeconds", 30))
+    if instances:
+        want = set(instances)
+        await ctx.control.collect_acks(
+            book, since=since - 5, done=lambda b: want <= b.instances("drained"), timeout=timeout
+        )
+    forced = set(instances) - book.instances("drained")
+    for pod in sorted(forced):
+        ns = instances[pod].split("/", 1)[0]
+        log.warning("runtime pod %s/%s did not ack the drain of %s in time: stopping it", ns, pod, meta["name"])
+        try:
+            await ctx.kube.delete("Pod", ns, pod, grace_seconds=0)
+        except KubeError as e:
+            log.warning("deleting pod %s/%s failed: %s", ns, pod, e)
+    return book, forced
+
+
+def _cond(type_: str, ok: bool | None, reason: str, message: str) -> Cond:
+    return Cond(type_, ok, reason, message)
+
+
+async def write_status(ctx: OperatorContext, switch: dict[str, Any], status: dict[str, Any]) -> None:
+    name = switch["metadata"]["name"]
+    try:
+        await ctx.kube.patch_status("KillSwitch", None, name, status)
+    except KubeError as e:
+        if e.status != 404:
+            raise
+    switch["status"] = {**(switch.get("status") or {}), **status}
+
+
+async def engage(
+    ctx: OperatorContext,
+    switch: dict[str, Any],
+    agents: list[dict[str, Any]],
+    reconcile_agents,
+) -> dict[str, Any]:
+    """Carry out an engaged switch; returns the final status. `reconcile_agents(switch)`
+    re-reconciles the covered Agents against the switch as given (status included)."""
+    meta, spec = switch["metadata"], switch.get("spec") or {}
+    name, gen = meta["name"], int(meta.get("generation") or 1)
+    old = dict(switch.get("status") or {})
+    same_run = old.get("engagedAt") and old.get("phase") in ("Engaging", "Engaged", "Drained")
+    t0 = accepted_at(switch)
+    actions = spec.get("actions") or {}
+    revoke = actions.get("revokeCredentials", True)
+    ids = [agent_id(a) for a in agents]
+    engaged_by = (meta.get("annotations") or {}).get(ENGAGED_BY) or "unknown"
+    KILL_SWITCH_ACTIVE.labels(name).set(1)
+    base: dict[str, Any] = {
+        "engagedBy": engaged_by,
+        "engagedAt": old.get("engagedAt") if same_run else rfc3339(t0),
+        "affectedAgents": len(agents),
+    }
+    conds = old.get("conditions")
+    if not same_run:
+        conds = c.merge(
+            conds,
+            [
+                _cond(
+                    c.READY, False, "Engaging", f"Revoking the credentials of {len(agents)} agent(s) and halting them."
+                )
+            ],
+            gen,
+        )
+        await write_status(ctx, switch, {**base, "phase": "Engaging", "conditions": conds})
+
+    # 1. Revoke where verified: one trust-bundle write, one Kafka request per change kind.
+    status: dict[str, Any] = dict(base)
+    kafka_problem = ""
+    if revoke:
+        await ctx.bundle.revoke(ids)
+        try:
+            await _revoke_kafka(ctx, agents)
+        except KafkaUnavailable as e:
+            kafka_problem = f"Kafka did not answer ({e}); the agents' Kafka access is withdrawn when it does."
+        if not (same_run and old.get("credentialsRevokedAt")):
+            done = time.time()
+            status["credentialsRevokedAt"] = rfc3339(done)
+            status["revocationSeconds"] = round(done - t0, 3)
+            KILL_SWITCH_REVOCATION_SECONDS.labels(name).set(done - t0)
+            log.info(
+                "kill switch %s: credentials of %d agent(s) revoked %.3f s after the engage", name, len(ids), done - t0
+            )
+    # 2. Halt order.
+    try:
+        targets = order_agents(switch, ids)
+        if targets is not None:
+            await ctx.control.publish(new_order("halt", switch, targets))
+    except KafkaUnavailable as e:
+        kafka_problem = kafka_problem or f"the halt order could not be published ({e})"
+    # 3. Covered Agents in halted mode (Secrets deleted; not scaled yet: the drain comes first).
+    await reconcile_agents(switch)
+    revoked_msg = (
+        f"Keys of {len(ids)} agent(s) withdrawn from the trust bundle"
+        + (" and their Kafka access removed" if ctx.settings.kafka.principals_managed else "")
+        + f" in {status.get('revocationSeconds', old.get('revocationSeconds'))} s; credential Secrets deleted."
+        if revoke
+        else "spec.actions.revokeCredentials is false: credentials were left in place."
+    )
+    conds = c.merge(
+        conds,
+        [
+            _cond(c.READY, False, "Engaged", f"Engaged by {engaged_by}: draining {len(ids)} agent(s)."),
+            _cond(CREDENTIALS_REVOKED, bool(revoke), "Revoked" if revoke else "NotRequested", revoked_msg),
+        ],
+        gen,
+    )
+    await write_status(ctx, switch, {**status, "phase": "Engaged", "conditions": conds})
+    await ctx.audit.engaged(switch, ids)
+    if kafka_problem:
+        conds = c.merge(
+            conds,
+            [
+                _cond(
+                    DRAINED,
+                    False,
+                    "KafkaUnavailable",
+                    f"Credentials are revoked, but {kafka_problem}. The drain starts when Kafka is back; retrying.",
+                )
+            ],
+            gen,
+        )
+        await write_status(ctx, switch, {"conditions": conds})
+        raise KafkaUnavailable(kafka_problem)
+
+    # 4. Drain.
+    instances = await _running_instances(ctx, agents) if actions.get("drainQueues", True) else {}
+    book, forced = await drain(ctx, switch, agents, instances, since=t0)
+    drained_at = time.time()
+    drain_seconds = round(drained_at - t0, 3)
+    KILL_SWITCH_DRAIN_SECONDS.labels(name).set(drain_seconds)
+    results = agent_results(agents, book, instances, forced, revoked=bool(revoke))
+    n_runs = sum(len(r["runs"]) for r in results)
+    msg = (
+        f"{len(instances)} runtime pod(s) of {len(ids)} agent(s) drained in {drain_seconds} s; "
+        f"{n_runs} in-flight run(s) halted."
+    )
+    if forced:
+        msg += f" Stopped by force after drainTimeoutSeconds: {', '.join(sorted(forced))}."
+    final = {
+        "phase": "Drained",
+        "observedGeneration": gen,
+        "drainedAt": rfc3339(drained_at),
+        "drainSeconds": drain_seconds,
+        "agents": results,
+        "conditions": c.merge(
+            conds,
+            [
+                _cond(c.READY, True, "Engaged", f"Engaged by {engaged_by}: {len(ids)} agent(s) halted. {msg}"),
+                _cond(DRAINED, True, "Forced" if forced else "Drained", msg),
+            ],
+            gen,
+        ),
+    }
+    await write_status(ctx, switch, final)
+    # 5. Scale to zero, now that the switch says Drained.
+    await reconcile_agents(switch)
+    return switch["status"]

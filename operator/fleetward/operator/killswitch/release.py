@@ -1,0 +1,68 @@
+"""Releasing a KillSwitch (SPEC §7): the admission webhook has already checked the two
+approvals. Agents no other engaged switch covers are reconciled normally again, which
+issues fresh credentials (a new key id: revoked ids never come back), restores their
+Kafka user and ACLs and scales them back; then `resume` tells runtimes and gateways."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fleetward.operator import conditions as c
+from fleetward.operator.conditions import Cond
+from fleetward.operator.context import OperatorContext
+from fleetward.operator.kafka import KafkaUnavailable
+from fleetward.operator.killswitch.control import new_order, order_agents
+from fleetward.operator.killswitch.engage import rfc3339, write_status
+from fleetward.operator.killswitch.scope import agent_id
+from fleetward.operator.metrics import KILL_SWITCH_ACTIVE
+
+log = logging.getLogger("fleetward.operator.killswitch")
+
+
+async def release(
+    ctx: OperatorContext,
+    switch: dict[str, Any],
+    freed: list[dict[str, Any]],
+    still_halted: list[dict[str, Any]],
+    reconcile_agents,
+) -> None:
+    meta, spec = switch["metadata"], switch.get("spec") or {}
+    name, gen = meta["name"], int(meta.get("generation") or 1)
+    approvers = sorted({a.get("user") for a in spec.get("approvals") or [] if a.get("user")})
+    ids = [agent_id(a) for a in freed]
+    await reconcile_agents(switch)
+    problem = ""
+    try:
+        # Agents another switch still covers must not hear "resume" (an empty list means all).
+        targets = (ids or None) if still_halted else order_agents(switch, ids)
+        if targets is not None:
+            await ctx.control.publish(new_order("resume", switch, targets))
+    except KafkaUnavailable as e:
+        problem = f"The resume order could not be published ({e}); retrying."
+    KILL_SWITCH_ACTIVE.labels(name).set(0)
+    msg = (
+        f"Released with the approvals of {', '.join(approvers) or 'nobody'}: {len(ids)} agent(s) get fresh credentials."
+    )
+    if still_halted:
+        msg += f" {len(still_halted)} agent(s) stay halted by another engaged KillSwitch."
+    status = {
+        "phase": "Released",
+        "observedGeneration": gen,
+        "releasedBy": approvers,
+        "releasedAt": rfc3339(time.time()),
+        "conditions": c.merge(
+            (switch.get("status") or {}).get("conditions"),
+            [Cond(c.READY, True, "Released", msg)]
+            if not problem
+            else [Cond(c.READY, False, "KafkaUnavailable", problem)],
+            gen,
+        ),
+    }
+    await ctx.audit.approvals(switch)
+    await write_status(ctx, switch, status)
+    await ctx.audit.released(switch, approvers, ids)
+    if problem:
+        raise KafkaUnavailable(problem)
+    log.info("kill switch %s released by %s: %d agent(s) resumed", name, ", ".join(approvers), len(ids))

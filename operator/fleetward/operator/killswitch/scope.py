@@ -1,0 +1,83 @@
+"""Which Agents engaged KillSwitches cover. Pure functions over plain objects (the
+operator's Kopf indexes), shared by the KillSwitch handler and the Agent reconciler, so
+that "is this Agent halted?" has one answer however the operator was woken."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fleetward.operator.resolve import selector_matches
+
+ENGAGED_BY = "fleetward.dev/engaged-by"
+"""Annotation the admission webhook stamps from the API server's userInfo on engage."""
+ENGAGED_AT = "fleetward.dev/engaged-at"
+"""Annotation the admission webhook stamps on engage: when the API server accepted it
+(RFC 3339 with microseconds; the object's own timestamps have whole seconds only)."""
+
+
+@dataclass(frozen=True)
+class Halt:
+    """One engaged KillSwitch as an Agent sees it."""
+
+    switch: str
+    engaged_by: str
+    reason: str
+    revoke_credentials: bool
+    scale_to_zero: bool
+    drained: bool
+    """The switch's drain is over (acked or timed out): pods may now be scaled to zero."""
+
+
+def is_engaged(switch: dict[str, Any]) -> bool:
+    """A switch being deleted still halts until it is released: a delete must never
+    bypass the two approvals (its finalizer waits for the release)."""
+    return bool((switch.get("spec") or {}).get("engaged"))
+
+
+def covers(switch: dict[str, Any], namespace: str, labels: dict[str, str] | None) -> bool:
+    """SPEC §2: an empty scope covers every agent; `namespaces` and `agentSelector` both
+    narrow it (an Agent must pass both when both are set)."""
+    scope = (switch.get("spec") or {}).get("scope") or {}
+    namespaces = scope.get("namespaces")
+    if namespaces and namespace not in namespaces:
+        return False
+    selector = scope.get("agentSelector")
+    return selector is None or selector_matches(selector, labels)
+
+
+def halt_of(switch: dict[str, Any]) -> Halt:
+    spec, meta = switch.get("spec") or {}, switch["metadata"]
+    status = switch.get("status") or {}
+    actions = spec.get("actions") or {}
+    engaged_by = (meta.get("annotations") or {}).get(ENGAGED_BY) or status.get("engagedBy") or "unknown"
+    return Halt(
+        switch=meta["name"],
+        engaged_by=engaged_by,
+        reason=spec.get("reason") or "",
+        revoke_credentials=actions.get("revokeCredentials", True),
+        scale_to_zero=actions.get("scaleToZero", True),
+        drained=status.get("phase") == "Drained" and status.get("observedGeneration") == meta.get("generation"),
+    )
+
+
+def halts_for(switches: list[dict[str, Any]], namespace: str, labels: dict[str, str] | None) -> list[Halt]:
+    """The engaged switches that cover an Agent, by name (stable order)."""
+    return sorted(
+        (halt_of(s) for s in switches if is_engaged(s) and covers(s, namespace, labels)), key=lambda h: h.switch
+    )
+
+
+def affected(switch: dict[str, Any], agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Agents (index entries) a switch covers, sorted by namespace/name."""
+    out = [
+        a
+        for a in agents
+        if not a["metadata"].get("deletionTimestamp")
+        and covers(switch, a["metadata"]["namespace"], a["metadata"].get("labels"))
+    ]
+    return sorted(out, key=lambda a: (a["metadata"]["namespace"], a["metadata"]["name"]))
+
+
+def agent_id(agent: dict[str, Any]) -> str:
+    return f"{agent['metadata']['namespace']}/{agent['metadata']['name']}"

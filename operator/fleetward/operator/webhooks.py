@@ -1,0 +1,176 @@
+"""Admission for KillSwitches (SPEC §2, §7): identities come from the API server's
+authentication (`userInfo` of the admission request), never from text a user typed.
+
+- engaging (create with `engaged: true`, or false -> true) stamps who and when into
+  annotations the operator copies to the status; any other change to them is undone;
+- an approval may only be added, changed or withdrawn by the user it names (the webhook
+  stamps `approvedAt` and `groups`), never by the engager, and only while engaged;
+- releasing (true -> false) needs approvals from two distinct users other than the engager;
+- deleting an engaged switch is refused: it would release it without the two approvals.
+
+Pure functions: `admit` returns the patch to apply or raises `Refused`; the Kopf
+registration is in handlers/admission.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fleetward.operator.killswitch.scope import ENGAGED_AT, ENGAGED_BY
+
+STAMPED = (ENGAGED_BY, ENGAGED_AT)
+
+
+class Refused(Exception):
+    """The request is rejected with this message (HTTP 403 from the API server)."""
+
+
+@dataclass(frozen=True)
+class Requester:
+    username: str
+    groups: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, userinfo: dict[str, Any] | None) -> Requester:
+        info = userinfo or {}
+        name = info.get("username") or ""
+        if not name:
+            raise Refused("the API server sent no authenticated username; KillSwitch changes need one")
+        return cls(name, tuple(info.get("groups") or ()))
+
+
+def _engaged(obj: dict[str, Any] | None) -> bool:
+    return bool(obj and (obj.get("spec") or {}).get("engaged"))
+
+
+def _annotations(obj: dict[str, Any] | None) -> dict[str, str]:
+    return dict(((obj or {}).get("metadata") or {}).get("annotations") or {})
+
+
+def _approvals(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    return {a.get("user", ""): dict(a) for a in ((obj or {}).get("spec") or {}).get("approvals") or []}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _same_approval(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("user") == b.get("user") and a.get("comment") == b.get("comment")
+
+
+def admit(
+    operation: str,
+    old: dict[str, Any] | None,
+    new: dict[str, Any] | None,
+    requester: Requester,
+    *,
+    now: str | None = None,
+    enforce_release: bool = False,
+) -> dict[str, Any]:
+    """Decide one admission request. Returns a merge patch for the new object (empty when
+    nothing is stamped); raises Refused with a message for the person who sent it.
+
+    The release rule is enforced in the validating pass only (`enforce_release`), after the
+    schema and its CEL backstop had their say."""
+    now = now or _now()
+    name = ((new or old or {}).get("metadata") or {}).get("name", "")
+    if operation == "DELETE":
+        if _engaged(old):
+            raise Refused(
+                f"KillSwitch {name} is engaged: deleting it would release the agents without the two "
+                "approvals a release needs. Release it first (spec.engaged: false with approvals from two "
+                "people other than the engager), then delete it."
+            )
+        return {}
+    if operation not in ("CREATE", "UPDATE") or new is None:
+        return {}
+
+    users = [a.get("user") for a in (new.get("spec") or {}).get("approvals") or []]
+    if len(users) != len(set(users)):
+        return {}  # duplicate approvers: the schema (listType=map) rejects it with its usual message
+    old_ann, new_ann = _annotations(old), _annotations(new)
+    engaging = _engaged(new) and not _engaged(old)
+    releasing = _engaged(old) and not _engaged(new)
+    patch_ann: dict[str, str | None] = {}
+    if engaging:
+        patch_ann = {ENGAGED_BY: requester.username, ENGAGED_AT: now}
+        engager = requester.username
+    else:
+        # Stamps are the webhook's alone: put back what it wrote, drop what a user wrote.
+        for key in STAMPED:
+            if new_ann.get(key) != old_ann.get(key):
+                patch_ann[key] = old_ann.get(key)
+        engager = old_ann.get(ENGAGED_BY)
+
+    old_ap, new_ap = ({} if engaging else _approvals(old)), _approvals(new)
+    approvals_patch: list[dict[str, Any]] | None = None
+    if engaging and _approvals(new):
+        approvals_patch = []  # approvals of an earlier release never carry over to a new engage
+        new_ap = {}
+    changed = {
+        u
+        for u in set(old_ap) | set(new_ap)
+        if u not in old_ap or u not in new_ap or not _same_approval(old_ap[u], new_ap[u])
+    }
+    for user in sorted(changed):
+        verb = "withdraw" if user not in new_ap else ("add" if user not in old_ap else "change")
+        if user != requester.username:
+            raise Refused(
+                f"spec.approvals: you are authenticated as {requester.username!r} and cannot {verb} the approval "
+                f"of {user!r}; each approver adds their own (e.g. kubectl fleetward approve {name})."
+            )
+        if user in new_ap and engager and user == engager:
+            raise Refused(
+                f"spec.approvals: {user!r} engaged KillSwitch {name} and cannot approve its release; "
+                "two other people must."
+            )
+        if user in new_ap and not (_engaged(old) or _engaged(new)):
+            raise Refused(f"spec.approvals: KillSwitch {name} is not engaged, so there is nothing to approve.")
+    stamped_approvals = None
+    if changed & set(new_ap):
+        stamped_approvals = []
+        for user, entry in sorted(new_ap.items()):
+            if user in changed:
+                entry = {**entry, "approvedAt": now, "groups": list(requester.groups) or None}
+                entry = {k: v for k, v in entry.items() if v is not None}
+            stamped_approvals.append(entry)
+
+    if releasing and enforce_release:
+        approvers = sorted(u for u in new_ap if u and u != engager)
+        if len(approvers) < 2:
+            have = ", ".join(approvers) if approvers else "none"
+            raise Refused(
+                f"releasing KillSwitch {name} needs spec.approvals from two distinct people other than "
+                f"{engager or 'the engager'}; approvals so far: {have}."
+            )
+
+    patch: dict[str, Any] = {}
+    if patch_ann:
+        patch["metadata"] = {"annotations": patch_ann}
+    if approvals_patch is not None:
+        patch["spec"] = {"approvals": approvals_patch}
+    elif stamped_approvals is not None:
+        patch["spec"] = {"approvals": stamped_approvals}
+    return patch
+
+
+def check(operation: str, old: dict[str, Any] | None, new: dict[str, Any] | None, requester: Requester) -> None:
+    """The validating pass over the final object (after every mutating webhook): the
+    stamps must be the ones `admit` would leave, and the release rule must hold."""
+    if operation == "DELETE":
+        admit(operation, old, new, requester)
+        return
+    if new is None:
+        return
+    ann, old_ann = _annotations(new), _annotations(old)
+    if _engaged(new) and not _engaged(old):
+        if ann.get(ENGAGED_BY) != requester.username:
+            raise Refused(
+                f"metadata.annotations[{ENGAGED_BY}] must name the authenticated user who engages "
+                f"({requester.username!r}); it is set by the Fleetward admission webhook."
+            )
+    elif any(ann.get(k) != old_ann.get(k) for k in STAMPED):
+        raise Refused(f"metadata.annotations {', '.join(STAMPED)} are set by the Fleetward admission webhook only.")
+    admit(operation, old, new, requester, enforce_release=True)  # approval and release rules, final object

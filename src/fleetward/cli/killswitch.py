@@ -1,0 +1,250 @@
+"""`fleetward kill | approve | release | status` (also `kubectl fleetward ...`): the kill
+switch for the person on call. Each command is one ordinary change to a KillSwitch, so
+plain `kubectl patch` does the same; the identities come from your kubeconfig's
+credentials through the API server (the admission webhook stamps them), never from text
+typed here.
+
+    fleetward kill githouse-stop --reason "runaway refunds" --namespace githouse --wait
+    fleetward approve githouse-stop --comment "root cause fixed"     # as bob, then as carol
+    fleetward release githouse-stop --wait
+    fleetward status [githouse-stop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+GROUP, VERSION, PLURAL = "fleetward.dev", "v1alpha1", "killswitches"
+EXIT_REFUSED = 1
+EXIT_TIMEOUT = 3
+
+
+def _kube_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("--context", help="kubeconfig context to use")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    kill = sub.add_parser(
+        "kill",
+        help="engage a KillSwitch: revoke the covered agents' credentials, drain and stop them",
+        description="Engage (create or patch) a KillSwitch. Without --namespace/--selector it covers every agent.",
+    )
+    kill.add_argument("name", help="KillSwitch name (cluster-scoped)")
+    kill.add_argument("--reason", required=True, help="why the fleet is being stopped (recorded and shown)")
+    kill.add_argument("--namespace", "-n", action="append", dest="namespaces", help="only agents here (repeatable)")
+    kill.add_argument("--selector", "-l", help="only agents with these labels, e.g. tier=payments,team=billing")
+    kill.add_argument("--mode", choices=("drain", "abort"), help="drain (default) or abort in-flight calls at once")
+    kill.add_argument("--drain-timeout", type=int, metavar="SECONDS", help="upper bound for the drain (default 30)")
+    kill.add_argument("--keep-replicas", action="store_true", help="do not scale the agents' Deployments to zero")
+    kill.add_argument("--wait", action="store_true", help="wait until the switch reports Drained and print it")
+    kill.add_argument("--timeout", type=float, default=120, help="seconds --wait waits (default 120)")
+    _kube_args(kill)
+    kill.set_defaults(handler=run_kill)
+
+    approve = sub.add_parser(
+        "approve",
+        help="approve releasing an engaged KillSwitch (as yourself; two people other than the engager must)",
+    )
+    approve.add_argument("name")
+    approve.add_argument("--comment", help="a note kept with your approval")
+    _kube_args(approve)
+    approve.set_defaults(handler=run_approve)
+
+    release = sub.add_parser(
+        "release", help="release an engaged KillSwitch once two people other than the engager approved"
+    )
+    release.add_argument("name")
+    release.add_argument("--wait", action="store_true", help="wait until the switch reports Released")
+    release.add_argument("--timeout", type=float, default=120)
+    _kube_args(release)
+    release.set_defaults(handler=run_release)
+
+    status = sub.add_parser("status", help="list KillSwitches, or show one in detail")
+    status.add_argument("name", nargs="?")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    _kube_args(status)
+    status.set_defaults(handler=run_status)
+
+
+def _api(args: argparse.Namespace):
+    from kubernetes import client, config
+
+    config.load_kube_config(config_file=args.kubeconfig, context=args.context)
+    api_client = client.ApiClient()
+    return client.CustomObjectsApi(api_client), api_client
+
+
+def _refusal(e: Exception) -> str:
+    body = getattr(e, "body", None)
+    try:
+        return json.loads(body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(e)
+
+
+def _fail(message: str, code: int = EXIT_REFUSED) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def whoami(api_client) -> str:
+    """The username the API server authenticates these credentials as."""
+    from kubernetes import client
+
+    review = client.AuthenticationV1Api(api_client).create_self_subject_review(
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+    )
+    return review.status.user_info.username
+
+
+def run_kill(args: argparse.Namespace) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    objs, _ = _api(args)
+    spec: dict[str, Any] = {"engaged": True, "reason": args.reason}
+    scope: dict[str, Any] = {}
+    if args.namespaces:
+        scope["namespaces"] = args.namespaces
+    if args.selector:
+        try:
+            labels = dict(pair.split("=", 1) for pair in args.selector.split(","))
+        except ValueError:
+            return _fail(f"--selector {args.selector!r}: expected key=value[,key=value...]", 2)
+        scope["agentSelector"] = {"matchLabels": labels}
+    if scope:
+        spec["scope"] = scope
+    if args.mode:
+        spec["mode"] = args.mode
+    if args.drain_timeout:
+        spec["drainTimeoutSeconds"] = args.drain_timeout
+    if args.keep_replicas:
+        spec["actions"] = {"scaleToZero": False}
+    try:
+        objs.get_cluster_custom_object(GROUP, VERSION, PLURAL, args.name)
+        objs.patch_cluster_custom_object(GROUP, VERSION, PLURAL, args.name, {"spec": spec})
+    except ApiException as e:
+        if e.status != 404:
+            return _fail(f"engaging KillSwitch {args.name} was refused: {_refusal(e)}")
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "KillSwitch", "metadata": {"name": args.name}, "spec": spec}
+        try:
+            objs.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
+        except ApiException as e2:
+            return _fail(f"engaging KillSwitch {args.name} was refused: {_refusal(e2)}")
+    print(f"KillSwitch {args.name} engaged: {args.reason}")
+    if args.wait:
+        return _wait(objs, args.name, ("Drained",), args.timeout)
+    return 0
+
+
+def run_approve(args: argparse.Namespace) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    objs, api_client = _api(args)
+    me = whoami(api_client)
+    try:
+        ks = objs.get_cluster_custom_object(GROUP, VERSION, PLURAL, args.name)
+    except ApiException as e:
+        return _fail(f"KillSwitch {args.name}: {_refusal(e)}")
+    entry: dict[str, Any] = {"user": me}
+    if args.comment:
+        entry["comment"] = args.comment
+    approvals = (ks.get("spec") or {}).get("approvals")
+    rv = ks["metadata"]["resourceVersion"]
+    # A JSON patch with a resourceVersion test: an approval added meanwhile is never lost.
+    ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}]
+    ops.append(
+        {"op": "add", "path": "/spec/approvals/-", "value": entry}
+        if approvals is not None
+        else {"op": "add", "path": "/spec/approvals", "value": [entry]}
+    )
+    try:
+        objs.patch_cluster_custom_object(
+            GROUP, VERSION, PLURAL, args.name, ops, _content_type="application/json-patch+json"
+        )
+    except ApiException as e:
+        return _fail(f"approving KillSwitch {args.name} as {me} was refused: {_refusal(e)}")
+    n = len(approvals or []) + 1
+    print(f"{me} approved releasing KillSwitch {args.name} ({n} approval(s) so far).")
+    return 0
+
+
+def run_release(args: argparse.Namespace) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    objs, _ = _api(args)
+    try:
+        objs.patch_cluster_custom_object(GROUP, VERSION, PLURAL, args.name, {"spec": {"engaged": False}})
+    except ApiException as e:
+        return _fail(f"releasing KillSwitch {args.name} was refused: {_refusal(e)}")
+    print(f"KillSwitch {args.name} released.")
+    if args.wait:
+        return _wait(objs, args.name, ("Released",), args.timeout)
+    return 0
+
+
+def _wait(objs, name: str, phases: tuple[str, ...], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ks = objs.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        st = ks.get("status") or {}
+        if st.get("phase") in phases and st.get("observedGeneration") == ks["metadata"].get("generation"):
+            print(describe(ks))
+            return 0
+        time.sleep(0.5)
+    return _fail(f"KillSwitch {name} did not reach {' or '.join(phases)} within {timeout:.0f} s", EXIT_TIMEOUT)
+
+
+def describe(ks: dict[str, Any]) -> str:
+    spec, st = ks.get("spec") or {}, ks.get("status") or {}
+    lines = [
+        f"KillSwitch {ks['metadata']['name']}: {'ENGAGED' if spec.get('engaged') else 'not engaged'}"
+        f" (phase {st.get('phase') or '-'})",
+        f"  reason:        {spec.get('reason') or '-'}",
+        f"  engaged by:    {st.get('engagedBy') or '-'} at {st.get('engagedAt') or '-'}",
+        f"  agents:        {st.get('affectedAgents', '-')}",
+        f"  revoked in:    {st.get('revocationSeconds', '-')} s (at {st.get('credentialsRevokedAt') or '-'})",
+        f"  drained in:    {st.get('drainSeconds', '-')} s (at {st.get('drainedAt') or '-'})",
+        f"  approvals:     {', '.join(a['user'] for a in spec.get('approvals') or []) or '-'}",
+    ]
+    if st.get("releasedBy"):
+        lines.append(f"  released by:   {', '.join(st['releasedBy'])} at {st.get('releasedAt')}")
+    for a in st.get("agents") or []:
+        runs = a.get("runs") or []
+        lines.append(f"  - {a['namespace']}/{a['name']}: {a.get('message') or ''}")
+        for r in runs:
+            lines.append(f"      run {r['runId']} (session {r['sessionId']}) at {r.get('step') or '-'}: {r['outcome']}")
+    for c in st.get("conditions") or []:
+        lines.append(f"  {c['type']}={c['status']} ({c['reason']}): {c['message']}")
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    objs, _ = _api(args)
+    try:
+        if args.name:
+            items = [objs.get_cluster_custom_object(GROUP, VERSION, PLURAL, args.name)]
+        else:
+            items = objs.list_cluster_custom_object(GROUP, VERSION, PLURAL).get("items", [])
+    except ApiException as e:
+        return _fail(_refusal(e))
+    if args.output == "json":
+        print(json.dumps(items if not args.name else items[0], indent=2))
+        return 0
+    if args.name:
+        print(describe(items[0]))
+        return 0
+    print(f"{'NAME':30} {'ENGAGED':8} {'PHASE':9} {'AGENTS':6} {'ENGAGED BY':16} REASON")
+    for ks in items:
+        spec, st = ks.get("spec") or {}, ks.get("status") or {}
+        print(
+            f"{ks['metadata']['name']:30} {str(bool(spec.get('engaged'))).lower():8} {st.get('phase') or '-':9} "
+            f"{st.get('affectedAgents', '-')!s:6} {st.get('engagedBy') or '-':16} {spec.get('reason') or ''}"
+        )
+    return 0

@@ -1,0 +1,149 @@
+"""The kill switch's pure parts: which Agents a switch covers, and the admission
+decisions that take identities from userInfo (operator/fleetward/operator/webhooks.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from fleetward.operator.killswitch.scope import ENGAGED_AT, ENGAGED_BY, affected, covers, halts_for
+from fleetward.operator.webhooks import Refused, Requester, admit, check
+
+ALICE, BOB, CAROL = Requester("alice", ("fleetward:oncall",)), Requester("bob"), Requester("carol")
+NOW = "2026-12-06T01:02:03.456789Z"
+
+
+def switch(engaged: bool, *, by: str | None = None, approvals=None, scope=None, name="stop") -> dict:
+    ann = {ENGAGED_BY: by, ENGAGED_AT: NOW} if by else {}
+    spec = {"engaged": engaged, "reason": "incident", "scope": scope or {}}
+    if approvals is not None:
+        spec["approvals"] = [{"user": u} for u in approvals]
+    return {"metadata": {"name": name, "generation": 1, "annotations": ann}, "spec": spec}
+
+
+def agent(ns: str, name: str, labels=None) -> dict:
+    return {"metadata": {"namespace": ns, "name": name, "labels": labels or {}}, "spec": {}}
+
+
+# -- scope ------------------------------------------------------------------------------
+
+
+def test_empty_scope_covers_every_agent():
+    assert covers(switch(True), "any", {})
+
+
+def test_namespaces_and_selector_both_narrow():
+    sw = switch(True, scope={"namespaces": ["githouse"], "agentSelector": {"matchLabels": {"tier": "money"}}})
+    assert covers(sw, "githouse", {"tier": "money"})
+    assert not covers(sw, "githouse", {"tier": "docs"})
+    assert not covers(sw, "other", {"tier": "money"})
+    agents = [agent("githouse", "b", {"tier": "money"}), agent("githouse", "a", {"tier": "money"}), agent("x", "c")]
+    assert [a["metadata"]["name"] for a in affected(sw, agents)] == ["a", "b"]
+
+
+def test_only_engaged_switches_halt_and_overlaps_are_all_named():
+    on1, on2, off = switch(True, name="b-stop", by="alice"), switch(True, name="a-stop", by="bob"), switch(False)
+    halts = halts_for([on1, off, on2], "ns", {})
+    assert [h.switch for h in halts] == ["a-stop", "b-stop"]
+    assert halts[0].engaged_by == "bob" and not halts[0].drained
+
+
+def test_a_switch_being_deleted_still_halts_until_released():
+    sw = switch(True, by="alice")
+    sw["metadata"]["deletionTimestamp"] = NOW
+    assert halts_for([sw], "ns", {})
+
+
+# -- admission: engage --------------------------------------------------------------------
+
+
+def test_engage_on_create_stamps_the_authenticated_user_and_time():
+    patch = admit("CREATE", None, switch(True), ALICE, now=NOW)
+    assert patch["metadata"]["annotations"] == {ENGAGED_BY: "alice", ENGAGED_AT: NOW}
+
+
+def test_engage_by_patch_stamps_the_patcher_not_a_typed_name():
+    old = switch(False)
+    new = switch(True)
+    new["metadata"]["annotations"] = {ENGAGED_BY: "mallory"}  # typed by the user
+    patch = admit("UPDATE", old, new, BOB, now=NOW)
+    assert patch["metadata"]["annotations"][ENGAGED_BY] == "bob"
+
+
+def test_stamps_cannot_be_edited_afterwards():
+    old = switch(True, by="alice")
+    new = copy.deepcopy(old)
+    new["metadata"]["annotations"][ENGAGED_BY] = "carol"
+    patch = admit("UPDATE", old, new, CAROL, now=NOW)
+    assert patch["metadata"]["annotations"][ENGAGED_BY] == "alice"  # put back
+    with pytest.raises(Refused, match="set by the Fleetward admission webhook"):
+        check("UPDATE", old, new, CAROL)
+
+
+def test_approvals_typed_into_an_engage_are_dropped():
+    patch = admit("CREATE", None, switch(True, approvals=["bob", "carol"]), ALICE, now=NOW)
+    assert patch["spec"]["approvals"] == []
+
+
+# -- admission: approvals ------------------------------------------------------------------
+
+
+def test_an_approver_adds_their_own_approval_and_it_is_stamped():
+    old = switch(True, by="alice")
+    patch = admit("UPDATE", old, switch(True, by="alice", approvals=["bob"]), BOB, now=NOW)
+    assert patch["spec"]["approvals"] == [{"user": "bob", "approvedAt": NOW}]
+
+
+def test_a_spoofed_approval_is_rejected_with_both_names():
+    old = switch(True, by="alice")
+    with pytest.raises(Refused) as err:
+        admit("UPDATE", old, switch(True, by="alice", approvals=["carol"]), BOB)
+    assert "'bob'" in str(err.value) and "'carol'" in str(err.value)
+
+
+def test_the_engager_cannot_approve():
+    old = switch(True, by="alice")
+    with pytest.raises(Refused, match="engaged KillSwitch stop and cannot approve"):
+        admit("UPDATE", old, switch(True, by="alice", approvals=["alice"]), ALICE)
+
+
+def test_nobody_removes_another_users_approval():
+    old = switch(True, by="alice", approvals=["bob"])
+    with pytest.raises(Refused, match="cannot withdraw the approval of 'bob'"):
+        admit("UPDATE", old, switch(True, by="alice", approvals=[]), CAROL)
+
+
+def test_approving_a_disengaged_switch_is_refused():
+    with pytest.raises(Refused, match="not engaged"):
+        admit("UPDATE", switch(False), switch(False, approvals=["bob"]), BOB)
+
+
+# -- admission: release and delete ---------------------------------------------------------
+
+
+def test_release_needs_two_people_other_than_the_engager():
+    old = switch(True, by="alice", approvals=["bob"])
+    with pytest.raises(Refused, match="two distinct people other than alice"):
+        check("UPDATE", old, switch(False, by="alice", approvals=["bob"]), BOB)
+    old2 = switch(True, by="alice", approvals=["bob", "carol"])
+    check("UPDATE", old2, switch(False, by="alice", approvals=["bob", "carol"]), BOB)
+
+
+def test_deleting_an_engaged_switch_is_refused_and_a_released_one_is_not():
+    with pytest.raises(Refused, match="is engaged"):
+        admit("DELETE", switch(True, by="alice"), None, ALICE)
+    assert admit("DELETE", switch(False), None, ALICE) == {}
+
+
+def test_a_request_without_a_username_is_refused():
+    with pytest.raises(Refused, match="no authenticated username"):
+        Requester.of({"groups": ["system:masters"]})
+
+
+def test_an_order_never_turns_an_empty_cover_into_every_agent():
+    from fleetward.operator.killswitch.control import order_agents
+
+    assert order_agents(switch(True), []) == []  # empty scope: every agent, known or not
+    narrowed = switch(True, scope={"namespaces": ["quiet"]})
+    assert order_agents(narrowed, []) is None  # covers nothing: no order at all
+    assert order_agents(narrowed, ["quiet/a"]) == ["quiet/a"]
