@@ -9,8 +9,10 @@ import json
 from collections.abc import Callable
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from tests.support.agents import approve_as
 
 GROUP, VERSION = "fleetward.dev", "v1alpha1"
 NS = "default"
@@ -338,13 +340,7 @@ def test_releasing_a_kill_switch_needs_two_approvals(objs, user_kubeconfigs):
 
         # Approvals are added by the approvers themselves (with the admission webhook installed
         # a user cannot write another user's approval), then anyone may release.
-        for user in ("bob", "carol"):
-            as_user = client.CustomObjectsApi(config.new_client_from_config(str(user_kubeconfigs[user])))
-            current = as_user.get_cluster_custom_object(GROUP, VERSION, "killswitches", name)
-            approvals = [*(current["spec"].get("approvals") or []), {"user": user}]
-            as_user.patch_cluster_custom_object(
-                GROUP, VERSION, "killswitches", name, {"spec": {"approvals": approvals}}
-            )
+        approve_as(user_kubeconfigs, name, "bob", "carol")
         released = objs.patch_cluster_custom_object(GROUP, VERSION, "killswitches", name, {"spec": {"engaged": False}})
         assert released["spec"]["engaged"] is False
     finally:

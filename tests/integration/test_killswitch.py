@@ -48,6 +48,17 @@ def signing_key(core: client.CoreV1Api, ns: str, name: str):
     return serialization.load_pem_private_key(pem, password=None), kid
 
 
+def engage_as_admin(objs: client.CustomObjectsApi, name: str, namespace: str, reason: str, **spec) -> None:
+    """Create an engaged KillSwitch covering one namespace (the admin's identity is stamped)."""
+    body = {"engaged": True, "reason": reason, "scope": {"namespaces": [namespace]}, **spec}
+    objs.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "killswitches",
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "KillSwitch", "metadata": {"name": name}, "spec": body},
+    )
+
+
 def secret_exists(core: client.CoreV1Api, ns: str, name: str) -> bool:
     try:
         core.read_namespaced_secret(name, ns)
@@ -324,22 +335,7 @@ def test_operator_killed_mid_drain_is_replaced_and_a_silent_runtime_is_stopped_b
     restarts = operator.status.container_statuses[0].restart_count
     os.kill(pid(runtime), signal.SIGSTOP)
     try:
-        objs.create_cluster_custom_object(
-            GROUP,
-            VERSION,
-            "killswitches",
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "KillSwitch",
-                "metadata": {"name": ks},
-                "spec": {
-                    "engaged": True,
-                    "reason": "operator crash drill",
-                    "scope": {"namespaces": [ns]},
-                    "drainTimeoutSeconds": 15,
-                },
-            },
-        )
+        engage_as_admin(objs, ks, ns, "operator crash drill", drainTimeoutSeconds=15)
         wait_for(lambda: (switch(objs, ks).get("status") or {}).get("phase") == "Engaged", 60, "phase Engaged")
         engaged_at = switch(objs, ks)["status"]["engagedAt"]
         os.kill(pid(operator), signal.SIGKILL)

@@ -129,3 +129,15 @@ def is_ready(obj: dict[str, Any]) -> bool:
 
 def wait_ready(api: client.ApiClient, namespace: str, name: str, timeout: float = 90) -> dict[str, Any]:
     return wait_agent(api, namespace, name, is_ready, timeout, "Ready")
+
+
+def approve_as(user_kubeconfigs: dict[str, Any], switch: str, *users: str) -> None:
+    """Each user adds their own approval to a KillSwitch's release, with their own
+    credentials (the admission webhook refuses an approval written for someone else)."""
+    from kubernetes import config
+
+    for user in users:
+        as_user = custom(config.new_client_from_config(str(user_kubeconfigs[user])))
+        current = as_user.get_cluster_custom_object(GROUP, VERSION, "killswitches", switch)
+        approvals = [*(current["spec"].get("approvals") or []), {"user": user}]
+        as_user.patch_cluster_custom_object(GROUP, VERSION, "killswitches", switch, {"spec": {"approvals": approvals}})

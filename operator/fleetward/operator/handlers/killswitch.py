@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -46,7 +47,7 @@ async def reconcile_switch(ctx: OperatorContext, switch: dict[str, Any], indexes
         world = [*others, current]
         results = await asyncio.gather(
             *(
-                reconcile_agent(ctx, a, _with_switches(references(a["metadata"]["namespace"], indexes), world))
+                reconcile_agent(ctx, a, replace(references(a["metadata"]["namespace"], indexes), switches=world))
                 for a in covered
             ),
             return_exceptions=True,
@@ -117,11 +118,6 @@ def _answers_for(settings: OperatorSettings, switch: dict[str, Any]) -> bool:
     if settings.clusterwide:
         return not namespaces or any(settings.owns_namespace(ns) for ns in namespaces)
     return any(ns in settings.watch_namespaces and settings.owns_namespace(ns) for ns in namespaces)
-
-
-def _with_switches(refs, world: list[dict[str, Any]]):
-    refs.switches = world
-    return refs
 
 
 def register(settings: OperatorSettings) -> None:

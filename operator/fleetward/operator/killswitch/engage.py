@@ -156,10 +156,6 @@ async def drain(
     return book, forced
 
 
-def _cond(type_: str, ok: bool | None, reason: str, message: str) -> Cond:
-    return Cond(type_, ok, reason, message)
-
-
 async def write_status(ctx: OperatorContext, switch: dict[str, Any], status: dict[str, Any]) -> None:
     name = switch["metadata"]["name"]
     try:
@@ -197,11 +193,7 @@ async def engage(
     if not same_run:
         conds = c.merge(
             conds,
-            [
-                _cond(
-                    c.READY, False, "Engaging", f"Revoking the credentials of {len(agents)} agent(s) and halting them."
-                )
-            ],
+            [Cond(c.READY, False, "Engaging", f"Revoking the credentials of {len(agents)} agent(s) and halting them.")],
             gen,
         )
         await write_status(ctx, switch, {**base, "phase": "Engaging", "conditions": conds})
@@ -242,8 +234,8 @@ async def engage(
     conds = c.merge(
         conds,
         [
-            _cond(c.READY, False, "Engaged", f"Engaged by {engaged_by}: draining {len(ids)} agent(s)."),
-            _cond(CREDENTIALS_REVOKED, bool(revoke), "Revoked" if revoke else "NotRequested", revoked_msg),
+            Cond(c.READY, False, "Engaged", f"Engaged by {engaged_by}: draining {len(ids)} agent(s)."),
+            Cond(CREDENTIALS_REVOKED, bool(revoke), "Revoked" if revoke else "NotRequested", revoked_msg),
         ],
         gen,
     )
@@ -253,7 +245,7 @@ async def engage(
         conds = c.merge(
             conds,
             [
-                _cond(
+                Cond(
                     DRAINED,
                     False,
                     "KafkaUnavailable",
@@ -288,8 +280,8 @@ async def engage(
         "conditions": c.merge(
             conds,
             [
-                _cond(c.READY, True, "Engaged", f"Engaged by {engaged_by}: {len(ids)} agent(s) halted. {msg}"),
-                _cond(DRAINED, True, "Forced" if forced else "Drained", msg),
+                Cond(c.READY, True, "Engaged", f"Engaged by {engaged_by}: {len(ids)} agent(s) halted. {msg}"),
+                Cond(DRAINED, True, "Forced" if forced else "Drained", msg),
             ],
             gen,
         ),
