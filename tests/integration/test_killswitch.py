@@ -351,8 +351,12 @@ def test_operator_killed_mid_drain_is_replaced_and_a_silent_runtime_is_stopped_b
         assert any(r["outcome"] == "forced" and r["instance"] == runtime.metadata.name for r in result["runs"])
         drained = next(c for c in st["conditions"] if c["type"] == "Drained")
         assert drained["reason"] == "Forced" and runtime.metadata.name in drained["message"]
-        dep = client.AppsV1Api(api).read_namespaced_deployment("fw-billing", ns)
-        assert dep.spec.replicas == 0
+        # Scaled to zero right after the switch reports Drained (that is the order).
+        wait_for(
+            lambda: client.AppsV1Api(api).read_namespaced_deployment("fw-billing", ns).spec.replicas == 0,
+            30,
+            "the runtime scaled to zero",
+        )
         release_as_two(user_kubeconfigs, ks)
         wait_ready(api, ns, "billing", timeout=120)
     finally:
