@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
 from fleetward.devcluster.kube import apply_manifest
+from fleetward.devcluster.process import wait_for
 from fleetward.toolkit import TokenRefused, ToolTokenVerifier, TrustBundle, mint_tool_token
 from tests.support.agents import agent, condition, get_agent, model_secret, sop, wait_agent, wait_ready
 
@@ -130,8 +131,11 @@ def test_engage_revoke_drain_and_two_person_release(
         assert condition(halted, "Halted")["status"] == "True"
         assert condition(halted, "Halted")["reason"] == "KillSwitchEngaged"
         assert ks in condition(halted, "Ready")["message"]
-        dep = client.AppsV1Api(api).read_namespaced_deployment(f"fw-{name}", ns)
-        assert dep.spec.replicas == 0
+        wait_for(
+            lambda: client.AppsV1Api(api).read_namespaced_deployment(f"fw-{name}", ns).spec.replicas == 0,
+            30,
+            "the runtime scaled to zero",
+        )
 
         # alice cannot approve her own switch; bob alone cannot release it.
         own = fleetward_cli(user_kubeconfigs["alice"], "approve", ks, check=False)
