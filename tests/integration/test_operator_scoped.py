@@ -16,6 +16,8 @@ from kubernetes import client
 
 from fleetward.devcluster.install import helm_install, helm_uninstall, local_values, wait_operator_ready
 from fleetward.devcluster.kube import apply_manifest
+from fleetward.devcluster.process import wait_for
+from tests.integration.test_killswitch import GROUP, VERSION, engage_as_admin, release_as_two, switch
 from tests.integration.test_services import consume_one, produce
 from tests.support.agents import agent, get_agent, model_secret, wait_ready
 
@@ -104,3 +106,56 @@ def test_each_agent_principal_reads_only_its_own_topic(scoped, api, core, kafka_
     # gamma lives outside the watched namespace: neither installation touches it.
     time.sleep(3)  # a negative: give a (wrong) reconcile time to happen
     assert get_agent(api, OTHER, "gamma").get("status") is None
+
+
+def _login_refused(cfg: dict, topic: str, seconds: float = 15) -> bool:
+    """True once the broker reports an authentication failure for these credentials."""
+    from confluent_kafka import Consumer
+
+    errors: list[KafkaError] = []
+    c = Consumer({**cfg, "group.id": f"login-check-{time.monotonic_ns()}", "error_cb": errors.append})
+    c.subscribe([topic])
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            msg = c.poll(0.25)
+            assert msg is None or msg.error() is not None, "a revoked principal consumed a message"
+            if any(e.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED) for e in errors):
+                return True
+        return False
+    finally:
+        c.close()
+
+
+def test_a_kill_switch_removes_the_agents_kafka_principal(scoped, api, core, kafka_scram, user_kubeconfigs):
+    """SCRAM mode: engaging deletes the covered agent's Kafka login and ACLs (its old
+    password is refused); releasing issues a new password that works."""
+    objs = client.CustomObjectsApi(api)
+    apply_manifest(api, json.dumps(model_secret(WATCHED)), WATCHED)
+    apply_manifest(api, json.dumps(agent(WATCHED, "delta")), WATCHED)
+    delta = wait_ready(api, WATCHED, "delta", timeout=120)
+    topic = delta["status"]["requestTopic"]
+
+    def creds() -> tuple[str, str]:
+        data = core.read_namespaced_secret("fw-delta-credentials", WATCHED).data
+        return base64.b64decode(data["kafka-username"]).decode(), base64.b64decode(data["kafka-password"]).decode()
+
+    user, old_password = creds()
+    admin = kafka_scram.client_config()
+    produce(admin, topic, "s1", "before the switch")
+    assert consume_one(kafka_scram.client_config(user, old_password), topic, f"fleetward.{WATCHED}.delta.t1")
+
+    name = "scoped-kafka-stop"
+    engage_as_admin(objs, name, WATCHED, "principal drill")
+    try:
+        wait_for(lambda: (switch(objs, name).get("status") or {}).get("phase") == "Drained", 60, "phase Drained")
+        produce(admin, topic, "s2", "during the switch")
+        assert _login_refused(kafka_scram.client_config(user, old_password), topic)
+
+        release_as_two(user_kubeconfigs, name)
+        wait_ready(api, WATCHED, "delta", timeout=120)
+        new_user, new_password = creds()
+        assert new_user == user and new_password != old_password
+        assert consume_one(kafka_scram.client_config(user, new_password), topic, f"fleetward.{WATCHED}.delta.t3")
+    finally:
+        objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)

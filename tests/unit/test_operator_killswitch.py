@@ -147,3 +147,36 @@ def test_an_order_never_turns_an_empty_cover_into_every_agent():
     narrowed = switch(True, scope={"namespaces": ["quiet"]})
     assert order_agents(narrowed, []) is None  # covers nothing: no order at all
     assert order_agents(narrowed, ["quiet/a"]) == ["quiet/a"]
+
+
+# -- side-by-side installations ----------------------------------------------------------
+
+
+def test_each_installation_keeps_its_own_kopf_state_and_finalizer():
+    """KillSwitches are cluster-scoped and every installation handles them: a shared
+    progress prefix let the first installation mark a change handled for all of them."""
+    from fleetward.operator.settings import OperatorSettings
+
+    a, b = OperatorSettings(namespace="fleetward-system"), OperatorSettings(namespace="team-a-system")
+    assert a.kopf_prefix != b.kopf_prefix and a.finalizer != b.finalizer
+    assert b.finalizer == "team-a-system.fleetward.dev/cleanup"
+    with pytest.raises(ValueError, match="namespace"):
+        OperatorSettings(namespace="Not A Namespace")
+
+
+def test_an_installation_handles_only_the_switches_that_involve_it():
+    from fleetward.operator.handlers.killswitch import involves
+    from fleetward.operator.settings import OperatorSettings
+
+    index = {"agents_by_namespace": {"team-a": [agent("team-a", "billing")]}}
+    scoped = OperatorSettings(namespace="team-a-system", watch_namespaces=["team-a"])
+    wide = OperatorSettings(namespace="fleetward-system", exclude_namespaces=["team-a"])
+    elsewhere = switch(True, scope={"namespaces": ["team-b"]})
+    mine = switch(True, scope={"namespaces": ["team-a"]})
+    by_label = switch(True, scope={"agentSelector": {"matchLabels": {"tier": "gold"}}})
+    assert involves(scoped, mine, index)
+    assert not involves(scoped, elsewhere, {"agents_by_namespace": {}})
+    assert not involves(scoped, by_label, index)  # covers none of its Agents
+    assert involves(scoped, switch(True), index)  # every agent, its own included
+    assert not involves(wide, mine, {"agents_by_namespace": {}})  # the scoped one answers
+    assert involves(wide, elsewhere, {"agents_by_namespace": {}})

@@ -172,7 +172,11 @@ class AuditSettings(Settings):
 class OperatorSettings(Settings):
     installation_id: str = Field(default="fleetward", min_length=1, max_length=253)
     """Names this installation: the `iss` of tool tokens, the field manager's peers."""
-    namespace: str = Field(default_factory=lambda: os.environ.get("POD_NAMESPACE", "fleetward-system"))
+    namespace: str = Field(
+        default_factory=lambda: os.environ.get("POD_NAMESPACE", "fleetward-system"),
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+    )
     """Installation namespace: trust bundle, gateway, peering."""
     watch_namespaces: list[str] = Field(default_factory=list)
     """Namespaces whose Agents, SOPs and Guardrails are reconciled; empty = the whole cluster."""
@@ -200,6 +204,19 @@ class OperatorSettings(Settings):
     @property
     def clusterwide(self) -> bool:
         return not self.watch_namespaces
+
+    @property
+    def kopf_prefix(self) -> str:
+        """Where Kopf keeps its handler progress and diff-base on the objects, and the
+        finalizer's domain. Unique per installation (its namespace), because the
+        cluster-scoped KillSwitches are handled by every installation: with one shared
+        prefix, the first installation to handle a change marked it handled for all of
+        them, and the others never ran their handlers for it."""
+        return f"{self.namespace}.kopf.fleetward.dev"
+
+    @property
+    def finalizer(self) -> str:
+        return f"{self.namespace}.fleetward.dev/cleanup"
 
     def owns_namespace(self, namespace: str | None) -> bool:
         return namespace is None or not any(fnmatch.fnmatchcase(namespace, p) for p in self.exclude_namespaces)

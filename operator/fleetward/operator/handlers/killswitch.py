@@ -120,14 +120,25 @@ def _answers_for(settings: OperatorSettings, switch: dict[str, Any]) -> bool:
     return any(ns in settings.watch_namespaces and settings.owns_namespace(ns) for ns in namespaces)
 
 
+def involves(settings: OperatorSettings, switch: dict[str, Any], indexes: dict[str, Any]) -> bool:
+    """Whether this installation handles the switch at all: it covers some of its Agents,
+    or this installation reports on it. Others are left alone, so that an installation
+    puts no finalizer on switches it has nothing to do with (uninstalling it would leave
+    them undeletable)."""
+    return _answers_for(settings, switch) or bool(affected(switch, _all_agents(indexes)))
+
+
 def register(settings: OperatorSettings) -> None:
-    @kopf.on.resume(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed")
-    @kopf.on.create(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed")
-    @kopf.on.update(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed")
+    def mine(body: kopf.Body, **kwargs: Any) -> bool:
+        return involves(settings, _plain(body), kwargs)  # kwargs hold the indexes
+
+    @kopf.on.resume(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed", when=mine)
+    @kopf.on.create(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed", when=mine)
+    @kopf.on.update(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed", when=mine)
     async def killswitch_changed(body: kopf.Body, memo: kopf.Memo, **indexes: Any) -> None:
         await reconcile_switch(memo.ctx, _plain(body), indexes)
 
-    @kopf.on.delete(GROUP, VERSION, "killswitches", backoff=10, id="killswitch_deleted")
+    @kopf.on.delete(GROUP, VERSION, "killswitches", backoff=10, id="killswitch_deleted", when=mine)
     async def killswitch_deleted(body: kopf.Body, name: str, memo: kopf.Memo, **indexes: Any) -> None:
         switch = _plain(body)
         if is_engaged(switch):

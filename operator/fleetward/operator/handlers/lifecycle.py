@@ -15,7 +15,6 @@ from fleetward.operator.kafka import KafkaUnavailable
 from fleetward.operator.settings import OperatorSettings
 
 log = logging.getLogger("fleetward.operator")
-ANNOTATION_PREFIX = "kopf.fleetward.dev"
 
 
 async def ensure_shared_topics(ctx: OperatorContext) -> None:
@@ -41,9 +40,12 @@ def register(settings: OperatorSettings) -> None:
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         # Progress and diff-base in annotations: the CRDs' status schemas have no room for
         # Kopf's own status fields (they would be pruned), and annotations survive restarts.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
-        settings.persistence.finalizer = "fleetward.dev/cleanup"
+        # Per installation, so side-by-side installations sharing a KillSwitch each run
+        # their own handlers (Kopf ignores other operators' prefixes in its diffs).
+        prefix = memo.settings.kopf_prefix
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=prefix)
+        settings.persistence.finalizer = memo.settings.finalizer
         # Events for what a person should see (transitions, errors), not every handler run.
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
