@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -372,6 +373,71 @@ def test_operator_killed_mid_drain_is_replaced_and_a_silent_runtime_is_stopped_b
             objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", ks)
         except client.exceptions.ApiException as e:
             print(f"cleanup: {e.status} {e.reason}")
+
+
+def test_engaging_twice_releasing_twice_and_engaging_again_are_defined(
+    api, core, objs, fleetward, namespace, user_kubeconfigs
+):
+    """docs/killswitch.md: a second engage (an edit while engaged) keeps the engager and
+    times and stays drained; a second release changes nothing (no further fresh key); a
+    released switch engaged again is a new engagement whose old approvals are dropped."""
+    from kubernetes import config
+
+    ns, name, ks = namespace, "billing", f"ks-{namespace}"[:60]
+    as_alice = client.CustomObjectsApi(config.new_client_from_config(str(user_kubeconfigs["alice"])))
+    apply_manifest(api, json.dumps(model_secret(ns)), ns)
+    apply_manifest(api, json.dumps(agent(ns, name)), ns)
+    wait_ready(api, ns, name)
+
+    def settled(phase: str) -> dict:
+        def done() -> bool:
+            sw = switch(objs, ks)
+            st = sw.get("status") or {}
+            return st.get("phase") == phase and st.get("observedGeneration") == sw["metadata"]["generation"]
+
+        wait_for(done, 90, f"{ks} {phase} at its latest generation")
+        return switch(objs, ks)
+
+    fleetward_cli(user_kubeconfigs["alice"], "kill", ks, "--reason", "first", "--namespace", ns, "--wait")
+    try:
+        first = settled("Drained")["status"]
+
+        # Engaging twice: an edit of the engaged switch (bob, a new reason) re-asserts it.
+        as_bob = client.CustomObjectsApi(config.new_client_from_config(str(user_kubeconfigs["bob"])))
+        as_bob.patch_cluster_custom_object(GROUP, VERSION, "killswitches", ks, {"spec": {"reason": "still bad"}})
+        again = settled("Drained")["status"]
+        assert (again["engagedBy"], again["engagedAt"]) == ("alice", first["engagedAt"]), again
+        assert get_agent(api, ns, name)["status"]["phase"] == "Halted"
+        assert not secret_exists(core, ns, f"fw-{name}-credentials")
+
+        release_as_two(user_kubeconfigs, ks)
+        wait_ready(api, ns, name, timeout=120)
+        _, kid = signing_key(core, ns, name)
+        released = settled("Released")
+
+        # Releasing twice: nothing to undo, no further key.
+        as_bob.patch_cluster_custom_object(GROUP, VERSION, "killswitches", ks, {"spec": {"engaged": False}})
+        as_bob.patch_cluster_custom_object(GROUP, VERSION, "killswitches", ks, {"spec": {"reason": "done"}})
+        twice = settled("Released")
+        assert twice["metadata"]["generation"] > released["metadata"]["generation"]
+        assert twice["status"]["releasedBy"] == released["status"]["releasedBy"] == ["bob", "carol"]
+        assert signing_key(core, ns, name)[1] == kid
+        assert get_agent(api, ns, name)["status"]["phase"] == "Ready"
+
+        # Engaging again: a new engagement; the last release's approvals do not carry over.
+        time.sleep(1.1)  # engagedAt has microseconds, but make "later" unmistakable
+        as_alice.patch_cluster_custom_object(GROUP, VERSION, "killswitches", ks, {"spec": {"engaged": True}})
+        third = settled("Drained")
+        assert not third["spec"].get("approvals"), third["spec"]
+        assert third["status"]["engagedAt"] > first["engagedAt"]
+        assert not secret_exists(core, ns, f"fw-{name}-credentials")
+        early = fleetward_cli(user_kubeconfigs["bob"], "release", ks, check=False)
+        assert early.returncode != 0 and "two distinct" in early.stderr, early.stderr
+        release_as_two(user_kubeconfigs, ks)
+        wait_ready(api, ns, name, timeout=120)
+        assert signing_key(core, ns, name)[1] not in (kid,)
+    finally:
+        objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", ks)
 
 
 def test_kubectl_fleetward_is_a_kubectl_plugin(cluster, objs, fleetward, user_kubeconfigs):

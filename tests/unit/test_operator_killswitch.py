@@ -180,3 +180,25 @@ def test_an_installation_handles_only_the_switches_that_involve_it():
     assert involves(scoped, switch(True), index)  # every agent, its own included
     assert not involves(wide, mine, {"agents_by_namespace": {}})  # the scoped one answers
     assert involves(wide, elsewhere, {"agents_by_namespace": {}})
+
+
+def test_the_webhook_adds_the_finalizer_of_an_involved_installation_on_engage():
+    """Saves Kopf's own finalizer write (a round trip) before the engage handler runs."""
+    from fleetward.operator.handlers.admission import with_finalizer
+    from fleetward.operator.settings import OperatorSettings
+
+    index = {"agents_by_namespace": {"team-a": [agent("team-a", "billing")]}}
+    scoped = OperatorSettings(namespace="team-a-system", watch_namespaces=["team-a"])
+    mine = switch(True, scope={"namespaces": ["team-a"]})
+    mine["metadata"]["finalizers"] = ["other-system.fleetward.dev/cleanup"]
+    assert with_finalizer(scoped, None, mine, index) == [
+        "other-system.fleetward.dev/cleanup",
+        "team-a-system.fleetward.dev/cleanup",
+    ]
+    engaged_now = switch(True, scope={"namespaces": ["team-a"]})
+    assert with_finalizer(scoped, switch(False), engaged_now, index) == ["team-a-system.fleetward.dev/cleanup"]
+    assert with_finalizer(scoped, switch(False), switch(False, scope={"namespaces": ["team-a"]}), index) is None
+    assert with_finalizer(scoped, None, switch(True, scope={"namespaces": ["team-b"]}), index) is None
+    assert with_finalizer(scoped, None, mine, {}) is None  # indexes not ready: Kopf adds it later
+    mine["metadata"]["finalizers"].append("team-a-system.fleetward.dev/cleanup")
+    assert with_finalizer(scoped, None, mine, index) is None  # already there

@@ -3,6 +3,8 @@ same level-based reconcile; deletion cleans up what garbage collection cannot re
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any
 
 import kopf
@@ -34,6 +36,8 @@ def register(settings: OperatorSettings) -> None:
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(f"not ready yet: {outcome.problem}", delay=_backoff(retry))
 
+    dephased: set[str] = set()
+
     @kopf.timer(
         GROUP,
         VERSION,
@@ -46,12 +50,21 @@ def register(settings: OperatorSettings) -> None:
     async def agent_drift(
         body: kopf.Body,
         namespace: str,
+        uid: str,
         memo: kopf.Memo,
         **indexes: Any,
     ) -> None:
+        if uid not in dephased:
+            # Agents seen at once (an operator start, a mass apply) would otherwise all be
+            # re-checked at once every interval, for ever: bursts of reconciles that delay
+            # whatever else the operator does then (a kill switch). One random pause before
+            # the first check spreads them over the interval for good.
+            dephased.add(uid)
+            await asyncio.sleep(random.uniform(0, settings.resync_seconds))
         refs = references(namespace, indexes)
         await reconcile_agent(memo.ctx, dict(body), refs)
 
     @kopf.on.delete(GROUP, VERSION, "agents", when=owned, retries=30, backoff=10, id="agent_deleted")
     async def agent_deleted(namespace: str, name: str, uid: str, memo: kopf.Memo, **_: Any) -> None:
+        dephased.discard(uid)
         await cleanup_agent(memo.ctx, namespace, name, uid)

@@ -190,19 +190,15 @@ async def engage(
         "affectedAgents": len(agents),
     }
     conds = old.get("conditions")
-    if not same_run:
-        conds = c.merge(
-            conds,
-            [Cond(c.READY, False, "Engaging", f"Revoking the credentials of {len(agents)} agent(s) and halting them.")],
-            gen,
-        )
-        await write_status(ctx, switch, {**base, "phase": "Engaging", "conditions": conds})
 
     # 1. Revoke where verified: one trust-bundle write, one Kafka request per change kind.
+    # First of all, before any status write: every round trip before it is time a revoked
+    # credential still works.
     status: dict[str, Any] = dict(base)
     kafka_problem = ""
     if revoke:
         await ctx.bundle.revoke(ids)
+        bundle_done = time.time()
         try:
             await _revoke_kafka(ctx, agents)
         except KafkaUnavailable as e:
@@ -213,8 +209,19 @@ async def engage(
             status["revocationSeconds"] = round(done - t0, 3)
             KILL_SWITCH_REVOCATION_SECONDS.labels(name).set(done - t0)
             log.info(
-                "kill switch %s: credentials of %d agent(s) revoked %.3f s after the engage", name, len(ids), done - t0
+                "kill switch %s: credentials of %d agent(s) revoked %.3f s after the engage (trust bundle %.3f s)",
+                name,
+                len(ids),
+                done - t0,
+                bundle_done - t0,
             )
+    if not same_run:
+        conds = c.merge(
+            conds,
+            [Cond(c.READY, False, "Engaging", f"Credentials of {len(agents)} agent(s) revoked; halting them.")],
+            gen,
+        )
+        await write_status(ctx, switch, {**status, "phase": "Engaging", "conditions": conds})
     # 2. Halt order.
     try:
         targets = order_agents(switch, ids)
