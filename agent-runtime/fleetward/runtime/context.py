@@ -6,7 +6,7 @@ context (`context=`), so it is never checkpointed: it is rebuilt for every run s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from fleetward.runtime.events import EventPublisher
     from fleetward.runtime.guardrails.engine import GuardrailEngine
     from fleetward.runtime.persistence import Ledger
+    from fleetward.runtime.resilience import RetryBudgets
     from fleetward.runtime.retrieval import SopRetriever
 
 DEFAULT_HUMAN_QUEUE = "human-support"
@@ -42,6 +43,9 @@ class Services:
     prices: Mapping[str, ModelPrice]
     audit: RuntimeAudit | None = None
     """The audit log (SPEC §8); None only where none is configured (unit tests)."""
+    retry_budgets: RetryBudgets | None = None
+    """The per-run retry budgets of model and tool calls (resilience.py); None: no per-run
+    budget, only the per-call limits."""
 
     @property
     def agent(self) -> str:
@@ -52,15 +56,31 @@ class Services:
 class StepGate:
     """Checked at the start of every graph step (node, model call, tool call).
 
-    `halted` set: the step waits (the run is parked at a step boundary, everything before
-    it checkpointed) until resume or stop. `stop` set: the step raises `RunStopped`.
+    `halted` set (and `resumed` clear): the step waits (the run is parked at a step
+    boundary, everything before it checkpointed) until resume or stop. `stop` set: the step
+    raises `RunStopped`. `halted` is the inverse of `resumed`, kept so that a wait that is
+    not a step (a retry's backoff, `RunContext.backoff`) can end the moment a halt comes;
+    change both through `halt()` and `resume()`.
     """
 
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    halted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.resumed.set()
+
+    def halt(self) -> None:
+        self.resumed.clear()
+        self.halted.set()
+
+    def resume(self) -> None:
+        self.halted.clear()
+        self.resumed.set()
+
+
+MAX_FAILURE_TRAIL = 50
+"""Failed model and tool attempts kept per run segment for the dead-letter record."""
 
 
 @dataclass
@@ -81,6 +101,14 @@ class RunContext:
     parked_event: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[Any] | None = None
     """The task executing the run (control cancels it in abort mode)."""
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    """Failed model and tool attempts of this segment, oldest first (resilience.py notes
+    them: kind, status, what happened next; never response text). A run that fails for good
+    sends them to the dead-letter topic as part of its history."""
+
+    def note_failure(self, entry: Mapping[str, Any]) -> None:
+        if len(self.failures) < MAX_FAILURE_TRAIL:
+            self.failures.append(dict(entry))
 
     async def before_step(self, step: str) -> None:
         """Wait here while halted; raise RunStopped when the run must stop."""
@@ -101,6 +129,48 @@ class RunContext:
             if self.gate.stop.is_set():
                 raise RunStopped(f"stopped while halted before {step}")
         self.current_step = step
+
+    async def backoff(self, seconds: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Wait `seconds` before retrying a failed model or tool call, but never hold up a
+        halt or a stop with it.
+
+        A backoff wait sits between two attempts of one model or tool call: nothing of the
+        call is in the state yet, and the next attempt passes the step gate anyway. So a halt
+        that comes during the wait ends the wait at once and the run parks right there, as
+        it would before the next step (`before_step`): a drain is delayed by no more than
+        the step in flight, never by the backoff. A stop ends it with `RunStopped`; an abort
+        cancels it like any await. After a resume the run waits out what is left of the
+        backoff (so a server's Retry-After still holds) and then retries; if the halt lasted
+        longer, it retries at once.
+
+        `sleep` is the timer (tests inject one); the halt and stop events cut it short.
+        """
+        if seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        remaining = seconds
+        while True:
+            if self.gate.stop.is_set() or not self.gate.resumed.is_set():
+                await self.before_step(self.current_step)  # parks while halted; raises on stop
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+            timer = asyncio.ensure_future(sleep(remaining))
+            halted = asyncio.ensure_future(self.gate.halted.wait())
+            stopped = asyncio.ensure_future(self.gate.stop.wait())
+            try:
+                await asyncio.wait({timer, halted, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for f in (halted, stopped):
+                    f.cancel()
+                if not timer.done():
+                    timer.cancel()
+            if timer.done() and not timer.cancelled():
+                timer.result()  # the wait is over (a failing timer raises here)
+                if self.gate.stop.is_set():
+                    raise RunStopped(f"stopped while waiting to retry {self.current_step}")
+                return
 
     async def emit(self, key: str, type: EventType, data: WireModel | Mapping[str, Any]) -> None:
         """Publish the run's event `key` (once; see events.py)."""

@@ -9,6 +9,9 @@ key = session id, offsets committed only when the run reached a durable resting 
   without running again.
 - A malformed command, or one that cannot be served, goes to the dead-letter topic with
   the reason; its offset is committed and the worker moves on.
+- So does a command whose run failed for good (the model chain exhausted, an unexpected
+  error; runs.py sends the user a degradation message and `failed`), with the run's
+  history: the executor calls `dead_letter_failed_run` before the command is marked done.
 - Stopping (SIGTERM, a lost partition): runs stop at their next step boundary, after the
   current step is checkpointed; their commands and everything not started stay
   uncommitted, so whoever owns the partition next picks them up from the checkpoint.
@@ -53,8 +56,11 @@ def consumer_config(client_config: dict[str, str], group: str, instance: str) ->
     }
 
 
-def dead_letter(message: Message, reason: str, agent: str) -> tuple[str, dict[str, str]]:
-    """The DLQ record: the original command (verbatim, as text) with where it came from and why."""
+def dead_letter(
+    message: Message, reason: str, agent: str, history: dict[str, Any] | None = None
+) -> tuple[str, dict[str, str]]:
+    """The DLQ record: the original command (verbatim, as text) with where it came from and
+    why; for a command whose run failed, also the run's `history` (runs.py `_history`)."""
     raw = message.value() or b""
     body = {
         "reason": reason,
@@ -66,7 +72,10 @@ def dead_letter(message: Message, reason: str, agent: str) -> tuple[str, dict[st
         "value": raw.decode(errors="replace"),
         "deadLetteredAt": datetime.now(UTC).isoformat(),
     }
+    if history is not None:
+        body["history"] = history
     headers = {
+        "fleetward-dlq-kind": "run_failed" if history is not None else "rejected",
         "fleetward-dlq-reason": reason[:1000],
         "fleetward-original-topic": message.topic() or "",
         "fleetward-original-partition": str(message.partition()),
@@ -109,6 +118,8 @@ class Intake:
         self.resumed.set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.assigned = asyncio.Event()
+        if executor.dead_letter is None:
+            executor.dead_letter = self.dead_letter_failed_run
 
     @property
     def agent(self) -> str:
@@ -285,13 +296,22 @@ class Intake:
             await self._dead_letter(message, str(e), [p for p, _ in e.problems])
             return Outcome.FAILED
         try:
-            return await self.executor.handle(Delivery(command, traceparent, partition))
+            return await self.executor.handle(Delivery(command, traceparent, partition, source=message))
         except Rejected as e:
             await self._dead_letter(message, str(e), [str(e).split(":", 1)[0]])
             return Outcome.FAILED
 
-    async def _dead_letter(self, message: Message, reason: str, fields: list[str]) -> None:
-        value, headers = dead_letter(message, reason, self.agent)
+    async def dead_letter_failed_run(self, delivery: Delivery, reason: str, history: dict[str, Any]) -> None:
+        """The executor's dead-letter sink for a run that failed for good."""
+        if delivery.source is None:
+            log.error("run %s failed but its command has no Kafka record to dead-letter", history.get("runId"))
+            return
+        await self._dead_letter(delivery.source, reason, ["run"], history)
+
+    async def _dead_letter(
+        self, message: Message, reason: str, fields: list[str], history: dict[str, Any] | None = None
+    ) -> None:
+        value, headers = dead_letter(message, reason, self.agent, history)
         await self.producer.send(
             self.dlq_topic,
             value,

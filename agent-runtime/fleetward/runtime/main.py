@@ -33,11 +33,12 @@ from fleetward.runtime.config import (
 from fleetward.runtime.context import Services
 from fleetward.runtime.control import Control
 from fleetward.runtime.events import EventPublisher
-from fleetward.runtime.graphs.specialist import build_specialist, chat_model
+from fleetward.runtime.graphs.specialist import build_specialist, chat_models
 from fleetward.runtime.guardrails.engine import GuardrailEngine
 from fleetward.runtime.intake import Intake
 from fleetward.runtime.kafka import AsyncProducer
 from fleetward.runtime.persistence import Persistence, open_persistence
+from fleetward.runtime.resilience import RetryBudgets
 from fleetward.runtime.retrieval import SopRetriever
 from fleetward.runtime.runs import RunExecutor, RunRegistry
 from fleetward.runtime.telemetry import TracedGuardrails, setup_logging, setup_tracing, shutdown_tracing
@@ -211,6 +212,7 @@ async def run_agent(
             retriever=retriever,
             prices=prices,
             audit=audit,
+            retry_budgets=RetryBudgets(),
         )
         if config.spec.role != "specialist":
             # The router graph comes with the next issue. Until then a router takes no work:
@@ -220,8 +222,9 @@ async def run_agent(
             log.warning("role %s: no graph yet; requests stay queued in %s", config.spec.role, config.topics.request)
             await stop.wait()
             return
+        (primary, _), *fallbacks = chat_models(config, load_model_api_key)
         graph = build_specialist(
-            services, chat_model(config, load_model_api_key(config, 0)), tool_client, persistence.checkpointer
+            services, primary, tool_client, persistence.checkpointer, fallbacks=[model for model, _ in fallbacks]
         )
         registry = RunRegistry()
         executor = RunExecutor(services, graph, registry)
@@ -286,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             config = load_config(args.config)
             load_signing_key(config)
+            for index in range(1 + len(config.spec.model.fallbacks or [])):
+                load_model_api_key(config, index)
             kafka_client_config(config)
             process_settings(config)
             print(f"config {args.config} is valid (agent {config.agent.ref}, hash {config.config_hash})")

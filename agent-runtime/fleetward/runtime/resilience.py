@@ -25,6 +25,14 @@ What comes from LangChain (1.4.7) and what is ours:
   (`ToolCallLimitMiddleware` / `ModelCallLimitMiddleware` cap calls per run or thread; they
   count calls, not retries, and are the tool for `maxToolCallsPerRun`, not for this.)
 
+Wiring (graphs/specialist.py): `model_failure_middleware` outside the model-call span (each
+attempt is its own span), `tool_failure_middleware` right outside `ToolCredentialsMiddleware`;
+the per-run budgets are `Services.retry_budgets`, released by the executor when a run ends.
+Every backoff wait goes through the run's `RunContext.backoff`, so a halt ends it at once
+(the run parks between the two attempts) and a stop raises there. Failed attempts are noted
+on the run context (`RunContext.note_failure`) for the dead-letter record of a run that
+fails for good. The circuit state gauge is `telemetry.TOOL_CIRCUIT_STATE`.
+
 Concurrency: the runtime is asyncio; breaker and budget state change only in short
 synchronous sections (no `await` inside), so coroutines cannot interleave within a
 transition. A `threading.Lock` guards the same sections for callers on other threads.
@@ -48,7 +56,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import httpx
 import httpx2
 import openai
-from fleetward.runtime.telemetry import TOOL_ERRORS
+from fleetward.runtime.context import RunStopped
+from fleetward.runtime.telemetry import TOOL_CIRCUIT_STATE, TOOL_ERRORS
 from fleetward.runtime.tools import HttpTool
 from langchain.agents.middleware import AgentMiddleware, ModelFallbackMiddleware, ModelRetryMiddleware
 from langchain_core.exceptions import (
@@ -83,18 +92,6 @@ AsyncSleep = Callable[[float], Awaitable[None]]
 BudgetOf = Callable[[Any], "RetryBudget | None"]
 """The retry budget of the run a model or tool call belongs to, from the LangGraph runtime
 context (`RunContext` in the runtime); None: no per-run budget, only per-call limits."""
-
-# --- Metric ------------------------------------------------------------------------------------
-
-# SPEC §8 names no circuit-breaker metric; this name and its values are Fleetward's choice:
-# 0 closed, 1 half-open, 2 open (ordered by severity, so max() over replicas is meaningful).
-# Registered in the process-wide default registry that /metrics serves, like telemetry.py;
-# it belongs next to the other metrics there once telemetry.py can be edited.
-TOOL_CIRCUIT_STATE = Gauge(
-    "fleetward_tool_circuit_state",
-    "Circuit breaker state per tool: 0 closed, 1 half-open, 2 open.",
-    ["agent", "tool"],
-)
 
 # --- Classification ----------------------------------------------------------------------------
 
@@ -656,6 +653,28 @@ def _context_of(request: Any) -> Any:
     return getattr(runtime, "context", None)
 
 
+async def _backoff(context: Any, delay: float, sleep: AsyncSleep) -> None:
+    """Wait before the next attempt. With the run's context (`RunContext.backoff`) a halt
+    cuts the wait short and parks the run at once, and a stop ends it: a backoff never
+    delays a halt or a drain by more than the step in flight (see `RunContext.backoff`).
+    Without one (a caller outside a run), a plain sleep."""
+    if delay <= 0:
+        return
+    backoff = getattr(context, "backoff", None)
+    if backoff is not None:
+        await backoff(delay, sleep)
+    else:
+        await sleep(delay)
+
+
+def _note(context: Any, **entry: Any) -> None:
+    """Add a failed attempt to the run's failure trail (`RunContext.note_failure`), which a
+    run that fails for good sends to the dead-letter topic. Kinds, statuses and names only."""
+    note = getattr(context, "note_failure", None)
+    if note is not None:
+        note({k: v for k, v in entry.items() if v is not None})
+
+
 class ResilientModelRetryMiddleware(ModelRetryMiddleware):
     """`ModelRetryMiddleware` with full-jitter backoff, Retry-After, the run's retry budget, the
     run's step gate before every attempt, and a retry count per model of the fallback chain.
@@ -739,22 +758,42 @@ class ResilientModelRetryMiddleware(ModelRetryMiddleware):
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
     ) -> ModelResponse[Any] | AIMessage:
         attempt = 0
+        context = _context_of(request)
         while True:
             if self.gate:
-                await _gate(_context_of(request), "model")
+                await _gate(context, "model")
             try:
                 return await handler(request)
-            except GraphBubbleUp:
+            except (GraphBubbleUp, RunStopped):
                 raise
             except Exception as exc:
                 if not _matches(exc, self.retry_on):
+                    self._note(context, request, exc, attempt, "not retried: not a transient failure")
                     raise
                 delay = self._next_delay(exc, attempt, request)
                 if delay is None:
+                    self._note(context, request, exc, attempt, "gave up")
                     return self._handle_failure(exc, attempt + 1)
-            if delay > 0:
+                self._note(context, request, exc, attempt, f"retried after {delay:.2f} s")
+            if self.gate:
+                await _backoff(context, delay, self._sleep)
+            elif delay > 0:
                 await self._sleep(delay)
             attempt += 1
+
+    @staticmethod
+    def _note(context: Any, request: ModelRequest[Any], exc: Exception, attempt: int, then: str) -> None:
+        failure = classify_model_error(exc)
+        _note(
+            context,
+            call="model",
+            model=_model_name(request.model),
+            attempt=attempt + 1,
+            failure=failure.kind.value,
+            status=failure.status,
+            error=type(exc).__name__,
+            then=then,
+        )
 
     def wrap_model_call(
         self,
@@ -840,6 +879,7 @@ class IdempotentToolRetryMiddleware(AgentMiddleware[Any, Any]):
     ) -> ToolMessage | Command[Any]:
         name = request.tool_call["name"]
         unsafe = retry_unsafe_reason(request.tool, self.specs.get(name))
+        context = _context_of(request)
         attempt = 0
         while True:
             try:
@@ -850,6 +890,7 @@ class IdempotentToolRetryMiddleware(AgentMiddleware[Any, Any]):
                 failure = classify_tool_error(exc)
                 plan = self._plan(failure, attempt, request, unsafe)
                 if isinstance(plan, str):
+                    _note_tool(context, name, attempt, failure, plan)
                     if failure.transient:
                         self._log_gave_up(name, attempt, failure, plan)
                     raise
@@ -859,10 +900,12 @@ class IdempotentToolRetryMiddleware(AgentMiddleware[Any, Any]):
                     return result if attempt == 0 else _annotate(result, attempt + 1, None)
                 plan = self._plan(failure, attempt, request, unsafe)
                 if isinstance(plan, str):
+                    _note_tool(context, name, attempt, failure, plan)
                     if not failure.transient:
                         return result if attempt == 0 else _annotate(result, attempt + 1, None)
                     self._log_gave_up(name, attempt, failure, plan)
                     return _annotate(result, attempt + 1, plan)
+            _note_tool(context, name, attempt, failure, f"retried after {plan:.2f} s")
             log.info(
                 "retrying tool call %s (%s) in %.2f s",
                 name,
@@ -870,11 +913,13 @@ class IdempotentToolRetryMiddleware(AgentMiddleware[Any, Any]):
                 plan,
                 extra={"fw": {"tool": name, "attempt": attempt + 1, "delay_s": round(plan, 3)}},
             )
-            if plan > 0:
+            if self.gate:
+                await _backoff(context, plan, self._sleep)
+            elif plan > 0:
                 await self._sleep(plan)
             attempt += 1
             if self.gate:
-                await _gate(_context_of(request), f"tool:{name}")
+                await _gate(context, f"tool:{name}")
 
     @staticmethod
     def _log_gave_up(tool: str, attempt: int, failure: Failure, why: str) -> None:
@@ -885,6 +930,18 @@ class IdempotentToolRetryMiddleware(AgentMiddleware[Any, Any]):
             why,
             extra={"fw": {"tool": tool, "attempts": attempt + 1, "failure": failure.kind.value}},
         )
+
+
+def _note_tool(context: Any, tool: str, attempt: int, failure: Failure, then: str) -> None:
+    _note(
+        context,
+        call="tool",
+        tool=tool,
+        attempt=attempt + 1,
+        failure=failure.kind.value,
+        status=failure.status,
+        then=then,
+    )
 
 
 def _annotate(result: ToolMessage | Command[Any], attempts: int, note: str | None) -> ToolMessage | Command[Any]:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +28,9 @@ from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext, RunStoppe
 from fleetward.runtime.middleware.guardrails import finding_summary, scan
 from fleetward.runtime.middleware.sop_gate import SOP_INTERRUPT
 from fleetward.runtime.persistence import DONE, RUN_COMPLETED, RUN_FAILED, RUN_WAITING, RunRecord
+from fleetward.runtime.resilience import FailureKind, classify_model_error
 from fleetward.runtime.telemetry import RUN_DURATION, RUNS_IN_FLIGHT, context_from_traceparent, trace_id_hex, tracer
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.types import Command
 from opentelemetry import trace
 
@@ -60,6 +63,23 @@ class Delivery:
     command: AgentCommand
     traceparent: str | None = None
     partition: int | None = None
+    source: Any = None
+    """The Kafka record the command came in (intake's), for a dead-letter record."""
+
+
+DeadLetterSink = Callable[[Delivery, str, dict[str, Any]], Awaitable[None]]
+"""Sends a command whose run failed for good to the dead-letter topic: (delivery, reason,
+the run's history). Intake provides it (`Intake.dead_letter_failed_run`)."""
+
+DEGRADED_REPLY = (
+    "Sorry, I can't answer your request right now because of a technical problem on our side. "
+    "Your request has been passed on to our support team, who will follow up with you."
+)
+"""The graceful degradation message (a `message` event, before `failed`) of a run that
+failed for good: in plain words, no error codes; the details go to the dead-letter topic."""
+
+HISTORY_MESSAGES = 50
+HISTORY_TEXT_CHARS = 2000
 
 
 class RunRegistry:
@@ -72,18 +92,18 @@ class RunRegistry:
     def new_gate(self) -> StepGate:
         gate = StepGate()
         if self.halted:
-            gate.resumed.clear()
+            gate.halt()
         return gate
 
     def halt(self) -> None:
         self.halted = True
         for ctx in self.active.values():
-            ctx.gate.resumed.clear()
+            ctx.gate.halt()
 
     def resume(self) -> None:
         self.halted = False
         for ctx in self.active.values():
-            ctx.gate.resumed.set()
+            ctx.gate.resume()
 
     def stop_all(self) -> None:
         for ctx in self.active.values():
@@ -102,10 +122,15 @@ def _pending_interrupt(snapshot: Any) -> dict[str, Any] | None:
 
 
 class RunExecutor:
-    def __init__(self, services: Services, graph: Any, registry: RunRegistry) -> None:
+    def __init__(
+        self, services: Services, graph: Any, registry: RunRegistry, *, dead_letter: DeadLetterSink | None = None
+    ) -> None:
         self.services = services
         self.graph = graph
         self.registry = registry
+        self.dead_letter = dead_letter
+        """Where a run that failed for good is sent; `Intake` sets it to its dead-letter
+        topic when none is given. None: the failure is only reported in the session."""
 
     @property
     def agent(self) -> str:
@@ -164,7 +189,7 @@ class RunExecutor:
                     return await self._input_refused(ctx, cmd, guarded.verdict, finding_summary(guarded.findings))
                 await ctx.emit("start", "status", {"state": "Active", "step": "intake", "detail": "request accepted"})
                 graph_input = {"messages": [HumanMessage(content=guarded.text or "", id=f"{run_id}-input")]}
-            outcome = await self._drive(ctx, graph_input)
+            outcome = await self._drive(ctx, graph_input, delivery)
         if outcome.final:
             await ledger.finish_request(self.agent, cmd.idempotency_key)
         return outcome
@@ -207,7 +232,7 @@ class RunExecutor:
             raise Rejected(f"data.runId: run {run_id} is waiting for {pending.get('kind')}, not for {kind}")
         with self._span(delivery, run_id) as span:
             ctx = self._context(run, span, cmd, delivery.partition)
-            outcome = await self._drive(ctx, graph_input)
+            outcome = await self._drive(ctx, graph_input, delivery)
         if outcome.final:
             await ledger.finish_request(self.agent, cmd.idempotency_key)
         return outcome
@@ -243,13 +268,14 @@ class RunExecutor:
             partition=partition,
         )
 
-    async def _drive(self, ctx: RunContext, graph_input: Any) -> Outcome:
+    async def _drive(self, ctx: RunContext, graph_input: Any, delivery: Delivery) -> Outcome:
         ledger = self.services.ledger
         started = time.monotonic()
         ctx.task = asyncio.current_task()
         self.registry.active[ctx.run_id] = ctx
         RUNS_IN_FLIGHT.labels(self.agent).inc()
         outcome = Outcome.FAILED
+        ended = False  # the run is over (completed or failed), not parked, stopped or cancelled
         try:
             async for _ in self.graph.astream(
                 graph_input, _thread(ctx.run_id), context=ctx, durability="sync", stream_mode="updates"
@@ -263,6 +289,7 @@ class RunExecutor:
             else:
                 await ledger.set_run_status(ctx.run_id, RUN_COMPLETED)
                 outcome = Outcome.COMPLETED
+                ended = True
             return outcome
         except RunStopped as e:
             log.info("run %s stopped at a step boundary: %s", ctx.run_id, e, extra={"fw": {"runId": ctx.run_id}})
@@ -270,11 +297,91 @@ class RunExecutor:
             return outcome
         except Exception as e:
             log.exception("run %s failed", ctx.run_id, extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}})
-            await ctx.emit("failed", "failed", {"reason": "The run failed.", "error": f"{type(e).__name__}"})
-            await ledger.set_run_status(ctx.run_id, RUN_FAILED)
             trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, type(e).__name__))
+            await self._failed(ctx, delivery, e)
+            ended = True
             return outcome
         finally:
             self.registry.active.pop(ctx.run_id, None)
             RUNS_IN_FLIGHT.labels(self.agent).dec()
             RUN_DURATION.labels(self.agent, outcome.value).observe(time.monotonic() - started)
+            if ended and self.services.retry_budgets is not None:
+                self.services.retry_budgets.release(ctx.run_id)
+
+    async def _failed(self, ctx: RunContext, delivery: Delivery, error: Exception) -> None:
+        """A run that failed for good (the model chain exhausted, or an unexpected error):
+        the user gets a plain-words `message` and `failed`, instead of silence; the command
+        goes to the dead-letter topic with the run's history; the run is marked failed.
+
+        The dead letter goes out before the command is marked done (by the caller) and its
+        offset committed: a crash in between redelivers the command, which continues the
+        run from its checkpoint (retrying the call that failed) and, failing again, sends
+        the dead letter again. At least once, like everything on Kafka here; the session
+        events are sent once (deterministic keys)."""
+        reason = failure_reason(error, ctx.failures, dead_lettered=self.dead_letter is not None)
+        await ctx.emit("degraded", "message", {"role": "assistant", "text": DEGRADED_REPLY})
+        await ctx.emit("failed", "failed", {"reason": reason, "error": type(error).__name__})
+        if self.dead_letter is not None:
+            history = await self._history(ctx, error)
+            await self.dead_letter(delivery, reason, history)
+        await self.services.ledger.set_run_status(ctx.run_id, RUN_FAILED)
+
+    async def _history(self, ctx: RunContext, error: Exception) -> dict[str, Any]:
+        """What the dead-letter record carries besides the command: the run's ids, where and
+        how it failed, the failed attempts (kinds and statuses) and the conversation as
+        checkpointed (after the input and tool-result guardrails, so redacted as the model
+        saw it), cut to the last `HISTORY_MESSAGES` messages of at most `HISTORY_TEXT_CHARS`."""
+        failure = classify_model_error(error)
+        messages: list[dict[str, Any]] = []
+        sop: dict[str, Any] | None = None
+        try:
+            snapshot = await self.graph.aget_state(_thread(ctx.run_id))
+            values = snapshot.values or {}
+            messages = [message_record(m) for m in (values.get("messages") or [])[-HISTORY_MESSAGES:]]
+            raw_sop = values.get("sop")
+            if isinstance(raw_sop, dict):
+                sop = {k: raw_sop.get(k) for k in ("name", "version") if raw_sop.get(k) is not None}
+        except Exception as e:  # the history is best effort: the dead letter must still go out
+            log.warning("run %s: its checkpoint could not be read for the dead letter: %r", ctx.run_id, e)
+        return {
+            "runId": ctx.run_id,
+            "sessionId": ctx.session_id,
+            "traceId": ctx.trace_id,
+            "step": ctx.current_step,
+            "error": {
+                "type": type(error).__name__,
+                "kind": failure.kind.value,
+                **({"status": failure.status} if failure.status is not None else {}),
+            },
+            "attempts": list(ctx.failures),
+            "sop": sop,
+            "messages": messages,
+        }
+
+
+def failure_reason(error: Exception, failures: list[dict[str, Any]], *, dead_lettered: bool = True) -> str:
+    """The `failed` event's reason: what failed, for people; names, kinds and statuses only
+    (never an error message, which may quote the conversation)."""
+    failure = classify_model_error(error)
+    models = list(dict.fromkeys(str(f["model"]) for f in failures if f.get("call") == "model" and f.get("model")))
+    if failure.kind is not FailureKind.OTHER and models:
+        reason = f"No model could answer: {', '.join(models)} failed (last error: {failure.describe()})."
+    else:
+        reason = f"The run failed with an unexpected error ({type(error).__name__})."
+    if dead_lettered:
+        reason += " The request was passed on to the dead-letter topic."
+    return reason[:4000]
+
+
+def message_record(message: Any) -> dict[str, Any]:
+    """One checkpointed message for the dead-letter history."""
+    content = getattr(message, "content", "")
+    text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
+    if len(text) > HISTORY_TEXT_CHARS:
+        text = text[:HISTORY_TEXT_CHARS] + f"... [cut: {len(text) - HISTORY_TEXT_CHARS} more characters]"
+    out: dict[str, Any] = {"role": getattr(message, "type", type(message).__name__), "text": text}
+    if isinstance(message, AIMessage) and message.tool_calls:
+        out["toolCalls"] = [{"id": c.get("id"), "name": c["name"]} for c in message.tool_calls]
+    if isinstance(message, ToolMessage):
+        out.update(toolCallId=message.tool_call_id, name=message.name, status=message.status)
+    return out

@@ -62,6 +62,13 @@ REQUESTS = Counter("fleetward_runtime_requests_total", "Commands taken from the 
 RUNS_IN_FLIGHT = Gauge("fleetward_runtime_runs_in_flight", "Runs being executed by this process.", ["agent"])
 HALTED = Gauge("fleetward_runtime_halted", "1 while a kill switch halts this runtime.", ["agent"])
 EVENTS_PUBLISHED = Counter("fleetward_runtime_events_total", "Session events published.", ["agent", "type"])
+# SPEC §8 names no circuit-breaker metric; this name and its values are Fleetward's choice:
+# 0 closed, 1 half-open, 2 open (ordered by severity, so max() over replicas is meaningful).
+TOOL_CIRCUIT_STATE = Gauge(
+    "fleetward_tool_circuit_state",
+    "Circuit breaker state per tool: 0 closed, 1 half-open, 2 open.",
+    ["agent", "tool"],
+)
 
 
 # --- Tracing -----------------------------------------------------------------------------------

@@ -6,12 +6,23 @@ each checkpointed before the next starts (durability "sync", set by the executor
       -> respond           (RespondMiddleware.after_agent)
 
 Concerns live in middleware, outermost first on each model/tool call:
-- model call: ModelCallMiddleware (halt gate, span, tokens, cost) -> SopPromptMiddleware
-  (system prompt from the SOP) -> GuardrailMiddleware (output) -> PIIMiddleware (from the
-  Guardrails, defence in depth) -> the model;
+- model call: ModelFallbackMiddleware (the Agent's `model.fallbacks`, in order; only when
+  there are any) -> ResilientModelRetryMiddleware (transient errors only, full-jitter
+  backoff, each model its own `maxRetries`, the run's retry budget, the step gate before
+  every attempt) -> ModelCallMiddleware (halt gate, span, tokens, cost: one span per
+  attempt) -> SopPromptMiddleware (system prompt from the SOP) -> GuardrailMiddleware
+  (output) -> PIIMiddleware (from the Guardrails, defence in depth) -> the model;
 - tool call: ToolEventsMiddleware (halt gate, tool_call/tool_result events) ->
   SopGateMiddleware (allow-list, SOP prerequisites) -> GuardrailMiddleware (tool results)
-  -> ToolCredentialsMiddleware (token, Idempotency-Key, traceparent, span) -> HTTP.
+  -> IdempotentToolRetryMiddleware (transient failures of calls safe to repeat) ->
+  ToolCircuitBreakerMiddleware (per tool) -> ToolCredentialsMiddleware (token,
+  Idempotency-Key, traceparent, span) -> HTTP (the tool's `timeoutSeconds`).
+
+Failure handling (resilience.py) sits outside the call it repeats: every model attempt is
+its own span with its own tokens, every tool attempt gets a fresh token under the same
+Idempotency-Key, and the guardrails and events see only the final outcome. The chat models
+are built with `max_retries=0`: retries are ours (counted, budgeted, halt-aware), the
+openai SDK's would repeat non-idempotent work behind our back with its own backoff.
 
 The router graph (graphs/router.py, next to this one) is chosen by `build_graph` from the
 Agent's role; both take the same `Services` and run under the same executor.
@@ -19,6 +30,7 @@ Agent's role; both take the same `Services` and run under the same executor.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fleetward.runtime.context import RunContext, Services
@@ -32,40 +44,64 @@ from fleetward.runtime.middleware.sop_gate import (
     SpecialistState,
 )
 from fleetward.runtime.middleware.tool_credentials import ToolCredentialsMiddleware, ToolEventsMiddleware
+from fleetward.runtime.resilience import model_failure_middleware, tool_failure_middleware
 from fleetward.runtime.tools import ToolHttpClient, build_tools
 from langchain.agents import create_agent
+from langchain_core.tools import BaseTool
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
+from fleetward.api.agent import ModelEndpoint
 from fleetward.api.runtimeconfig import RuntimeConfig
 
 
-def chat_model(config: RuntimeConfig, api_key: str | None) -> ChatOpenAI:
-    """The Agent's model through langchain-openai; any OpenAI-compatible endpoint."""
-    m = config.spec.model
+def chat_model(endpoint: ModelEndpoint, api_key: str | None) -> ChatOpenAI:
+    """One of the Agent's models through langchain-openai; any OpenAI-compatible endpoint.
+    `max_retries=0`: the SDK never retries; `endpoint.maxRetries` is applied by
+    ResilientModelRetryMiddleware (transient errors only, budgeted, halt-aware)."""
     return ChatOpenAI(
-        model=m.name,
-        base_url=m.base_url,
+        model=endpoint.name,
+        base_url=endpoint.base_url,
         api_key=api_key or "unused",  # some endpoints need no key; the client insists on one
-        temperature=m.temperature,
-        timeout=m.timeout_seconds,
-        max_retries=m.max_retries,
+        temperature=endpoint.temperature,
+        timeout=endpoint.timeout_seconds,
+        max_retries=0,
         stream_usage=True,
     )
 
 
-def build_specialist(
-    services: Services, model: Any, tool_client: ToolHttpClient, checkpointer: BaseCheckpointSaver
-) -> Any:
+def chat_models(
+    config: RuntimeConfig, load_key: Callable[[RuntimeConfig, int], str | None]
+) -> list[tuple[ChatOpenAI, ModelEndpoint]]:
+    """The primary model and its fallbacks in order, each with its own API key: model `i`
+    (0 = primary, 1..n = `model.fallbacks[i-1]`) reads the key the operator mounted for
+    credential index `i` (`RuntimeConfig.credentials.models`)."""
+    primary = config.spec.model
+    endpoints: list[ModelEndpoint] = [primary, *(primary.fallbacks or [])]
+    return [(chat_model(endpoint, load_key(config, i)), endpoint) for i, endpoint in enumerate(endpoints)]
+
+
+def specialist_middleware(
+    services: Services, model: Any, tools: Sequence[BaseTool], *, fallbacks: Sequence[Any] = ()
+) -> list[Any]:
+    """The specialist's middleware, outermost first (see the module docstring). `model` is
+    the primary chat model; `fallbacks` the chat models of the Agent's `model.fallbacks`, in
+    the same order (see `chat_models`)."""
     config = services.config
-    tools = build_tools(config.spec.tools, tool_client)
+    endpoints = list(config.spec.model.fallbacks or [])
+    if len(fallbacks) != len(endpoints):
+        raise ValueError(f"{len(fallbacks)} fallback model(s) given for {len(endpoints)} in model.fallbacks")
+    budgets = services.retry_budgets
+    chain = list(zip(fallbacks, endpoints, strict=True))
     middleware: list[Any] = [
         SopRetrievalMiddleware(),
+        *model_failure_middleware((model, config.spec.model), chain, budget_of=budgets),
         ModelCallMiddleware(config.spec.model.name),
         SopPromptMiddleware(),
         ToolEventsMiddleware(),
         SopGateMiddleware([t.name for t in tools], [s for s in config.sops]),
         GuardrailMiddleware(services.guardrails),
+        *tool_failure_middleware(services.agent, config.spec.tools, budget_of=budgets),
         ToolCredentialsMiddleware(),
         RespondMiddleware(),
     ]
@@ -73,10 +109,25 @@ def build_specialist(
         from fleetward.runtime.guardrails.middleware import pii_middleware
 
         middleware += pii_middleware([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+    return middleware
+
+
+def build_specialist(
+    services: Services,
+    model: Any,
+    tool_client: ToolHttpClient,
+    checkpointer: BaseCheckpointSaver,
+    *,
+    fallbacks: Sequence[Any] = (),
+) -> Any:
+    """`model` is the primary chat model; `fallbacks` the chat models of the Agent's
+    `model.fallbacks`, in the same order (see `chat_models`)."""
+    config = services.config
+    tools = build_tools(config.spec.tools, tool_client)
     return create_agent(
         model,
         tools,
-        middleware=middleware,
+        middleware=specialist_middleware(services, model, tools, fallbacks=fallbacks),
         state_schema=SpecialistState,
         context_schema=RunContext,
         checkpointer=checkpointer,

@@ -18,6 +18,12 @@ class ModelCallMiddleware(AgentMiddleware[Any, RunContext]):
     def __init__(self, model_name: str) -> None:
         super().__init__()
         self.model_name = model_name
+        """The primary model's name: the label when the request's model names none."""
+
+    def _name(self, request: ModelRequest) -> str:
+        # The fallback middleware (outside this one) swaps the request's model: label and
+        # price each call by the model that actually served it.
+        return getattr(request.model, "model_name", None) or self.model_name
 
     async def awrap_model_call(
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
@@ -25,31 +31,32 @@ class ModelCallMiddleware(AgentMiddleware[Any, RunContext]):
         ctx: RunContext = request.runtime.context
         await ctx.before_step("model")
         agent = ctx.services.agent
+        name = self._name(request)
         with tracer().start_as_current_span(
             "model call",
             kind=trace.SpanKind.CLIENT,
-            attributes={"gen_ai.request.model": self.model_name, "fleetward.run_id": ctx.run_id},
+            attributes={"gen_ai.request.model": name, "fleetward.run_id": ctx.run_id},
         ) as span:
             try:
                 response = await handler(request)
             except Exception as e:
-                MODEL_CALLS.labels(agent, self.model_name, "error").inc()
+                MODEL_CALLS.labels(agent, name, "error").inc()
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(e).__name__))
                 raise
-            MODEL_CALLS.labels(agent, self.model_name, "ok").inc()
+            MODEL_CALLS.labels(agent, name, "ok").inc()
             prompt = completion = 0
             for message in response.result:
                 usage = message.usage_metadata if isinstance(message, AIMessage) else None
                 if usage:
                     prompt += usage.get("input_tokens", 0)
                     completion += usage.get("output_tokens", 0)
-            TOKENS.labels(agent, self.model_name, "prompt").inc(prompt)
-            TOKENS.labels(agent, self.model_name, "completion").inc(completion)
+            TOKENS.labels(agent, name, "prompt").inc(prompt)
+            TOKENS.labels(agent, name, "completion").inc(completion)
             span.set_attribute("gen_ai.usage.input_tokens", prompt)
             span.set_attribute("gen_ai.usage.output_tokens", completion)
-            price = ctx.services.prices.get(self.model_name)
+            price = ctx.services.prices.get(name)
             if price is not None:
                 cost = price.cost(prompt, completion)
-                COST.labels(agent, self.model_name).inc(cost)
+                COST.labels(agent, name).inc(cost)
                 span.set_attribute("fleetward.cost_usd", cost)
             return response
