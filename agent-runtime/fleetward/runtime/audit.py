@@ -1,5 +1,5 @@
-"""The runtime's audit records (SPEC §8): tool calls with redacted arguments and guardrail
-blocks, appended to the installation's audit chain (`fleetward.audit`).
+"""The runtime's audit records (SPEC §8): tool calls with redacted arguments, guardrail
+blocks and budget stops, appended to the installation's audit chain (`fleetward.audit`).
 
 The chain lives in the runtime's database: the shared PostgreSQL when the operator passes a
 DSN (so every replica of every agent and the operator append to one chain), else the
@@ -8,8 +8,8 @@ the audit library after their commit.
 
 Appends run in a worker thread (the library is synchronous), never on the event loop.
 A tool call is recorded before its HTTP request is sent, and is refused when it cannot
-be recorded: no call leaves the runtime unaudited. A guardrail block is recorded after
-the fact; failing to record it is logged, the block itself stands.
+be recorded: no call leaves the runtime unaudited. A guardrail block or a budget stop is
+recorded after the fact; failing to record it is logged, the block or stop itself stands.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from fleetward.api.agent import Tool as ToolSpec
 from fleetward.api.runtimeconfig import RuntimeConfig
-from fleetward.audit import GUARDRAIL_BLOCK, TOOL_CALL, AuditLog
+from fleetward.audit import BUDGET_STOP, GUARDRAIL_BLOCK, TOOL_CALL, AuditLog
 
 if TYPE_CHECKING:
     from fleetward.runtime.config import ProcessSettings
@@ -97,6 +97,20 @@ class RuntimeAudit:
         except Exception as e:  # the block stands either way; say loudly that its record is missing
             log.error("could not record a guardrail %s at %s in the audit log: %s", verdict, stage, e)
 
+    async def budget_stop(self, ctx: RunContext, stop: Mapping[str, Any]) -> None:
+        """Record a run stopped at a budget cap (numbers only; the partial result is not kept)."""
+        details = {
+            "runId": ctx.run_id,
+            "budget": stop["budget"],
+            "scope": stop.get("scope", "run"),
+            "limit": stop["limit"],
+            "used": stop["used"],
+        }
+        try:
+            await self.append(BUDGET_STOP, f"session:{ctx.session_id}", details)
+        except Exception as e:  # the stop stands either way; say loudly that its record is missing
+            log.error("could not record a %s budget stop of run %s in the audit log: %s", stop["budget"], ctx.run_id, e)
+
     def _redact(self, value: Any) -> Any:
         # The engine directly (not middleware.guardrails.redact_value): the tool_call event
         # already counted these findings in the metrics.
@@ -117,3 +131,10 @@ async def record_guardrail_block(ctx: RunContext, stage: str, verdict: str, find
     audit = ctx.services.audit
     if audit is not None:
         await audit.guardrail_block(ctx, stage, verdict, findings)
+
+
+async def record_budget_stop(ctx: RunContext, stop: Mapping[str, Any]) -> None:
+    """For the respond step: a no-op when the runtime has no audit log (tests)."""
+    audit = ctx.services.audit
+    if audit is not None:
+        await audit.budget_stop(ctx, stop)

@@ -14,7 +14,9 @@ from fleetward.api.envelopes import EventType, WireModel
 from fleetward.api.runtimeconfig import RuntimeConfig
 
 if TYPE_CHECKING:
+    from fleetward.runtime.alerts import AlertPublisher
     from fleetward.runtime.audit import RuntimeAudit
+    from fleetward.runtime.budget import DailyTokenLedger
     from fleetward.runtime.config import ModelPrice, SigningKey
     from fleetward.runtime.events import EventPublisher
     from fleetward.runtime.guardrails.engine import GuardrailEngine
@@ -46,6 +48,11 @@ class Services:
     retry_budgets: RetryBudgets | None = None
     """The per-run retry budgets of model and tool calls (resilience.py); None: no per-run
     budget, only the per-call limits."""
+    token_ledger: DailyTokenLedger | None = None
+    """The Agent's daily token ledger (budget.py; shared by replicas on PostgreSQL); None when
+    the Agent sets no `dailyTokenBudget`."""
+    alerts: AlertPublisher | None = None
+    """Publishes alerts (daily budget thresholds) on the alerts topic; None: not published."""
 
     @property
     def agent(self) -> str:

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from fleetward.runtime.alerts import AlertPublisher
 from fleetward.runtime.audit import RuntimeAudit
+from fleetward.runtime.budget import DailyBudget, DailyTokenLedger
 from fleetward.runtime.config import (
     ConfigError,
     ProcessSettings,
@@ -203,6 +205,7 @@ async def run_agent(
         if unpriced:
             log.warning("no price for model(s) %s: their cost is not recorded", ", ".join(sorted(set(unpriced))))
         audit = await RuntimeAudit.open(config, settings, kafka_config, key.key_id, engine)
+        token_ledger = await open_token_ledger(config, persistence)
         services = Services(
             config=config,
             events=EventPublisher(producer, persistence.ledger, config.topics.events, agent),
@@ -213,6 +216,8 @@ async def run_agent(
             prices=prices,
             audit=audit,
             retry_budgets=RetryBudgets(),
+            token_ledger=token_ledger,
+            alerts=AlertPublisher(producer, config.topics.alerts, agent),
         )
         if config.spec.role != "specialist":
             # The router graph comes with the next issue. Until then a router takes no work:
@@ -278,6 +283,25 @@ async def run_agent(
         undelivered = await asyncio.to_thread(producer.close)
         if undelivered:
             log.error("%d Kafka records were not delivered before shutdown", undelivered)
+
+
+async def open_token_ledger(config: RuntimeConfig, persistence: Persistence) -> DailyTokenLedger | None:
+    """The Agent's daily token ledger in the runtime's database (PostgreSQL: one budget for
+    every replica; SQLite: this pod's own), set up; None when no `dailyTokenBudget` is set."""
+    budget = DailyBudget.from_config(config)
+    if budget is None:
+        return None
+    ledger = DailyTokenLedger.from_persistence(persistence, budget)
+    await ledger.setup()
+    usage = await ledger.usage(budget.agent)  # also sets fleetward_budget_utilization_ratio
+    log.info(
+        "daily token budget: %d of %d used today (%s ledger%s)",
+        usage.used,
+        usage.limit,
+        persistence.backend,
+        ", shared by every replica" if ledger.shared else ", this pod only",
+    )
+    return ledger
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,6 +62,8 @@ SCHEMA = (
 RUNNING, DONE = "running", "done"
 # Run statuses.
 RUN_ACTIVE, RUN_WAITING, RUN_COMPLETED, RUN_FAILED = "active", "waiting", "completed", "failed"
+RUN_BUDGET_STOPPED = "budget_stopped"
+"""Completed with a budget stop: ended at a cap with a partial result (not failed)."""
 
 
 def _now() -> str:

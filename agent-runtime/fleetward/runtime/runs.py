@@ -27,7 +27,14 @@ from fleetward.runtime.audit import record_guardrail_block
 from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext, RunStopped, Services, StepGate
 from fleetward.runtime.middleware.guardrails import finding_summary, scan
 from fleetward.runtime.middleware.sop_gate import SOP_INTERRUPT
-from fleetward.runtime.persistence import DONE, RUN_COMPLETED, RUN_FAILED, RUN_WAITING, RunRecord
+from fleetward.runtime.persistence import (
+    DONE,
+    RUN_BUDGET_STOPPED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_WAITING,
+    RunRecord,
+)
 from fleetward.runtime.resilience import FailureKind, classify_model_error
 from fleetward.runtime.telemetry import RUN_DURATION, RUNS_IN_FLIGHT, context_from_traceparent, trace_id_hex, tracer
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
@@ -43,6 +50,8 @@ APPROVAL_INTERRUPT = "approval"  # human review of drafts/tools (next issue); re
 
 class Outcome(enum.Enum):
     COMPLETED = "completed"
+    BUDGET_STOPPED = "budget_stopped"
+    """Completed at a budget cap with a partial result (`budget_exceeded`): final, not failed."""
     WAITING = "waiting"
     FAILED = "failed"
     DUPLICATE = "duplicate"
@@ -286,6 +295,10 @@ class RunExecutor:
             if pending is not None:
                 await ledger.set_run_status(ctx.run_id, RUN_WAITING, pending.get("kind"))
                 outcome = Outcome.WAITING
+            elif (snapshot.values or {}).get("budget_stop"):
+                await ledger.set_run_status(ctx.run_id, RUN_BUDGET_STOPPED)
+                outcome = Outcome.BUDGET_STOPPED
+                ended = True
             else:
                 await ledger.set_run_status(ctx.run_id, RUN_COMPLETED)
                 outcome = Outcome.COMPLETED

@@ -6,12 +6,24 @@ each checkpointed before the next starts (durability "sync", set by the executor
       -> respond           (RespondMiddleware.after_agent)
 
 Concerns live in middleware, outermost first on each model/tool call:
-- model call: ModelFallbackMiddleware (the Agent's `model.fallbacks`, in order; only when
+- budgets (middleware/budgets.py; each only when `spec.budget` sets it): before every model
+  call StepBudgetMiddleware (`maxStepsPerRun`, LangChain's ModelCallLimitMiddleware) and
+  RunTokenBudgetMiddleware (`maxTokensPerRun`) check the run's counts, checkpointed in the
+  graph state; after it ToolCallBudgetMiddleware (`maxToolCallsPerRun`, LangChain's
+  ToolCallLimitMiddleware) and the token cap decide whether the tools it asks for may run.
+  They count a call once it succeeded, outside the failure handling, so a retried or
+  fallen-back call counts once. A cap that is hit jumps to the respond step with a partial
+  result;
+- model call: RunTokenBudgetMiddleware (sums the reported usage into the state) ->
+  ModelFallbackMiddleware (the Agent's `model.fallbacks`, in order; only when
   there are any) -> ResilientModelRetryMiddleware (transient errors only, full-jitter
   backoff, each model its own `maxRetries`, the run's retry budget, the step gate before
-  every attempt) -> ModelCallMiddleware (halt gate, span, tokens, cost: one span per
-  attempt) -> SopPromptMiddleware (system prompt from the SOP) -> GuardrailMiddleware
-  (output) -> PIIMiddleware (from the Guardrails, defence in depth) -> the model;
+  every attempt) -> DailyTokenBudgetMiddleware (`dailyTokenBudget`: past the step gate,
+  reserves in the shared ledger before each attempt and settles after it, a failed attempt
+  refunded; a call the budget cannot cover is answered with the partial result instead) ->
+  ModelCallMiddleware (halt gate, span, tokens, cost: one span per attempt) ->
+  SopPromptMiddleware (system prompt from the SOP) -> GuardrailMiddleware (output) ->
+  PIIMiddleware (from the Guardrails, defence in depth) -> the model;
 - tool call: ToolEventsMiddleware (halt gate, tool_call/tool_result events) ->
   SopGateMiddleware (allow-list, SOP prerequisites) -> GuardrailMiddleware (tool results)
   -> IdempotentToolRetryMiddleware (transient failures of calls safe to repeat) ->
@@ -34,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fleetward.runtime.context import RunContext, Services
+from fleetward.runtime.middleware.budgets import DailyTokenBudgetMiddleware, run_budget_middleware
 from fleetward.runtime.middleware.guardrails import GuardrailMiddleware
 from fleetward.runtime.middleware.observability import ModelCallMiddleware
 from fleetward.runtime.middleware.respond import RespondMiddleware
@@ -95,7 +108,9 @@ def specialist_middleware(
     chain = list(zip(fallbacks, endpoints, strict=True))
     middleware: list[Any] = [
         SopRetrievalMiddleware(),
+        *run_budget_middleware(config.spec.budget),
         *model_failure_middleware((model, config.spec.model), chain, budget_of=budgets),
+        *([DailyTokenBudgetMiddleware()] if services.token_ledger is not None else []),
         ModelCallMiddleware(config.spec.model.name),
         SopPromptMiddleware(),
         ToolEventsMiddleware(),

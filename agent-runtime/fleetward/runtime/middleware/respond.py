@@ -1,11 +1,14 @@
 """The last step of a specialist run (after_agent, a graph node): send the answer and
 `resolved`, or — when the output guardrail withheld the answer — never send it and report
-`failed` (block) or `escalated` (escalate)."""
+`failed` (block) or `escalated` (escalate), or — when the run stopped at a budget cap
+(middleware/budgets.py) — send the partial result as `message`, then `budget_exceeded`, and
+record the stop in the audit log."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fleetward.runtime.audit import record_budget_stop
 from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext
 from fleetward.runtime.middleware.guardrails import GUARDRAIL_METADATA
 from fleetward.runtime.middleware.sop_gate import SpecialistState
@@ -29,6 +32,18 @@ class RespondMiddleware(AgentMiddleware[SpecialistState, RunContext]):
     async def aafter_agent(self, state: SpecialistState, runtime: Runtime[RunContext]) -> dict[str, Any] | None:
         ctx = runtime.context
         await ctx.before_step("respond")
+        stop = state.get("budget_stop")
+        if stop:
+            # Audited first: a crash after it replays this step, which records the stop
+            # again (at least once) but sends each event once (deterministic keys).
+            await record_budget_stop(ctx, stop)
+            await ctx.emit("reply", "message", {"role": "assistant", "text": stop["partial"]})
+            await ctx.emit(
+                "budget_exceeded",
+                "budget_exceeded",
+                {"budget": stop["budget"], "limit": stop["limit"], "used": stop["used"], "partial": stop["partial"]},
+            )
+            return None
         last = state["messages"][-1] if state["messages"] else None
         verdict = (last.response_metadata or {}).get(GUARDRAIL_METADATA) if isinstance(last, AIMessage) else None
         if verdict:

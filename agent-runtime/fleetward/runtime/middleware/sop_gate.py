@@ -42,6 +42,9 @@ SOP_INTERRUPT = "sop"
 class SpecialistState(AgentState):
     sop: NotRequired[dict[str, Any] | None]
     """The SOP the run follows: {name, version, title, instructions, steps, provided}."""
+    budget_stop: NotRequired[dict[str, Any] | None]
+    """Set when the run stopped at a budget cap (middleware/budgets.py): {budget, scope,
+    limit, used, partial}; the respond step then sends the partial result."""
 
 
 @dataclass(frozen=True)
