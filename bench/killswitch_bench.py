@@ -436,6 +436,7 @@ def revocation_part(args, cluster: DevCluster, api, user_kubeconfigs) -> dict[st
                 len(agents),
             )
             gauges.start()
+            load_at_engage = os.getloadavg()[0]
             created = engage(objs, name, ns, args.drain_timeout)
             accepted_at = stamp_seconds(created["metadata"]["annotations"][ENGAGED_AT])
             # A sample probed in a tight loop (a round of 2 x sample probes is short) times
@@ -463,6 +464,7 @@ def revocation_part(args, cluster: DevCluster, api, user_kubeconfigs) -> dict[st
                 "status_revocation_seconds": st.get("revocationSeconds"),
                 "status_drain_seconds_kwok": st.get("drainSeconds"),
                 "forced_pods": sum(len(a.get("forcedInstances") or []) for a in st.get("agents") or []),
+                "load_average_1m": round(load_at_engage, 2),
             }
             say(
                 f"  sample of {len(sample)}: refused by the tool service p50 {run['sample_tool_service']['p50_s']} "
@@ -474,7 +476,8 @@ def revocation_part(args, cluster: DevCluster, api, user_kubeconfigs) -> dict[st
             runs.append(run)
             release(user_kubeconfigs, name)
             wait_phase(objs, name, "Released", 300)
-            run["ready_again_s"] = round(wait_all_ready(api, ns, len(names), args.timeout, "after release"), 1)
+            if i + 1 < args.runs:  # the next run needs every Agent back, with its fresh key
+                run["ready_again_s"] = round(wait_all_ready(api, ns, len(names), args.timeout, "after release"), 1)
             objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)
     finally:
         tools.terminate()
