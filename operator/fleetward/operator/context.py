@@ -39,7 +39,12 @@ class OperatorContext:
     @classmethod
     async def create(cls, settings: OperatorSettings, kubeconfig: str | None = None) -> OperatorContext:
         kube = await Kube.connect(kubeconfig, concurrency=max(8, settings.max_concurrent_reconciles * 2))
-        bundle = TrustBundle(kube, settings.namespace, settings.trust_bundle_name)
+        # The trust bundle has its own connections, so its writes (a kill switch's revocation
+        # among them) never queue for a connection behind the reconciles' requests: after a
+        # release of 1000 Agents hundreds of those wait at once (the suspected cause of the
+        # ~1 s revocations in docs/bench/killswitch.md). One writer, one request at a time.
+        bundle_kube = await Kube.connect(kubeconfig, concurrency=2)
+        bundle = TrustBundle(bundle_kube, settings.namespace, settings.trust_bundle_name)
         return cls(
             settings=settings,
             kube=kube,
@@ -52,6 +57,7 @@ class OperatorContext:
 
     async def close(self) -> None:
         await self.bundle.stop()
+        await self.bundle.kube.close()
         self.control.close()
         self.audit.close()
         await self.kube.close()
