@@ -978,8 +978,8 @@ class ToolCircuitBreakerMiddleware(AgentMiddleware[Any, Any]):
         if breaker is None:
             return await handler(request)
         try:
-            permit = breaker.acquire()
-        except CircuitOpenError as refused:
+            return await breaker.call(lambda: handler(request), outcome=classify_tool_result)
+        except CircuitOpenError as refused:  # raised by the breaker before any call is made
             TOOL_ERRORS.labels(self.breakers.agent, call["name"], "circuit_open").inc()
             return ToolMessage(
                 content=f"Tool call failed: {refused}",
@@ -993,16 +993,6 @@ class ToolCircuitBreakerMiddleware(AgentMiddleware[Any, Any]):
                     "retryInSeconds": None if refused.retry_in is None else math.ceil(refused.retry_in),
                 },
             )
-        try:
-            result = await handler(request)
-        except (GraphBubbleUp, asyncio.CancelledError):
-            breaker.release(permit)
-            raise
-        except Exception as exc:
-            breaker.record(permit, classify_tool_error(exc))
-            raise
-        breaker.record(permit, classify_tool_result(result))
-        return result
 
 
 def model_failure_middleware(
