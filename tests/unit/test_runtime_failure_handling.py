@@ -139,11 +139,13 @@ def test_the_fallbacks_and_retries_wrap_each_model_attempt_and_the_tool_retries_
         "SopPromptMiddleware",
         "ToolEventsMiddleware",
         "SopGateMiddleware",
+        "ReviewedToolsMiddleware",
         "GuardrailMiddleware",
         "IdempotentToolRetryMiddleware",
         "ToolCircuitBreakerMiddleware",
         "ToolCredentialsMiddleware",
         "RespondMiddleware",
+        "DraftReviewMiddleware",
     ]
     fallback = next(m for m in chain if isinstance(m, ModelFallbackMiddleware))
     assert fallback.models == [backup]

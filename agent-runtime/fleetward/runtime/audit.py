@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from fleetward.api.agent import Tool as ToolSpec
 from fleetward.api.runtimeconfig import RuntimeConfig
-from fleetward.audit import BUDGET_STOP, GUARDRAIL_BLOCK, TOOL_CALL, AuditLog
+from fleetward.audit import BUDGET_STOP, GUARDRAIL_BLOCK, REVIEW_DECISION, TOOL_CALL, AuditLog
 
 if TYPE_CHECKING:
     from fleetward.runtime.config import ProcessSettings
@@ -110,6 +110,24 @@ class RuntimeAudit:
             await self.append(BUDGET_STOP, f"session:{ctx.session_id}", details)
         except Exception as e:  # the stop stands either way; say loudly that its record is missing
             log.error("could not record a %s budget stop of run %s in the audit log: %s", stop["budget"], ctx.run_id, e)
+
+    async def review_decision(
+        self, ctx: RunContext, review: Mapping[str, Any], decision: str, reviewer: str, *, timed_out: bool
+    ) -> None:
+        """Record a reviewer's decision (or a review's timeout) before the run goes on with it.
+        Raises when it cannot be recorded: the decision is then retried (redelivered), never
+        acted on without its record."""
+        details: dict[str, Any] = {
+            "runId": ctx.run_id,
+            "reviewId": review.get("reviewId"),
+            "review": review.get("review"),
+            "decision": decision,
+            "reviewer": reviewer,
+            "timedOut": timed_out,
+        }
+        if review.get("name"):
+            details["tool"] = review["name"]
+        await self.append(REVIEW_DECISION, f"session:{ctx.session_id}", details)
 
     def _redact(self, value: Any) -> Any:
         # The engine directly (not middleware.guardrails.redact_value): the tool_call event

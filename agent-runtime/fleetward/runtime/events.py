@@ -9,6 +9,11 @@ keys: a published one is not produced again, an unpublished one goes out with th
 sequence and id it was given. The only duplicate left is a crash between Kafka's
 acknowledgement and the ledger update, and that duplicate has the same `id` and
 `sequence`, so a consumer can drop it.
+
+An `escalated` event is also copied, as it is, to the alerts topic (when one is given): the
+human queue's tooling reads the alerts topic, not every session (SPEC §6). The copy is sent
+after the events-topic record and is at most once (a crash between the two loses it; the
+session still shows the escalation).
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ def event_id(event_key: str) -> str:
 
 
 class EventPublisher:
-    def __init__(self, producer: AsyncProducer, ledger: Ledger, topic: str, agent: str) -> None:
+    def __init__(
+        self, producer: AsyncProducer, ledger: Ledger, topic: str, agent: str, *, alerts_topic: str | None = None
+    ) -> None:
         self.producer = producer
         self.ledger = ledger
         self.topic = topic
         self.agent = agent
+        self.alerts_topic = alerts_topic
 
     async def emit(
         self,
@@ -80,6 +88,16 @@ class EventPublisher:
         await self.producer.send(self.topic, envelope, key=session_id, headers=headers)
         await self.ledger.mark_published(key)
         EVENTS_PUBLISHED.labels(self.agent, event.type).inc()
+        if event.type == "escalated" and self.alerts_topic:
+            try:
+                await self.producer.send(
+                    self.alerts_topic,
+                    envelope,
+                    key=session_id,
+                    headers={**headers, "fleetward-alert-type": "escalated"},
+                )
+            except Exception as e:  # the session has the escalation; say loudly the queue may not
+                log.error("could not copy escalation %s of session %s to the alerts topic: %s", key, session_id, e)
         log.info(
             "event %s #%d",
             event.type,

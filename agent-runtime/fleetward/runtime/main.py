@@ -35,6 +35,7 @@ from fleetward.runtime.config import (
 from fleetward.runtime.context import Services
 from fleetward.runtime.control import Control
 from fleetward.runtime.events import EventPublisher
+from fleetward.runtime.graphs.router import TopicDirectory, build_router
 from fleetward.runtime.graphs.specialist import build_specialist, chat_models
 from fleetward.runtime.guardrails.engine import GuardrailEngine
 from fleetward.runtime.intake import Intake
@@ -42,6 +43,7 @@ from fleetward.runtime.kafka import AsyncProducer
 from fleetward.runtime.persistence import Persistence, open_persistence
 from fleetward.runtime.resilience import RetryBudgets
 from fleetward.runtime.retrieval import SopRetriever
+from fleetward.runtime.review import ReviewTimer
 from fleetward.runtime.runs import RunExecutor, RunRegistry
 from fleetward.runtime.telemetry import TracedGuardrails, setup_logging, setup_tracing, shutdown_tracing
 from fleetward.runtime.tools import ToolHttpClient
@@ -208,7 +210,9 @@ async def run_agent(
         token_ledger = await open_token_ledger(config, persistence)
         services = Services(
             config=config,
-            events=EventPublisher(producer, persistence.ledger, config.topics.events, agent),
+            events=EventPublisher(
+                producer, persistence.ledger, config.topics.events, agent, alerts_topic=config.topics.alerts
+            ),
             ledger=persistence.ledger,
             signing_key=key,
             guardrails=engine,
@@ -219,18 +223,24 @@ async def run_agent(
             token_ledger=token_ledger,
             alerts=AlertPublisher(producer, config.topics.alerts, agent),
         )
-        if config.spec.role != "specialist":
-            # The router graph comes with the next issue. Until then a router takes no work:
-            # its requests wait in Kafka, uncommitted, for the runtime that serves them.
-            readiness.checks["intake"] = None
-            readiness.checks["control"] = None
-            log.warning("role %s: no graph yet; requests stay queued in %s", config.spec.role, config.topics.request)
-            await stop.wait()
-            return
+
+        async def send(topic: str, value: str, key: str, headers: dict[str, str] | None = None) -> None:
+            await producer.send(topic, value, key=key, headers=headers)
+
         (primary, _), *fallbacks = chat_models(config, load_model_api_key)
-        graph = build_specialist(
-            services, primary, tool_client, persistence.checkpointer, fallbacks=[model for model, _ in fallbacks]
-        )
+        if config.spec.role == "router":
+            graph = build_router(
+                services,
+                primary,
+                persistence.checkpointer,
+                fallbacks=[model for model, _ in fallbacks],
+                topics=TopicDirectory(kafka_config),
+                send=send,
+            )
+        else:
+            graph = build_specialist(
+                services, primary, tool_client, persistence.checkpointer, fallbacks=[model for model, _ in fallbacks]
+            )
         registry = RunRegistry()
         executor = RunExecutor(services, graph, registry)
         intake = Intake(
@@ -253,7 +263,12 @@ async def run_agent(
             instance=settings.instance,
             group_prefix=config.kafka.consumer_group,
         )
-        tasks = [asyncio.create_task(intake.run(), name="intake"), asyncio.create_task(control.run(), name="control")]
+        timer = ReviewTimer(services, send, config.topics.request)
+        tasks = [
+            asyncio.create_task(intake.run(), name="intake"),
+            asyncio.create_task(control.run(), name="control"),
+            asyncio.create_task(timer.run(intake.stopping), name="review-timer"),
+        ]
         readiness.checks["intake"] = None
 
         async def control_ready() -> None:

@@ -10,6 +10,8 @@ Ledgers (tables `fw_*`, created at start):
   number allocated for it and whether it reached Kafka. A step replayed after a crash
   re-emits the same key: it gets the same sequence and envelope, and is not published
   twice once it was (see events.py).
+- `fw_reviews`: the human reviews runs wait for (review.py), with their deadlines: the
+  review timeout and `fleetward_human_review_queue_depth` read it, so both survive restarts.
 
 The SQL is written once with `?` placeholders and common syntax (ON CONFLICT, RETURNING)
 that SQLite >= 3.35 and PostgreSQL both understand.
@@ -55,6 +57,18 @@ SCHEMA = (
         envelope TEXT,
         published INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (session_id, sequence))""",
+    # Human reviews a run waits for (review.py): one row per open review, deleted when it is
+    # answered. A table of its own rather than columns of fw_runs: existing databases get it
+    # from CREATE TABLE IF NOT EXISTS, without a migration.
+    """CREATE TABLE IF NOT EXISTS fw_reviews (
+        run_id TEXT NOT NULL,
+        review_id TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        deadline TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (run_id, review_id))""",
 )
 
 # Request statuses. `running`: accepted, the run has not reached a resting state (a crash
@@ -160,6 +174,23 @@ class RunRecord:
     waiting_for: str | None
 
 
+@dataclass(frozen=True)
+class ReviewRecord:
+    run_id: str
+    review_id: str
+    agent: str
+    session_id: str
+    kind: str
+    deadline: datetime
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> ReviewRecord:
+        deadline = row["deadline"]
+        if isinstance(deadline, str):
+            deadline = datetime.fromisoformat(deadline)
+        return cls(**{**row, "deadline": deadline})
+
+
 class Ledger:
     """The runtime's bookkeeping tables (see the module docstring)."""
 
@@ -220,6 +251,58 @@ class Ledger:
             "UPDATE fw_runs SET status = ?, waiting_for = ?, updated_at = ? WHERE run_id = ?",
             (status, waiting_for, _now(), run_id),
         )
+
+    # -- human reviews (review.py) ----------------------------------------------------------------
+
+    async def open_review(
+        self, run_id: str, review_id: str, agent: str, session_id: str, kind: str, deadline: datetime
+    ) -> ReviewRecord:
+        """Record that the run waits for review `review_id`, due at `deadline`; a replay of the
+        step that asked keeps the first deadline. Returns the review as recorded."""
+        await self.db.execute(
+            "INSERT INTO fw_reviews (run_id, review_id, agent, session_id, kind, deadline, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, review_id) DO NOTHING",
+            (run_id, review_id, agent, session_id, kind, deadline.astimezone(UTC).isoformat(), _now()),
+        )
+        review = await self.review(run_id, review_id)
+        assert review is not None
+        return review
+
+    async def review(self, run_id: str, review_id: str) -> ReviewRecord | None:
+        row = await self.db.fetchone(
+            "SELECT run_id, review_id, agent, session_id, kind, deadline FROM fw_reviews"
+            " WHERE run_id = ? AND review_id = ?",
+            (run_id, review_id),
+        )
+        return ReviewRecord.of(row) if row else None
+
+    async def reviews_of_run(self, run_id: str) -> list[ReviewRecord]:
+        rows = await self.db.fetchall(
+            "SELECT run_id, review_id, agent, session_id, kind, deadline FROM fw_reviews"
+            " WHERE run_id = ? ORDER BY created_at, review_id",
+            (run_id,),
+        )
+        return [ReviewRecord.of(r) for r in rows]
+
+    async def close_review(self, run_id: str, review_id: str) -> None:
+        await self.db.execute("DELETE FROM fw_reviews WHERE run_id = ? AND review_id = ?", (run_id, review_id))
+
+    async def close_reviews_of_run(self, run_id: str) -> None:
+        await self.db.execute("DELETE FROM fw_reviews WHERE run_id = ?", (run_id,))
+
+    async def expired_reviews(self, agent: str, now: datetime, limit: int = 100) -> list[ReviewRecord]:
+        """Open reviews of `agent` whose deadline has passed, oldest deadline first.
+        (ISO-8601 UTC strings of one format compare in time order.)"""
+        rows = await self.db.fetchall(
+            "SELECT run_id, review_id, agent, session_id, kind, deadline FROM fw_reviews"
+            " WHERE agent = ? AND deadline <= ? ORDER BY deadline LIMIT ?",
+            (agent, now.astimezone(UTC).isoformat(), limit),
+        )
+        return [ReviewRecord.of(r) for r in rows]
+
+    async def count_reviews(self, agent: str) -> int:
+        row = await self.db.fetchone("SELECT COUNT(*) AS n FROM fw_reviews WHERE agent = ?", (agent,))
+        return int(row["n"]) if row else 0
 
     # -- session events (outbox) ---------------------------------------------------------------
 

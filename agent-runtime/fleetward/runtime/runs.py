@@ -21,11 +21,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fleetward.runtime.audit import record_guardrail_block
 from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext, RunStopped, Services, StepGate
-from fleetward.runtime.middleware.guardrails import finding_summary, scan
+from fleetward.runtime.middleware.guardrails import finding_summary, redact_value, scan
 from fleetward.runtime.middleware.sop_gate import SOP_INTERRUPT
 from fleetward.runtime.persistence import (
     DONE,
@@ -36,6 +37,7 @@ from fleetward.runtime.persistence import (
     RunRecord,
 )
 from fleetward.runtime.resilience import FailureKind, classify_model_error
+from fleetward.runtime.review import APPROVAL_INTERRUPT, TIMEOUT_REVIEWER, BadAnswer, resume_answer
 from fleetward.runtime.telemetry import RUN_DURATION, RUNS_IN_FLIGHT, context_from_traceparent, trace_id_hex, tracer
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langgraph.types import Command
@@ -44,8 +46,6 @@ from opentelemetry import trace
 from fleetward.api.envelopes import AgentCommand, HandoffData, ProvideSopData, ResumeData, UserMessageData
 
 log = logging.getLogger("fleetward.runtime.runs")
-
-APPROVAL_INTERRUPT = "approval"  # human review of drafts/tools (next issue); resume commands answer it
 
 
 class Outcome(enum.Enum):
@@ -123,11 +123,14 @@ def _thread(run_id: str) -> dict[str, Any]:
     return {"configurable": {"thread_id": run_id}}
 
 
+def _pending_interrupts(snapshot: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(interrupt id, value) of every interrupt the run waits on, oldest first."""
+    return [(intr.id, intr.value) for intr in getattr(snapshot, "interrupts", ()) or () if isinstance(intr.value, dict)]
+
+
 def _pending_interrupt(snapshot: Any) -> dict[str, Any] | None:
-    for intr in getattr(snapshot, "interrupts", ()) or ():
-        if isinstance(intr.value, dict):
-            return intr.value
-    return None
+    pending = _pending_interrupts(snapshot)
+    return pending[0][1] if pending else None
 
 
 class RunExecutor:
@@ -154,7 +157,7 @@ class RunExecutor:
         if isinstance(cmd.data, ProvideSopData):
             return await self._answer(delivery, cmd.data.run_id, SOP_INTERRUPT, self._sop_answer(cmd))
         if isinstance(cmd.data, ResumeData):
-            return await self._answer(delivery, cmd.data.run_id, APPROVAL_INTERRUPT, cmd.data.to_wire())
+            return await self._review_decision(delivery, cmd.data)
         raise Rejected(f"type: {cmd.type} is not served by a {self.services.config.spec.role}")
 
     @staticmethod
@@ -198,6 +201,15 @@ class RunExecutor:
                     return await self._input_refused(ctx, cmd, guarded.verdict, finding_summary(guarded.findings))
                 await ctx.emit("start", "status", {"state": "Active", "step": "intake", "detail": "request accepted"})
                 graph_input = {"messages": [HumanMessage(content=guarded.text or "", id=f"{run_id}-input")]}
+                if cmd.user is not None:
+                    graph_input["requester"] = cmd.user.to_wire()
+                if isinstance(cmd.data, HandoffData):
+                    graph_input["handoff"] = {
+                        "from": cmd.data.from_agent,
+                        "parentRunId": cmd.data.parent_run_id,
+                        "topic": cmd.data.topic,
+                        "analysis": cmd.data.analysis.to_wire(),
+                    }
             outcome = await self._drive(ctx, graph_input, delivery)
         if outcome.final:
             await ledger.finish_request(self.agent, cmd.idempotency_key)
@@ -219,11 +231,7 @@ class RunExecutor:
     async def _answer(self, delivery: Delivery, run_id: str, kind: str, answer: dict[str, Any]) -> Outcome:
         cmd = delivery.command
         ledger = self.services.ledger
-        run = await ledger.get_run(run_id)
-        if run is None or run.agent != self.agent:
-            raise Rejected(f"data.runId: no run {run_id} of agent {self.agent}")
-        if run.session_id != cmd.session_id:
-            raise Rejected(f"sessionId: run {run_id} belongs to another session")
+        run = await self._run_of(cmd, run_id)
         request = await ledger.begin_request(self.agent, cmd.idempotency_key, cmd.session_id, cmd.type, run_id)
         if request.status == DONE:
             return Outcome.DUPLICATE
@@ -245,6 +253,82 @@ class RunExecutor:
         if outcome.final:
             await ledger.finish_request(self.agent, cmd.idempotency_key)
         return outcome
+
+    # -- a reviewer's decision (resume) ---------------------------------------------------------
+
+    async def _review_decision(self, delivery: Delivery, data: ResumeData) -> Outcome:
+        """A `resume` command answers the oldest review the run waits for (review.py): the
+        decision is checked against it, recorded in the audit log and the session
+        (`approval_decision`), the review is closed, and the run goes on from its checkpoint.
+        A timeout command (`TIMEOUT_REVIEWER`) counts only once the review's deadline passed."""
+        cmd = delivery.command
+        ledger = self.services.ledger
+        run = await self._run_of(cmd, data.run_id)
+        snapshot = await self.graph.aget_state(_thread(run.run_id))
+        reviews = [(i, v) for i, v in _pending_interrupts(snapshot) if v.get("kind") == APPROVAL_INTERRUPT]
+        if not reviews:
+            return await self._answer(delivery, run.run_id, APPROVAL_INTERRUPT, {})  # done, resumed, or not a review
+        interrupt_id, review = reviews[0]
+        review_id = str(review.get("reviewId"))
+        # The review a command answers is recorded with it: a command redelivered after a
+        # crash that came after its decision was checkpointed must not answer the next review.
+        request = await ledger.begin_request(
+            self.agent, cmd.idempotency_key, cmd.session_id, f"resume:{review_id}", run.run_id
+        )
+        if request.status == DONE:
+            return Outcome.DUPLICATE
+        answered = request.command_type.partition(":")[2]
+        if not request.new and answered and answered != review_id:
+            with self._span(delivery, run.run_id) as span:
+                outcome = await self._drive(self._context(run, span, cmd, delivery.partition), None, delivery)
+            if outcome.final:
+                await ledger.finish_request(self.agent, cmd.idempotency_key)
+            return outcome
+        timed_out = data.reviewer == TIMEOUT_REVIEWER and cmd.user is not None and cmd.user.sub == TIMEOUT_REVIEWER
+        policy = self.services.config.spec.human_review
+        try:
+            if timed_out:
+                record = await ledger.review(run.run_id, review_id)
+                if record is not None and record.deadline > datetime.now(UTC):
+                    raise BadAnswer(
+                        f"data.reviewer: review {review_id} of run {run.run_id} is due at "
+                        f"{record.deadline.isoformat()}; a timeout before then is refused"
+                    )
+            answer = resume_answer(
+                review, data.decision, data.reviewer, data.edit, timed_out=timed_out, on_timeout=policy.on_timeout
+            )
+        except BadAnswer as e:
+            await ledger.finish_request(self.agent, cmd.idempotency_key)
+            raise Rejected(str(e)) from e
+        with self._span(delivery, run.run_id) as span:
+            ctx = self._context(run, span, cmd, delivery.partition)
+            if self.services.audit is not None:
+                await self.services.audit.review_decision(
+                    ctx, review, answer["decision"], data.reviewer, timed_out=timed_out
+                )
+            if not timed_out:
+                decided: dict[str, Any] = {"decision": data.decision, "reviewer": data.reviewer}
+                if data.edit is not None:  # shown to the session like any text: guardrails apply
+                    decided["edit"] = redact_value(self.services.guardrails, data.edit, "output", self.agent)
+                await ctx.emit(f"approval_decision/{review_id}", "approval_decision", decided)
+                await ctx.emit(
+                    f"review-decided/{review_id}",
+                    "status",
+                    {"state": "Active", "step": "review", "detail": f"{data.decision} by {data.reviewer}"},
+                )
+            await ledger.close_review(run.run_id, review_id)
+            outcome = await self._drive(ctx, Command(resume={interrupt_id: answer}), delivery)
+        if outcome.final:
+            await ledger.finish_request(self.agent, cmd.idempotency_key)
+        return outcome
+
+    async def _run_of(self, cmd: AgentCommand, run_id: str) -> RunRecord:
+        run = await self.services.ledger.get_run(run_id)
+        if run is None or run.agent != self.agent:
+            raise Rejected(f"data.runId: no run {run_id} of agent {self.agent}")
+        if run.session_id != cmd.session_id:
+            raise Rejected(f"sessionId: run {run_id} belongs to another session")
+        return run
 
     # -- driving the graph ---------------------------------------------------------------------------
 

@@ -60,6 +60,17 @@ PII_DETECTIONS = Counter(
 )
 REQUESTS = Counter("fleetward_runtime_requests_total", "Commands taken from the request topic.", ["agent", "outcome"])
 RUNS_IN_FLIGHT = Gauge("fleetward_runtime_runs_in_flight", "Runs being executed by this process.", ["agent"])
+HUMAN_REVIEW_QUEUE_DEPTH = Gauge(
+    "fleetward_human_review_queue_depth",
+    "Human reviews the agent's runs wait for (from the shared ledger: with PostgreSQL every replica "
+    "reports the agent's whole count; aggregate with max).",
+    ["agent"],
+)
+ROUTER_HANDOFFS = Counter(
+    "fleetward_router_handoffs_total",
+    "Parts of requests a router handed on, by route topic and where they went (specialist, fallback_agent, human).",
+    ["agent", "topic", "target"],
+)
 HALTED = Gauge("fleetward_runtime_halted", "1 while a kill switch halts this runtime.", ["agent"])
 EVENTS_PUBLISHED = Counter("fleetward_runtime_events_total", "Session events published.", ["agent", "type"])
 # SPEC §8 names no circuit-breaker metric; this name and its values are Fleetward's choice:

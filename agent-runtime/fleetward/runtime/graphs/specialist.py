@@ -3,6 +3,8 @@ each checkpointed before the next starts (durability "sync", set by the executor
 
     retrieve_sop (SopRetrievalMiddleware.before_agent; interrupt when no SOP matches)
       -> model <-> tools   (the agent loop; tools bound under the gates below)
+      -> review            (DraftReviewMiddleware.after_agent; interrupt when the draft
+                            needs a human per humanReview; review.py)
       -> respond           (RespondMiddleware.after_agent)
 
 Concerns live in middleware, outermost first on each model/tool call:
@@ -25,7 +27,9 @@ Concerns live in middleware, outermost first on each model/tool call:
   SopPromptMiddleware (system prompt from the SOP) -> GuardrailMiddleware (output) ->
   PIIMiddleware (from the Guardrails, defence in depth) -> the model;
 - tool call: ToolEventsMiddleware (halt gate, tool_call/tool_result events) ->
-  SopGateMiddleware (allow-list, SOP prerequisites) -> GuardrailMiddleware (tool results)
+  SopGateMiddleware (allow-list, SOP prerequisites) -> ReviewedToolsMiddleware (a reviewer's
+  approval for `requiresApproval` tools and SOP steps with `approval: human`; review.py)
+  -> GuardrailMiddleware (tool results)
   -> IdempotentToolRetryMiddleware (transient failures of calls safe to repeat) ->
   ToolCircuitBreakerMiddleware (per tool) -> ToolCredentialsMiddleware (token,
   Idempotency-Key, traceparent, span) -> HTTP (the tool's `timeoutSeconds`).
@@ -54,10 +58,10 @@ from fleetward.runtime.middleware.sop_gate import (
     SopGateMiddleware,
     SopPromptMiddleware,
     SopRetrievalMiddleware,
-    SpecialistState,
 )
 from fleetward.runtime.middleware.tool_credentials import ToolCredentialsMiddleware, ToolEventsMiddleware
 from fleetward.runtime.resilience import model_failure_middleware, tool_failure_middleware
+from fleetward.runtime.review import DraftReviewMiddleware, ReviewedToolsMiddleware, ReviewPolicy, ReviewState
 from fleetward.runtime.tools import ToolHttpClient, build_tools
 from langchain.agents import create_agent
 from langchain_core.tools import BaseTool
@@ -105,6 +109,7 @@ def specialist_middleware(
     if len(fallbacks) != len(endpoints):
         raise ValueError(f"{len(fallbacks)} fallback model(s) given for {len(endpoints)} in model.fallbacks")
     budgets = services.retry_budgets
+    review = ReviewPolicy.of(config.spec)
     chain = list(zip(fallbacks, endpoints, strict=True))
     middleware: list[Any] = [
         SopRetrievalMiddleware(),
@@ -115,10 +120,12 @@ def specialist_middleware(
         SopPromptMiddleware(),
         ToolEventsMiddleware(),
         SopGateMiddleware([t.name for t in tools], [s for s in config.sops]),
+        ReviewedToolsMiddleware(review, {t.name for t in tools}, list(config.sops)),
         GuardrailMiddleware(services.guardrails),
         *tool_failure_middleware(services.agent, config.spec.tools, budget_of=budgets),
         ToolCredentialsMiddleware(),
         RespondMiddleware(),
+        DraftReviewMiddleware(review),  # after_agent hooks run last-listed first: review, then respond
     ]
     if config.guardrails:
         from fleetward.runtime.guardrails.middleware import pii_middleware
@@ -143,7 +150,7 @@ def build_specialist(
         model,
         tools,
         middleware=specialist_middleware(services, model, tools, fallbacks=fallbacks),
-        state_schema=SpecialistState,
+        state_schema=ReviewState,
         context_schema=RunContext,
         checkpointer=checkpointer,
         name=f"specialist:{config.agent.ref}",

@@ -63,7 +63,13 @@ def sop_state(sop: ResolvedSOP) -> dict[str, Any]:
         "title": s.title,
         "instructions": s.instructions,
         "steps": [
-            {"id": st.id, "instruction": st.instruction, "tool": st.tool, "requires": list(st.requires or [])}
+            {
+                "id": st.id,
+                "instruction": st.instruction,
+                "tool": st.tool,
+                "requires": list(st.requires or []),
+                "approval": st.approval,
+            }
             for st in s.steps or []
         ],
         "escalationQueue": s.escalation_queue,
