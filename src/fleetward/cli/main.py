@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fleetward: run fleets of LLM agents on Kubernetes under SOPs, guardrails and a kill switch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from fleetward.cli import audit, crds, dev, guardrail, killswitch, llm, operator, runtime, schemas
+    from fleetward.cli import audit, crds, dev, guardrail, killswitch, llm, operator, runtime, schemas, sessions
 
     operator.register(sub)
     runtime.register(sub)
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.register(sub)
     audit.register(sub)
     killswitch.register(sub)
+    sessions.register(sub)
     return parser
 
 
