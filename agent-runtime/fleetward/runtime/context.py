@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from fleetward.runtime.config import ModelPrice, SigningKey
     from fleetward.runtime.events import EventPublisher
     from fleetward.runtime.guardrails.engine import GuardrailEngine
+    from fleetward.runtime.memory import LongTermMemory
     from fleetward.runtime.persistence import Ledger
     from fleetward.runtime.resilience import RetryBudgets
     from fleetward.runtime.retrieval import SopRetriever
@@ -53,6 +54,8 @@ class Services:
     the Agent sets no `dailyTokenBudget`."""
     alerts: AlertPublisher | None = None
     """Publishes alerts (daily budget thresholds) on the alerts topic; None: not published."""
+    memory: LongTermMemory | None = None
+    """Users' earlier run outcomes (memory.py); None: no long-term memory (unit tests)."""
 
     @property
     def agent(self) -> str:

@@ -40,6 +40,7 @@ from fleetward.runtime.graphs.specialist import build_specialist, chat_models
 from fleetward.runtime.guardrails.engine import GuardrailEngine
 from fleetward.runtime.intake import Intake
 from fleetward.runtime.kafka import AsyncProducer
+from fleetward.runtime.memory import LongTermMemory, open_memory_store
 from fleetward.runtime.persistence import Persistence, open_persistence
 from fleetward.runtime.resilience import RetryBudgets
 from fleetward.runtime.retrieval import SopRetriever
@@ -47,6 +48,7 @@ from fleetward.runtime.review import ReviewTimer
 from fleetward.runtime.runs import RunExecutor, RunRegistry
 from fleetward.runtime.telemetry import TracedGuardrails, setup_logging, setup_tracing, shutdown_tracing
 from fleetward.runtime.tools import ToolHttpClient
+from langgraph.store.base import BaseStore
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from fleetward.api.runtimeconfig import RuntimeConfig
@@ -135,10 +137,13 @@ async def serve(args: argparse.Namespace) -> int:
 
     watcher = asyncio.create_task(watch_kafka())
     try:
-        async with open_persistence(settings.database_dsn, settings.sqlite_path) as persistence:
+        async with (
+            open_persistence(settings.database_dsn, settings.sqlite_path) as persistence,
+            open_memory_store(settings.database_dsn, settings.sqlite_path) as memory_store,
+        ):
             readiness.checks["persistence"] = None
             log.info("persistence: %s", persistence.backend)
-            await run_agent(config, key, kafka_config, settings, persistence, readiness, stop)
+            await run_agent(config, key, kafka_config, settings, persistence, readiness, stop, memory_store)
     finally:
         started = time.monotonic()
         readiness.stopping = True
@@ -186,6 +191,7 @@ async def run_agent(
     persistence: Persistence,
     readiness: Readiness,
     stop: asyncio.Event,
+    memory_store: BaseStore | None = None,
 ) -> None:
     """Intake, control and the graph until `stop`; then a bounded, orderly shutdown."""
     agent = config.agent.ref
@@ -222,6 +228,7 @@ async def run_agent(
             retry_budgets=RetryBudgets(),
             token_ledger=token_ledger,
             alerts=AlertPublisher(producer, config.topics.alerts, agent),
+            memory=LongTermMemory(memory_store, agent) if memory_store is not None else None,
         )
 
         async def send(topic: str, value: str, key: str, headers: dict[str, str] | None = None) -> None:

@@ -24,7 +24,8 @@ Concerns live in middleware, outermost first on each model/tool call:
   reserves in the shared ledger before each attempt and settles after it, a failed attempt
   refunded; a call the budget cannot cover is answered with the partial result instead) ->
   ModelCallMiddleware (halt gate, span, tokens, cost: one span per attempt) ->
-  SopPromptMiddleware (system prompt from the SOP) -> GuardrailMiddleware (output) ->
+  SopPromptMiddleware (system prompt from the SOP) -> MemoryMiddleware (the user's earlier
+  outcomes appended to it; memory.py) -> GuardrailMiddleware (output) ->
   PIIMiddleware (from the Guardrails, defence in depth) -> the model;
 - tool call: ToolEventsMiddleware (halt gate, tool_call/tool_result events) ->
   SopGateMiddleware (allow-list, SOP prerequisites) -> ReviewedToolsMiddleware (a reviewer's
@@ -50,6 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fleetward.runtime.context import RunContext, Services
+from fleetward.runtime.memory import MemoryMiddleware
 from fleetward.runtime.middleware.budgets import DailyTokenBudgetMiddleware, run_budget_middleware
 from fleetward.runtime.middleware.guardrails import GuardrailMiddleware
 from fleetward.runtime.middleware.observability import ModelCallMiddleware
@@ -118,6 +120,7 @@ def specialist_middleware(
         *([DailyTokenBudgetMiddleware()] if services.token_ledger is not None else []),
         ModelCallMiddleware(config.spec.model.name),
         SopPromptMiddleware(),
+        *([MemoryMiddleware(services.memory)] if services.memory is not None else []),
         ToolEventsMiddleware(),
         SopGateMiddleware([t.name for t in tools], [s for s in config.sops]),
         ReviewedToolsMiddleware(review, {t.name for t in tools}, list(config.sops)),
