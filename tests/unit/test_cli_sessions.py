@@ -153,7 +153,8 @@ def test_every_event_type_has_a_case():
 )
 def test_approval_required_says_what_why_which_run_and_how_to_answer(data, what):
     out = line("approval_required", data)
-    assert out.startswith(what + " -- answer as a reviewer on the gateway: "), out
+    cli = "fleetward sessions decide gh-web:7f3c2a run-billing-0001 --agent githouse/billing --decision approve|edit|reject"
+    assert out.startswith(what + f" -- answer with: {cli}; or as a reviewer on the gateway: "), out
     answer = json.loads(out.split("on the gateway: ", 1)[1])
     assert answer == {"type": "approval_decision", "runId": "run-billing-0001", "decision": "approve|edit|reject"}
 

@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--no-example", action="store_true", help="apply no manifests; install only Fleetward")
     up.add_argument("--no-wait", action="store_true", help="do not wait for the applied Agents to become Ready")
     up.add_argument(
+        "--no-query",
+        action="store_true",
+        help="do not send the GitHouse enterprise query to the router once the example is up",
+    )
+    up.add_argument(
         "--wait-timeout",
         type=float,
         default=300,
@@ -108,8 +113,11 @@ def run_up(args: argparse.Namespace) -> int:
         if targets and not args.no_wait:
             _wait_agents_ready(api, args.wait_timeout)
         env_file = cluster.write_env_file(args.env_file or layout.state_root() / "dev.env")
+        session = None
+        if EXAMPLE in targets and not args.no_query:
+            session = _send_enterprise_query(cluster.kafka("plain").bootstrap)
         elapsed = time.monotonic() - started
-        _print_summary(cluster, env_file, elapsed)
+        _print_summary(cluster, env_file, elapsed, session)
         up = True
         while True:
             cluster.check()
@@ -161,7 +169,47 @@ def _wait_agents_ready(api, timeout: float) -> None:
         time.sleep(1)
 
 
-def _print_summary(cluster, env_file: Path, elapsed: float) -> None:
+ENTERPRISE_QUERY = (
+    "Our CI/CD pipeline has been dead for three hours, I'm stuck in a 2FA lockout loop, "
+    "and please give my Lead Dev permission to increase the budget."
+)
+
+
+def _send_enterprise_query(bootstrap: str) -> str | None:
+    """The seed's enterprise query (SPEC §11) as the user octo-admin, to the GitHouse router's
+    request topic; returns the session id (None when it could not be sent: the cluster stays
+    up, and the summary says so)."""
+    import uuid
+
+    from confluent_kafka import Producer
+
+    from fleetward.api.envelopes import AgentCommand
+
+    session = f"githouse-enterprise-{uuid.uuid4().hex[:8]}"
+    command = AgentCommand.new(
+        "user_message",
+        session_id=session,
+        agent="githouse/router",
+        idempotency_key=f"make-up-{session}",
+        user={"sub": "octo-admin", "role": "user"},
+        data={"text": ENTERPRISE_QUERY},
+    )
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    errors: list[str] = []
+    producer.produce(
+        "fleetward.requests.githouse.router",
+        command.to_json().encode(),
+        key=session.encode(),
+        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+    )
+    if producer.flush(15) or errors:
+        _print(f"warning: the enterprise query was not sent: {errors[0] if errors else 'no acknowledgement'}")
+        return None
+    _print(f"==> sent the GitHouse enterprise query to githouse/router (session {session})")
+    return session
+
+
+def _print_summary(cluster, env_file: Path, elapsed: float, session: str | None = None) -> None:
     env = cluster.env()
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in cluster.timings.items())
     _print()
@@ -178,4 +226,10 @@ def _print_summary(cluster, env_file: Path, elapsed: float) -> None:
     _print()
     _print("                   kubectl get agents -n githouse      # the operator's work: phase, Ready")
     _print("                   kubectl describe agent router -n githouse")
+    if session:
+        _print()
+        _print("The enterprise query is running through the GitHouse mesh. Watch the session:")
+        _print(f"                   fleetward sessions tail {session}")
+        _print("Each draft and gated step waits for a reviewer; the tail shows the command that answers it:")
+        _print(f"                   fleetward sessions decide {session} RUN_ID --agent AGENT --decision approve")
     _print("Press Ctrl-C to stop everything.")

@@ -115,7 +115,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     tail.add_argument(
         "--full", action="store_true", help=f"do not shorten long texts (default: cut at {TEXT_LIMIT} characters)"
     )
-    kafka = tail.add_argument_group("Kafka")
+    _kafka_options(tail)
+    tail.set_defaults(handler=run_tail)
+
+    decide = ssub.add_parser(
+        "decide",
+        help="answer a review a run waits for (approve, edit or reject), as a reviewer",
+        description=DECIDE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    decide.add_argument("session_id", metavar="SESSION_ID", help="the session of the run")
+    decide.add_argument("run_id", metavar="RUN_ID", help="the run that waits (runId of its approval_required event)")
+    decide.add_argument(
+        "--agent",
+        required=True,
+        metavar="NAMESPACE/NAME",
+        help="the agent that asked for the review (the approval_required event's agent)",
+    )
+    decide.add_argument("--decision", required=True, choices=("approve", "edit", "reject"))
+    decide.add_argument(
+        "--edit",
+        metavar="TEXT",
+        help="with --decision edit: the new draft text, or for a tool call a JSON object of its arguments",
+    )
+    decide.add_argument(
+        "--reviewer",
+        default=os.environ.get("USER") or None,
+        help="your identity as recorded in the session and the audit log (default: $USER)",
+    )
+    decide.add_argument(
+        "--request-topic-prefix",
+        default="fleetward.requests",
+        metavar="PREFIX",
+        help="agents' request topics are PREFIX.<namespace>.<name> (default: %(default)s)",
+    )
+    _kafka_options(decide)
+    decide.set_defaults(handler=run_decide)
+
+
+def _kafka_options(parser: argparse.ArgumentParser) -> None:
+    kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
         "--bootstrap-server",
         metavar="HOST:PORT[,...]",
@@ -146,7 +185,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="give up when Kafka cannot be reached within SECONDS (default: %(default)s)",
     )
-    tail.set_defaults(handler=run_tail)
 
 
 def _seconds(text: str) -> float:
@@ -212,7 +250,8 @@ def describe(event: SessionEvent, *, limit: int | None = TEXT_LIMIT) -> str:
         review = f", review {d.review_id}" if d.review_id else ""
         return (
             f"{what}; reason: {_quote(d.reason, limit)}; run {event.run_id}{review}, waits {d.timeout_seconds} s"
-            f" -- answer as a reviewer on the gateway: "
+            f" -- answer with: fleetward sessions decide {event.session_id} {event.run_id} --agent {event.agent}"
+            " --decision approve|edit|reject; or as a reviewer on the gateway: "
             f'{{"type": "approval_decision", "runId": "{event.run_id}", "decision": "approve|edit|reject"}}'
         )
     if kind == "approval_decision":
@@ -278,6 +317,77 @@ def classify(session_id: str, key: bytes | None, value: bytes | None) -> Session
 
 class UsageError(Exception):
     pass
+
+
+DECIDE_HELP = """`fleetward sessions decide SESSION_ID RUN_ID --agent NS/NAME --decision D`: answer the
+review a run waits for, from the command line (an operator's tool, for the local demo and for
+on-call without a reviewer client; reviewers normally answer on the gateway with an
+`approval_decision` frame, where their identity comes from their token).
+
+It produces a `resume` command (fleetward.command.v1) to the agent's request topic, keyed by
+the session, with the reviewer's name as the command's user (role reviewer). Whoever may
+write to the agents' request topics can therefore act as any reviewer: that is what the
+Kafka ACLs are for. A run waiting for several reviews gets the decision for the oldest one.
+
+Examples:
+  fleetward sessions decide gh-7f3c2a run-1b2c... --agent githouse/billing --decision approve
+  fleetward sessions decide gh-7f3c2a run-1b2c... --agent githouse/billing --decision edit \\
+      --edit "lead-dev can now raise the budget."
+"""
+
+
+def run_decide(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException, Producer
+
+    from fleetward.api.envelopes import AgentCommand, EnvelopeError
+
+    try:
+        if (args.decision == "edit") != (args.edit is not None):
+            raise UsageError("--edit goes with --decision edit, and --decision edit needs --edit")
+        if not args.reviewer:
+            raise UsageError("no reviewer: pass --reviewer NAME ($USER is not set)")
+        namespace, sep, name = args.agent.partition("/")
+        if not sep or not namespace or not name:
+            raise UsageError(f"--agent {args.agent!r}: expected NAMESPACE/NAME")
+        cfg = kafka_config(args)
+        data: dict[str, Any] = {"runId": args.run_id, "decision": args.decision, "reviewer": args.reviewer}
+        if args.edit is not None:
+            data["edit"] = args.edit
+        command = AgentCommand.new(
+            "resume",
+            session_id=args.session_id,
+            agent=args.agent,
+            idempotency_key=f"cli-decide-{uuid.uuid4().hex}",
+            user={"sub": args.reviewer, "role": "reviewer"},
+            data=data,
+        )
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except EnvelopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    topic = f"{args.request_topic_prefix}.{namespace}.{name}"
+    producer = Producer({**cfg, "enable.idempotence": True, "acks": "all", "logger": _quiet_logger()})
+    outcome: dict[str, Any] = {}
+
+    def report(err: Any, msg: Any) -> None:
+        outcome["error"] = err
+        if err is None:
+            outcome["at"] = f"{msg.partition()}:{msg.offset()}"
+
+    try:
+        producer.produce(topic, command.to_json().encode(), key=args.session_id.encode(), on_delivery=report)
+        producer.flush(args.connect_timeout)
+    except KafkaException as e:
+        print(f"error: could not send to {topic} on {cfg['bootstrap.servers']}: {_why(e)}", file=sys.stderr)
+        return EXIT_KAFKA
+    if "at" not in outcome:
+        why = outcome.get("error") or f"no acknowledgement within {args.connect_timeout:g} s"
+        print(f"error: could not send to {topic} on {cfg['bootstrap.servers']}: {why}", file=sys.stderr)
+        return EXIT_KAFKA
+    print(f"sent {args.decision} for run {args.run_id} by {args.reviewer} to {topic} at {outcome['at']}")
+    return EXIT_OK
 
 
 def kafka_config(args: argparse.Namespace) -> dict[str, Any]:
