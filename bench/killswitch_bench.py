@@ -607,7 +607,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nodes = cluster.add_kwok_nodes(args.nodes) if args.agents else []
         say(f"{len(nodes)} kwok nodes Ready")
         install_crds(api, REPO / "crds")
-        helm_install(cluster.bins.helm, cluster.kubeconfig, local_values(kafka.bootstrap))
+        # No state claims: the runtime pods run on kwok nodes (nothing to keep), and the
+        # numbers stay comparable with the runs before claims existed.
+        values = local_values(kafka.bootstrap, runtime={"stateVolume": {"enabled": False}})
+        helm_install(cluster.bins.helm, cluster.kubeconfig, values)
         wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
         say("operator running")
         users = cluster.user_kubeconfigs()

@@ -106,7 +106,12 @@ def run(args: argparse.Namespace) -> dict:
         nodes = cluster.add_kwok_nodes(args.nodes)
         say(f"{len(nodes)} kwok nodes Ready")
         install_crds(api, REPO / "crds")
-        values = local_values(kafka.bootstrap, operator={"resyncSeconds": 600})
+        # No state claims: the runtime pods run on kwok nodes (nothing to keep), and the
+        # numbers stay comparable with the runs before claims existed (a claim and a
+        # volume per Agent would add to what the control plane does).
+        values = local_values(
+            kafka.bootstrap, operator={"resyncSeconds": 600}, runtime={"stateVolume": {"enabled": False}}
+        )
         helm_install(cluster.bins.helm, cluster.kubeconfig, values)
         wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
         say("operator running")

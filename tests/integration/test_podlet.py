@@ -469,3 +469,74 @@ def test_init_containers_run_to_completion_before_the_app(core, namespace):
     assert status.init_container_statuses[0].state.terminated.exit_code == 0
     initialized = next(c for c in status.conditions if c.type == "Initialized")
     assert initialized.status == "True"
+
+
+def test_a_claim_of_the_default_class_is_provisioned_mounted_and_outlives_its_pods(cluster, api, core, namespace):
+    """The default StorageClass's provisioner (in the podlet) makes a hostPath volume for a
+    claim that names no class, the controller manager binds them, the scheduler holds a
+    pod until its claim exists and is bound, the podlet mounts the volume's folder; a second
+    pod reads what the first wrote; deleting the claim removes the volume and its folder."""
+    storage = client.StorageV1Api(api)
+    default = storage.read_storage_class("fleetward-local")
+    assert default.metadata.annotations["storageclass.kubernetes.io/is-default-class"] == "true"
+
+    def pod(name: str, script: str) -> None:
+        spec = {
+            "restartPolicy": "Never",
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "none",
+                    "command": ["sh", "-c", script],
+                    "volumeMounts": [{"name": "data", "mountPath": "/run/fleetward-test/data"}],
+                }
+            ],
+        }
+        create_pod(core, namespace, name, spec)
+
+    def finished(name: str) -> client.V1Pod:
+        done = lambda: core.read_namespaced_pod(name, namespace).status.phase in ("Succeeded", "Failed")  # noqa: E731
+        wait_for(done, 30, f"pod {name} finished")
+        return core.read_namespaced_pod(name, namespace)
+
+    pod("writer", "echo kept > /run/fleetward-test/data/note")
+    time.sleep(2)
+    writer = core.read_namespaced_pod("writer", namespace)
+    assert writer.spec.node_name is None and writer.status.phase == "Pending", "scheduled without its claim"
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "16Mi"}}},
+        },
+    )
+    read_claim = lambda: core.read_namespaced_persistent_volume_claim("data", namespace)  # noqa: E731
+    wait_for(lambda: read_claim().status.phase == "Bound", 30, "the claim Bound")
+    claim = read_claim()
+    assert claim.spec.storage_class_name == "fleetward-local"
+    pv = core.read_persistent_volume(claim.spec.volume_name)
+    assert pv.status.phase == "Bound" and pv.spec.claim_ref.uid == claim.metadata.uid
+    folder = Path(pv.spec.host_path.path)
+    assert folder.is_dir() and folder.is_relative_to(cluster.state)
+
+    assert finished("writer").status.phase == "Succeeded"
+    core.delete_namespaced_pod("writer", namespace)
+    assert (folder / "note").read_text() == "kept\n"
+    pod("reader", 'test "$(cat /run/fleetward-test/data/note)" = kept')
+    assert finished("reader").status.phase == "Succeeded"
+
+    core.delete_namespaced_pod("reader", namespace)
+    core.delete_namespaced_persistent_volume_claim("data", namespace)
+
+    def volume_gone() -> bool:
+        try:
+            core.read_persistent_volume(pv.metadata.name)
+            return False
+        except client.exceptions.ApiException as e:
+            return e.status == 404
+
+    wait_for(volume_gone, 60, "the released volume deleted")
+    assert not folder.exists()

@@ -33,6 +33,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, update, patch, delete]
+# The runtimes' state claims (runtime.stateVolume); get: an existing claim's spec is kept.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, create, patch, delete]
 # The kill switch lists runtime pods to wait for their drain and deletes those that never ack.
 - apiGroups: [""]
   resources: [pods]
@@ -82,6 +86,10 @@ runtime:
   runAsUser: {{ .Values.runtime.runAsUser }}
   resources: {{ .Values.runtime.resources | toJson }}
   databaseSecret: {{ .Values.runtime.databaseSecret | default nil | toJson }}
+  stateVolume:
+    enabled: {{ .Values.runtime.stateVolume.enabled }}
+    size: {{ .Values.runtime.stateVolume.size | quote }}
+    storageClassName: {{ .Values.runtime.stateVolume.storageClassName | default nil | toJson }}
 gateway:
   enabled: {{ .Values.gateway.enabled }}
   name: {{ printf "%s-gateway" .Release.Name | quote }}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 FIELD_MANAGER = "fleetward"
+log = logging.getLogger("fleetward.operator.kube")
 
 
 class KubeError(Exception):
@@ -63,6 +65,7 @@ KINDS: dict[str, Kind] = {
     "Service": Kind("v1", "services"),
     "Namespace": Kind("v1", "namespaces", namespaced=False),
     "Event": Kind("v1", "events"),
+    "PersistentVolumeClaim": Kind("v1", "persistentvolumeclaims"),
     "Deployment": Kind("apps/v1", "deployments"),
     "PodDisruptionBudget": Kind("policy/v1", "poddisruptionbudgets"),
     "HorizontalPodAutoscaler": Kind("autoscaling/v2", "horizontalpodautoscalers"),
@@ -71,6 +74,21 @@ KINDS: dict[str, Kind] = {
     "Guardrail": Kind("fleetward.dev/v1alpha1", "guardrails"),
     "KillSwitch": Kind("fleetward.dev/v1alpha1", "killswitches", namespaced=False),
 }
+
+
+# Fields of a PersistentVolumeClaim's spec that are fixed once it exists (the size may only
+# grow, and only where its StorageClass allows expansion).
+CLAIM_FIXED_FIELDS = ("accessModes", "storageClassName", "resources", "volumeMode", "selector")
+
+
+def with_live_claim_spec(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """The desired claim with the live claim's fixed spec fields: what an apply may still
+    change on an existing claim (its labels and owner) without being refused for a size
+    or class the settings changed since the claim was created."""
+    live_spec = live.get("spec") or {}
+    spec = {k: v for k, v in (desired.get("spec") or {}).items() if k not in CLAIM_FIXED_FIELDS}
+    spec.update({k: live_spec[k] for k in CLAIM_FIXED_FIELDS if k in live_spec})
+    return {**desired, "spec": spec}
 
 
 def kind_of(obj: dict[str, Any]) -> Kind:
@@ -175,11 +193,30 @@ class Kube:
         return (await self.request("GET", KINDS[kind].path(namespace), params=params)).get("items", [])
 
     async def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
-        """Server-side apply (field manager `fleetward`): the object's fields as we own them."""
+        """Server-side apply (field manager `fleetward`): the object's fields as we own them.
+
+        A PersistentVolumeClaim whose fixed spec fields differ from the settings now (a
+        new size or class) is refused by the API server (422, or 403 for a resize its class
+        does not allow); it is applied again with its live spec, so that the reconcile goes
+        on and the existing volume, with the state on it, is kept."""
         meta = obj["metadata"]
         path = kind_of(obj).path(meta.get("namespace"), meta["name"])
         params = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
-        return await self.request("PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml")
+        try:
+            return await self.request(
+                "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
+            )
+        except KubeError as e:
+            if obj["kind"] != "PersistentVolumeClaim" or e.status not in (403, 422):
+                raise
+            live = await self.get("PersistentVolumeClaim", meta.get("namespace"), meta["name"])
+            if live is None:
+                raise
+            log.warning("%s: keeping the claim's existing spec (%s)", path, e.message)
+            body = with_live_claim_spec(obj, live)
+            return await self.request(
+                "PATCH", path, body=body, params=params, content_type="application/apply-patch+yaml"
+            )
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

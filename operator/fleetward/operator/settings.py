@@ -84,6 +84,24 @@ class TopicSettings(Settings):
         return [self.events, self.control, self.control_acks, self.alerts, self.dlq, self.audit]
 
 
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+
+
+class StateVolumeSettings(Settings):
+    """A PersistentVolumeClaim for the runtime's SQLite file (checkpoints and the request
+    dedupe ledger), so that the state of a single-replica Agent outlives its pod: a kill
+    switch's scale to zero and the roll for a fresh key after its release, a node drain.
+    Used only in SQLite mode (no `databaseSecret`) and only by Agents with one replica and
+    no autoscaling; others keep a per-pod emptyDir (SQLite has one writer)."""
+
+    enabled: bool = True
+    size: str = Field(default="1Gi", pattern=QUANTITY)
+    """Requested storage, a Kubernetes quantity. Applies when a claim is created; an
+    existing claim keeps its size (a claim's spec is fixed after creation)."""
+    storage_class_name: str | None = None
+    """StorageClass of the claims; None or empty: the cluster's default class."""
+
+
 class RuntimeSettings(Settings):
     """How agent runtime pods are built."""
 
@@ -98,6 +116,7 @@ class RuntimeSettings(Settings):
     database_secret: str | None = None
     """Secret (in the Agent's namespace) with key `dsn`: PostgreSQL for checkpoints and ledgers.
     None: each pod uses embedded SQLite (fine for one replica)."""
+    state_volume: StateVolumeSettings = Field(default_factory=StateVolumeSettings)
     run_as_user: int = 65532
 
 

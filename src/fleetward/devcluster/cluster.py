@@ -24,7 +24,7 @@ from typing import Any
 from kubernetes import client, config
 
 from fleetward.devcluster import layout
-from fleetward.devcluster.controlplane import ADMIN, ControlPlane, node_identity
+from fleetward.devcluster.controlplane import ADMIN, LOCAL_PROVISIONER, ControlPlane, node_identity
 from fleetward.devcluster.kube import apply_manifest
 from fleetward.devcluster.process import ComponentFailed, ManagedProcess, wait_for
 from fleetward.devcluster.services import Kafka, Kwok, Postgres, Prometheus, Service
@@ -102,7 +102,8 @@ class DevCluster:
         log.info("%s ready in %.1f s", name, self.timings[name])
 
     def start(self) -> DevCluster:
-        """Control plane, RBAC bootstrap, and the podlet node (Ready)."""
+        """Control plane, bootstrap (RBAC, the default StorageClass), and the podlet node
+        (Ready), which also provisions the volumes of that class."""
         try:
             self._timed("control plane", self.control_plane.start)
             self._timed("bootstrap", self.bootstrap)
@@ -137,6 +138,7 @@ class DevCluster:
 
     def start_podlet(self) -> None:
         kubeconfig = self.control_plane.kubeconfig_for(node_identity(PODLET_NODE), "podlet")
+        provisioner = self.control_plane.kubeconfig_for(LOCAL_PROVISIONER, "provisioner")
         proc = ManagedProcess(
             "podlet",
             [
@@ -155,6 +157,10 @@ class DevCluster:
                 f"v{layout.versions()['KUBERNETES_VERSION']}",
                 "--pod-cidr",
                 self.pod_cidr,
+                # Volumes for claims of the default StorageClass (bootstrap.yaml), as folders
+                # under the podlet's root: <state>/podlet/persistent-volumes/pvc-<uid>.
+                "--provisioner-kubeconfig",
+                provisioner,
             ],
             self.state / "logs" / "podlet.log",
             env={**os.environ, "PATH": self.path_env()},

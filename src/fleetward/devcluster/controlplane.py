@@ -30,6 +30,8 @@ ADMIN = Identity("fleetward-admin", ("system:masters",))
 USERS = (Identity("alice", (ONCALL_GROUP,)), Identity("bob", (ONCALL_GROUP,)), Identity("carol", (ONCALL_GROUP,)))
 CONTROLLER_MANAGER = Identity("system:kube-controller-manager")
 SCHEDULER = Identity("system:kube-scheduler")
+# The podlet's volume provisioner (bound to its role in bootstrap.yaml).
+LOCAL_PROVISIONER = Identity("fleetward:local-provisioner")
 
 
 def node_identity(node: str) -> Identity:

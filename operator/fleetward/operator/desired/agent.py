@@ -4,7 +4,8 @@ output (tests/unit/test_operator_desired.py).
 
 Object names: `fw-<agent>` for the Deployment, ServiceAccount, Service, PDB and HPA;
 `fw-<agent>-config`, `fw-<agent>-credentials`, `fw-<agent>-model` for the ConfigMap
-and Secrets. The prefix keeps them apart from a team's own objects in the namespace;
+and Secrets; `fw-<agent>-state` for the PersistentVolumeClaim of a single-replica
+runtime's SQLite state. The prefix keeps them apart from a team's own objects in the namespace;
 Agent names are at most 52 characters, so every name stays a valid DNS label.
 """
 
@@ -44,6 +45,7 @@ KEY_ID = "key-id"
 KAFKA_USERNAME = "kafka-username"
 KAFKA_PASSWORD = "kafka-password"
 DATABASE_DSN_ENV = "FLEETWARD_DATABASE_DSN"
+STATE_DIR = "/var/lib/fleetward"
 
 
 def base_name(agent: str) -> str:
@@ -60,6 +62,10 @@ def credentials_secret_name(agent: str) -> str:
 
 def model_secret_name(agent: str) -> str:
     return f"fw-{agent}-model"
+
+
+def state_claim_name(agent: str) -> str:
+    return f"fw-{agent}-state"
 
 
 def model_key_name(index: int) -> str:
@@ -207,6 +213,59 @@ def runtime_config(inputs: AgentInputs) -> RuntimeConfig:
     return config.with_hash()
 
 
+def single_writer(spec: AgentSpec) -> bool:
+    """At most one runtime pod at a time: no autoscaling and at most one replica (0 and
+    paused included, so that pausing keeps the state)."""
+    return spec.autoscaling is None and (spec.replicas is None or spec.replicas <= 1)
+
+
+def state_volume_managed(settings: OperatorSettings) -> bool:
+    """The installation keeps runtimes' SQLite state on claims: the setting is on and no
+    PostgreSQL DSN is configured (with PostgreSQL the pods keep nothing worth keeping)."""
+    return settings.runtime.state_volume.enabled and not settings.runtime.database_secret
+
+
+def uses_state_claim(inputs: AgentInputs) -> bool:
+    """The Agent's state lives on its claim `fw-<agent>-state`. Only for a single writer:
+    SQLite is one-replica only, and a ReadWriteOnce claim shared by several pods would
+    have them open one database file at once. Several replicas each keep an emptyDir."""
+    return state_volume_managed(inputs.settings) and single_writer(inputs.spec)
+
+
+def state_claim(inputs: AgentInputs) -> dict[str, Any]:
+    """The runtime's state volume. ReadWriteOnce: one node mounts it, and with the
+    Deployment's Recreate strategy one pod at a time. No storageClassName when the
+    setting is empty, so the cluster's default class is filled in at creation."""
+    volume = inputs.settings.runtime.state_volume
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": volume.size}},
+    }
+    if volume.storage_class_name:
+        spec["storageClassName"] = volume.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": inputs.ref.metadata(state_claim_name(inputs.ref.name)),
+        "spec": spec,
+    }
+
+
+def _state_volume(inputs: AgentInputs) -> dict[str, Any]:
+    if uses_state_claim(inputs):
+        return {"name": "state", "persistentVolumeClaim": {"claimName": state_claim_name(inputs.ref.name)}}
+    return {"name": "state", "emptyDir": {}}
+
+
+def _strategy(inputs: AgentInputs) -> dict[str, Any]:
+    """Recreate with a state claim: the old pod is gone before the new one starts, so two
+    SQLite writers never overlap and the ReadWriteOnce volume is never wanted twice.
+    Otherwise a surge pod first, so the agent stays available through a roll."""
+    if uses_state_claim(inputs):
+        return {"type": "Recreate"}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
 def service_account(inputs: AgentInputs) -> dict[str, Any]:
     # The runtime needs no Kubernetes API access: no token in its pods.
     return {
@@ -306,7 +365,7 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": True},
             {"name": "model", "mountPath": MODEL_DIR, "readOnly": True},
-            {"name": "state", "mountPath": "/var/lib/fleetward"},
+            {"name": "state", "mountPath": STATE_DIR},
             # Writable temp space on a read-only root: /var/tmp, named by TMPDIR. (Not /tmp: on
             # the local cluster's podlet a volume there would hide a checkout living in /tmp.)
             {"name": "tmp", "mountPath": "/var/tmp"},
@@ -328,7 +387,7 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
             {"name": "config", "configMap": {"name": config_map_name(ref.name)}},
             {"name": "credentials", "secret": {"secretName": credentials_secret_name(ref.name), "defaultMode": 0o440}},
             {"name": "model", "secret": {"secretName": model_secret_name(ref.name), "defaultMode": 0o440}},
-            {"name": "state", "emptyDir": {}},
+            _state_volume(inputs),
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
         ],
     }
@@ -344,7 +403,7 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(ref.name)},
         "revisionHistoryLimit": 3,
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "strategy": _strategy(inputs),
         "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
     }
     # With autoscaling the HPA owns .spec.replicas; applying it here would fight the HPA.
@@ -407,6 +466,15 @@ class DesiredAgent:
     """(kind, name) of optional objects that must not exist (e.g. the HPA when autoscaling is off)."""
 
 
+def state_claim_absent(inputs: AgentInputs) -> bool:
+    """The claim must not exist: the installation manages state claims but this Agent runs
+    several pods (its old single-writer state would be mounted by none of them). When the
+    installation does not manage claims at all (PostgreSQL, or the setting off), a claim
+    left from before is not touched: it holds the only copy of that state, and goes with
+    the Agent (owner reference)."""
+    return state_volume_managed(inputs.settings) and not uses_state_claim(inputs)
+
+
 def desired_agent(inputs: AgentInputs) -> DesiredAgent:
     config = runtime_config(inputs)
     objects = [
@@ -417,6 +485,10 @@ def desired_agent(inputs: AgentInputs) -> DesiredAgent:
         pod_disruption_budget(inputs),
     ]
     absent: list[tuple[str, str]] = []
+    if uses_state_claim(inputs):
+        objects.append(state_claim(inputs))
+    elif state_claim_absent(inputs):
+        absent.append(("PersistentVolumeClaim", state_claim_name(inputs.ref.name)))
     hpa = horizontal_pod_autoscaler(inputs)
     if hpa is None:
         absent.append(("HorizontalPodAutoscaler", base_name(inputs.ref.name)))

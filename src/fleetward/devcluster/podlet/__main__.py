@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         default="127.0.1.0/16",
         help="loopback range pod IPs come from (default: %(default)s; 127.0.0.0/24 is never used)",
     )
+    p.add_argument(
+        "--provisioner-kubeconfig",
+        type=Path,
+        help="also provision hostPath volumes for claims of the local StorageClass, with this identity",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     labels = dict(label.split("=", 1) for label in args.label)
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         volume_resync_seconds=args.volume_resync_seconds,
         labels=labels,
         pod_cidr=args.pod_cidr,
+        provisioner_kubeconfig=args.provisioner_kubeconfig,
     )
 
     def on_signal(signum, frame):

@@ -21,6 +21,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from fleetward.devcluster.podlet.pod import PodWorker
+from fleetward.devcluster.podlet.provisioner import LocalProvisioner
 from fleetward.devcluster.podlet.volumes import TokenCache
 
 log = logging.getLogger("podlet")
@@ -76,6 +77,8 @@ class Podlet:
     labels: dict[str, str] = field(default_factory=dict)
     host_ip: str = "127.0.0.1"
     pod_cidr: str = "127.0.1.0/16"
+    provisioner_kubeconfig: Path | None = None
+    """Run the local volume provisioner (provisioner.py) with this identity; None: not here."""
 
     def __post_init__(self) -> None:
         self.api_client = config.new_client_from_config(str(self.kubeconfig))
@@ -103,6 +106,12 @@ class Podlet:
 
     def get_secret(self, namespace: str, name: str) -> Any:
         return self.core.read_namespaced_secret(name, namespace)
+
+    def get_claim(self, namespace: str, name: str) -> Any:
+        return self.core.read_namespaced_persistent_volume_claim(name, namespace)
+
+    def get_volume(self, name: str) -> Any:
+        return self.core.read_persistent_volume(name)
 
     def request_token(self, pod: Any, sa: str, audiences: list[str] | None, ttl: int) -> tuple[str, dt.datetime]:
         body = client.AuthenticationV1TokenRequest(
@@ -329,6 +338,11 @@ class Podlet:
         threading.Thread(target=self.keepalive, name="keepalive", daemon=True).start()
         watcher = threading.Thread(target=self.watch_pods, name="pod-watch", daemon=True)
         watcher.start()
+        if self.provisioner_kubeconfig is not None:
+            provisioner = LocalProvisioner(
+                config.new_client_from_config(str(self.provisioner_kubeconfig)), self.root / "persistent-volumes"
+            )
+            threading.Thread(target=provisioner.run, args=(self.stopping,), name="provisioner", daemon=True).start()
         log.info("podlet %s running pods under %s", self.node_name, self.root)
         self.stopping.wait()
 

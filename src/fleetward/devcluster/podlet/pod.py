@@ -23,7 +23,14 @@ from kubernetes.client.exceptions import ApiException
 from fleetward.devcluster.podlet import launch
 from fleetward.devcluster.podlet.env import EnvError, container_env, expand, field_value
 from fleetward.devcluster.podlet.probes import ProbeState, run_probe
-from fleetward.devcluster.podlet.volumes import SourceContext, VolumeNotReady, unsupported, volume_files, write_atomic
+from fleetward.devcluster.podlet.volumes import (
+    SourceContext,
+    VolumeNotReady,
+    claim_path,
+    unsupported,
+    volume_files,
+    write_atomic,
+)
 from fleetward.devcluster.process import die_with_parent
 
 if TYPE_CHECKING:
@@ -103,6 +110,8 @@ class PodWorker(threading.Thread):
         self.volumes_ready = False
         self.volume_error = ""
         self.next_volume_sync = 0.0
+        self.claim_paths: dict[str, Path] = {}
+        """Folder of each persistentVolumeClaim volume, resolved once: a bound claim keeps its volume."""
         self.init = [ContainerRun(c, True) for c in pod.spec.init_containers or []]
         self.containers = [ContainerRun(c, False) for c in pod.spec.containers]
         self.conditions: dict[str, Condition] = {}
@@ -176,6 +185,8 @@ class PodWorker(threading.Thread):
             get_secret=self.podlet.get_secret,
             request_token=self.podlet.request_token,
             field_value=field_value,
+            get_claim=self.podlet.get_claim,
+            get_volume=self.podlet.get_volume,
         )
 
     def pod_with_ip(self, pod: Any) -> Any:
@@ -203,7 +214,13 @@ class PodWorker(threading.Thread):
                     path.mkdir(parents=True)
                     path.chmod(0o777)
                 continue
-            if volume.host_path is not None:
+            if volume.host_path is not None or volume.name in self.claim_paths:
+                continue
+            if volume.persistent_volume_claim is not None:
+                try:
+                    self.claim_paths[volume.name] = claim_path(ctx, volume.persistent_volume_claim.claim_name)
+                except VolumeNotReady as e:
+                    errors.append(f"volume {volume.name}: {e}")
                 continue
             try:
                 files = volume_files(ctx, volume, self.podlet.tokens)
@@ -223,6 +240,14 @@ class PodWorker(threading.Thread):
             self.volume_error = ""
             self.volumes_ready = True  # once mounted, later source errors keep the last content
 
+    def volume_source(self, volume: Any) -> Path:
+        """Where a volume's content is on this machine."""
+        if volume.host_path is not None:
+            return Path(volume.host_path.path)
+        if volume.persistent_volume_claim is not None:
+            return self.claim_paths[volume.name]  # resolved by sync_volumes before any start
+        return self.volume_path(volume.name)
+
     def mounts(self, pod: Any, container: Any) -> list[dict]:
         by_name = {v.name: v for v in pod.spec.volumes or []}
         out = []
@@ -230,14 +255,16 @@ class PodWorker(threading.Thread):
             volume = by_name.get(vm.name)
             if volume is None:
                 raise EnvError(f"volumeMount {vm.name}: no such volume")
-            source = Path(volume.host_path.path) if volume.host_path is not None else self.volume_path(vm.name)
+            source = self.volume_source(volume)
+            claim = volume.persistent_volume_claim
+            read_only = bool(vm.read_only or (claim is not None and claim.read_only))
             if vm.sub_path:
                 source = (source / vm.sub_path).resolve()  # like the kubelet: fixed at start
             out.append(
                 {
                     "source": str(source),
                     "target": vm.mount_path,
-                    "readOnly": bool(vm.read_only),
+                    "readOnly": read_only,
                     "file": source.is_file(),
                 }
             )

@@ -9,6 +9,10 @@ atomic-writer layout, so a process sees either the old or the new content, never
 
 Like the kubelet, a Secret or ConfigMap deleted while the pod runs leaves the files
 in place: deleting a Secret does not take a credential away from a running pod.
+
+A persistentVolumeClaim volume is the folder of the hostPath PersistentVolume bound to
+the claim (what the local provisioner makes, provisioner.py), mounted as it is: its
+content outlives the pod.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class SourceContext:
     get_secret: Callable[[str, str], Any]
     request_token: Callable[[Any, str, list[str] | None, int], tuple[str, dt.datetime]]
     field_value: Callable[[Any, str], str]
+    get_claim: Callable[[str, str], Any]
+    get_volume: Callable[[str], Any]
 
 
 def _select(
@@ -203,9 +209,45 @@ def volume_files(ctx: SourceContext, volume: Any, tokens: TokenCache) -> tuple[d
     return None
 
 
+def claim_path(ctx: SourceContext, claim_name: str) -> Path:
+    """The folder behind a persistentVolumeClaim volume: the hostPath of the volume bound
+    to the claim. VolumeNotReady while the claim is missing, unbound or being deleted (the
+    pod waits, as the kubelet's FailedMount does; the scheduler does not even place a pod
+    whose claim is unbound, but a claim can go away in between)."""
+    try:
+        claim = ctx.get_claim(ctx.namespace, claim_name)
+    except ApiException as e:
+        if e.status == 404:
+            raise VolumeNotReady(f'persistentvolumeclaim "{claim_name}" not found') from e
+        raise
+    if claim.metadata.deletion_timestamp is not None:
+        raise VolumeNotReady(f'persistentvolumeclaim "{claim_name}" is being deleted')
+    bound_to = claim.spec.volume_name
+    if not bound_to or (claim.status and claim.status.phase) != "Bound":
+        raise VolumeNotReady(f'persistentvolumeclaim "{claim_name}" is not bound to a volume yet')
+    volume = ctx.get_volume(bound_to)
+    if volume.spec.host_path is None:
+        raise VolumeNotReady(
+            f'persistentvolumeclaim "{claim_name}" is bound to persistentvolume "{bound_to}", which is not a '
+            "hostPath volume: the podlet mounts only folders of this machine"
+        )
+    path = Path(volume.spec.host_path.path)
+    if not path.is_dir():
+        raise VolumeNotReady(f'persistentvolume "{bound_to}": folder {path} does not exist')
+    return path
+
+
 def unsupported(volume: Any) -> str | None:
     """Name of the volume type if the podlet cannot provide it."""
-    for attr in ("config_map", "secret", "downward_api", "projected", "empty_dir", "host_path"):
+    for attr in (
+        "config_map",
+        "secret",
+        "downward_api",
+        "projected",
+        "empty_dir",
+        "host_path",
+        "persistent_volume_claim",
+    ):
         if getattr(volume, attr, None) is not None:
             return None
     kinds = [k for k, v in volume.to_dict().items() if v is not None and k != "name"]
