@@ -200,7 +200,7 @@ async def open_review(
     review = await ctx.services.ledger.open_review(
         ctx.run_id, review_id, ctx.services.agent, ctx.session_id, kind, deadline
     )
-    left = max(1, int((review.deadline - datetime.now(UTC)).total_seconds()) or 1)
+    left = max(1, int((review.deadline - datetime.now(UTC)).total_seconds()))
     await ctx.emit(
         f"approval_required/{review_id}",
         "approval_required",

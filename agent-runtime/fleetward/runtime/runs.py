@@ -267,7 +267,10 @@ class RunExecutor:
         snapshot = await self.graph.aget_state(_thread(run.run_id))
         reviews = [(i, v) for i, v in _pending_interrupts(snapshot) if v.get("kind") == APPROVAL_INTERRUPT]
         if not reviews:
-            return await self._answer(delivery, run.run_id, APPROVAL_INTERRUPT, {})  # done, resumed, or not a review
+            # Nothing to review any more (answered, timed out, or the run ended): drop any
+            # review row left behind, so the timer does not keep asking.
+            await ledger.close_reviews_of_run(run.run_id)
+            return await self._answer(delivery, run.run_id, APPROVAL_INTERRUPT, {})
         interrupt_id, review = reviews[0]
         review_id = str(review.get("reviewId"))
         # The review a command answers is recorded with it: a command redelivered after a
@@ -289,7 +292,9 @@ class RunExecutor:
         try:
             if timed_out:
                 record = await ledger.review(run.run_id, review_id)
-                if record is not None and record.deadline > datetime.now(UTC):
+                if record is None:  # the timer produced it from a row that is gone: answered since
+                    raise BadAnswer(f"data.reviewer: review {review_id} of run {run.run_id} has no open deadline")
+                if record.deadline > datetime.now(UTC):
                     raise BadAnswer(
                         f"data.reviewer: review {review_id} of run {run.run_id} is due at "
                         f"{record.deadline.isoformat()}; a timeout before then is refused"
