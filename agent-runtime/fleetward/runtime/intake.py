@@ -17,13 +17,28 @@ key = session id, offsets committed only when the run reached a durable resting 
   uncommitted, so whoever owns the partition next picks them up from the checkpoint.
 - Halt (control.py): no command is started; running ones park at a step boundary;
   partitions are paused. Resume restarts from there.
+
+The consumer is confined to one thread of its own (`ConsumerThread`): every call on it
+(poll, commit, pause, resume, close, and the rebalance callbacks) is made there. Since
+confluent-kafka-python 2.16 a Consumer has a reentrancy gate: a call from another thread
+waits until the thread inside the consumer leaves it. With `poll(0.25)` run through
+`asyncio.to_thread` over and over, a commit made from another pool thread waited one or
+more whole poll timeouts (measured: 0.1-5 s per commit, in steps of 0.25 s; a probe with a
+thread polling without pause never got its commit through), and the partition's next
+command waited for that commit: the "stalls before a run starts" of docs/bench/runtime.md.
+A pause or resume made from the event loop blocked the loop the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +54,14 @@ log = logging.getLogger("fleetward.runtime.intake")
 
 QUEUE_PAUSE_AT = 8
 """Fetched-but-unstarted commands per partition above which the partition is paused."""
+
+POLL_TIMEOUT = 0.1
+"""How long the consumer thread waits in one poll: also how late a pause, resume or commit
+(queued for the thread) can be carried out. A message ends the wait at once."""
+POLL_BATCH = 100
+"""Messages taken from the consumer's local queue in one go (handed to the loop together)."""
+COMMIT_RETRY_SECONDS = 1.0
+REVOKE_TIMEOUT = 20.0
 
 
 def consumer_config(client_config: dict[str, str], group: str, instance: str) -> dict[str, Any]:
@@ -84,6 +107,164 @@ def dead_letter(
     return json.dumps(body, ensure_ascii=False), headers
 
 
+class ConsumerThread:
+    """The one thread that uses a Consumer (see the module docstring): polls it, hands what
+    it fetched to the event loop in batches (one wake-up of the loop per batch, not a thread
+    pool hop per poll), and carries out what the loop asks of the consumer between polls.
+
+    Offsets to commit are coalesced per partition (the highest wins: a worker commits its
+    partition's offsets in order) and committed synchronously from this thread, where a
+    commit takes a broker round trip (~2 ms) instead of waiting for a poll to end. The
+    partition worker does not wait for it: its run is already durable and its request
+    marked done in the ledger, so a commit lost to a crash only redelivers a command that
+    the ledger answers as a duplicate (committed then without running again)."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[list[Message]], None],
+        *,
+        name: str = "kafka-intake",
+    ) -> None:
+        self.consumer = consumer
+        self.loop = loop
+        self.deliver = deliver
+        self._ops: queue.SimpleQueue[tuple[Callable[[Consumer], Any], concurrent.futures.Future[Any] | None]] = (
+            queue.SimpleQueue()
+        )
+        self._commits: dict[tuple[str, int], int] = {}
+        self._commits_lock = threading.Lock()
+        self._commit_retry_at = 0.0
+        self._stop = threading.Event()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- called from any thread ------------------------------------------------------------
+
+    def call(self, fn: Callable[[Consumer], Any]) -> None:
+        """Run `fn(consumer)` on the consumer thread soon (before its next poll); errors are logged."""
+        self._ops.put((fn, None))
+
+    def commit(self, topic: str, partition: int, offset: int) -> None:
+        """Commit `offset` (the next one to read) for the partition, soon, from the consumer thread."""
+        with self._commits_lock:
+            key = (topic, partition)
+            if offset > self._commits.get(key, -1):
+                self._commits[key] = offset
+
+    def stop(self) -> None:
+        """Commit what is pending, close the consumer and end the thread (`finished` resolves)."""
+        self._stop.set()
+
+    # -- the consumer thread -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        error: BaseException | None = None
+        try:
+            while not self._stop.is_set():
+                self.serve()
+                message = self.consumer.poll(POLL_TIMEOUT)
+                if message is None:
+                    continue
+                batch = [message, *self.consumer.consume(POLL_BATCH - 1, 0)]
+                self.loop.call_soon_threadsafe(self.deliver, batch)
+            self.serve(final=True)
+        except BaseException as e:  # a rebalance callback or the client failed: intake ends with it
+            error = e
+        finally:
+            try:
+                self.consumer.close()
+            except Exception as e:
+                log.warning("closing the request topic consumer: %s", e)
+            self._fail_pending_ops()
+            try:
+                self.loop.call_soon_threadsafe(self._settle, error)
+            except RuntimeError:  # the event loop is closed: nobody waits any more
+                pass
+
+    def _settle(self, error: BaseException | None) -> None:
+        if self.finished.done():
+            return
+        if error is None:
+            self.finished.set_result(None)
+        else:
+            self.finished.set_exception(error)
+
+    def serve(self, *, final: bool = False) -> None:
+        """Carry out queued calls and pending commits (on the consumer thread only)."""
+        while True:
+            try:
+                fn, future = self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(self.consumer)
+            except Exception as e:
+                if future is not None:
+                    future.set_exception(e)
+                else:
+                    log.warning("request topic consumer: %s", e)
+            else:
+                if future is not None:
+                    future.set_result(result)
+        self._commit_pending(force=final)
+
+    def _commit_pending(self, *, force: bool = False) -> None:
+        if not force and time.monotonic() < self._commit_retry_at:
+            return
+        with self._commits_lock:
+            pending, self._commits = self._commits, {}
+        if not pending:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self._commit_retry_at = 0.0
+        except Exception as e:
+            # Try again later, for the partitions still ours (a newer offset wins). Left
+            # uncommitted, a command is redelivered and answered by the ledger as a duplicate.
+            try:
+                assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+            except Exception:
+                assigned = set(pending)
+            with self._commits_lock:
+                for key, offset in pending.items():
+                    if key in assigned and offset > self._commits.get(key, -1):
+                        self._commits[key] = offset
+            self._commit_retry_at = time.monotonic() + COMMIT_RETRY_SECONDS
+            log.warning("committing offsets %s failed (retried while assigned): %s", pending, e)
+
+    def _fail_pending_ops(self) -> None:
+        while True:
+            try:
+                _, future = self._ops.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the request topic consumer is closed"))
+
+    def wait_serving(self, future: concurrent.futures.Future[Any], timeout: float) -> None:
+        """Wait (in a rebalance callback, on the consumer thread) for `future`, carrying out
+        queued calls and commits meanwhile: the offsets of runs that finish while their
+        partition is being revoked are committed before the partition is given up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                future.result(timeout=0.02)
+                break
+            except concurrent.futures.TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                self.serve()
+        self.serve(final=True)
+
+
 @dataclass
 class PartitionWorker:
     partition: int
@@ -112,6 +293,7 @@ class Intake:
         self.registry = registry
         self.producer = producer
         self.consumer = Consumer(consumer_config(client_config, group, instance))
+        self._consumer_thread: ConsumerThread | None = None
         self.workers: dict[int, PartitionWorker] = {}
         self.stopping = asyncio.Event()
         self.resumed = asyncio.Event()
@@ -132,10 +314,10 @@ class Intake:
         self._loop.call_soon_threadsafe(self._assigned, [p.partition for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        assert self._loop is not None
+        assert self._loop is not None and self._consumer_thread is not None
         future = asyncio.run_coroutine_threadsafe(self._revoked([p.partition for p in partitions]), self._loop)
-        try:
-            future.result(timeout=20)  # let in-flight runs reach a step boundary first
+        try:  # let in-flight runs reach a step boundary first (and commit what finished)
+            self._consumer_thread.wait_serving(future, REVOKE_TIMEOUT)
         except Exception as e:
             log.warning("revoking partitions %s: %s", [p.partition for p in partitions], e)
 
@@ -168,36 +350,48 @@ class Intake:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        thread = self._consumer_thread = ConsumerThread(self.consumer, self._loop, self._dispatch)
+        thread.start()
+        stopping = asyncio.ensure_future(self.stopping.wait())
         try:
-            while not self.stopping.is_set():
-                message = await asyncio.to_thread(self.consumer.poll, 0.25)
-                if message is None:
-                    continue
-                if message.error():
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("request topic: %s", message.error())
-                    continue
-                worker = self.workers.get(message.partition())
-                if worker is None:  # assignment callbacks are scheduled, not yet run: run them first
-                    await asyncio.sleep(0)
-                    worker = self.workers.get(message.partition())
-                if worker is None:
-                    log.warning(
-                        "message for unassigned partition %d dropped (it stays uncommitted)", message.partition()
-                    )
-                    continue
-                worker.queue.put_nowait(message)
-                if worker.queue.qsize() >= QUEUE_PAUSE_AT and not worker.paused:
-                    self._pause([worker.partition])
-                    worker.paused = True
+            # Until stopped, or until the consumer thread ended by itself (its error ends intake).
+            await asyncio.wait([stopping, thread.finished], return_when=asyncio.FIRST_COMPLETED)
+            if thread.finished.done():
+                thread.finished.result()
         finally:
+            stopping.cancel()
             await self._shutdown()
 
+    def _dispatch(self, messages: list[Message]) -> None:
+        """Messages fetched by the consumer thread, in order: each to its partition's worker
+        (on the event loop; assignment callbacks were scheduled before, so they have run)."""
+        for message in messages:
+            if message.error():
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("request topic: %s", message.error())
+                continue
+            worker = self.workers.get(message.partition())
+            if worker is None:
+                log.warning("message for unassigned partition %d dropped (it stays uncommitted)", message.partition())
+                continue
+            worker.queue.put_nowait(message)
+            if worker.queue.qsize() >= QUEUE_PAUSE_AT and not worker.paused:
+                self._pause([worker.partition])
+                worker.paused = True
+
+    def _on_consumer_thread(self, fn: Callable[[Consumer], Any]) -> None:
+        if self._consumer_thread is not None:
+            self._consumer_thread.call(fn)
+        else:  # not started yet: nobody else uses the consumer
+            fn(self.consumer)
+
     def _pause(self, partitions: list[int]) -> None:
-        self.consumer.pause([TopicPartition(self.topic, p) for p in partitions])
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        self._on_consumer_thread(lambda c: c.pause(tps))
 
     def _resume(self, partitions: list[int]) -> None:
-        self.consumer.resume([TopicPartition(self.topic, p) for p in partitions])
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        self._on_consumer_thread(lambda c: c.resume(tps))
 
     def _pause_all(self) -> None:
         if self.workers:
@@ -221,7 +415,15 @@ class Intake:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.to_thread(self.consumer.close)
+        thread = self._consumer_thread
+        if thread is not None:
+            thread.stop()  # commits what the workers left pending, then closes the consumer
+            try:
+                await asyncio.shield(thread.finished)
+            except Exception as e:
+                log.warning("request topic consumer ended with: %r", e)
+        else:
+            self.consumer.close()
 
     shutdown_timeout: float = 20.0
 
@@ -272,11 +474,9 @@ class Intake:
             REQUESTS.labels(self.agent, outcome.value).inc()
             if not outcome.final:
                 return  # stopped at a step boundary: leave it (and what follows) uncommitted
-            await asyncio.to_thread(
-                self.consumer.commit,
-                offsets=[TopicPartition(self.topic, worker.partition, message.offset() + 1)],
-                asynchronous=False,
-            )
+            # Committed by the consumer thread, without waiting here (see ConsumerThread).
+            assert self._consumer_thread is not None
+            self._consumer_thread.commit(self.topic, worker.partition, message.offset() + 1)
 
     async def _wait_resumed(self, worker: PartitionWorker) -> bool:
         while not self.resumed.is_set():

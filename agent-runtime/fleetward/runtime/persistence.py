@@ -15,6 +15,12 @@ Ledgers (tables `fw_*`, created at start):
 
 The SQL is written once with `?` placeholders and common syntax (ON CONFLICT, RETURNING)
 that SQLite >= 3.35 and PostgreSQL both understand.
+
+Round trips are kept few (each is a hop to aiosqlite's thread and back, or a PostgreSQL
+round trip, on the path of every request): an INSERT returns the row it wrote (RETURNING)
+instead of being followed by a SELECT, a query is one hop (`execute_fetchall`, not
+execute + fetch + close), and an event's sequence and envelope are written together
+(`record_event`).
 """
 
 from __future__ import annotations
@@ -110,26 +116,24 @@ async def _unlocked(op: Any) -> Any:
 
 
 class SqliteDatabase:
+    """Each call is one hop to the connection's thread: `execute_fetchall` runs the statement,
+    reads every row and closes the cursor there (execute + fetchone + close were three). It
+    also steps a statement with RETURNING to its end, so its write is complete (committed,
+    in autocommit mode) when the call returns."""
+
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
-        await _unlocked(lambda: self.conn.execute(sql, params))
+        await _unlocked(lambda: self.conn.execute_fetchall(sql, params))
 
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
-        async def op() -> dict[str, Any] | None:
-            async with self.conn.execute(sql, params) as cur:
-                row = await cur.fetchone()
-            return dict(row) if row is not None else None
-
-        return await _unlocked(op)
+        rows = await _unlocked(lambda: self.conn.execute_fetchall(sql, params))
+        return dict(rows[0]) if rows else None
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        async def op() -> list[dict[str, Any]]:
-            async with self.conn.execute(sql, params) as cur:
-                return [dict(r) for r in await cur.fetchall()]
-
-        return await _unlocked(op)
+        rows = await _unlocked(lambda: self.conn.execute_fetchall(sql, params))
+        return [dict(r) for r in rows]
 
 
 class PostgresDatabase:
@@ -209,11 +213,14 @@ class Ledger:
     ) -> RequestRecord:
         """Record a command, or find it when it was recorded before (a redelivery)."""
         now = _now()
-        await self.db.execute(
+        row = await self.db.fetchone(
             "INSERT INTO fw_requests (agent, idempotency_key, session_id, run_id, command_type, status, created_at,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent, idempotency_key) DO NOTHING",
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (agent, idempotency_key) DO NOTHING"
+            " RETURNING run_id, status, command_type",
             (agent, idempotency_key, session_id, run_id, command_type, RUNNING, now, now),
         )
+        if row is not None:  # recorded now: the first delivery (one round trip)
+            return RequestRecord(row["run_id"], row["status"], row["command_type"], new=True)
         row = await self.db.fetchone(
             "SELECT run_id, status, command_type, created_at FROM fw_requests WHERE agent = ? AND idempotency_key = ?",
             (agent, idempotency_key),
@@ -231,11 +238,14 @@ class Ledger:
 
     async def create_run(self, run_id: str, agent: str, session_id: str, trace_id: str) -> RunRecord:
         now = _now()
-        await self.db.execute(
+        row = await self.db.fetchone(
             "INSERT INTO fw_runs (run_id, agent, session_id, trace_id, status, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING",
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO NOTHING"
+            " RETURNING run_id, agent, session_id, trace_id, status, waiting_for",
             (run_id, agent, session_id, trace_id, RUN_ACTIVE, now, now),
         )
+        if row is not None:
+            return RunRecord(**row)
         run = await self.get_run(run_id)
         assert run is not None
         return run
@@ -332,6 +342,28 @@ class Ledger:
         if existing is None:
             raise RuntimeError(f"could not allocate a sequence for event {event_key} in session {session_id}")
         return int(existing["sequence"])
+
+    async def record_event(self, session_id: str, event_key: str, envelope: str, marker: str) -> dict[str, Any] | None:
+        """Allocate the session's next sequence for `event_key` and store its envelope, in one
+        statement (one round trip, one transaction, instead of allocate_event + store_envelope
+        and the reads around them): `marker`, which occurs once in `envelope`, is replaced by
+        `"sequence":<the sequence>`. Returns the row ({sequence, envelope}) as written, or None
+        when the key was recorded before (a replayed step: see event_by_key)."""
+        for _ in range(5):
+            try:
+                return await self.db.fetchone(
+                    "INSERT INTO fw_session_events (session_id, sequence, event_key, envelope, published)"
+                    " SELECT CAST(? AS TEXT), nxt.n, CAST(? AS TEXT),"
+                    " REPLACE(CAST(? AS TEXT), CAST(? AS TEXT), '\"sequence\":' || CAST(nxt.n AS TEXT)), 0"
+                    " FROM (SELECT COALESCE(MAX(sequence) + 1, 0) AS n FROM fw_session_events WHERE session_id = ?)"
+                    " AS nxt WHERE true"  # WHERE: SQLite would read ON CONFLICT as a join constraint without it
+                    " ON CONFLICT (event_key) DO NOTHING RETURNING sequence, envelope",
+                    (session_id, event_key, envelope, marker, session_id),
+                )
+            except Exception as e:  # two writers took the same next sequence: take the one after
+                if not _is_unique_violation(e):
+                    raise
+        raise RuntimeError(f"could not allocate a sequence for event {event_key} in session {session_id}")
 
     async def store_envelope(self, event_key: str, envelope: str) -> None:
         await self.db.execute(
