@@ -188,7 +188,8 @@ class RunExecutor:
             return Outcome.DUPLICATE
         run_id = request.run_id
         with self._span(delivery, run_id) as span:
-            run = await ledger.get_run(run_id) or await ledger.create_run(
+            # A request this delivery recorded has no run yet: create it without looking first.
+            run = (None if request.new else await ledger.get_run(run_id)) or await ledger.create_run(
                 run_id, self.agent, cmd.session_id, trace_id_hex(span)
             )
             ctx = self._context(run, span, cmd, delivery.partition)
