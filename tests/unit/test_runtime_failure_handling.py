@@ -139,7 +139,6 @@ def test_the_fallbacks_and_retries_wrap_each_model_attempt_and_the_tool_retries_
         "SopPromptMiddleware",
         "ToolEventsMiddleware",
         "SopGateMiddleware",
-        "ReviewedToolsMiddleware",
         "GuardrailMiddleware",
         "IdempotentToolRetryMiddleware",
         "ToolCircuitBreakerMiddleware",
@@ -455,3 +454,22 @@ def test_a_run_that_fails_for_good_degrades_gracefully_and_is_dead_lettered_with
     assert history["sop"] == {"name": "refunds", "version": "1.0.0"}
     assert history["messages"] == [{"role": "human", "text": "refund txn_1002 please"}]
     assert budgets.for_run(history["runId"]).spent == 0  # the run's budget (2 spent) was released at its end
+
+
+def test_reviewed_tools_get_their_middleware_only_when_a_tool_needs_a_reviewer():
+    """Every hook is a graph node (a checkpoint write per model call): an Agent without any
+    tool that needs approval gets neither the reviewed-tools nor the escalation middleware."""
+    cfg = config()
+    (primary, _) = chat_models(cfg, lambda _c, _i: None)[0]
+    tools = [HttpTool(t, ToolHttpClient()) for t in cfg.spec.tools or []]
+    plain = [type(m).__name__ for m in specialist_middleware(services_for(cfg), primary, tools)]
+    assert "ReviewedToolsMiddleware" not in plain and "ReviewEscalationMiddleware" not in plain
+    assert "DraftReviewMiddleware" in plain
+    spec = cfg.spec.model_copy(
+        update={"tools": [t.model_copy(update={"requires_approval": True}) for t in cfg.spec.tools or []]}
+    )
+    reviewed_cfg = cfg.model_copy(update={"spec": spec})
+    reviewed = [type(m).__name__ for m in specialist_middleware(services_for(reviewed_cfg), primary, tools)]
+    assert reviewed.index("SopGateMiddleware") < reviewed.index("ReviewedToolsMiddleware")
+    assert reviewed.index("ReviewedToolsMiddleware") < reviewed.index("GuardrailMiddleware")
+    assert reviewed[-1] == "ReviewEscalationMiddleware"

@@ -335,14 +335,6 @@ class DraftReviewMiddleware(AgentMiddleware[ReviewState, RunContext]):
         super().__init__()
         self.policy = policy
 
-    @hook_config(can_jump_to=["end"])
-    async def abefore_model(self, state: ReviewState, runtime: Runtime[RunContext]) -> dict[str, Any] | None:
-        # A tool review that timed out with onTimeout escalate ends the loop: no further
-        # model call, no answer; the respond step escalates.
-        if state.get("review_escalation"):
-            return {"jump_to": "end"}
-        return None
-
     async def aafter_agent(self, state: ReviewState, runtime: Runtime[RunContext]) -> dict[str, Any] | None:
         if state.get("review") or state.get("budget_stop") or state.get("review_escalation"):
             return None
@@ -384,6 +376,30 @@ class DraftReviewMiddleware(AgentMiddleware[ReviewState, RunContext]):
             review["text"] = guarded.text if guarded.allowed else None
             review["withheld"] = None if guarded.allowed else guarded.verdict
         return {"review": review}
+
+
+class ReviewEscalationMiddleware(AgentMiddleware[ReviewState, RunContext]):
+    """Ends the agent loop once a tool review timed out with onTimeout escalate: no further
+    model call, no answer; the respond step escalates. A before_model node of its own, added
+    only for Agents that have reviewed tools (every node is a checkpoint write per model call)."""
+
+    state_schema = ReviewState
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: ReviewState, runtime: Runtime[RunContext]) -> dict[str, Any] | None:
+        if state.get("review_escalation"):
+            return {"jump_to": "end"}
+        return None
+
+
+def has_reviewed_tools(policy: ReviewPolicy, sops: list[Any]) -> bool:
+    """Whether any tool call of the Agent can need a reviewer: a tool with requiresApproval,
+    or a tool step with `approval: human` in one of its SOPs (an SOP a human provides in a run
+    has no steps). Without any, the reviewed-tools middleware is left out: its after_model
+    hook would be a graph node, a checkpoint write per model call, that never does anything."""
+    if policy.approval_tools:
+        return True
+    return any(st.approval == "human" and st.tool for sop in sops for st in sop.spec.steps or [])
 
 
 # --- answers -----------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ Concerns live in middleware, outermost first on each model/tool call:
   PIIMiddleware (from the Guardrails, defence in depth) -> the model;
 - tool call: ToolEventsMiddleware (halt gate, tool_call/tool_result events) ->
   SopGateMiddleware (allow-list, SOP prerequisites) -> ReviewedToolsMiddleware (a reviewer's
-  approval for `requiresApproval` tools and SOP steps with `approval: human`; review.py)
+  approval for `requiresApproval` tools and SOP steps with `approval: human`; review.py;
+  only for Agents that have such tools, like ReviewEscalationMiddleware)
   -> GuardrailMiddleware (tool results)
   -> IdempotentToolRetryMiddleware (transient failures of calls safe to repeat) ->
   ToolCircuitBreakerMiddleware (per tool) -> ToolCredentialsMiddleware (token,
@@ -63,7 +64,14 @@ from fleetward.runtime.middleware.sop_gate import (
 )
 from fleetward.runtime.middleware.tool_credentials import ToolCredentialsMiddleware, ToolEventsMiddleware
 from fleetward.runtime.resilience import model_failure_middleware, tool_failure_middleware
-from fleetward.runtime.review import DraftReviewMiddleware, ReviewedToolsMiddleware, ReviewPolicy, ReviewState
+from fleetward.runtime.review import (
+    DraftReviewMiddleware,
+    ReviewedToolsMiddleware,
+    ReviewEscalationMiddleware,
+    ReviewPolicy,
+    ReviewState,
+    has_reviewed_tools,
+)
 from fleetward.runtime.tools import ToolHttpClient, build_tools
 from langchain.agents import create_agent
 from langchain_core.tools import BaseTool
@@ -112,6 +120,7 @@ def specialist_middleware(
         raise ValueError(f"{len(fallbacks)} fallback model(s) given for {len(endpoints)} in model.fallbacks")
     budgets = services.retry_budgets
     review = ReviewPolicy.of(config.spec)
+    reviewed_tools = has_reviewed_tools(review, list(config.sops))
     chain = list(zip(fallbacks, endpoints, strict=True))
     middleware: list[Any] = [
         SopRetrievalMiddleware(),
@@ -123,12 +132,13 @@ def specialist_middleware(
         *([MemoryMiddleware(services.memory)] if services.memory is not None else []),
         ToolEventsMiddleware(),
         SopGateMiddleware([t.name for t in tools], [s for s in config.sops]),
-        ReviewedToolsMiddleware(review, {t.name for t in tools}, list(config.sops)),
+        *([ReviewedToolsMiddleware(review, {t.name for t in tools}, list(config.sops))] if reviewed_tools else []),
         GuardrailMiddleware(services.guardrails),
         *tool_failure_middleware(services.agent, config.spec.tools, budget_of=budgets),
         ToolCredentialsMiddleware(),
         RespondMiddleware(),
         DraftReviewMiddleware(review),  # after_agent hooks run last-listed first: review, then respond
+        *([ReviewEscalationMiddleware()] if reviewed_tools else []),
     ]
     if config.guardrails:
         from fleetward.runtime.guardrails.middleware import pii_middleware
