@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from kubernetes import client
 
-from fleetward.devcluster.layout import REPO
+from fleetward.devcluster.layout import REPO, state_root
 from fleetward.devcluster.process import wait_for
 from fleetward.devcluster.services import KWOK_TAINT
 
@@ -85,6 +86,11 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
         assert "applied examples/githouse/30-agents.yaml: 10 objects" in out
         assert "the Fleetward operator is running" in out
         assert "Agents Ready: 10/10" in out, out[-3000:]
+        # make up runs the seed's enterprise query and says how to watch it
+        sent = re.search(r"sent the GitHouse enterprise query to githouse/router \(session (\S+)\)", out)
+        assert sent, out[-3000:]
+        session = sent.group(1)
+        assert f"fleetward sessions tail {session}" in out
 
         # while it is up: the env file works in a shell, and the cluster answers with the example in it
         check = subprocess.run(
@@ -105,8 +111,24 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
         text = env_file.read_text()
         for key in ("KUBECONFIG", "PATH", "KAFKA_BOOTSTRAP", "POSTGRES_DSN", "PROMETHEUS_URL"):
             assert f"export {key}=" in text, key
-        state = REPO / ".fleetward" / "uptest"
+        state = state_root() / "uptest"
         assert len(_alive_under(state)) >= 8
+        # ... and the query goes through the mesh: watched as the summary says, it reaches
+        # the classification, the escalation of the security part and the first reviews.
+        tail = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f"source {env_file} && {sys.executable} -m fleetward.cli.main sessions tail {session} "
+                "--until-idle 30 --timeout 150",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+        assert tail.returncode == 0, tail.stderr
+        assert "classified: topics account, billing, security" in tail.stdout, tail.stdout[-3000:]
+        assert "escalated" in tail.stdout and "approval_required" in tail.stdout, tail.stdout[-3000:]
 
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
         rest, _ = proc.communicate(timeout=120)
@@ -141,11 +163,11 @@ def test_ctrl_c_during_start_up_stops_everything():
     assert proc.returncode == 130, rest
     assert "interrupted during start-up" in rest and rest.rstrip().endswith("==> stopped")
     assert "Fleetward local cluster is up" not in rest
-    assert not _alive_under(REPO / ".fleetward" / "uptest-interrupt"), "everything stopped"
+    assert not _alive_under(state_root() / "uptest-interrupt"), "everything stopped"
     # the name is free again: the lock was released
     from fleetward.devcluster.cluster import _lock
 
-    os.close(_lock(REPO / ".fleetward" / "uptest-interrupt.lock", "uptest-interrupt"))
+    os.close(_lock(state_root() / "uptest-interrupt.lock", "uptest-interrupt"))
 
 
 def _alive_under(state: Path) -> list[int]:
