@@ -52,7 +52,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from fleetward.runtime.persistence import Database, Persistence, PostgresDatabase, SqliteDatabase
+from fleetward.runtime.persistence import Database, Persistence, PostgresDatabase, SqliteDatabase, postgres_pool
 from prometheus_client import Gauge
 
 from fleetward.api.agent import Budget
@@ -387,23 +387,10 @@ async def open_daily_token_ledger(
     replicas), else the SQLite file `sqlite_path` (one pod). The runtime, which has its
     persistence open already, uses `DailyTokenLedger.from_persistence` instead."""
     if dsn:
-        from psycopg.rows import dict_row
-        from psycopg_pool import AsyncConnectionPool
-
-        pool = AsyncConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=4,
-            open=False,
-            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-        )
-        await pool.open(wait=True, timeout=30)
-        try:
+        async with postgres_pool(dsn, max_size=4) as pool:
             ledger = DailyTokenLedger(PostgresDatabase(pool), budgets, clock=clock)
             await ledger.setup()
             yield ledger
-        finally:
-            await pool.close()
         return
 
     if not sqlite_path:

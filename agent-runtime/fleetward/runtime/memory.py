@@ -75,6 +75,7 @@ from typing import Any, NotRequired
 from fleetward.runtime.context import RunContext
 from fleetward.runtime.middleware.guardrails import GUARDRAIL_METADATA
 from fleetward.runtime.middleware.sop_gate import SpecialistState
+from fleetward.runtime.persistence import postgres_pool
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.runtime import Runtime
@@ -344,24 +345,12 @@ async def open_memory_store(dsn: str | None, sqlite_path: str) -> AsyncIterator[
     SQLite next to the checkpoint database (`memory_sqlite_path`)."""
     if dsn:
         from langgraph.store.postgres.aio import AsyncPostgresStore
-        from psycopg.rows import dict_row
-        from psycopg_pool import AsyncConnectionPool
 
-        pool = AsyncConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=4,
-            open=False,
-            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-        )
-        await pool.open(wait=True, timeout=30)
-        try:
+        async with postgres_pool(dsn, max_size=4) as pool:
             store = AsyncPostgresStore(pool)  # type: ignore[arg-type]
             async with _setup_lock(pool):
                 await store.setup()
             yield store
-        finally:
-            await pool.close()
         return
 
     import aiosqlite

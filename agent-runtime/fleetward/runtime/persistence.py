@@ -389,29 +389,39 @@ class Persistence:
 
 
 @contextlib.asynccontextmanager
+async def postgres_pool(dsn: str, *, max_size: int) -> AsyncIterator[Any]:
+    """An open psycopg pool in the runtime's settings (autocommit, dict rows, no server-side
+    prepared statements: a pooler in between must not see them), closed at the end. Used by
+    the checkpointer and ledgers, the daily token ledger and the memory store."""
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool
+
+    pool = AsyncConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+    )
+    await pool.open(wait=True, timeout=30)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
 async def open_persistence(dsn: str | None, sqlite_path: str) -> AsyncIterator[Persistence]:
     """The checkpointer and ledger, set up; PostgreSQL when `dsn` is given, else SQLite."""
     if dsn:
         from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-        from psycopg.rows import dict_row
-        from psycopg_pool import AsyncConnectionPool
 
-        pool = AsyncConnectionPool(
-            dsn,
-            min_size=1,
-            max_size=8,
-            open=False,
-            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-        )
-        await pool.open(wait=True, timeout=30)
-        try:
+        async with postgres_pool(dsn, max_size=8) as pool:
             saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
             await saver.setup()
             ledger = Ledger(PostgresDatabase(pool), "postgres")
             await ledger.setup()
             yield Persistence(saver, ledger, "postgres")
-        finally:
-            await pool.close()
         return
 
     import aiosqlite
