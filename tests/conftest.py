@@ -19,6 +19,8 @@ from fleetward.devcluster.kube import install_crds
 from fleetward.devcluster.layout import REPO
 from fleetward.devcluster.process import wait_for
 from fleetward.devcluster.services import Kafka, Postgres, Prometheus
+from fleetward.llmstandin import StandinServer
+from tests.support.runtime import EventReader
 
 INTEGRATION = Path(__file__).parent / "integration"
 AUDIT_SECRET = "fleetward-audit-db"
@@ -133,3 +135,18 @@ def fleetward(cluster: DevCluster, api: client.ApiClient, kafka: Kafka, crds: li
     helm_install(cluster.bins.helm, cluster.kubeconfig, values)
     wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
     return NAMESPACE
+
+
+@pytest.fixture
+def llm() -> Iterator[StandinServer]:
+    """The LLM stand-in with no rules yet (a test sets its scenario), on a free loopback port."""
+    with StandinServer(None) as server:
+        yield server
+
+
+@pytest.fixture
+def events(kafka: Kafka) -> Iterator[EventReader]:
+    """Reads the session events topic from its beginning, for one test."""
+    reader = EventReader(kafka.bootstrap)
+    yield reader
+    reader.close()

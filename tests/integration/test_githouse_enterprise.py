@@ -22,7 +22,7 @@ from kubernetes import client
 from fleetward.api.envelopes import AgentCommand
 from fleetward.devcluster.kube import apply_manifest, manifest_files
 from tests.support.agents import wait_ready
-from tests.support.runtime import FLEETWARD, REPO, EventReader, TopicReader, produce, user_message
+from tests.support.runtime import FLEETWARD, REPO, TopicReader, produce, user_message
 
 EXAMPLE = REPO / "examples" / "githouse"
 ENTERPRISE_QUERY = (
@@ -47,13 +47,6 @@ def githouse(fleetward, api: client.ApiClient) -> Iterator[None]:
     _wait_http(f"{TOOLS_URL}/healthz", 60)
     _wait_http("http://127.0.0.1:18000/v1/models", 60)
     yield
-
-
-@pytest.fixture
-def events(kafka) -> Iterator[EventReader]:
-    reader = EventReader(kafka.bootstrap)
-    yield reader
-    reader.close()
 
 
 def test_the_enterprise_query_end_to_end(githouse, kafka, events):

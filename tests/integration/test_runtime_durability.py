@@ -7,17 +7,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from fleetward.api.envelopes import parse_ack
-from fleetward.llmstandin import StandinServer
 from tests.support.runtime import (
     PII_GUARDRAIL,
     REFUND_SOP,
-    EventReader,
     GitHouseTools,
     HoldingProxy,
     TopicReader,
@@ -59,19 +54,6 @@ def assert_clean_stream(events) -> None:
     calls = [e.data.call_id for e in events if e.type == "tool_call"]
     assert len(calls) == len(set(calls)), calls
     assert sum(e.type == "resolved" for e in events) == 1
-
-
-@pytest.fixture
-def llm() -> Iterator[StandinServer]:
-    with StandinServer(None) as server:
-        yield server
-
-
-@pytest.fixture
-def events(kafka) -> Iterator[EventReader]:
-    reader = EventReader(kafka.bootstrap)
-    yield reader
-    reader.close()
 
 
 def test_sigkill_during_a_mutating_tool_call_completes_the_run_with_the_effect_applied_once(

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from fleetward.llmstandin import StandinServer
 from tests.support.runtime import (
     REFUND_SOP,
-    EventReader,
     GitHouseTools,
     agent_spec,
     billing_tools,
@@ -27,19 +22,6 @@ from tests.support.runtime import (
 SECTION = "Earlier conversations with this user"
 REFUND_ARGS = {"transaction_id": "txn_1002", "amount_cents": 2100}
 REPLY = "Your refund of $21.00 for txn_1002 is on its way."
-
-
-@pytest.fixture
-def llm() -> Iterator[StandinServer]:
-    with StandinServer(None) as server:
-        yield server
-
-
-@pytest.fixture
-def events(kafka) -> Iterator[EventReader]:
-    reader = EventReader(kafka.bootstrap)
-    yield reader
-    reader.close()
 
 
 def system_text(request: dict) -> str:

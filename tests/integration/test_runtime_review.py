@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from fleetward.api.envelopes import AgentCommand, SessionEvent, parse_event
-from fleetward.llmstandin import StandinServer
 from tests.support.runtime import (
     REFUND_SOP,
     EventReader,
@@ -70,19 +69,6 @@ def ask(kafka, agent: LocalAgent, text: str = "refund txn_1002") -> str:
 
 def types(events: list[SessionEvent]) -> list[str]:
     return [e.type for e in events]
-
-
-@pytest.fixture
-def llm() -> Iterator[StandinServer]:
-    with StandinServer(None) as server:
-        yield server
-
-
-@pytest.fixture
-def events(kafka) -> Iterator[EventReader]:
-    reader = EventReader(kafka.bootstrap)
-    yield reader
-    reader.close()
 
 
 @pytest.fixture

@@ -8,14 +8,10 @@ escalated; never a crash)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from fleetward.api.envelopes import AgentCommand, parse_command, parse_event
-from fleetward.llmstandin import StandinServer
 from tests.support.runtime import (
     EventReader,
     LocalAgent,
@@ -51,19 +47,6 @@ def classify(answer: dict[str, Any], **rule: Any) -> dict[str, Any]:
 
 def request_topic(agent: str) -> str:
     return f"fleetward.requests.{NS}.{agent}"
-
-
-@pytest.fixture
-def llm() -> Iterator[StandinServer]:
-    with StandinServer(None) as server:
-        yield server
-
-
-@pytest.fixture
-def events(kafka) -> Iterator[EventReader]:
-    reader = EventReader(kafka.bootstrap)
-    yield reader
-    reader.close()
 
 
 def router(tmp_path: Path, kafka, llm, routes: dict[str, str], fallback: dict[str, str], **extra: Any) -> LocalAgent:
