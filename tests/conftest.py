@@ -6,6 +6,7 @@ the build command to run (`make test` builds everything first)."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from kubernetes import client
 
 from fleetward.devcluster.cluster import DevCluster
 from fleetward.devcluster.install import NAMESPACE, helm_install, local_values, wait_operator_ready
-from fleetward.devcluster.kube import install_crds
+from fleetward.devcluster.kube import apply_manifest, install_crds, manifest_files
 from fleetward.devcluster.layout import REPO
 from fleetward.devcluster.process import wait_for
 from fleetward.devcluster.services import Kafka, Postgres, Prometheus
@@ -24,6 +25,10 @@ from tests.support.runtime import EventReader
 
 INTEGRATION = Path(__file__).parent / "integration"
 AUDIT_SECRET = "fleetward-audit-db"
+GITHOUSE_EXAMPLE = REPO / "examples" / "githouse"
+# The example's tool service and LLM stand-in listen on these fixed loopback ports (its
+# Agents' endpoints name them), so only one cluster on the machine can run it at a time.
+GITHOUSE_PORTS = (18080, 18000)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -150,3 +155,43 @@ def events(kafka: Kafka) -> Iterator[EventReader]:
     reader = EventReader(kafka.bootstrap)
     yield reader
     reader.close()
+
+
+@pytest.fixture(scope="module")
+def githouse_example(api: client.ApiClient) -> Iterator[list[str]]:
+    """examples/githouse applied to the shared cluster for one test module, removed after it.
+
+    Removed, not left for later modules: its tool service and LLM stand-in hold fixed
+    loopback ports, and a later test that brings up a second cluster with the example
+    (`make up` in test_kwok_and_dev_up.py) would otherwise have its agents call this
+    cluster's services (seen in CI: "key ... is not in the trust bundle")."""
+    applied: list[str] = []
+    for path in manifest_files([GITHOUSE_EXAMPLE]):
+        applied += apply_manifest(api, path.read_text())
+    yield applied
+    core = client.CoreV1Api(api)
+    try:
+        client.CustomObjectsApi(api).delete_cluster_custom_object(
+            "fleetward.dev", "v1alpha1", "killswitches", "githouse-stop"
+        )
+    except client.exceptions.ApiException as e:
+        if e.status != 404:
+            raise
+    core.delete_namespace("githouse")
+
+    def gone() -> bool:
+        try:
+            core.read_namespace("githouse")
+        except client.exceptions.ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for(gone, 240, "namespace githouse deleted (the GitHouse example's Agents finalized, pods stopped)")
+    for port in GITHOUSE_PORTS:
+        wait_for(lambda p=port: not _listening(p), 60, f"127.0.0.1:{port} released by the GitHouse example's pods")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0

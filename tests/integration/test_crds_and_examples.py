@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kubernetes import client
 
-from fleetward.devcluster.kube import apply_manifest, manifest_files
+from fleetward.devcluster.kube import apply_manifest
 from fleetward.devcluster.layout import REPO
 
 EXAMPLE = REPO / "examples" / "githouse"
@@ -23,10 +23,8 @@ def test_crds_are_established(crds, api):
     assert all("fleetward" in (served[n].categories or []) for n in ("agents", "sops", "guardrails", "killswitches"))
 
 
-def test_githouse_example_applies_and_lists_under_the_fleetward_category(crds, api, kubectl):
-    applied = []
-    for path in manifest_files([EXAMPLE]):
-        applied += apply_manifest(api, path.read_text())
+def test_githouse_example_applies_and_lists_under_the_fleetward_category(crds, githouse_example, kubectl):
+    applied = githouse_example
     assert "Agent/router" in applied and "KillSwitch/githouse-stop" in applied
 
     listing = kubectl("get", "fleetward", "-A").stdout

@@ -20,11 +20,9 @@ import pytest
 from kubernetes import client
 
 from fleetward.api.envelopes import AgentCommand
-from fleetward.devcluster.kube import apply_manifest, manifest_files
 from tests.support.agents import wait_ready
 from tests.support.runtime import FLEETWARD, REPO, TopicReader, produce, user_message
 
-EXAMPLE = REPO / "examples" / "githouse"
 ENTERPRISE_QUERY = (
     "Our CI/CD pipeline has been dead for three hours, I'm stuck in a 2FA lockout loop, "
     "and please give my Lead Dev permission to increase the budget."
@@ -33,9 +31,7 @@ TOOLS_URL = "http://127.0.0.1:18080"
 
 
 @pytest.fixture(scope="module")
-def githouse(fleetward, api: client.ApiClient) -> Iterator[None]:
-    for path in manifest_files([EXAMPLE]):
-        apply_manifest(api, path.read_text())
+def githouse(fleetward, githouse_example, api: client.ApiClient) -> Iterator[None]:
     for name in ("router", "account-security", "billing"):
         wait_ready(api, "githouse", name, timeout=300)
     apps = client.AppsV1Api(api)

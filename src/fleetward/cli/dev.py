@@ -112,6 +112,7 @@ def run_up(args: argparse.Namespace) -> int:
             )
         if targets and not args.no_wait:
             _wait_agents_ready(api, args.wait_timeout)
+            _wait_workloads_ready(api, args.wait_timeout, cluster.state / "podlet" / "logs")
         env_file = cluster.write_env_file(args.env_file or layout.state_root() / "dev.env")
         session = None
         if EXAMPLE in targets and not args.no_query:
@@ -165,6 +166,42 @@ def _wait_agents_ready(api, timeout: float) -> None:
                 why = next((f"{c['reason']}: {c['message']}" for c in conds if c["type"] == "Ready"), "no status yet")
                 _print(f"    not Ready: {a['metadata']['namespace']}/{a['metadata']['name']} ({why})")
             _print("    (see `kubectl describe agent NAME -n NAMESPACE`)")
+            return
+        time.sleep(1)
+
+
+def _wait_workloads_ready(api, timeout: float, log_dir: Path) -> None:
+    """Like _wait_agents_ready for the applied workloads that are not Agents (the example's
+    tool service and LLM stand-in): on timeout, name each one not ready with the tail of its
+    pod's log, e.g. a port another local cluster already holds, then go on."""
+    from kubernetes import client
+
+    apps = client.AppsV1Api(api)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        deployments = [
+            d
+            for d in apps.list_deployment_for_all_namespaces().items
+            if "fleetward.dev/agent" not in (d.metadata.labels or {}) and d.metadata.namespace != "fleetward-system"
+        ]
+        waiting = [d for d in deployments if (d.status.ready_replicas or 0) < (d.spec.replicas or 0)]
+        line = f"==> other workloads Ready: {len(deployments) - len(waiting)}/{len(deployments)}"
+        if line != last:
+            _print(line)
+            last = line
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            for d in waiting:
+                ns, name = d.metadata.namespace, d.metadata.name
+                _print(f"    not Ready: Deployment {ns}/{name}")
+                logs = sorted(log_dir.glob(f"{ns}_{name}-*/*/*.log"), key=lambda f: f.stat().st_mtime)
+                for text in logs[-1:]:
+                    for row in text.read_text(errors="replace").splitlines()[-5:]:
+                        _print(f"      | {row}")
+            _print("    (see `kubectl describe deployment NAME -n NAMESPACE`; a port in use may belong to another")
+            _print("     local cluster running the example: only one at a time can, its ports are fixed)")
             return
         time.sleep(1)
 
