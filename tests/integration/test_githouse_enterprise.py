@@ -21,7 +21,7 @@ from kubernetes import client
 
 from fleetward.api.envelopes import AgentCommand
 from tests.support.agents import wait_ready
-from tests.support.runtime import FLEETWARD, REPO, TopicReader, produce, user_message
+from tests.support.runtime import FLEETWARD, TopicReader, produce, user_message
 
 ENTERPRISE_QUERY = (
     "Our CI/CD pipeline has been dead for three hours, I'm stuck in a 2FA lockout loop, "
