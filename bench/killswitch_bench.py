@@ -438,6 +438,7 @@ def revocation_part(args, cluster: DevCluster, api, user_kubeconfigs) -> dict[st
             gauges.start()
             load_at_engage = os.getloadavg()[0]
             created = engage(objs, name, ns, args.drain_timeout)
+            answered = time.time()
             accepted_at = stamp_seconds(created["metadata"]["annotations"][ENGAGED_AT])
             # A sample probed in a tight loop (a round of 2 x sample probes is short) times
             # the refusal per agent closely; then one sweep over every agent confirms that
@@ -458,6 +459,9 @@ def revocation_part(args, cluster: DevCluster, api, user_kubeconfigs) -> dict[st
                 "sample_gateway": _stats(gw_s),
                 "sample_probe_round_seconds": _stats(sample_rounds),
                 "keys_dropped_s": {v: round(t - accepted_at, 3) for v, t in gauges.dropped_at.items()},
+                # The API server's answer to the create, from the stamp: the second webhook
+                # call (validating) and the write to etcd.
+                "engage_answered_s": round(answered - accepted_at, 3),
                 "every_credential_refused_by_sweep_s": round(every, 3),
                 "sweep_rounds": prober.rounds,
                 "sweep_round_seconds": prober.round_seconds,

@@ -184,7 +184,7 @@ def test_an_installation_handles_only_the_switches_that_involve_it():
 
 def test_the_webhook_adds_the_finalizer_of_an_involved_installation_on_engage():
     """Saves Kopf's own finalizer write (a round trip) before the engage handler runs."""
-    from fleetward.operator.handlers.admission import with_finalizer
+    from fleetward.operator.killswitch.admission import with_finalizer
     from fleetward.operator.settings import OperatorSettings
 
     index = {"agents_by_namespace": {"team-a": [agent("team-a", "billing")]}}

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetward.operator.audit import OperatorAudit
-from fleetward.operator.credentials import TrustBundle
 from fleetward.operator.kafka import KafkaAdmin
 from fleetward.operator.killswitch.control import ControlChannel
+from fleetward.operator.killswitch.revoker import Revoker
 from fleetward.operator.kube import Kube
 from fleetward.operator.settings import OperatorSettings
 
@@ -23,7 +23,8 @@ AgentKey = tuple[str, str]  # (namespace, name)
 class OperatorContext:
     settings: OperatorSettings
     kube: Kube
-    bundle: TrustBundle
+    bundle: Revoker
+    """The trust-bundle writer, on the revoker's own thread (killswitch/revoker.py)."""
     kafka: KafkaAdmin
     control: ControlChannel
     audit: OperatorAudit
@@ -39,12 +40,11 @@ class OperatorContext:
     @classmethod
     async def create(cls, settings: OperatorSettings, kubeconfig: str | None = None) -> OperatorContext:
         kube = await Kube.connect(kubeconfig, concurrency=max(8, settings.max_concurrent_reconciles * 2))
-        # The trust bundle has its own connections, so its writes (a kill switch's revocation
-        # among them) never queue for a connection behind the reconciles' requests: after a
-        # release of 1000 Agents hundreds of those wait at once (the suspected cause of the
-        # ~1 s revocations in docs/bench/killswitch.md). One writer, one request at a time.
-        bundle_kube = await Kube.connect(kubeconfig, concurrency=2)
-        bundle = TrustBundle(bundle_kube, settings.namespace, settings.trust_bundle_name)
+        # The trust bundle, the kill switch's own watches and the admission webhook run on a
+        # thread with its own loop and connections: an engage never waits behind the
+        # reconciles (after a release of 1000 Agents, seconds of them).
+        bundle = Revoker(settings, kubeconfig)
+        await bundle.start()
         return cls(
             settings=settings,
             kube=kube,
@@ -57,7 +57,6 @@ class OperatorContext:
 
     async def close(self) -> None:
         await self.bundle.stop()
-        await self.bundle.kube.close()
         self.control.close()
         self.audit.close()
         await self.kube.close()

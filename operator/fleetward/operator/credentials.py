@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,25 +132,50 @@ async def revoke_credentials(kube: Kube, ref: AgentRef) -> bool:
     return await kube.delete("Secret", ref.namespace, credentials_secret_name(ref.name))
 
 
+class KeyBlocked(KubeError):
+    """A publish refused because a kill switch covers the agent (the reconcile that asked
+    started before the switch engaged, or before it was released: it is retried, and then
+    knows which is the case)."""
+
+    def __init__(self, agent: str):
+        super().__init__(409, "Blocked", f"agent {agent} is covered by an engaged kill switch", agent)
+
+
 class TrustBundle:
     """The JWKS ConfigMap, written by one task that batches concurrent changes.
 
     `publish(agent, jwk)` / `withdraw(agent)` return once the change is in the API server.
     The bundle holds at most one key per agent: publishing a new key replaces the old one.
+    A publish for a blocked agent is not written and raises KeyBlocked.
     """
 
-    def __init__(self, kube: Kube, namespace: str, name: str, *, batch_window: float = 0.02):
+    def __init__(
+        self,
+        kube: Kube,
+        namespace: str,
+        name: str,
+        *,
+        batch_window: float = 0.02,
+        switch_blocked: Callable[[str], bool] = lambda agent: False,
+    ):
         self.kube, self.namespace, self.name = kube, namespace, name
         self.batch_window = batch_window
         self._pending: dict[str, dict[str, Any] | None] = {}
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: list[tuple[str | None, asyncio.Future]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.keys: dict[str, dict[str, Any]] = {}
         """Last written bundle: agent -> jwk."""
         self.blocked: set[str] = set()
-        """Agents a kill switch covers: a publish for them is dropped by the writer, so a
-        reconcile that started before the switch engaged cannot put a key back."""
+        """Agents the Kopf handlers know a kill switch covers: a publish for them is dropped
+        by the writer, so a reconcile that started before the switch engaged cannot put a
+        key back."""
+        self.switch_blocked = switch_blocked
+        """The same from the revoker's own watches (it may know sooner, or later, than Kopf):
+        an agent is blocked while either says so."""
+
+    def is_blocked(self, agent: str) -> bool:
+        return agent in self.blocked or self.switch_blocked(agent)
 
     def start(self) -> None:
         if self._task is None:
@@ -177,11 +203,14 @@ class TrustBundle:
     async def revoke(self, agents: list[str]) -> None:
         """Block and withdraw many agents in one write (the kill switch's fast path)."""
         self.blocked.update(agents)
+        await self.withdraw_many(agents)
+
+    async def withdraw_many(self, agents: list[str]) -> None:
         self.start()
         fut = asyncio.get_running_loop().create_future()
         for agent in agents:
             self._pending[agent] = None
-        self._waiters.append(fut)
+        self._waiters.append((None, fut))
         self._wake.set()
         await fut
 
@@ -197,7 +226,7 @@ class TrustBundle:
         self.start()
         fut = asyncio.get_running_loop().create_future()
         self._pending[agent] = jwk
-        self._waiters.append(fut)
+        self._waiters.append((agent if jwk is not None else None, fut))
         self._wake.set()
         await fut
 
@@ -225,14 +254,18 @@ class TrustBundle:
             pending, waiters = self._pending, self._waiters
             self._pending, self._waiters = {}, []
             try:
-                await self._write(pending)
+                refused = await self._write(pending)
             except Exception as e:  # every waiter sees the failure and retries its reconcile
-                for fut in waiters:
+                for _, fut in waiters:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for fut in waiters:
-                if not fut.done():
+            for agent, fut in waiters:
+                if fut.done():
+                    continue
+                if agent is not None and agent in refused:
+                    fut.set_exception(KeyBlocked(agent))
+                else:
                     fut.set_result(None)
 
     def _body(self, keys: dict[str, dict[str, Any]], base: dict[str, Any] | None) -> dict[str, Any]:
@@ -255,25 +288,29 @@ class TrustBundle:
             "data": {JWKS_KEY: json.dumps(jwks, sort_keys=True, separators=(",", ":"))},
         }
 
-    async def _write(self, pending: dict[str, dict[str, Any] | None]) -> None:
+    async def _write(self, pending: dict[str, dict[str, Any] | None]) -> set[str]:
+        """Returns the agents whose publish was refused (blocked)."""
         # Read-modify-write with the resourceVersion, retried on conflict: the ConfigMap is
         # shared state, and a blind apply could drop a key another writer just added.
         for attempt in range(10):
             cm = await self.kube.get("ConfigMap", self.namespace, self.name)
             keys = self._keys_of(cm)
+            refused: set[str] = set()
             for agent, jwk in pending.items():
-                if jwk is None or agent in self.blocked:
+                if jwk is None or self.is_blocked(agent):
                     keys.pop(agent, None)
+                    if jwk is not None:
+                        refused.add(agent)
                 else:
                     keys[agent] = jwk
             if cm is not None and keys == self._keys_of(cm):
                 self.keys = keys
-                return
+                return refused
             try:
                 body = self._body(keys, cm)
                 await (self.kube.replace(body) if cm is not None else self.kube.create(body))
                 self.keys = keys
-                return
+                return refused
             except KubeError as e:
                 if e.status != 409:
                     raise

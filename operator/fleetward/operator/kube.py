@@ -14,6 +14,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,3 +277,71 @@ class Kube:
             body={"status": status},
             content_type="application/merge-patch+json",
         )
+
+    # -- list and watch (the revoker thread's own views; Kopf watches everything else) ------
+
+    async def list_with_version(
+        self, kind: str, namespace: str | None = None, *, metadata_only: bool = False
+    ) -> tuple[list[dict[str, Any]], str]:
+        """The items and the list's resourceVersion, to watch from."""
+        headers = {"Accept": _METADATA_LIST if metadata_only else "application/json", **self._auth_header()}
+        assert self._session is not None, "Kube.connect() first"
+        path = KINDS[kind].path(namespace)
+        try:
+            async with self._session.get(path.lstrip("/"), headers=headers) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise KubeError(resp.status, resp.reason or "", text[:500], path)
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise KubeError(0, "Unreachable", f"the API server did not answer: {e!r}", path) from e
+        body = json.loads(text)
+        return body.get("items") or [], body["metadata"]["resourceVersion"]
+
+    async def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        *,
+        metadata_only: bool = False,
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Watch events ({"type", "object"}) from `resource_version` until the server ends
+        the watch. Raises KubeError(410) when the version is too old (list again).
+
+        Read in chunks and split on newlines ourselves: a KillSwitch with the results of
+        1000 agents in its status is one line of hundreds of KB, over aiohttp's line limit."""
+        assert self._session is not None, "Kube.connect() first"
+        path = KINDS[kind].path(namespace)
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        headers = {"Accept": _METADATA if metadata_only else "application/json", **self._auth_header()}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_seconds + 30)
+        try:
+            async with self._session.get(path.lstrip("/"), params=params, headers=headers, timeout=timeout) as resp:
+                if resp.status >= 400:
+                    raise KubeError(resp.status, resp.reason or "", (await resp.text())[:500], path)
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        if event.get("type") == "ERROR":
+                            st = event.get("object") or {}
+                            code = int(st.get("code") or 500)
+                            raise KubeError(code, st.get("reason", ""), st.get("message", ""), path)
+                        yield event
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise KubeError(0, "Unreachable", f"the watch ended: {e!r}", path) from e
+
+
+# Server-side reduction to metadata: a watch of 1000 Agents without their specs.
+_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"

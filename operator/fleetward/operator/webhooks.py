@@ -8,8 +8,8 @@ authentication (`userInfo` of the admission request), never from text a user typ
 - releasing (true -> false) needs approvals from two distinct users other than the engager;
 - deleting an engaged switch is refused: it would release it without the two approvals.
 
-Pure functions: `admit` returns the patch to apply or raises `Refused`; the Kopf
-registration is in handlers/admission.py."""
+Pure functions: `admit` returns the patch to apply or raises `Refused`; the HTTPS server
+that answers the API server's AdmissionReviews is killswitch/admission.py."""
 
 from __future__ import annotations
 

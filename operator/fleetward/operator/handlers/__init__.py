@@ -8,11 +8,10 @@ from fleetward.operator.settings import OperatorSettings
 
 
 def register(settings: OperatorSettings) -> None:
-    from fleetward.operator.handlers import admission, agent, deployment, killswitch, lifecycle, references
+    from fleetward.operator.handlers import agent, deployment, killswitch, lifecycle, references
 
     lifecycle.register(settings)
     agent.register(settings)
     references.register(settings)
     deployment.register(settings)
     killswitch.register(settings)
-    admission.register(settings)

@@ -51,7 +51,6 @@ def register(settings: OperatorSettings) -> None:
         settings.watching.server_timeout = 300
         settings.batching.error_delays = (1, 2, 5, 10, 30, 60)
         memo.ctx = await OperatorContext.create(memo.settings)
-        memo.ctx.bundle.start()
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
         memo.housekeeping_task = asyncio.create_task(keep_house(memo.ctx))
         if memo.settings.gateway.enabled:

@@ -198,13 +198,16 @@ async def engage(
     kafka_problem = ""
     if revoke:
         await ctx.bundle.revoke(ids)
-        bundle_done = time.time()
+        # The revoker's thread has usually withdrawn the keys before this handler ran.
+        stamp = (meta.get("annotations") or {}).get(ENGAGED_AT) or meta.get("creationTimestamp") or ""
+        bundle_done = min(time.time(), ctx.bundle.revoked_for(name, stamp, ids) or float("inf"))
         try:
             await _revoke_kafka(ctx, agents)
         except KafkaUnavailable as e:
             kafka_problem = f"Kafka did not answer ({e}); the agents' Kafka access is withdrawn when it does."
         if not (same_run and old.get("credentialsRevokedAt")):
-            done = time.time()
+            # Kafka access is withdrawn here, after the keys: with SCRAM, revoked means both.
+            done = time.time() if ctx.settings.kafka.principals_managed else bundle_done
             status["credentialsRevokedAt"] = rfc3339(done)
             status["revocationSeconds"] = round(done - t0, 3)
             KILL_SWITCH_REVOCATION_SECONDS.labels(name).set(done - t0)
