@@ -16,12 +16,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
 use crate::auth::Identity;
 use crate::history::{Entry, Position, ResumePlan};
-use crate::hub::{Client, CloseReason, close_code};
+use crate::hub::{Client, CloseReason, Queued, close_code};
 use crate::kafka::ProduceError;
 use crate::protocol::{self, AgentCommand, ClientFrame, CommandInput, CommandUser};
 use crate::server::AppState;
@@ -42,6 +43,10 @@ pub struct Params {
     pub session_id: String,
     pub identity: Identity,
     pub since: Option<Position>,
+    /// The connection's place under `--max-connections`, released when it ends.
+    pub permit: OwnedSemaphorePermit,
+    /// Keeps the graceful shutdown waiting until the connection has ended.
+    pub tracked: TaskTrackerToken,
 }
 
 fn now_ms() -> i64 {
@@ -110,12 +115,12 @@ impl Writer {
         self.send(Message::Text(text.into()), close_rx).await
     }
 
-    async fn send_entry(&mut self, e: Entry, close_rx: &mut watch::Receiver<Option<CloseReason>>) -> Result<(), Stop> {
+    async fn send_entry(&mut self, e: &Entry, close_rx: &mut watch::Receiver<Option<CloseReason>>) -> Result<(), Stop> {
         let last = self.last_sent.get(&e.position.partition).copied().unwrap_or(-1);
         if e.position.offset <= last {
             return Ok(());
         }
-        self.send(Message::Text(e.frame), close_rx).await?;
+        self.send(Message::Text(e.frame.clone()), close_rx).await?;
         self.last_sent.insert(e.position.partition, e.position.offset);
         self.last_activity = Instant::now();
         let m = &self.st.metrics;
@@ -134,7 +139,7 @@ impl Writer {
         &mut self,
         plan: Option<ResumePlan>,
         params: &Params,
-        live_rx: &mut mpsc::Receiver<Entry>,
+        live_rx: &mut mpsc::Receiver<Queued>,
         close_rx: &mut watch::Receiver<Option<CloseReason>>,
     ) -> Result<(), Stop> {
         let Some(since) = params.since else {
@@ -195,7 +200,7 @@ impl Writer {
                 }
             }
         };
-        for e in missed {
+        for e in &missed {
             held.take_from(live_rx);
             self.send_entry(e, close_rx).await?;
         }
@@ -204,14 +209,14 @@ impl Writer {
             let Some(e) = held.entries.pop_front() else {
                 return Ok(());
             };
-            self.send_entry(e, close_rx).await?;
+            self.send_entry(&e, close_rx).await?;
         }
     }
 }
 
 /// Live events held back while a resume delivers what the client missed, at most `cap`.
 struct Held {
-    entries: VecDeque<Entry>,
+    entries: VecDeque<Queued>,
     cap: usize,
 }
 
@@ -228,7 +233,7 @@ impl Held {
     }
 
     /// Move what is queued now (without waiting) while there is room.
-    fn take_from(&mut self, live_rx: &mut mpsc::Receiver<Entry>) {
+    fn take_from(&mut self, live_rx: &mut mpsc::Receiver<Queued>) {
         while self.has_room() {
             match live_rx.try_recv() {
                 Ok(e) => self.entries.push_back(e),
@@ -239,7 +244,16 @@ impl Held {
 }
 
 /// Run one connection to its end.
-pub async fn run(socket: WebSocket, st: AppState, params: Params) {
+///
+/// Not an `async fn`: the socket is split before the future is made, so the future holds the
+/// two small halves and not also the socket it was called with (an `async fn` keeps room for
+/// its arguments for as long as it runs, here the whole life of the connection).
+pub fn run(socket: WebSocket, st: AppState, params: Params) -> impl Future<Output = ()> + Send + 'static {
+    let (sink, stream) = socket.split();
+    serve(sink, stream, st, params)
+}
+
+async fn serve(sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocket>, st: AppState, params: Params) {
     let m = st.metrics.clone();
     m.connections.inc();
     m.connections_total.inc();
@@ -263,12 +277,12 @@ pub async fn run(socket: WebSocket, st: AppState, params: Params) {
         handle.close(revoked_close());
     }
 
-    let (sink, stream) = socket.split();
     // Any frame from the client (pongs too) proves it is alive; only its own frames (and
     // deliveries) count as activity for the idle TTL.
     let last_heard = Arc::new(AtomicI64::new(now_ms()));
     let last_frame = Arc::new(AtomicI64::new(now_ms()));
-    let (ctrl_tx, mut ctrl_rx) = mpsc::channel::<String>(16);
+    // `Box<str>`, not `String`: the channel allocates its slots (32) up front.
+    let (ctrl_tx, mut ctrl_rx) = mpsc::channel::<Box<str>>(16);
     let inbound = Inbound {
         st: st.clone(),
         session_id: params.session_id.clone(),
@@ -299,7 +313,9 @@ pub async fn run(socket: WebSocket, st: AppState, params: Params) {
     let mut ping = tokio::time::interval(limits.ping_interval);
     ping.tick().await;
 
-    let outcome: Stop = match w.resume(plan, &params, &mut live_rx, &mut close_rx).await {
+    // Boxed: a resume's state (the Kafka replay) is large and needed only at the start; kept
+    // inline, it would enlarge every idle connection's task for its whole life.
+    let outcome: Stop = match Box::pin(w.resume(plan, &params, &mut live_rx, &mut close_rx)).await {
         Err(stop) => stop,
         Ok(()) => loop {
             let step: Result<(), Stop> = tokio::select! {
@@ -311,8 +327,8 @@ pub async fn run(socket: WebSocket, st: AppState, params: Params) {
                     _ => Stop::Gone,
                 }),
                 _ = &mut expiry => Err(close(close_code::TOKEN_EXPIRED, "token expired")),
-                Some(text) = ctrl_rx.recv() => w.send_text(text, &mut close_rx).await,
-                Some(entry) = live_rx.recv() => w.send_entry(entry, &mut close_rx).await,
+                Some(text) = ctrl_rx.recv() => w.send_text(text.into_string(), &mut close_rx).await,
+                Some(entry) = live_rx.recv() => w.send_entry(&entry, &mut close_rx).await,
                 _ = ping.tick() => {
                     let silent = Duration::from_millis((now_ms() - last_heard.load(Ordering::Relaxed)).max(0) as u64);
                     let since_frame = Duration::from_millis((now_ms() - last_frame.load(Ordering::Relaxed)).max(0) as u64);
@@ -381,7 +397,7 @@ fn is_too_big(e: &axum::Error) -> bool {
 async fn read_loop(
     mut stream: SplitStream<WebSocket>,
     inbound: Inbound,
-    ctrl: mpsc::Sender<String>,
+    ctrl: mpsc::Sender<Box<str>>,
     last_heard: Arc<AtomicI64>,
     last_frame: Arc<AtomicI64>,
     max_bytes: usize,
@@ -399,7 +415,9 @@ async fn read_loop(
         let reply = match msg {
             Message::Text(t) if t.len() > max_bytes => return ReaderEnd::TooBig,
             Message::Binary(b) if b.len() > max_bytes => return ReaderEnd::TooBig,
-            Message::Text(t) => inbound.handle(t.as_str()).await,
+            // Boxed: handling a frame (parse, span, Kafka produce) takes far more state than
+            // waiting for one, and an idle connection only ever waits.
+            Message::Text(t) => Box::pin(inbound.handle(t.as_str())).await,
             Message::Binary(_) => {
                 inbound.count("binary", "invalid");
                 Some(protocol::error_frame(
@@ -411,7 +429,7 @@ async fn read_loop(
             Message::Close(_) => return ReaderEnd::Closed,
         };
         if let Some(r) = reply
-            && ctrl.send(r).await.is_err()
+            && ctrl.send(r.into_boxed_str()).await.is_err()
         {
             return ReaderEnd::Closed;
         }

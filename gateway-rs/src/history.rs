@@ -75,7 +75,8 @@ pub enum ResumePlan {
 impl History {
     pub fn new(capacity: usize) -> History {
         History {
-            entries: VecDeque::with_capacity(capacity.min(16)),
+            // Grown with the first events: most sessions of idle connections have none.
+            entries: VecDeque::new(),
             capacity,
         }
     }

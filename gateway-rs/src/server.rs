@@ -32,8 +32,10 @@ use crate::shutdown::{self, Shutdown};
 use crate::trust_bundle::OnRemoved;
 use crate::verify::Verifier;
 
-/// Initial read buffer of a WebSocket connection (grows on demand).
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Read buffer of a WebSocket connection, also the most read from the socket at once (a
+/// larger frame grows the buffer to its size, then is read in pieces of this size). Clients
+/// send little (pongs, replies, decisions), and every idle connection holds this much.
+const READ_BUFFER_BYTES: usize = 1024;
 
 pub struct Inner {
     pub settings: Arc<Settings>,
@@ -195,24 +197,20 @@ async fn ws_handler(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(max.saturating_mul(2) + 1024)
         .max_frame_size(max.saturating_mul(2) + 1024);
-    let guard = st.tracker.token();
+    let tracked = st.tracker.token();
     let st2 = st.clone();
     tracing::info!(session = %session_id, sub = %identity.sub, role = identity.role.as_str(), agent = %identity.agent,
         resume = since.is_some(), "connection accepted");
-    ws.on_upgrade(move |socket| async move {
-        connection::run(
-            socket,
-            st2,
-            Params {
-                session_id,
-                identity,
-                since,
-            },
-        )
-        .await;
-        drop(permit);
-        drop(guard);
-    })
+    let params = Params {
+        session_id,
+        identity,
+        since,
+        permit,
+        tracked,
+    };
+    // `connection::run` itself is the upgrade's future (no wrapping async block, which would
+    // keep its captures alongside `run`'s state for the whole connection).
+    ws.on_upgrade(move |socket| connection::run(socket, st2, params))
 }
 
 async fn authenticate(
