@@ -307,8 +307,19 @@ class HoldingProxy:
 
     def stop(self) -> None:
         self.release.set()
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
+
+        async def shutdown() -> None:
+            # Connections still open are cancelled and finish here, not when their
+            # coroutines are collected after the loop stopped ("Event loop is closed").
+            if self._server is not None:
+                self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 

@@ -206,3 +206,28 @@ def test_json_patch_escapes_keys_and_adds_a_missing_spec():
     ops = json_patch(obj, {"metadata": {"annotations": {"a/b~c": None, "x/y": "2"}}, "spec": {"approvals": []}})
     assert jsonpatch.apply_patch(obj, ops) == {"metadata": {"annotations": {"x/y": "2"}}, "spec": {"approvals": []}}
     assert json_patch({"metadata": {}}, {"metadata": {"annotations": {"gone": None}}}) == []
+
+
+def test_the_writer_never_trusts_its_cached_copy_over_another_writer():
+    """The writer starts from the object its last write returned; another writer's change
+    since (another operator replica) must survive, and a withdraw that looks like a no-op
+    against the stale copy must still happen."""
+
+    async def scenario() -> None:
+        kube = FakeKube()
+        bundle = TrustBundle(kube, "fleetward-system", "fleetward-trust-bundle")
+        other = TrustBundle(kube, "fleetward-system", "fleetward-trust-bundle")
+        await bundle.publish("a/x", jwk("a/x"))
+        await other.publish("a/y", jwk("a/y"))  # bundle's copy is stale now
+        await bundle.publish("a/z", jwk("a/z"))  # 409 on the stale copy, then a fresh read
+        assert kube.agents() == {"a/x", "a/y", "a/z"}
+        await other.withdraw("a/y")
+        await bundle.withdraw("a/x")
+        await other.publish("a/x", jwk("a/x"))  # back, behind bundle's back
+        writes = kube.writes
+        await bundle.withdraw("a/x")  # a no-op for its stale copy: confirmed by a read, then written
+        assert kube.agents() == {"a/z"} and kube.writes == writes + 1
+        await bundle.stop()
+        await other.stop()
+
+    asyncio.run(scenario())

@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,10 @@ class TrustBundle:
         by the writer, so a reconcile that started before the switch engaged cannot put a
         key back."""
         self.switch_blocked = switch_blocked
+        self._last: dict[str, Any] | None = None
+        """The ConfigMap as our last write (or read) returned it."""
+        self._first_pending = 0.0
+        self.last_write: dict[str, Any] = {}
         """The same from the revoker's own watches (it may know sooner, or later, than Kopf):
         an agent is blocked while either says so."""
 
@@ -208,6 +213,7 @@ class TrustBundle:
     async def withdraw_many(self, agents: list[str]) -> None:
         self.start()
         fut = asyncio.get_running_loop().create_future()
+        self._first_pending = self._first_pending or time.monotonic()
         for agent in agents:
             self._pending[agent] = None
         self._waiters.append((None, fut))
@@ -225,6 +231,7 @@ class TrustBundle:
     async def _change(self, agent: str, jwk: dict[str, Any] | None) -> None:
         self.start()
         fut = asyncio.get_running_loop().create_future()
+        self._first_pending = self._first_pending or time.monotonic()
         self._pending[agent] = jwk
         self._waiters.append((agent if jwk is not None else None, fut))
         self._wake.set()
@@ -253,6 +260,10 @@ class TrustBundle:
             self._wake.clear()
             pending, waiters = self._pending, self._waiters
             self._pending, self._waiters = {}, []
+            first, self._first_pending = self._first_pending, 0.0
+            # Where a write's time goes (the revoker logs it): queued behind the batch window
+            # and the previous write, reading, writing.
+            self.last_write = {"queued_s": round(time.monotonic() - first, 3) if first else 0.0}
             try:
                 refused = await self._write(pending)
             except Exception as e:  # every waiter sees the failure and retries its reconcile
@@ -291,9 +302,16 @@ class TrustBundle:
     async def _write(self, pending: dict[str, dict[str, Any] | None]) -> set[str]:
         """Returns the agents whose publish was refused (blocked)."""
         # Read-modify-write with the resourceVersion, retried on conflict: the ConfigMap is
-        # shared state, and a blind apply could drop a key another writer just added.
+        # shared state, and a blind apply could drop a key another writer just added. The
+        # read starts from the object our last write returned (a round trip and a parse of
+        # ~250 KB fewer at 1000 agents, on the revocation path too); the PUT's
+        # resourceVersion proves it current, and a 409 reads it afresh. A change that looks
+        # like a no-op against that copy is confirmed with a fresh read before it is skipped.
+        cm, fresh = self._last, False
+        t0 = time.monotonic()
         for attempt in range(10):
-            cm = await self.kube.get("ConfigMap", self.namespace, self.name)
+            if cm is None or attempt > 0:
+                cm, fresh = await self.kube.get("ConfigMap", self.namespace, self.name), True
             keys = self._keys_of(cm)
             refused: set[str] = set()
             for agent, jwk in pending.items():
@@ -304,14 +322,24 @@ class TrustBundle:
                 else:
                     keys[agent] = jwk
             if cm is not None and keys == self._keys_of(cm):
-                self.keys = keys
+                if not fresh:
+                    cm, fresh = await self.kube.get("ConfigMap", self.namespace, self.name), True
+                    if cm is None or keys != self._keys_of(cm):
+                        cm = None  # it changed: start over from this fresh read
+                        continue
+                self._last, self.keys = cm, keys
                 return refused
             try:
                 body = self._body(keys, cm)
-                await (self.kube.replace(body) if cm is not None else self.kube.create(body))
-                self.keys = keys
+                t1 = time.monotonic()
+                written = await (self.kube.replace(body) if cm is not None else self.kube.create(body))
+                self._last, self.keys = written, keys
+                self.last_write.update(
+                    read_s=round(t1 - t0, 3), write_s=round(time.monotonic() - t1, 3), attempts=attempt + 1
+                )
                 return refused
             except KubeError as e:
+                self._last = None
                 if e.status != 409:
                     raise
                 await asyncio.sleep(0.01 * (attempt + 1))

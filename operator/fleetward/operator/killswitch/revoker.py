@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from fleetward.operator.credentials import TrustBundle
@@ -47,6 +49,13 @@ class Revocation:
     engaged_at: str
     done_at: float
     agents: frozenset[str]
+
+
+def _seconds(stamp: str) -> float | None:
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 class SwitchView:
@@ -128,11 +137,16 @@ class Revoker:
         self._tasks: list[asyncio.Task] = []
         self._webhook: Any = None
         self._synced: set[str] = set()
+        self._seen_at: dict[tuple[str, str], float] = {}
         self._changed = asyncio.Event()  # created unbound; used on the thread only
 
     # -- the main loop's side ---------------------------------------------------------------
 
     async def start(self) -> None:
+        # The thread needs the GIL for every step (a watch event, a response read in
+        # pieces) while Kopf's loop may be busy in Python code: the default switch interval
+        # (5 ms) is a wait per step, 1 ms makes the loop hand the GIL over sooner.
+        sys.setswitchinterval(0.001)
         self._thread.start()
         await self._call(self._setup())
 
@@ -199,7 +213,7 @@ class Revoker:
         )
         self._bundle.start()
         self._tasks = [
-            asyncio.create_task(self._watch(watcher, "KillSwitch", None, self.view.set_switch, "switches")),
+            asyncio.create_task(self._watch(watcher, "KillSwitch", None, self._set_switch, "switches")),
             *(
                 asyncio.create_task(
                     self._watch(watcher, "Agent", ns, self.view.set_agent, f"agents:{ns or '*'}", metadata_only=True)
@@ -223,6 +237,13 @@ class Revoker:
             await self._bundle.stop()
         for kube in self._kubes:
             await kube.close()
+
+    def _set_switch(self, obj: dict[str, Any], deleted: bool = False) -> None:
+        self.view.set_switch(obj, deleted)
+        meta = obj.get("metadata") or {}
+        stamp = (meta.get("annotations") or {}).get(ENGAGED_AT)
+        if stamp and not deleted and is_engaged(obj):
+            self._seen_at.setdefault((meta["name"], stamp), time.time())  # for the log line
 
     def _switch_blocked(self, agent: str) -> bool:
         return agent in self.view.blocked
@@ -299,6 +320,7 @@ class Revoker:
             revoking = self.view.refresh_blocked()
             for name in [n for n in self.revocations if n not in revoking]:
                 self.revocations.pop(name)  # released or deleted
+            self._seen_at = {k: v for k, v in self._seen_at.items() if k[0] in revoking}
             for name, (stamp, agents) in revoking.items():
                 done = self.revocations.get(name)
                 fresh = agents if done is None or done.engaged_at != stamp else agents - done.agents
@@ -314,4 +336,14 @@ class Revoker:
                 now = time.time()
                 known = done.agents if done is not None and done.engaged_at == stamp else frozenset()
                 self.revocations[name] = Revocation(stamp, now, known | fresh)
-                log.info("kill switch %s: revoker withdrew the keys of %d agent(s)", name, len(fresh))
+                accepted = _seconds(stamp) or now
+                log.info(
+                    "kill switch %s: revoker withdrew the keys of %d agent(s) (engage stamped %s; seen here "
+                    "%+.3f s, keys withdrawn %+.3f s after it; trust-bundle write %s)",
+                    name,
+                    len(fresh),
+                    stamp,
+                    self._seen_at.get((name, stamp), now) - accepted,
+                    now - accepted,
+                    self.bundle.last_write,
+                )
