@@ -243,6 +243,12 @@ impl Held {
     }
 }
 
+/// A reply frame from the reader task to the writer. Boxed to one pointer (a `String` is
+/// three words): the channel allocates a block of 32 slots when it is created, for every
+/// connection whether it ever replies or not, and idle connections are the many.
+#[allow(clippy::box_collection)]
+type Reply = Box<String>;
+
 /// Run one connection to its end.
 ///
 /// Not an `async fn`: the socket is split before the future is made, so the future holds the
@@ -281,8 +287,7 @@ async fn serve(sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocke
     // deliveries) count as activity for the idle TTL.
     let last_heard = Arc::new(AtomicI64::new(now_ms()));
     let last_frame = Arc::new(AtomicI64::new(now_ms()));
-    // `Box<str>`, not `String`: the channel allocates its slots (32) up front.
-    let (ctrl_tx, mut ctrl_rx) = mpsc::channel::<Box<str>>(16);
+    let (ctrl_tx, mut ctrl_rx) = mpsc::channel::<Reply>(16);
     let inbound = Inbound {
         st: st.clone(),
         session_id: params.session_id.clone(),
@@ -327,7 +332,7 @@ async fn serve(sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocke
                     _ => Stop::Gone,
                 }),
                 _ = &mut expiry => Err(close(close_code::TOKEN_EXPIRED, "token expired")),
-                Some(text) = ctrl_rx.recv() => w.send_text(text.into_string(), &mut close_rx).await,
+                Some(text) = ctrl_rx.recv() => w.send_text(*text, &mut close_rx).await,
                 Some(entry) = live_rx.recv() => w.send_entry(&entry, &mut close_rx).await,
                 _ = ping.tick() => {
                     let silent = Duration::from_millis((now_ms() - last_heard.load(Ordering::Relaxed)).max(0) as u64);
@@ -397,7 +402,7 @@ fn is_too_big(e: &axum::Error) -> bool {
 async fn read_loop(
     mut stream: SplitStream<WebSocket>,
     inbound: Inbound,
-    ctrl: mpsc::Sender<Box<str>>,
+    ctrl: mpsc::Sender<Reply>,
     last_heard: Arc<AtomicI64>,
     last_frame: Arc<AtomicI64>,
     max_bytes: usize,
@@ -429,7 +434,7 @@ async fn read_loop(
             Message::Close(_) => return ReaderEnd::Closed,
         };
         if let Some(r) = reply
-            && ctrl.send(r.into_boxed_str()).await.is_err()
+            && ctrl.send(Box::new(r)).await.is_err()
         {
             return ReaderEnd::Closed;
         }

@@ -35,7 +35,7 @@ use crate::verify::Verifier;
 /// Read buffer of a WebSocket connection, also the most read from the socket at once (a
 /// larger frame grows the buffer to its size, then is read in pieces of this size). Clients
 /// send little (pongs, replies, decisions), and every idle connection holds this much.
-const READ_BUFFER_BYTES: usize = 1024;
+const READ_BUFFER_BYTES: usize = 512;
 
 pub struct Inner {
     pub settings: Arc<Settings>,
