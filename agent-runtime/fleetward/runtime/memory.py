@@ -75,7 +75,7 @@ from typing import Any, NotRequired
 from fleetward.runtime.context import RunContext
 from fleetward.runtime.middleware.guardrails import GUARDRAIL_METADATA
 from fleetward.runtime.middleware.sop_gate import SpecialistState
-from fleetward.runtime.persistence import postgres_pool
+from fleetward.runtime.persistence import postgres_pool, setup_lock
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.runtime import Runtime
@@ -314,29 +314,6 @@ class LongTermMemory:
 
 SETUP_LOCK = int.from_bytes(hashlib.sha256(b"fleetward-memory-store-setup").digest()[:8], "big", signed=True)
 """The advisory lock key that serialises the store's migrations across replicas."""
-SETUP_LOCK_SECONDS = 120.0
-
-
-@contextlib.asynccontextmanager
-async def _setup_lock(pool: Any) -> AsyncIterator[None]:
-    """One replica at a time runs the store's migrations: side by side, one of them would fail
-    on the version row the library inserts without ON CONFLICT. A session advisory lock, taken
-    by polling `pg_try_advisory_lock`: a replica blocked in `pg_advisory_lock` would be a
-    transaction the holder's `CREATE INDEX CONCURRENTLY` waits for, while it waits for the
-    lock (a deadlock PostgreSQL does not detect)."""
-    async with pool.connection() as conn:
-        deadline = asyncio.get_running_loop().time() + SETUP_LOCK_SECONDS
-        while True:
-            row = await (await conn.execute("SELECT pg_try_advisory_lock(%s) AS locked", (SETUP_LOCK,))).fetchone()
-            if row["locked"]:
-                break
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"another replica held the memory store's setup lock for {SETUP_LOCK_SECONDS} s")
-            await asyncio.sleep(0.2)
-        try:
-            yield
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
 
 
 @contextlib.asynccontextmanager
@@ -348,7 +325,7 @@ async def open_memory_store(dsn: str | None, sqlite_path: str) -> AsyncIterator[
 
         async with postgres_pool(dsn, max_size=4) as pool:
             store = AsyncPostgresStore(pool)  # type: ignore[arg-type]
-            async with _setup_lock(pool):
+            async with setup_lock(pool, SETUP_LOCK, "the memory store"):
                 await store.setup()
             yield store
         return

@@ -410,6 +410,35 @@ async def postgres_pool(dsn: str, *, max_size: int) -> AsyncIterator[Any]:
         await pool.close()
 
 
+SETUP_LOCK_SECONDS = 120.0
+CHECKPOINT_SETUP_LOCK = 0x46574350  # "FWCP"
+"""The advisory lock key that serialises the checkpointer's and ledgers' set-up."""
+
+
+@contextlib.asynccontextmanager
+async def setup_lock(pool: Any, key: int, what: str) -> AsyncIterator[None]:
+    """One replica at a time runs a schema set-up: replicas starting side by side on a fresh
+    database would otherwise fail on the migration version rows LangGraph's saver and store
+    insert without ON CONFLICT (seen: UniqueViolation on checkpoint_migrations_pkey, the
+    second replica crashing). A session advisory lock, taken by polling
+    `pg_try_advisory_lock`: a replica blocked in `pg_advisory_lock` would be a transaction
+    the holder's `CREATE INDEX CONCURRENTLY` waits for, while it waits for the lock (a
+    deadlock PostgreSQL does not detect)."""
+    async with pool.connection() as conn:
+        deadline = asyncio.get_running_loop().time() + SETUP_LOCK_SECONDS
+        while True:
+            row = await (await conn.execute("SELECT pg_try_advisory_lock(%s) AS locked", (key,))).fetchone()
+            if row["locked"]:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"another replica held the set-up lock of {what} for {SETUP_LOCK_SECONDS} s")
+            await asyncio.sleep(0.2)
+        try:
+            yield
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
 @contextlib.asynccontextmanager
 async def open_persistence(dsn: str | None, sqlite_path: str) -> AsyncIterator[Persistence]:
     """The checkpointer and ledger, set up; PostgreSQL when `dsn` is given, else SQLite."""
@@ -418,9 +447,10 @@ async def open_persistence(dsn: str | None, sqlite_path: str) -> AsyncIterator[P
 
         async with postgres_pool(dsn, max_size=8) as pool:
             saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
-            await saver.setup()
             ledger = Ledger(PostgresDatabase(pool), "postgres")
-            await ledger.setup()
+            async with setup_lock(pool, CHECKPOINT_SETUP_LOCK, "the checkpoints and ledgers"):
+                await saver.setup()
+                await ledger.setup()
             yield Persistence(saver, ledger, "postgres")
         return
 
