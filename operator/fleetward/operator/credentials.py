@@ -172,12 +172,13 @@ class TrustBundle:
         by the writer, so a reconcile that started before the switch engaged cannot put a
         key back."""
         self.switch_blocked = switch_blocked
+        """The same from the revoker's own watches (it may know sooner, or later, than Kopf):
+        an agent is blocked while either says so."""
         self._last: dict[str, Any] | None = None
         """The ConfigMap as our last write (or read) returned it."""
         self._first_pending = 0.0
         self.last_write: dict[str, Any] = {}
-        """The same from the revoker's own watches (it may know sooner, or later, than Kopf):
-        an agent is blocked while either says so."""
+        """Where the last write's time went (queued, read, write), for the revoker's log."""
 
     def is_blocked(self, agent: str) -> bool:
         return agent in self.blocked or self.switch_blocked(agent)
