@@ -157,10 +157,15 @@ def dsn(postgres_dsn: str) -> Iterator[str]:
 
 
 def started(*agents: LocalAgent) -> list[LocalAgent]:
-    for a in agents:
-        a.start()
-    for a in agents:
-        a.wait_ready(120)
+    try:
+        for a in agents:
+            a.start()
+        for a in agents:
+            a.wait_ready(120)
+    except BaseException:
+        for a in agents:  # a replica that did start must not outlive the failed test
+            a.stop()
+        raise
     return list(agents)
 
 
