@@ -21,6 +21,7 @@ from confluent_kafka import Consumer
 from fleetward.api.envelopes import AuditRecord
 from fleetward.audit import AuditLog, verify_documents
 from fleetward.devcluster.process import free_port
+from tests.support.databases import own_database
 
 FLEETWARD = str(Path(sys.executable).with_name("fleetward"))
 
@@ -39,12 +40,8 @@ with AuditLog.open(os.environ["DSN"], kafka=kafka, topic=os.environ.get("TOPIC",
 @pytest.fixture
 def dsn(postgres_dsn: str) -> Iterator[str]:
     """A database of its own, so the chain holds exactly what the test wrote."""
-    name = f"audit_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with own_database(postgres_dsn, "audit") as dsn:
+        yield dsn
 
 
 def writer_process(dsn: str, actor: str, n: int, kafka: dict | None = None, topic: str | None = None):

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,16 +27,14 @@ from fleetward.runtime.budget import (
 )
 from fleetward.runtime.persistence import open_persistence
 
+from tests.support.databases import own_database
+
 
 @pytest.fixture
 def dsn(postgres_dsn: str) -> Iterator[str]:
     """A database of its own, so the ledger holds exactly what the test wrote."""
-    name = f"budget_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with own_database(postgres_dsn, "budget") as dsn:
+        yield dsn
 
 
 def rows(dsn: str) -> list[dict]:

@@ -31,6 +31,7 @@ from fleetward.runtime.budget import DailyBudget, open_daily_token_ledger
 from fleetward.llmstandin import StandinServer
 from fleetward.toolkit import jwks_document, public_jwk
 from fleetward.toolkit.examples.githouse.backend import GitHouseBackend
+from tests.support.databases import own_database
 from tests.support.runtime import (
     REFUND_SOP,
     EventReader,
@@ -148,12 +149,8 @@ def rig(kafka, tmp_path_factory) -> Iterator[Rig]:
 @pytest.fixture
 def dsn(postgres_dsn: str) -> Iterator[str]:
     """A database of its own: the ledger, checkpoints and audit chain hold only this test's rows."""
-    name = f"budgets_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with own_database(postgres_dsn, "budgets") as dsn:
+        yield dsn
 
 
 def started(*agents: LocalAgent) -> list[LocalAgent]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from fleetward.runtime.memory import LongTermMemory, open_memory_store
+
+from tests.support.databases import own_database
 
 AGENT = "ns/billing"
 ALICE, BOB = "user:alice@corp.example", "bob.smith"
@@ -22,12 +23,8 @@ ALICE, BOB = "user:alice@corp.example", "bob.smith"
 @pytest.fixture
 def dsn(postgres_dsn: str) -> Iterator[str]:
     """A database of its own, so the store holds exactly what the test wrote."""
-    name = f"memory_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with own_database(postgres_dsn, "memory") as dsn:
+        yield dsn
 
 
 def outcome(run: str, at: str, agent: str = AGENT) -> dict:

@@ -6,7 +6,6 @@ crash with UniqueViolation on checkpoint_migrations_pkey)."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -14,15 +13,13 @@ import pytest
 from fleetward.runtime.memory import open_memory_store
 from fleetward.runtime.persistence import open_persistence
 
+from tests.support.databases import own_database
+
 
 @pytest.fixture
 def dsn(postgres_dsn: str) -> Iterator[str]:
-    name = f"setup_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with own_database(postgres_dsn, "setup") as dsn:
+        yield dsn
 
 
 def test_replicas_set_up_a_fresh_database_at_the_same_time(dsn: str, tmp_path):
