@@ -138,72 +138,78 @@ def run_up(args: argparse.Namespace) -> int:
         _print("==> stopped")
 
 
-def _wait_agents_ready(api, timeout: float) -> None:
-    """Print progress until every Agent in the cluster is Ready; on timeout, say which are
-    not and why (their Ready condition), then go on: the cluster stays up to look at."""
-    from kubernetes import client
-
-    custom = client.CustomObjectsApi(api)
+def _wait_until_ready(what: str, list_waiting, timeout: float, explain) -> None:
+    """Print "==> {what} Ready: n/m" whenever it changes until nothing is waiting; on
+    timeout, `explain(waiting)` says which are not and why, then go on: the cluster stays
+    up to look at. `list_waiting()` returns (all, waiting)."""
     deadline = time.monotonic() + timeout
     last = ""
     while True:
-        agents = custom.list_cluster_custom_object("fleetward.dev", "v1alpha1", "agents")["items"]
-
-        def ready(a) -> bool:
-            conds = (a.get("status") or {}).get("conditions") or []
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-
-        waiting = [a for a in agents if not ready(a)]
-        line = f"==> Agents Ready: {len(agents) - len(waiting)}/{len(agents)}"
+        items, waiting = list_waiting()
+        line = f"==> {what} Ready: {len(items) - len(waiting)}/{len(items)}"
         if line != last:
             _print(line)
             last = line
         if not waiting:
             return
         if time.monotonic() > deadline:
-            for a in waiting:
-                conds = (a.get("status") or {}).get("conditions") or []
-                why = next((f"{c['reason']}: {c['message']}" for c in conds if c["type"] == "Ready"), "no status yet")
-                _print(f"    not Ready: {a['metadata']['namespace']}/{a['metadata']['name']} ({why})")
-            _print("    (see `kubectl describe agent NAME -n NAMESPACE`)")
+            explain(waiting)
             return
         time.sleep(1)
 
 
+def _wait_agents_ready(api, timeout: float) -> None:
+    """Every Agent in the cluster Ready; those that are not are named with their Ready condition."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api)
+
+    def ready(a) -> bool:
+        conds = (a.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+    def list_waiting():
+        agents = custom.list_cluster_custom_object("fleetward.dev", "v1alpha1", "agents")["items"]
+        return agents, [a for a in agents if not ready(a)]
+
+    def explain(waiting) -> None:
+        for a in waiting:
+            conds = (a.get("status") or {}).get("conditions") or []
+            why = next((f"{c['reason']}: {c['message']}" for c in conds if c["type"] == "Ready"), "no status yet")
+            _print(f"    not Ready: {a['metadata']['namespace']}/{a['metadata']['name']} ({why})")
+        _print("    (see `kubectl describe agent NAME -n NAMESPACE`)")
+
+    _wait_until_ready("Agents", list_waiting, timeout, explain)
+
+
 def _wait_workloads_ready(api, timeout: float, log_dir: Path) -> None:
-    """Like _wait_agents_ready for the applied workloads that are not Agents (the example's
-    tool service and LLM stand-in): on timeout, name each one not ready with the tail of its
-    pod's log, e.g. a port another local cluster already holds, then go on."""
+    """The applied workloads that are not Agents (the example's tool service and LLM
+    stand-in) Ready; those that are not are named with the tail of their pod's log, e.g. a
+    port another local cluster already holds."""
     from kubernetes import client
 
     apps = client.AppsV1Api(api)
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
+
+    def list_waiting():
         deployments = [
             d
             for d in apps.list_deployment_for_all_namespaces().items
             if "fleetward.dev/agent" not in (d.metadata.labels or {}) and d.metadata.namespace != "fleetward-system"
         ]
-        waiting = [d for d in deployments if (d.status.ready_replicas or 0) < (d.spec.replicas or 0)]
-        line = f"==> other workloads Ready: {len(deployments) - len(waiting)}/{len(deployments)}"
-        if line != last:
-            _print(line)
-            last = line
-        if not waiting:
-            return
-        if time.monotonic() > deadline:
-            for d in waiting:
-                ns, name = d.metadata.namespace, d.metadata.name
-                _print(f"    not Ready: Deployment {ns}/{name}")
-                logs = sorted(log_dir.glob(f"{ns}_{name}-*/*/*.log"), key=lambda f: f.stat().st_mtime)
-                for text in logs[-1:]:
-                    for row in text.read_text(errors="replace").splitlines()[-5:]:
-                        _print(f"      | {row}")
-            _print("    (see `kubectl describe deployment NAME -n NAMESPACE`; a port in use may belong to another")
-            _print("     local cluster running the example: only one at a time can, its ports are fixed)")
-            return
-        time.sleep(1)
+        return deployments, [d for d in deployments if (d.status.ready_replicas or 0) < (d.spec.replicas or 0)]
+
+    def explain(waiting) -> None:
+        for d in waiting:
+            ns, name = d.metadata.namespace, d.metadata.name
+            _print(f"    not Ready: Deployment {ns}/{name}")
+            logs = sorted(log_dir.glob(f"{ns}_{name}-*/*/*.log"), key=lambda f: f.stat().st_mtime)
+            for text in logs[-1:]:
+                for row in text.read_text(errors="replace").splitlines()[-5:]:
+                    _print(f"      | {row}")
+        _print("    (see `kubectl describe deployment NAME -n NAMESPACE`; a port in use may belong to another")
+        _print("     local cluster running the example: only one at a time can, its ports are fixed)")
+
+    _wait_until_ready("other workloads", list_waiting, timeout, explain)
 
 
 ENTERPRISE_QUERY = (
