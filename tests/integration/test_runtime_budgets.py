@@ -298,8 +298,17 @@ def test_the_daily_budget_refuses_the_next_run_once_used_up_and_alerts_each_thre
         with psycopg.connect(dsn) as conn:
             used = conn.execute("SELECT used FROM fleetward_token_ledger WHERE agent = %s", (agent.ref,)).fetchall()
             assert used == [(4100,)]
-            status = conn.execute("SELECT status FROM fw_runs WHERE run_id = %s", (events[-1].run_id,)).fetchall()
-            assert status == [("budget_stopped",)]
+            # The executor records the outcome once the graph has returned, just after the
+            # graph's last event went out: wait for it rather than race it.
+            run_id = events[-1].run_id
+            wait_for(
+                lambda: (
+                    conn.execute("SELECT status FROM fw_runs WHERE run_id = %s", (run_id,)).fetchall()
+                    == [("budget_stopped",)]
+                ),
+                10,
+                "the run's status budget_stopped",
+            )
             audit = conn.execute("SELECT details FROM fw_audit_log WHERE action = 'budget.stop'").fetchall()
             assert [json.loads(d)["budget"] for (d,) in audit] == ["dailyTokens"]
 

@@ -18,6 +18,7 @@ import contextlib
 import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -305,6 +306,26 @@ class PostgresStore:
 # --- SQLite ----------------------------------------------------------------------------------
 
 
+def _open_wal(path: str, *, within: float = 30.0) -> sqlite3.Connection:
+    """A writable connection in WAL mode. Switching a database to WAL needs an exclusive
+    lock, and SQLite answers "database is locked" at once, without its busy handler, when
+    another connection opens the same new file at that moment (seen with six writers
+    starting together); so the switch is retried for a while before the error stands."""
+    deadline = time.monotonic() + within
+    while True:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=within)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            return db
+        except sqlite3.OperationalError as e:
+            db.close()
+            transient = "locked" in str(e) or "busy" in str(e)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SqliteStore:
     """The embedded default (one replica). WAL mode, like the runtime's own state database,
     which it may share. Appends take the database write lock (`BEGIN IMMEDIATE`)."""
@@ -328,9 +349,7 @@ class SqliteStore:
                     db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
                 else:
                     Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                    db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-                    db.execute("PRAGMA journal_mode=WAL")
-                    db.execute("PRAGMA synchronous=FULL")
+                    db = _open_wal(self.path)
                 db.execute("PRAGMA busy_timeout=30000")
             except sqlite3.Error as e:
                 raise AuditError(f"cannot open the audit database {self.path}: {e}") from None
