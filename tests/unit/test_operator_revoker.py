@@ -126,6 +126,37 @@ def test_a_covered_agents_key_is_refused_and_the_rest_of_the_batch_is_written():
     asyncio.run(scenario())
 
 
+def test_a_burst_of_publishes_is_coalesced_and_a_withdrawal_does_not_wait_for_it():
+    async def scenario() -> None:
+        kube = FakeKube()
+        bundle = TrustBundle(kube, "fleetward-system", "fleetward-trust-bundle", busy_window=0.5)
+        loop = asyncio.get_running_loop()
+        await bundle.publish("a/first", jwk("a/first"))  # alone: the short window
+        assert kube.writes == 1
+
+        # A burst right after a write: 40 publishes spread over 0.2 s share one busy window.
+        async def later(i: int) -> None:
+            await asyncio.sleep(i * 0.005)
+            await bundle.publish(f"a/{i}", jwk(f"a/{i}"))
+
+        await asyncio.gather(*(later(i) for i in range(40)))
+        assert kube.writes <= 3, kube.writes
+        assert len(kube.agents()) == 41
+
+        # Busy again (a write just happened): a withdrawal arriving during the window ends it.
+        publishing = asyncio.ensure_future(bundle.publish("a/late", jwk("a/late")))
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        await bundle.withdraw("a/first")
+        assert loop.time() - started < 0.3
+        assert "a/first" not in kube.agents()
+        await publishing
+        assert "a/late" in kube.agents()
+        await bundle.stop()
+
+    asyncio.run(scenario())
+
+
 # -- the admission webhook ----------------------------------------------------------------
 
 

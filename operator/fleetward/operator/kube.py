@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -99,6 +100,20 @@ def kind_of(obj: dict[str, Any]) -> Kind:
     return kind
 
 
+TOO_MANY_REQUESTS_RETRIES = 10
+
+
+def _retry_delay(retry_after: str | None, attempt: int) -> float:
+    """Seconds before resending a refused request: the server's Retry-After (whole seconds,
+    capped at 10), else a short backoff; jittered so that refused callers do not return
+    together."""
+    try:
+        base = min(10.0, max(0.1, float(retry_after))) if retry_after else 0.2 * 2 ** min(attempt, 5)
+    except ValueError:
+        base = 1.0
+    return base * random.uniform(1.0, 1.5)
+
+
 class Kube:
     """Async API client. Create with `await Kube.connect()`; close with `await kube.close()`."""
 
@@ -162,22 +177,34 @@ class Kube:
         if body is not None:
             headers["Content-Type"] = content_type
             data = json.dumps(body)
-        async with self._limit:
-            try:
-                async with self._session.request(
-                    method, path.lstrip("/"), data=data, params=params, headers=headers
-                ) as resp:
-                    text = await resp.text()
-                    if resp.status >= 400:
+        for attempt in range(TOO_MANY_REQUESTS_RETRIES + 1):
+            async with self._limit:
+                try:
+                    async with self._session.request(
+                        method, path.lstrip("/"), data=data, params=params, headers=headers
+                    ) as resp:
+                        text = await resp.text()
+                        if resp.status < 400:
+                            return json.loads(text) if text else {}
                         try:
                             status = json.loads(text)
                             reason, message = status.get("reason", ""), status.get("message", text)
                         except ValueError:
                             reason, message = resp.reason or "", text[:500]
-                        raise KubeError(resp.status, reason, message, path)
-                    return json.loads(text) if text else {}
-            except (TimeoutError, aiohttp.ClientError) as e:
-                raise KubeError(0, "Unreachable", f"the API server did not answer: {e!r}", path) from e
+                        error = KubeError(resp.status, reason, message, path)
+                        retry_after = resp.headers.get("Retry-After")
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    raise KubeError(0, "Unreachable", f"the API server did not answer: {e!r}", path) from e
+            if error.status != 429 or attempt == TOO_MANY_REQUESTS_RETRIES:
+                raise error
+            # 429: the API server refused the request before doing anything (its priority and
+            # fairness queue was full, or its storage was initialising), so any verb may be
+            # sent again; client-go does the same. Waiting outside the semaphore leaves the
+            # slot to calls that may get through.
+            delay = _retry_delay(retry_after, attempt)
+            log.info("%s %s: 429 %s; retrying in %.1f s", method, path, error.message[:120], delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     # -- verbs ------------------------------------------------------------------------
 
@@ -208,6 +235,14 @@ class Kube:
                 "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
             )
         except KubeError as e:
+            if obj["kind"] == "Service" and e.status == 422 and "clusterIP" in e.message:
+                # A Service's clusterIP cannot change in place (one made before the metrics
+                # Service became headless): replace it; nothing depends on its old address.
+                log.warning("%s: replacing the Service (%s)", path, e.message)
+                await self.delete("Service", meta.get("namespace"), meta["name"])
+                return await self.request(
+                    "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
+                )
             if obj["kind"] != "PersistentVolumeClaim" or e.status not in (403, 422):
                 raise
             live = await self.get("PersistentVolumeClaim", meta.get("namespace"), meta["name"])

@@ -70,6 +70,9 @@ class Outcome:
     retry_after: float | None = None
     """Seconds until a retry, when something transient failed."""
     problem: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase of the work (reads, kafka, bundle, apply, deployment, status), for
+    the log: where a slow reconcile's time went."""
 
 
 def availability(dep: dict[str, Any] | None, *, scaled_down: bool, why_down: str) -> tuple[Cond, int, int]:
@@ -213,15 +216,24 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
     elapsed = time.monotonic() - started
     RECONCILE_SECONDS.labels("Agent", result).observe(elapsed)
     log.info(
-        "reconciled Agent %s/%s in %.4f s (waited %.4f s for a slot): %s%s",
+        "reconciled Agent %s/%s in %.4f s (waited %.4f s for a slot): %s%s; %s",
         ns,
         name,
         elapsed - waited,
         waited,
         outcome.status.get("phase"),
         f" (retrying: {outcome.problem})" if outcome.problem else "",
+        " ".join(f"{k}={v}" for k, v in outcome.timings.items()),
     )
     return outcome
+
+
+async def _timed(timings: dict[str, float], phase: str, aw: Any) -> Any:
+    started = time.monotonic()
+    try:
+        return await aw
+    finally:
+        timings[phase] = round(time.monotonic() - started, 3)
 
 
 async def _all(*aws) -> list:
@@ -264,9 +276,21 @@ async def _ensure_topic(ctx: OperatorContext, topic: str) -> str:
 
 
 async def _apply(
-    ctx, ref: AgentRef, spec: AgentSpec, res, creds: AgentCredentials, model_keys: dict[int, bytes]
+    ctx,
+    ref: AgentRef,
+    spec: AgentSpec,
+    res,
+    creds: AgentCredentials,
+    model_keys: dict[int, bytes],
+    *,
+    applied_before: bool,
+    timings: dict[str, float],
 ) -> tuple[str | None, str, dict[str, Any] | None]:
-    """Apply the desired objects; returns (config hash, problem or "", the applied Deployment)."""
+    """Apply the desired objects; returns (config hash, problem or "", the applied Deployment).
+
+    Objects the spec no longer wants (an HPA, a state claim) are deleted only for an Agent
+    reconciled before (it has a status): a new one has none, and at 1000 new Agents those
+    deletes are a thousand API calls that find nothing."""
     inputs = AgentInputs(
         ref=ref,
         spec=spec,
@@ -284,12 +308,12 @@ async def _apply(
         # The key is trusted before any pod can mint a token with it, and what the pods
         # mount exists before the Deployment that mounts it.
         await _all(
-            ctx.bundle.publish(f"{ref.namespace}/{ref.name}", creds.jwk), *(ctx.kube.apply(o) for o in supporting)
+            _timed(timings, "bundle", ctx.bundle.publish(f"{ref.namespace}/{ref.name}", creds.jwk)),
+            *(_timed(timings, o["kind"], ctx.kube.apply(o)) for o in supporting),
         )
-        applied = await ctx.kube.apply(deployment)
-        await _all(
-            *(ctx.kube.apply(o) for o in hpa), *(ctx.kube.delete(k, ref.namespace, n) for k, n in desired.absent)
-        )
+        applied = await _timed(timings, "deployment", ctx.kube.apply(deployment))
+        absent = desired.absent if applied_before else []
+        await _all(*(ctx.kube.apply(o) for o in hpa), *(ctx.kube.delete(k, ref.namespace, n) for k, n in absent))
     except KubeError as e:
         return None, f"Applying the agent's objects failed: {e}. Retrying with backoff.", None
     return desired.config.config_hash, "", applied
@@ -319,6 +343,7 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
 
     parts: dict[str, Cond] = {}
     transient: list[str] = []
+    timings: dict[str, float] = {}
     res = resolve(spec, refs.sops, refs.guardrails, refs.agents)
     parts[c.CONFIG_RESOLVED] = _config_condition(spec, res, ns)
     if res.missing_guardrails:
@@ -327,8 +352,13 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
     # Reads first (model keys, the signing key), then everything that only waits on
     # other systems (Kafka principal and topic, the trust bundle, the applies) at once:
     # a reconcile's time is its slowest call, not the sum of them.
-    (model_keys, key_problems), creds = await asyncio.gather(
-        _model_keys(ctx, ns, spec), ensure_credentials(ctx.kube, ref)
+    (model_keys, key_problems), creds = await _timed(
+        timings,
+        "reads",
+        asyncio.gather(
+            _model_keys(ctx, ns, spec),
+            ensure_credentials(ctx.kube, ref, probably_new=not old_status.get("observedGeneration")),
+        ),
     )
     if key_problems:
         parts[c.CREDENTIALS_ISSUED] = key_problems[0]
@@ -343,10 +373,13 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
     topic = ctx.settings.topics.request_topic(ns, name)
     deployable = bool(parts[c.CONFIG_RESOLVED].ok and parts[c.CREDENTIALS_ISSUED].ok)
     principal_task = _ensure_principal(ctx, spec, ref, creds) if deployable else _nothing()
+    applied_before = bool(old_status.get("observedGeneration"))
     principal_problem, topic_problem, (config_hash, apply_problem, dep) = await asyncio.gather(
-        principal_task,
-        _ensure_topic(ctx, topic),
-        _apply(ctx, ref, spec, res, creds, model_keys) if deployable else _keep(old_status),
+        _timed(timings, "principal", principal_task),
+        _timed(timings, "topic", _ensure_topic(ctx, topic)),
+        _apply(ctx, ref, spec, res, creds, model_keys, applied_before=applied_before, timings=timings)
+        if deployable
+        else _keep(old_status),
     )
     if principal_problem:
         parts[c.CREDENTIALS_ISSUED] = Cond(c.CREDENTIALS_ISSUED, False, Reason.KAFKA_UNAVAILABLE, principal_problem)
@@ -390,11 +423,12 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
         "requestTopic": topic,
     }
     if config_hash and config_hash != old_status.get("configHash"):
-        await ctx.audit.config_changed(f"{ns}/{name}", ref.generation, old_status.get("configHash"), config_hash)
+        audit = ctx.audit.config_changed(f"{ns}/{name}", ref.generation, old_status.get("configHash"), config_hash)
+        await _timed(timings, "audit", audit)
     config_hash = config_hash or old_status.get("configHash")
     if config_hash:
         status["configHash"] = config_hash
-    await _write_status(ctx, ref, status, old_status)
+    await _timed(timings, "status", _write_status(ctx, ref, status, old_status))
     expected = None if spec.autoscaling else (0 if spec.paused else (spec.replicas if spec.replicas is not None else 1))
     ctx.statuses[(ns, name)] = AgentState(parts=parts, paused=spec.paused, status=status, expected_replicas=expected)
     retry = None
@@ -402,7 +436,7 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
         for reason in transient:
             RECONCILE_ERRORS.labels("Agent", reason.replace(" ", "_")).inc()
         retry = 1.0
-    return Outcome(status, retry_after=retry, problem=", ".join(transient))
+    return Outcome(status, retry_after=retry, problem=", ".join(transient), timings=timings)
 
 
 async def _withdraw_kafka_access(ctx: OperatorContext, ref: AgentRef, *, drained: bool) -> str:
@@ -520,6 +554,11 @@ def _post_transition_event(ref: AgentRef, old: dict[str, Any], new: dict[str, An
     if after is None or (
         before is not None and before["status"] == after["status"] and before["reason"] == after["reason"]
     ):
+        return
+    if before is None and after["reason"] == Reason.NOT_READY:
+        # A new Agent whose pods are on their way: its status says so, and the Event that
+        # matters follows when it becomes Ready (or fails). A thousand Agents applied at
+        # once would otherwise post a thousand Events that only say "starting".
         return
     target = {
         "apiVersion": "fleetward.dev/v1alpha1",

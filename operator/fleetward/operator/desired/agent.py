@@ -420,12 +420,17 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
 
 
 def service(inputs: AgentInputs) -> dict[str, Any]:
+    # Headless: the Service exists so that Prometheus finds every runtime pod through its
+    # endpoints and scrapes each one; a virtual IP would spread scrapes across replicas,
+    # and allocating one is the slowest write of a new Agent (measured: ~9 s per Service
+    # with 1000 Agents applied at once, while every other object took ~0.1 s).
     port = inputs.settings.runtime.port
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": inputs.ref.metadata(base_name(inputs.ref.name)),
         "spec": {
+            "clusterIP": "None",
             "selector": selector_labels(inputs.ref.name),
             "ports": [{"name": "http-metrics", "port": port, "targetPort": "http", "protocol": "TCP"}],
         },
