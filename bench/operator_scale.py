@@ -77,6 +77,31 @@ def count_ready(api: client.ApiClient, namespace: str) -> int:
     )
 
 
+def count_available(api: client.ApiClient, namespace: str) -> int:
+    """Runtime Deployments whose pods are up: beside the Agents' Ready count, it tells the
+    operator's lag from the cluster's own."""
+    items = client.AppsV1Api(api).list_namespaced_deployment(namespace).items
+    return sum(1 for d in items if (d.status.available_replicas or 0) >= 1)
+
+
+def pod_stages(core: client.CoreV1Api, namespace: str) -> dict[str, list[float]]:
+    """When the runtime pods were created, scheduled and Ready, counted from the first
+    Deployment's creation (p50, p90, max): where the cluster's own time went."""
+    deployments = client.AppsV1Api(core.api_client).list_namespaced_deployment(namespace).items
+    t0 = min(d.metadata.creation_timestamp for d in deployments)
+    marks: dict[str, list[float]] = {"deployment_created": [], "created": [], "scheduled": [], "ready": []}
+    for d in deployments:
+        marks["deployment_created"].append((d.metadata.creation_timestamp - t0).total_seconds())
+    for pod in core.list_namespaced_pod(namespace).items:
+        marks["created"].append((pod.metadata.creation_timestamp - t0).total_seconds())
+        for cond in pod.status.conditions or []:
+            if cond.type == "PodScheduled" and cond.status == "True":
+                marks["scheduled"].append((cond.last_transition_time - t0).total_seconds())
+            if cond.type == "Ready" and cond.status == "True":
+                marks["ready"].append((cond.last_transition_time - t0).total_seconds())
+    return {stage: [round(percentile(v, q), 1) for q in (0.5, 0.9, 1.0)] if v else [] for stage, v in marks.items()}
+
+
 def operator_pid(core: client.CoreV1Api) -> int:
     (pod,) = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=operator").items
     return int(pod.status.container_statuses[0].container_id.removeprefix("podlet://"))
@@ -152,13 +177,16 @@ def run(args: argparse.Namespace) -> dict:
             now = time.monotonic() - start
             if now - last >= 5 or ready == len(names):
                 say(
-                    f"  t={now:5.1f} s  Ready {ready}/{len(names)}  operator RSS {memory_kib(pid)['VmRSS'] // 1024} MiB"
+                    f"  t={now:5.1f} s  Ready {ready}/{len(names)}  runtime Deployments available "
+                    f"{count_available(api, ns)}  operator RSS {memory_kib(pid)['VmRSS'] // 1024} MiB"
                 )
                 last = now
             return ready == len(names)
 
         wait_for(all_ready, args.timeout, f"{len(names)} Agents Ready", interval=1.0)
         ready_seconds = time.monotonic() - start
+        stages = pod_stages(core, ns)
+        say(f"runtime pods, seconds after the first Agent (p50/p90/max): {stages}")
         mem = memory_kib(pid)
         log_files = sorted((cluster.state / "podlet" / "logs").glob(f"{NAMESPACE}_*operator*/operator/*.log"))
         matches = [
@@ -184,6 +212,7 @@ def run(args: argparse.Namespace) -> dict:
             "reconcile_p50_ms": round(statistics.median(durations) * 1000, 1) if durations else None,
             "reconcile_p99_ms": round(percentile(durations, 0.99) * 1000, 1) if durations else None,
             "reconcile_queue_wait_p50_ms": round(statistics.median(waits) * 1000, 1) if waits else None,
+            "runtime_pod_stages": stages,
         }
     finally:
         cluster.stop()

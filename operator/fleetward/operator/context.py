@@ -33,6 +33,11 @@ class OperatorContext:
     statuses: dict[AgentKey, dict[str, Any]] = field(default_factory=dict)
     """The status last written per Agent: lets cheap events (a Deployment's readiness)
     update one condition without re-reading or re-reconciling the Agent."""
+    applied: dict[AgentKey, tuple[str, str]] = field(default_factory=dict)
+    """(uid, fingerprint of the desired objects) this process last applied per Agent: lets a
+    handler that re-runs for an unchanged Agent skip the writes (Kopf runs the creation
+    handler again when its own annotation patch is slow to come back under load). The
+    drift timer and every other caller apply regardless."""
     shared_topics_ready: asyncio.Event = field(default_factory=asyncio.Event)
     deleted: set[str] = field(default_factory=set)
     """uids of Agents whose cleanup ran: nothing may be issued for them again."""

@@ -11,6 +11,8 @@ Guardrail would be worse than a stale one).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -193,7 +195,12 @@ def _config_condition(spec: AgentSpec, res, ns: str) -> Cond:
     return Cond(c.CONFIG_RESOLVED, True, Reason.RESOLVED, msg)
 
 
-async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: References) -> Outcome:
+async def reconcile_agent(
+    ctx: OperatorContext, body: dict[str, Any], refs: References, *, skip_unchanged: bool = False
+) -> Outcome:
+    """`skip_unchanged`: when this process applied exactly these objects for this Agent
+    already, write nothing but the status (Agent create/update handlers; see
+    OperatorContext.applied)."""
     started = time.monotonic()
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -207,7 +214,7 @@ async def reconcile_agent(ctx: OperatorContext, body: dict[str, Any], refs: Refe
             # publish the key, topic or Kafka user the cleanup just removed.
             return Outcome(dict(body.get("status") or {}), problem="being deleted")
         try:
-            outcome = await _reconcile(ctx, ref, body, refs)
+            outcome = await _reconcile(ctx, ref, body, refs, skip_unchanged=skip_unchanged)
         except Exception:
             RECONCILE_SECONDS.labels("Agent", "error").observe(time.monotonic() - started)
             RECONCILE_ERRORS.labels("Agent", "Exception").inc()
@@ -284,6 +291,7 @@ async def _apply(
     model_keys: dict[int, bytes],
     *,
     applied_before: bool,
+    skip_unchanged: bool,
     timings: dict[str, float],
 ) -> tuple[str | None, str, dict[str, Any] | None]:
     """Apply the desired objects; returns (config hash, problem or "", the applied Deployment).
@@ -302,6 +310,14 @@ async def _apply(
         model_keys=model_keys,
     )
     desired = desired_agent(inputs)
+    key = (ref.namespace, ref.name)
+    fingerprint = hashlib.sha256(
+        json.dumps([desired.objects, desired.absent, creds.jwk], sort_keys=True).encode()
+    ).hexdigest()
+    if skip_unchanged and ctx.applied.get(key) == (ref.uid, fingerprint):
+        timings["unchanged"] = 0.0
+        return desired.config.config_hash, "", None
+    ctx.applied.pop(key, None)
     *supporting, deployment = [o for o in desired.objects if o["kind"] != "HorizontalPodAutoscaler"]
     hpa = [o for o in desired.objects if o["kind"] == "HorizontalPodAutoscaler"]
     try:
@@ -316,10 +332,13 @@ async def _apply(
         await _all(*(ctx.kube.apply(o) for o in hpa), *(ctx.kube.delete(k, ref.namespace, n) for k, n in absent))
     except KubeError as e:
         return None, f"Applying the agent's objects failed: {e}. Retrying with backoff.", None
+    ctx.applied[key] = (ref.uid, fingerprint)
     return desired.config.config_hash, "", applied
 
 
-async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], refs: References) -> Outcome:
+async def _reconcile(
+    ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], refs: References, *, skip_unchanged: bool
+) -> Outcome:
     ns, name = ref.namespace, ref.name
     previous = ctx.statuses.get((ns, name))
     old_status = previous.status if previous else dict(body.get("status") or {})
@@ -377,7 +396,17 @@ async def _reconcile(ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], 
     principal_problem, topic_problem, (config_hash, apply_problem, dep) = await asyncio.gather(
         _timed(timings, "principal", principal_task),
         _timed(timings, "topic", _ensure_topic(ctx, topic)),
-        _apply(ctx, ref, spec, res, creds, model_keys, applied_before=applied_before, timings=timings)
+        _apply(
+            ctx,
+            ref,
+            spec,
+            res,
+            creds,
+            model_keys,
+            applied_before=applied_before,
+            skip_unchanged=skip_unchanged,
+            timings=timings,
+        )
         if deployable
         else _keep(old_status),
     )
@@ -465,6 +494,7 @@ async def _reconcile_halted(
     issued is revoked where it is verified (trust bundle, Kafka) and where it is stored
     (Secrets); once the switch's drain is over, the runtime is scaled to zero."""
     ns, name = ref.namespace, ref.name
+    ctx.applied.pop((ns, name), None)  # what was applied is being taken back
     names = ", ".join(h.switch for h in halts)
     revoke = any(h.revoke_credentials for h in halts)
     drained = all(h.drained for h in halts)
@@ -626,3 +656,4 @@ async def cleanup_agent(ctx: OperatorContext, ns: str, name: str, uid: str) -> N
         if ctx.settings.kafka.principals_managed:
             await ctx.kafka.delete_principal(kafka_principal(ns, name))
         ctx.statuses.pop((ns, name), None)
+        ctx.applied.pop((ns, name), None)

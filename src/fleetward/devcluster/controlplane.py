@@ -19,6 +19,7 @@ from fleetward.devcluster.layout import Binaries
 from fleetward.devcluster.pki import CertificateAuthority, CertPair, Identity, service_account_keys
 from fleetward.devcluster.process import ManagedProcess, free_port
 
+CONTROLLER_WORKERS = 25
 SERVICE_CIDR = "10.96.0.0/16"  # allocation only: nothing routes there (no kube-proxy)
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 ONCALL_GROUP = "fleetward:oncall"
@@ -222,6 +223,12 @@ class ControlPlane:
                 # is the limit again (bench/kwok_floor.py, docs/bench/kwok-floor.md).
                 f"--kube-api-qps={CONTROLLER_QPS}",
                 f"--kube-api-burst={2 * CONTROLLER_QPS}",
+                # Workers per controller. Each sync waits on API calls, and with 1000 Agents
+                # applied at once those take ~250 ms: the default 5 Deployment and 5
+                # ReplicaSet workers then created the runtime pods ~45 s behind their
+                # Deployments while the machine had CPU to spare (bench/operator_scale.py).
+                *(f"--concurrent-{c}-syncs={CONTROLLER_WORKERS}" for c in ("deployment", "replicaset", "endpoint")),
+                f"--concurrent-service-endpoint-syncs={CONTROLLER_WORKERS}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--profiling=false",
                 "--v=1",

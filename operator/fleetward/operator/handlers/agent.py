@@ -32,7 +32,7 @@ def register(settings: OperatorSettings) -> None:
         **indexes: Any,
     ) -> None:
         refs = references(namespace, indexes)
-        outcome = await reconcile_agent(memo.ctx, dict(body), refs)
+        outcome = await reconcile_agent(memo.ctx, dict(body), refs, skip_unchanged=True)
         if outcome.retry_after is not None:
             raise kopf.TemporaryError(f"not ready yet: {outcome.problem}", delay=_backoff(retry))
 

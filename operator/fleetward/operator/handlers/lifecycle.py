@@ -50,6 +50,10 @@ def register(settings: OperatorSettings) -> None:
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
         settings.batching.error_delays = (1, 2, 5, 10, 30, 60)
+        # How long Kopf waits for its own annotation patch to come back before it handles
+        # an older event of the same object. With 1000 Agents applied at once that patch
+        # took longer than the default 5 s, and Kopf ran ~300 creation handlers twice.
+        settings.persistence.consistency_timeout = 30.0
         memo.ctx = await OperatorContext.create(memo.settings)
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
         memo.housekeeping_task = asyncio.create_task(keep_house(memo.ctx))
