@@ -22,7 +22,8 @@ its own process) that watches the trust bundle through the API server. Two parts
    - then one sweep over every agent and both verifiers confirming that all 2N credentials
      are refused (its time is bounded by the probes' own rate on this machine).
    Then two other people release the switch, the operator issues fresh keys and scales
-   back, and the next run starts. The kwok pods never answer the halt order, so each drain
+   back, and the next run starts once that rollout is over (every Agent Ready, every
+   Deployment rolled out, no pod terminating): each engage meets a settled fleet. The kwok pods never answer the halt order, so each drain
    ends by its timeout (`drainTimeoutSeconds`, set short here) and force-deletes them: that
    drain is not the drain measurement.
 2. Drain. M Agents with real runtimes (processes on the podlet), each in the middle of a run:
@@ -162,6 +163,27 @@ def wait_all_ready(api: client.ApiClient, namespace: str, count: int, timeout: f
         return ready == count
 
     wait_for(done, timeout, f"{count} Agents Ready in {namespace}", interval=1.0)
+    return time.monotonic() - start
+
+
+def wait_rollout_over(api: client.ApiClient, namespace: str, timeout: float) -> float:
+    """After a release every runtime Deployment rolls (its config names the fresh key):
+    Agents are Ready once the new pods are, while the old pods are still terminating and
+    the operator is still writing statuses. The next engage is measured on a settled fleet:
+    every Deployment fully rolled out and no pod terminating."""
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    start = time.monotonic()
+
+    def settled() -> bool:
+        for d in apps.list_namespaced_deployment(namespace).items:
+            st, want = d.status, d.spec.replicas or 0
+            if (st.observed_generation or 0) < d.metadata.generation or (st.replicas or 0) != want:
+                return False
+            if (st.updated_replicas or 0) != want or (st.available_replicas or 0) != want:
+                return False
+        return not any(p.metadata.deletion_timestamp for p in core.list_namespaced_pod(namespace).items)
+
+    wait_for(settled, timeout, f"the rollout in {namespace} over", interval=2.0)
     return time.monotonic() - start
 
 
@@ -482,6 +504,8 @@ def revocation_part(args, cluster: DevCluster, api, user_kubeconfigs) -> dict[st
             wait_phase(objs, name, "Released", 300)
             if i + 1 < args.runs:  # the next run needs every Agent back, with its fresh key
                 run["ready_again_s"] = round(wait_all_ready(api, ns, len(names), args.timeout, "after release"), 1)
+                run["rollout_over_after_ready_s"] = round(wait_rollout_over(api, ns, args.timeout), 1)
+                say(f"  rollout over {run['rollout_over_after_ready_s']} s after every Agent was Ready")
             objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)
     finally:
         tools.terminate()

@@ -220,6 +220,20 @@ class Kube:
         params = {"labelSelector": label_selector} if label_selector else None
         return (await self.request("GET", KINDS[kind].path(namespace), params=params)).get("items", [])
 
+    async def list_pages(
+        self, kind: str, namespace: str | None = None, *, page_size: int = 100
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """A list in pages (limit/continue): a caller that keeps a little of each object
+        never holds a thousand whole Agents (several MB of parsed JSON) at once."""
+        params = {"limit": str(page_size)}
+        while True:
+            page = await self.request("GET", KINDS[kind].path(namespace), params=params)
+            yield page.get("items", [])
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return
+            params = {"limit": str(page_size), "continue": token}
+
     async def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         """Server-side apply (field manager `fleetward`): the object's fields as we own them.
 

@@ -26,9 +26,29 @@ async def _list(ctx: OperatorContext, kind: str) -> list[dict[str, Any]]:
     return [o for o in out if ctx.settings.owns_namespace(o["metadata"].get("namespace"))]
 
 
+async def _agents(ctx: OperatorContext) -> list[dict[str, Any]]:
+    """The live Agents, reduced to what housekeeping reads (name, namespace, the spec's
+    references), listed page by page: at 1000 Agents the whole list is several MB of
+    JSON, and holding it parsed raised the operator's peak memory every round."""
+    out: list[dict[str, Any]] = []
+    for ns in ctx.settings.watch_namespaces or [None]:
+        async for page in ctx.kube.list_pages("Agent", ns):
+            for a in page:
+                meta, spec = a["metadata"], a.get("spec") or {}
+                if meta.get("deletionTimestamp") or not ctx.settings.owns_namespace(meta.get("namespace")):
+                    continue
+                out.append(
+                    {
+                        "metadata": {"namespace": meta["namespace"], "name": meta["name"]},
+                        "spec": {k: spec[k] for k in ("sopSelector", "guardrailRefs") if k in spec},
+                    }
+                )
+    return out
+
+
 async def sweep(ctx: OperatorContext, absent_before: set[str]) -> set[str]:
     """One round; returns the Agents missing from the trust bundle's owners this time."""
-    agents = [a for a in await _list(ctx, "Agent") if not a["metadata"].get("deletionTimestamp")]
+    agents = await _agents(ctx)
     by_ns: dict[str, list[dict[str, Any]]] = {}
     for a in agents:
         by_ns.setdefault(a["metadata"]["namespace"], []).append(a)
