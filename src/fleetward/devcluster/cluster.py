@@ -24,9 +24,15 @@ from typing import Any
 from kubernetes import client, config
 
 from fleetward.devcluster import layout
-from fleetward.devcluster.controlplane import ADMIN, LOCAL_PROVISIONER, ControlPlane, node_identity
+from fleetward.devcluster.controlplane import (
+    ADMIN,
+    APISERVER_KUBELET_CLIENT,
+    LOCAL_PROVISIONER,
+    ControlPlane,
+    node_identity,
+)
 from fleetward.devcluster.kube import apply_manifest
-from fleetward.devcluster.process import ComponentFailed, ManagedProcess, wait_for
+from fleetward.devcluster.process import ComponentFailed, ManagedProcess, free_port, wait_for
 from fleetward.devcluster.services import Kafka, Kwok, Postgres, Prometheus, Service
 
 log = logging.getLogger("fleetward.devcluster")
@@ -139,6 +145,9 @@ class DevCluster:
     def start_podlet(self) -> None:
         kubeconfig = self.control_plane.kubeconfig_for(node_identity(PODLET_NODE), "podlet")
         provisioner = self.control_plane.kubeconfig_for(LOCAL_PROVISIONER, "provisioner")
+        serving = self.control_plane.ca.issue(
+            "podlet-serving", f"system:node:{PODLET_NODE}", server_ips=("127.0.0.1",), client=False
+        )
         proc = ManagedProcess(
             "podlet",
             [
@@ -161,6 +170,17 @@ class DevCluster:
                 # under the podlet's root: <state>/podlet/persistent-volumes/pvc-<uid>.
                 "--provisioner-kubeconfig",
                 provisioner,
+                # `kubectl logs`: a kubelet-style log endpoint the API server calls.
+                "--log-port",
+                str(free_port()),
+                "--tls-cert-file",
+                serving.cert,
+                "--tls-private-key-file",
+                serving.key,
+                "--client-ca-file",
+                self.control_plane.ca.cert_path,
+                "--log-reader",
+                APISERVER_KUBELET_CLIENT.name,
             ],
             self.state / "logs" / "podlet.log",
             env={**os.environ, "PATH": self.path_env()},

@@ -32,6 +32,9 @@ ADMIN = Identity("fleetward-admin", ("system:masters",))
 USERS = (Identity("alice", (ONCALL_GROUP,)), Identity("bob", (ONCALL_GROUP,)), Identity("carol", (ONCALL_GROUP,)))
 CONTROLLER_MANAGER = Identity("system:kube-controller-manager")
 SCHEDULER = Identity("system:kube-scheduler")
+# How the API server authenticates to node agents (`kubectl logs` through the podlet), as
+# kubeadm names it.
+APISERVER_KUBELET_CLIENT = Identity("kube-apiserver-kubelet-client", ("system:masters",))
 # The podlet's volume provisioner (bound to its role in bootstrap.yaml).
 LOCAL_PROVISIONER = Identity("fleetward:local-provisioner")
 
@@ -160,6 +163,7 @@ class ControlPlane:
             60,
         )
         admin = self.ca.client(ADMIN)
+        kubelet_client = self.ca.client(APISERVER_KUBELET_CLIENT)
         self._start(
             "kube-apiserver",
             [
@@ -175,6 +179,10 @@ class ControlPlane:
                 f"--tls-private-key-file={serving.key}",
                 f"--client-ca-file={self.ca.cert_path}",
                 f"--kubelet-certificate-authority={self.ca.cert_path}",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
+                # Nodes are reached on their InternalIP (loopback here), never by host name.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",

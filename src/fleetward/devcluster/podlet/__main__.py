@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fleetward.devcluster.podlet.node import Podlet
+from fleetward.devcluster.podlet.node import LogServerSettings, Podlet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,26 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="also provision hostPath volumes for claims of the local StorageClass, with this identity",
     )
+    logs = p.add_argument_group(
+        "container logs", "serve `kubectl logs` like a kubelet (all four options, or none: not served)"
+    )
+    logs.add_argument("--log-port", type=int, help="port on the node's address (0: any free port)")
+    logs.add_argument("--tls-cert-file", type=Path, help="serving certificate (its SANs must name the node's address)")
+    logs.add_argument("--tls-private-key-file", type=Path, help="its private key")
+    logs.add_argument("--client-ca-file", type=Path, help="CA of the API server's kubelet client certificate")
+    logs.add_argument(
+        "--log-reader",
+        action="append",
+        default=[],
+        metavar="CN",
+        help="client certificate common name allowed to read logs (repeatable; the API server's)",
+    )
     args = p.parse_args(argv)
+    log_options = (args.log_port, args.tls_cert_file, args.tls_private_key_file, args.client_ca_file)
+    if any(o is not None for o in log_options) and not all(o is not None for o in log_options):
+        p.error("--log-port, --tls-cert-file, --tls-private-key-file and --client-ca-file go together")
+    if args.log_port is not None and not args.log_reader:
+        p.error("--log-reader: name at least one client identity that may read logs")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     labels = dict(label.split("=", 1) for label in args.label)
     podlet = Podlet(
@@ -61,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         labels=labels,
         pod_cidr=args.pod_cidr,
         provisioner_kubeconfig=args.provisioner_kubeconfig,
+        log_server=LogServerSettings(
+            args.log_port, args.tls_cert_file, args.tls_private_key_file, args.client_ca_file, tuple(args.log_reader)
+        )
+        if args.log_port is not None
+        else None,
     )
 
     def on_signal(signum, frame):

@@ -14,12 +14,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from fleetward.devcluster.podlet.logserver import LogLookupError, LogServer
 from fleetward.devcluster.podlet.pod import PodWorker
 from fleetward.devcluster.podlet.provisioner import LocalProvisioner
 from fleetward.devcluster.podlet.volumes import TokenCache
@@ -63,6 +65,18 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+@dataclass(frozen=True)
+class LogServerSettings:
+    """The kubelet-style log endpoint (logserver.py): its TLS identity, the CA its clients'
+    certificates must come from, and the client identities it answers (the API server's)."""
+
+    port: int
+    cert: Path
+    key: Path
+    client_ca: Path
+    allowed_users: tuple[str, ...]
+
+
 @dataclass
 class Podlet:
     node_name: str
@@ -79,6 +93,8 @@ class Podlet:
     pod_cidr: str = "127.0.1.0/16"
     provisioner_kubeconfig: Path | None = None
     """Run the local volume provisioner (provisioner.py) with this identity; None: not here."""
+    log_server: LogServerSettings | None = None
+    """Serve container logs to the API server (`kubectl logs`); None: not served."""
 
     def __post_init__(self) -> None:
         self.api_client = config.new_client_from_config(str(self.kubeconfig))
@@ -87,6 +103,20 @@ class Podlet:
         self.ips = IPPool(self.pod_cidr)
         self.tokens = TokenCache()
         self.workers: dict[str, PodWorker] = {}
+        self._logs: LogServer | None = None
+        self._log_port = 0
+        if self.log_server is not None:
+            ls = self.log_server
+            self._logs = LogServer(
+                self.host_ip,
+                ls.port,
+                self.container_log,
+                cert=ls.cert,
+                key=ls.key,
+                client_ca=ls.client_ca,
+                allowed_users=ls.allowed_users,
+            )
+            self._log_port = self._logs.port
         self.stopping = threading.Event()
         self.root.mkdir(parents=True, exist_ok=True)
         # What every container gets (the podlet's PATH, so `fleetward` and the built
@@ -98,6 +128,28 @@ class Podlet:
             "KUBERNETES_SERVICE_PORT_HTTPS": str(self.apiserver_port),
             "LANG": "C.UTF-8",
         }
+
+    # -- container logs (logserver.py) ---------------------------------------------------------
+
+    def container_log(self, namespace: str, pod: str, container: str, previous: bool) -> tuple[Path, Any]:
+        """The log file of a container of a pod running here, and a check of whether it
+        still runs (for `follow`)."""
+        here = list(self.workers.values())
+        worker = next((w for w in here if (w.pod.metadata.namespace, w.pod.metadata.name) == (namespace, pod)), None)
+        if worker is None:
+            raise LogLookupError(f"pod {namespace}/{pod} does not run on node {self.node_name}", HTTPStatus.NOT_FOUND)
+        runs = [*worker.init, *worker.containers]
+        run = next((r for r in runs if r.spec.name == container), None)
+        if run is None:
+            names = ", ".join(r.spec.name for r in runs)
+            raise LogLookupError(f"container {container!r} is not in pod {namespace}/{pod} (it has: {names})")
+        attempt = run.restart_count - (1 if previous else 0)
+        if attempt < 0:
+            raise LogLookupError(f"previous terminated container {container!r} in pod {namespace}/{pod} not found")
+        path = worker.log_dir / container / f"{attempt}.log"
+        if not path.is_file():
+            raise LogLookupError(f"container {container!r} in pod {namespace}/{pod} has not started yet")
+        return path, lambda: run.running and run.restart_count == attempt
 
     # -- API helpers used by pod workers ------------------------------------------------------
 
@@ -191,7 +243,7 @@ class Podlet:
                 {"type": "InternalIP", "address": self.host_ip},
                 {"type": "Hostname", "address": self.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._log_port}},
             "nodeInfo": {
                 "machineID": self._machine_id,
                 "systemUUID": self._machine_id,
@@ -334,6 +386,8 @@ class Podlet:
                     time.sleep(1)
 
     def run(self) -> None:
+        if self._logs is not None:
+            self._logs.start()
         self.register()
         threading.Thread(target=self.keepalive, name="keepalive", daemon=True).start()
         watcher = threading.Thread(target=self.watch_pods, name="pod-watch", daemon=True)
@@ -349,5 +403,7 @@ class Podlet:
     def stop(self) -> None:
         """Stop every container (SIGTERM, short grace, SIGKILL) and return."""
         self.stopping.set()
+        if self._logs is not None:
+            self._logs.stop()
         for worker in list(self.workers.values()):
             worker.done.wait(10)
