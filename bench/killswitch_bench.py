@@ -23,9 +23,10 @@ its own process) that watches the trust bundle through the API server. Two parts
      are refused (its time is bounded by the probes' own rate on this machine).
    Then two other people release the switch, the operator issues fresh keys and scales
    back, and the next run starts once that rollout is over (every Agent Ready, every
-   Deployment rolled out, no pod terminating): each engage meets a settled fleet. The kwok pods never answer the halt order, so each drain
-   ends by its timeout (`drainTimeoutSeconds`, set short here) and force-deletes them: that
-   drain is not the drain measurement.
+   Deployment rolled out, no pod terminating): each engage meets a settled fleet. The
+   kwok pods never answer the halt order, so each drain ends by its timeout
+   (`drainTimeoutSeconds`, set short here) and force-deletes them: that drain is not the
+   drain measurement.
 2. Drain. M Agents with real runtimes (processes on the podlet), each in the middle of a run:
    its model call is in flight, held by a proxy in front of the LLM stand-in, when the
    switch is accepted; the held calls complete `--step-seconds` later (the model still
