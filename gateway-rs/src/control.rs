@@ -9,7 +9,9 @@
 //! restarted replica does not accept sessions of a halted agent; from the end offsets seen at
 //! start on, messages are acted on and acked. `/readyz` stays false until that catch-up is
 //! done. Per kill switch only the newest generation counts; at equal generations a `resume`
-//! wins over a `halt` (a release always follows its engage).
+//! wins over a `halt` (a release always follows its engage). A lower generation sent later
+//! than the last order is not stale: the switch was deleted and created again under the same
+//! name, and its generations started at 1 again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -33,6 +35,7 @@ struct Switch {
     generation: u64,
     halted: bool,
     agents: Vec<String>,
+    sent_at: Option<chrono::DateTime<chrono::FixedOffset>>,
 }
 
 /// Which kill switches currently halt which agents.
@@ -71,11 +74,14 @@ impl HaltState {
             ControlType::Resume => false,
             ControlType::RotateKeys => return Applied::Current,
         };
+        let sent_at = chrono::DateTime::parse_from_rfc3339(&msg.timestamp).ok();
         let mut s = self.switches.write().expect("halt lock");
         if let Some(cur) = s.get(&msg.kill_switch) {
             let newer = msg.generation > cur.generation;
             let same_gen_release = msg.generation == cur.generation && (!halt || cur.halted);
-            if !newer && !same_gen_release {
+            let recreated = msg.generation < cur.generation
+                && matches!((sent_at, cur.sent_at), (Some(new), Some(old)) if new > old);
+            if !newer && !same_gen_release && !recreated {
                 return Applied::Stale;
             }
         }
@@ -85,6 +91,7 @@ impl HaltState {
                 generation: msg.generation,
                 halted: halt,
                 agents: msg.agents.clone(),
+                sent_at,
             },
         );
         self.metrics
@@ -319,12 +326,32 @@ mod tests {
     use serde_json::json;
 
     fn msg(kind: &str, ks: &str, generation: u64, agents: &[&str]) -> ControlMessage {
+        msg_at(kind, ks, generation, agents, "2026-01-02T03:04:05Z")
+    }
+
+    fn msg_at(kind: &str, ks: &str, generation: u64, agents: &[&str], at: &str) -> ControlMessage {
         ControlMessage::from_json(
             json!({"schema": "fleetward.control.v1", "id": uuid::Uuid::new_v4().to_string(),
             "type": kind, "killSwitch": ks, "generation": generation, "agents": agents, "mode": "drain",
-            "drainTimeoutSeconds": 30, "timestamp": "2026-01-02T03:04:05Z"}),
+            "drainTimeoutSeconds": 30, "timestamp": at}),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_switch_created_again_under_its_name_is_obeyed() {
+        let h = HaltState::new(Arc::new(Metrics::new()));
+        h.apply(&msg_at("halt", "ks", 1, &["ns/a"], "2026-01-02T03:04:05Z"));
+        h.apply(&msg_at("resume", "ks", 4, &["ns/a"], "2026-01-02T03:05:00.5Z"));
+        assert_eq!(h.halted_by("ns/a"), None);
+        // Deleted and created again: generation 1, sent later (fractional seconds compared as time).
+        let again = msg_at("halt", "ks", 1, &["ns/a"], "2026-01-02T03:05:01Z");
+        assert_eq!(h.apply(&again), Applied::Current);
+        assert_eq!(h.halted_by("ns/a"), Some(("ks".into(), 1)));
+        // A lower generation sent earlier than the last order is still stale.
+        let old = msg_at("resume", "ks", 0, &["ns/a"], "2026-01-02T03:04:06Z");
+        assert_eq!(h.apply(&old), Applied::Stale);
+        assert!(h.halted_by("ns/a").is_some());
     }
 
     #[test]

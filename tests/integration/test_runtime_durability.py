@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from fleetward.api.envelopes import parse_ack
+from fleetward.api.envelopes import ControlMessage, parse_ack
 from tests.support.runtime import (
     PII_GUARDRAIL,
     REFUND_SOP,
@@ -226,3 +226,56 @@ def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_que
     assert len(llm.requests(rule="verify")) == 2  # one per run: the halted run's call was not redone
     assert_clean_stream(stream)
     assert json.loads(drained.to_json())["component"] == "runtime"
+
+
+def test_a_runtime_restarted_under_a_halt_stays_halted_until_the_resume(kafka, llm, events, tmp_path: Path):
+    """A crashed container of a halted agent (pods kept: scaleToZero false) comes back with
+    the halt behind its committed control offset: it must not take work again. And a switch
+    created again under the same name (generations restart at 1) is obeyed."""
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    llm.set_scenario(refund_script())
+    agent = render_local_agent(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        spec=agent_spec(llm.url, billing_tools(tools.port)),
+        sops={"refunds": REFUND_SOP},
+    )
+    switch = f"again-{uuid.uuid4().hex[:6]}"
+
+    def order(type_: str, generation: int, **kw) -> str:
+        return ControlMessage.new(type_, kill_switch=switch, generation=generation, agents=[agent.ref], **kw).to_json()
+
+    halt = {"mode": "drain", "drain_timeout_seconds": 5, "reason": "test"}
+    with tools:
+        agent.start().wait_ready(90)
+        try:
+            # An earlier incarnation of the switch: engaged and released at generation 4.
+            produce(kafka.bootstrap, "fleetward.control", order("halt", 1, **halt), switch)
+            produce(kafka.bootstrap, "fleetward.control", order("resume", 4), switch)
+            # The switch deleted and created again: generation 1 again, and it is obeyed.
+            produce(kafka.bootstrap, "fleetward.control", order("halt", 1, **halt), switch)
+            deadline = time.monotonic() + 30
+            while agent.metric("fleetward_runtime_halted") != 1:
+                assert time.monotonic() < deadline, "the re-created switch's halt was ignored"
+                time.sleep(0.1)
+
+            agent.kill()  # the container crashes; the halt is behind its committed offset now
+            agent.start().wait_ready(90)
+            assert agent.metric("fleetward_runtime_halted") == 1, agent.log()
+            assert "starting halted" in agent.log()
+            session = f"s-{uuid.uuid4().hex[:12]}"
+            produce(
+                kafka.bootstrap,
+                agent.request_topic,
+                user_message(agent.ref, session, "refund txn_1002").to_json(),
+                session,
+            )
+            # A negative check needs a window: a runtime that took the work calls the model
+            # within a fraction of a second (the other tests here), so 3 s is ample.
+            time.sleep(3)
+            assert not llm.requests(rule="verify"), "a halted runtime took work after its restart"
+
+            produce(kafka.bootstrap, "fleetward.control", order("resume", 2), switch)
+            events.wait_for(session, "resolved", 60)
+        finally:
+            agent.stop()

@@ -6,6 +6,12 @@ container restarted in the same pod re-reads what it has not acknowledged, and a
 starts from the latest message. Orders for other agents, and orders older than the last
 generation seen from the same KillSwitch, are ignored.
 
+Before intake starts, `recover` reads the topic's history once: a runtime (re)started while
+a switch covers its agent (a crashed container of a halted agent whose pods were kept,
+`scaleToZero: false`) starts halted instead of taking work again, even though the halt
+order lies behind its committed offset. The history is the operator's orders, a few per
+engage and release.
+
 halt: intake takes no new command at once and pauses its partitions (ack `halted`); each
 run in flight finishes its current graph step, is checkpointed and parks at the next step
 boundary (`drain`), or is cancelled at once (`abort`: the in-flight model or tool call is
@@ -23,11 +29,12 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from fleetward.runtime.config import SigningKey, load_signing_key
 from fleetward.runtime.context import RunContext, Services
 from fleetward.runtime.intake import Intake
@@ -62,6 +69,7 @@ class Control:
         group_prefix: str,
     ) -> None:
         self.services = services
+        self.client_config = client_config
         self.intake = intake
         self.registry = registry
         self.producer = producer
@@ -78,6 +86,7 @@ class Control:
             }
         )
         self.generations: dict[str, int] = {}
+        self.sent_at: dict[str, Any] = {}
         self.halted_runs: list[HaltedRun] = []
         self.halted_by: tuple[str, int] | None = None
         self.stopping = asyncio.Event()
@@ -86,6 +95,81 @@ class Control:
     @property
     def agent(self) -> str:
         return self.services.agent
+
+    async def recover(self, within: float = 15.0) -> None:
+        """Start halted when the last order of some KillSwitch for this agent is `halt`
+        (see the module docstring). No ack: the instance acked when the order came (or the
+        switch's drain counted it out)."""
+        try:
+            last = await asyncio.to_thread(self._last_orders, within)
+        except KafkaException as e:
+            log.warning("could not read the control topic's history (%s); starting as not halted", e)
+            return
+        for switch, order in last.items():
+            self.generations[switch] = order.generation
+            self.sent_at[switch] = order.timestamp
+        halts = [o for o in last.values() if o.type == "halt"]
+        if halts:
+            order = halts[-1]
+            self.intake.halt()
+            self.registry.halt()
+            HALTED.labels(self.agent).set(1)
+            self.halted_by = (order.kill_switch, order.generation)
+            log.warning(
+                "starting halted: KillSwitch %s (generation %d) covers this agent; waiting for its release",
+                order.kill_switch,
+                order.generation,
+            )
+
+    def _last_orders(self, within: float) -> dict[str, ControlMessage]:
+        """The last halt or resume for this agent per KillSwitch, from the whole topic (a
+        switch's orders share its key, so they are in one partition, in offset order; a
+        switch created again under the same name restarts its generations, so the offset,
+        not the generation, tells the last one)."""
+        deadline = time.monotonic() + within
+        reader = Consumer(
+            {
+                **self.client_config,
+                "group.id": f"{self.instance}.control-history.{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            topic = reader.list_topics(self.topic, timeout=10).topics.get(self.topic)
+            if topic is None or topic.error is not None:
+                return {}  # no orders were ever sent
+            ends: dict[int, int] = {}
+            starts: list[TopicPartition] = []
+            for p in topic.partitions:
+                low, high = reader.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+                if high > low:
+                    ends[p] = high
+                    starts.append(TopicPartition(self.topic, p, low))
+            reader.assign(starts)
+            last: dict[str, ControlMessage] = {}
+            while ends:
+                if time.monotonic() > deadline:
+                    raise KafkaException(f"the history was not read within {within:.0f} s")
+                message = reader.poll(0.5)
+                if message is None:
+                    continue
+                if message.error():
+                    if message.error().code() == KafkaError._PARTITION_EOF:
+                        ends.pop(message.partition(), None)
+                    continue
+                if message.offset() >= ends.get(message.partition(), 0) - 1:
+                    ends.pop(message.partition(), None)
+                try:
+                    order = parse_control(message.value() or b"")
+                except EnvelopeError:
+                    continue
+                if order.type == "rotate_keys" or (order.agents and self.agent not in order.agents):
+                    continue
+                last[order.kill_switch] = order  # read in offset order: the later one wins
+            return last
+        finally:
+            reader.close()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,10 +209,15 @@ class Control:
         if order.agents and self.agent not in order.agents:
             return False
         last = self.generations.get(order.kill_switch)
-        if last is not None and order.generation < last:
+        sent = self.sent_at.get(order.kill_switch)
+        # Stale: an older generation sent no later than the last order seen. A KillSwitch
+        # deleted and created again under the same name starts at generation 1 again; its
+        # orders are newer, and must not be ignored.
+        if last is not None and order.generation < last and (sent is None or order.timestamp <= sent):
             log.info("ignoring %s of %s generation %d (seen %d)", order.type, order.kill_switch, order.generation, last)
             return False
         self.generations[order.kill_switch] = order.generation
+        self.sent_at[order.kill_switch] = order.timestamp
         return True
 
     async def handle(self, order: ControlMessage) -> None:

@@ -282,6 +282,7 @@ async def run_agent(
             group_prefix=config.kafka.consumer_group,
         )
         timer = ReviewTimer(services, send, config.topics.request)
+        await control.recover()  # before intake: a runtime restarted under a kill switch stays halted
         tasks = [
             asyncio.create_task(intake.run(), name="intake"),
             asyncio.create_task(control.run(), name="control"),
