@@ -47,6 +47,17 @@ def refund_script(*, verify_delay: float = 0, refund_delay: float = 0) -> list[d
     ]
 
 
+def billing_agent(tmp_path: Path, kafka, llm, tools_port: int, **kw):
+    """A local billing specialist with the refund SOP, its tools at `tools_port`."""
+    return render_local_agent(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        spec=agent_spec(llm.url, billing_tools(tools_port)),
+        sops={"refunds": REFUND_SOP},
+        **kw,
+    )
+
+
 def assert_clean_stream(events) -> None:
     """Nothing lost or doubled: sequences 0..n-1, unique ids, one event per key."""
     assert [e.sequence for e in events] == list(range(len(events))), [(e.sequence, e.type) for e in events]
@@ -62,14 +73,7 @@ def test_sigkill_during_a_mutating_tool_call_completes_the_run_with_the_effect_a
     tools = GitHouseTools(tmp_path / "jwks.json")
     proxy = HoldingProxy(tools.port, hold_path="/tools/issue_refund")
     llm.set_scenario(refund_script())
-    agent = render_local_agent(
-        tmp_path,
-        bootstrap=kafka.bootstrap,
-        spec=agent_spec(llm.url, billing_tools(proxy.port)),
-        sops={"refunds": REFUND_SOP},
-        guardrails={"pii": PII_GUARDRAIL},
-        dsn=postgres_dsn,
-    )
+    agent = billing_agent(tmp_path, kafka, llm, proxy.port, guardrails={"pii": PII_GUARDRAIL}, dsn=postgres_dsn)
     with tools, proxy.start():
         proxy.hold.set()
         agent.start().wait_ready(90)
@@ -116,12 +120,7 @@ def test_sigkill_during_a_mutating_tool_call_completes_the_run_with_the_effect_a
 def test_sigterm_mid_run_finishes_the_step_and_a_restart_completes_the_run(kafka, llm, events, tmp_path: Path):
     tools = GitHouseTools(tmp_path / "jwks.json")
     llm.set_scenario(refund_script(refund_delay=3))
-    agent = render_local_agent(
-        tmp_path,
-        bootstrap=kafka.bootstrap,
-        spec=agent_spec(llm.url, billing_tools(tools.port)),
-        sops={"refunds": REFUND_SOP},
-    )
+    agent = billing_agent(tmp_path, kafka, llm, tools.port)
     with tools:
         agent.start().wait_ready(90)
         try:
@@ -162,12 +161,7 @@ def test_sigterm_mid_run_finishes_the_step_and_a_restart_completes_the_run(kafka
 def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_queue(kafka, llm, events, tmp_path: Path):
     tools = GitHouseTools(tmp_path / "jwks.json")
     llm.set_scenario(refund_script(verify_delay=2))
-    agent = render_local_agent(
-        tmp_path,
-        bootstrap=kafka.bootstrap,
-        spec=agent_spec(llm.url, billing_tools(tools.port)),
-        sops={"refunds": REFUND_SOP},
-    )
+    agent = billing_agent(tmp_path, kafka, llm, tools.port)
     acks = TopicReader(kafka.bootstrap, "fleetward.control-acks")
     instance = agent.env["POD_NAME"]
 
@@ -234,12 +228,7 @@ def test_a_runtime_restarted_under_a_halt_stays_halted_until_the_resume(kafka, l
     created again under the same name (generations restart at 1) is obeyed."""
     tools = GitHouseTools(tmp_path / "jwks.json")
     llm.set_scenario(refund_script())
-    agent = render_local_agent(
-        tmp_path,
-        bootstrap=kafka.bootstrap,
-        spec=agent_spec(llm.url, billing_tools(tools.port)),
-        sops={"refunds": REFUND_SOP},
-    )
+    agent = billing_agent(tmp_path, kafka, llm, tools.port)
     switch = f"again-{uuid.uuid4().hex[:6]}"
 
     def order(type_: str, generation: int, **kw) -> str:
