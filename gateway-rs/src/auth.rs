@@ -973,6 +973,7 @@ pub(crate) mod tests {
             key: "jwks.json".into(),
             max_staleness: Duration::from_secs(10),
             watch_timeout: Duration::from_secs(300),
+            watch_kill_switches: true,
             api: KubeApiSettings {
                 url: "https://127.0.0.1:6443".into(),
                 token_file: "/dev/null".into(),

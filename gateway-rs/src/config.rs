@@ -168,6 +168,19 @@ pub struct Args {
     /// Server-side length of one watch request; the watch then resumes from where it was.
     #[arg(long, env = "FLEETWARD_GATEWAY_TRUST_BUNDLE_WATCH_SECONDS", default_value_t = 300)]
     pub trust_bundle_watch_seconds: u64,
+    /// Also watch KillSwitch objects (killswitches.fleetward.dev, cluster-scoped) and refuse at
+    /// once the trust-bundle keys of every agent an engaged switch covers (scope namespaces and
+    /// agentSelector, over the agent labels published in the bundle), without waiting for the
+    /// operator to rewrite the ConfigMap. Needs get/list/watch on killswitches.fleetward.dev;
+    /// the ConfigMap stays authoritative. Only used with --trust-bundle-configmap.
+    #[arg(
+        long,
+        env = "FLEETWARD_GATEWAY_TRUST_BUNDLE_WATCH_KILL_SWITCHES",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub trust_bundle_watch_kill_switches: bool,
     /// Kubernetes API server URL (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT).
     #[arg(long, env = "FLEETWARD_GATEWAY_KUBE_API_URL")]
     pub kube_api_url: Option<String>,
@@ -326,6 +339,8 @@ pub struct TrustBundleSettings {
     pub key: String,
     pub max_staleness: Duration,
     pub watch_timeout: Duration,
+    /// Also watch KillSwitches and refuse covered agents' keys locally (a fast path).
+    pub watch_kill_switches: bool,
     pub api: KubeApiSettings,
 }
 
@@ -354,8 +369,16 @@ impl std::fmt::Debug for AuthSettings {
         };
         let bundle = self.trust_bundle.as_ref().map(|t| {
             format!(
-                "configmap {}/{} key {} via {}",
-                t.namespace, t.configmap, t.key, t.api.url
+                "configmap {}/{} key {} via {}, kill switches {}",
+                t.namespace,
+                t.configmap,
+                t.key,
+                t.api.url,
+                if t.watch_kill_switches {
+                    "watched"
+                } else {
+                    "not watched"
+                }
             )
         });
         f.debug_struct("AuthSettings")
@@ -570,6 +593,7 @@ fn trust_bundle_settings(a: &Args) -> Result<Option<TrustBundleSettings>, Config
         key: key.to_string(),
         max_staleness: Duration::from_secs(a.trust_bundle_max_staleness_seconds),
         watch_timeout: Duration::from_secs(watch_seconds),
+        watch_kill_switches: a.trust_bundle_watch_kill_switches,
         api: KubeApiSettings {
             url,
             token_file,
@@ -933,6 +957,7 @@ mod tests {
         );
         assert!(tb.api.ca_pem.is_some());
         assert_eq!(tb.max_staleness, Duration::from_secs(10));
+        assert!(tb.watch_kill_switches, "the kill-switch fast path is on by default");
         let dbg = format!("{s:?}");
         assert!(
             dbg.contains("configmap fleetward-system/fleetward-trust-bundle"),
@@ -953,6 +978,20 @@ mod tests {
             "{}",
             e.0
         );
+    }
+
+    #[test]
+    fn trust_bundle_kill_switch_watch_can_be_turned_off() {
+        let token = token_file("killswitch");
+        for (flag, want) in [("false", false), ("true", true)] {
+            let a = with(&bundle_with(
+                &token,
+                &[&format!("--trust-bundle-watch-kill-switches={flag}")],
+            ));
+            let s = Settings::from_args(a).unwrap();
+            assert_eq!(s.auth.trust_bundle.unwrap().watch_kill_switches, want);
+        }
+        assert!(Args::try_parse_from(["gw", "--trust-bundle-watch-kill-switches=maybe"]).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A minimal Kubernetes API client for one job: list and watch one ConfigMap (the trust
-//! bundle). kube-rs would do it too, but it brings k8s-openapi (every API type: minutes more
+//! bundle) and a cluster-scoped custom resource (the KillSwitches). kube-rs would do it too, but it brings k8s-openapi (every API type: minutes more
 //! on a 2-core CI build) and a second HTTP/TLS stack for two GET requests; reqwest is already
 //! a dependency (JWKS URL, after-runner checks).
 //!
@@ -20,7 +20,7 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 /// A watch request ends on the server after its `timeoutSeconds`; the client gives it this
 /// much longer before treating the connection as dead.
 const WATCH_SLACK: Duration = Duration::from_secs(15);
-/// A ConfigMap is at most 1 MiB; a watch line longer than this is not one.
+/// A ConfigMap (or any object) is at most 1.5 MiB in etcd; a watch line longer than this is not one.
 const MAX_LINE_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,15 @@ impl WatchEvent {
     }
 }
 
+/// A cluster-scoped custom resource type (e.g. `killswitches.fleetward.dev/v1alpha1`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterResource {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+}
+
+#[derive(Clone)]
 pub struct KubeClient {
     base: String,
     token_file: PathBuf,
@@ -118,12 +127,65 @@ impl KubeClient {
         })
     }
 
-    fn configmaps_url(&self, namespace: &str, query: &[(&str, &str)]) -> String {
+    /// `<base><path>?<query>` (path starts with `/`).
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> String {
         let mut q = form_urlencoded::Serializer::new(String::new());
         for (k, v) in query {
             q.append_pair(k, v);
         }
-        format!("{}/api/v1/namespaces/{namespace}/configmaps?{}", self.base, q.finish())
+        format!("{}{path}?{}", self.base, q.finish())
+    }
+
+    /// List `path` with `query`: the items and the list's resourceVersion to watch from.
+    async fn list(&self, path: &str, query: &[(&str, &str)]) -> Result<(Vec<Value>, String), KubeError> {
+        let bytes = self
+            .get(self.url(path, query), LIST_TIMEOUT)
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| transport("list", e))?;
+        let mut body: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| KubeError::Transport(format!("list: the answer is not JSON: {e}")))?;
+        let rv = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .ok_or_else(|| KubeError::Transport("list: no metadata.resourceVersion in the answer".into()))?
+            .to_string();
+        let items = match body.get_mut("items").map(Value::take) {
+            Some(Value::Array(items)) => items,
+            // `items: null` is how the API server spells an empty list of some kinds.
+            None | Some(Value::Null) => Vec::new(),
+            Some(_) => return Err(KubeError::Transport("list: items is not an array".into())),
+        };
+        Ok((items, rv))
+    }
+
+    /// Watch `path` (with `query`) from `resource_version` for `timeout` (server side), with
+    /// bookmarks so a quiet watch still advances its resourceVersion.
+    async fn watch(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        resource_version: &str,
+        timeout: Duration,
+    ) -> Result<WatchStream, KubeError> {
+        let seconds = timeout.as_secs().max(1).to_string();
+        let mut q: Vec<(&str, &str)> = vec![("watch", "1")];
+        q.extend_from_slice(query);
+        q.extend_from_slice(&[
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", &seconds),
+        ]);
+        let response = self.get(self.url(path, &q), timeout + WATCH_SLACK).await?;
+        Ok(WatchStream {
+            response,
+            buf: Vec::new(),
+        })
+    }
+
+    fn configmaps_path(namespace: &str) -> String {
+        format!("/api/v1/namespaces/{namespace}/configmaps")
     }
 
     /// The ConfigMap `name` (None when it does not exist) and the list's resourceVersion to
@@ -132,29 +194,12 @@ impl KubeClient {
     /// with resourceNames) covers both requests.
     pub async fn list_configmap(&self, namespace: &str, name: &str) -> Result<(Option<Value>, String), KubeError> {
         let selector = format!("metadata.name={name}");
-        let url = self.configmaps_url(namespace, &[("fieldSelector", &selector)]);
-        let bytes = self
-            .get(url, LIST_TIMEOUT)
-            .await?
-            .bytes()
-            .await
-            .map_err(|e| transport("list", e))?;
-        let body: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| KubeError::Transport(format!("list: the answer is not JSON: {e}")))?;
-        let rv = body
-            .pointer("/metadata/resourceVersion")
-            .and_then(Value::as_str)
-            .ok_or_else(|| KubeError::Transport("list: no metadata.resourceVersion in the answer".into()))?
-            .to_string();
-        let item = body
-            .get("items")
-            .and_then(Value::as_array)
-            .and_then(|items| {
-                items
-                    .iter()
-                    .find(|i| i.pointer("/metadata/name").and_then(Value::as_str) == Some(name))
-            })
-            .cloned();
+        let (items, rv) = self
+            .list(&Self::configmaps_path(namespace), &[("fieldSelector", &selector)])
+            .await?;
+        let item = items
+            .into_iter()
+            .find(|i| i.pointer("/metadata/name").and_then(Value::as_str) == Some(name));
         Ok((item, rv))
     }
 
@@ -167,22 +212,34 @@ impl KubeClient {
         timeout: Duration,
     ) -> Result<WatchStream, KubeError> {
         let selector = format!("metadata.name={name}");
-        let seconds = timeout.as_secs().max(1).to_string();
-        let url = self.configmaps_url(
-            namespace,
-            &[
-                ("watch", "1"),
-                ("fieldSelector", &selector),
-                ("resourceVersion", resource_version),
-                ("allowWatchBookmarks", "true"),
-                ("timeoutSeconds", &seconds),
-            ],
-        );
-        let response = self.get(url, timeout + WATCH_SLACK).await?;
-        Ok(WatchStream {
-            response,
-            buf: Vec::new(),
-        })
+        self.watch(
+            &Self::configmaps_path(namespace),
+            &[("fieldSelector", &selector)],
+            resource_version,
+            timeout,
+        )
+        .await
+    }
+
+    /// `/apis/<group>/<version>/<plural>`: a cluster-scoped custom resource collection.
+    fn cluster_custom_path(resource: &ClusterResource) -> String {
+        format!("/apis/{}/{}/{}", resource.group, resource.version, resource.plural)
+    }
+
+    /// Every object of a cluster-scoped custom resource, and the list's resourceVersion.
+    pub async fn list_cluster_custom(&self, resource: &ClusterResource) -> Result<(Vec<Value>, String), KubeError> {
+        self.list(&Self::cluster_custom_path(resource), &[]).await
+    }
+
+    /// Watch a cluster-scoped custom resource from `resource_version` for `timeout`.
+    pub async fn watch_cluster_custom(
+        &self,
+        resource: &ClusterResource,
+        resource_version: &str,
+        timeout: Duration,
+    ) -> Result<WatchStream, KubeError> {
+        self.watch(&Self::cluster_custom_path(resource), &[], resource_version, timeout)
+            .await
     }
 }
 
@@ -223,7 +280,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn configmap_urls_encode_the_selector() {
+    fn urls_encode_the_query() {
         let c = KubeClient::new(&KubeApiSettings {
             url: "https://127.0.0.1:6443/".into(),
             token_file: "/dev/null".into(),
@@ -232,11 +289,23 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            c.configmaps_url(
-                "fw-system",
+            c.url(
+                &KubeClient::configmaps_path("fw-system"),
                 &[("fieldSelector", "metadata.name=fleetward-trust-bundle")]
             ),
             "https://127.0.0.1:6443/api/v1/namespaces/fw-system/configmaps?fieldSelector=metadata.name%3Dfleetward-trust-bundle"
+        );
+        let switches = ClusterResource {
+            group: "fleetward.dev",
+            version: "v1alpha1",
+            plural: "killswitches",
+        };
+        assert_eq!(
+            c.url(
+                &KubeClient::cluster_custom_path(&switches),
+                &[("watch", "1"), ("resourceVersion", "7")]
+            ),
+            "https://127.0.0.1:6443/apis/fleetward.dev/v1alpha1/killswitches?watch=1&resourceVersion=7"
         );
     }
 

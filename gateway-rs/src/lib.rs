@@ -3,7 +3,8 @@
 //!
 //! Module map (one concern each, in the spirit of tokio's mini-redis):
 //! `config` settings · `server` router, handshake, limits, start/stop · `auth` tokens and keys ·
-//! `trust_bundle` agent keys watched through `kube` (the Kubernetes API) ·
+//! `trust_bundle` agent keys watched through `kube` (the Kubernetes API), refused early for
+//! engaged `kill_switches` ·
 //! `hub` sharded session map and queues · `connection` one socket · `kafka` consume/produce ·
 //! `history` resume · `control` kill switch · `protocol` frames and envelopes · `metrics` ·
 //! `shutdown` · `verify` after-runner · `telemetry` logs and spans.
@@ -16,6 +17,7 @@ pub mod envelopes;
 pub mod history;
 pub mod hub;
 pub mod kafka;
+pub mod kill_switches;
 pub mod kube;
 pub mod metrics;
 pub mod protocol;

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub trust_bundle_keys: IntGauge,
     pub trust_bundle_updates: IntCounterVec,
     pub trust_bundle_source_up: IntGauge,
+    pub trust_bundle_keys_covered: IntGauge,
+    pub kill_switch_watch_up: IntGauge,
     pub revoked_closes: IntCounter,
 }
 
@@ -212,7 +214,7 @@ impl Metrics {
             trust_bundle_keys: gauge(
                 &r,
                 "fleetward_gateway_trust_bundle_keys",
-                "Agent keys currently trusted from the trust bundle",
+                "Agent keys currently trusted from the trust bundle (bundle keys minus those covered by an engaged kill switch)",
             ),
             trust_bundle_updates: counter_vec(
                 &r,
@@ -225,10 +227,20 @@ impl Metrics {
                 "fleetward_gateway_trust_bundle_source_up",
                 "1 while the trust-bundle list/watch on the Kubernetes API works",
             ),
+            trust_bundle_keys_covered: gauge(
+                &r,
+                "fleetward_gateway_trust_bundle_keys_covered_by_kill_switch",
+                "Trust-bundle keys refused locally because an engaged KillSwitch (revokeCredentials) covers their agent",
+            ),
+            kill_switch_watch_up: gauge(
+                &r,
+                "fleetward_gateway_kill_switch_watch_up",
+                "1 while the KillSwitch list/watch on the Kubernetes API works",
+            ),
             revoked_closes: counter(
                 &r,
                 "fleetward_gateway_revoked_closes_total",
-                "Connections closed (4003) because the trust-bundle key that signed their token was removed",
+                "Connections closed (4003) because the trust-bundle key that signed their token was removed or covered by a kill switch",
             ),
             registry: r,
         }

@@ -2,6 +2,7 @@
 //! id, `since`, token, session claim, halt, connection limit), the upgrade, the probes and
 //! `/metrics`; and `run`, which starts every task and carries out the graceful shutdown.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::control::{Control, HaltState};
 use crate::history::Position;
 use crate::hub::Hub;
 use crate::kafka::Kafka;
+use crate::kill_switches;
 use crate::kube::KubeClient;
 use crate::metrics::Metrics;
 use crate::protocol::is_session_id;
@@ -304,19 +306,35 @@ pub async fn run(settings: Settings) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        // Revocation: connections authenticated with a removed key are closed at once.
+        // Revocation: connections authenticated with a removed (or kill-switch covered) key
+        // are closed at once. One closure, called from both watches.
         let (hub, metrics) = (hub.clone(), metrics.clone());
-        let on_removed: OnRemoved = Box::new(move |kids| {
+        let close_revoked = Arc::new(move |kids: &HashSet<String>| {
             let closed = hub.close_signed_by(kids, connection::revoked_close());
             metrics.revoked_closes.inc_by(closed);
             if closed > 0 {
                 tracing::info!(
                     keys = kids.len(),
                     connections = closed,
-                    "trust bundle: closed connections of removed keys (4003)"
+                    "trust bundle: closed connections of revoked keys (4003)"
                 );
             }
         });
+        if bundle_settings.watch_kill_switches {
+            // The fast path (SPEC §7 target: refused within 1 s): the switch itself, not the
+            // operator's later ConfigMap rewrite, makes this gateway refuse covered keys.
+            let close = close_revoked.clone();
+            let on_covered: OnRemoved = Box::new(move |kids| close(kids));
+            tracing::info!(api = %bundle_settings.api.url, "kill switches: watching (covered agents' keys refused locally)");
+            background.spawn(kill_switches::run(
+                bundle.clone(),
+                client.clone(),
+                bundle_settings.watch_timeout,
+                on_covered,
+                shutdown.token(),
+            ));
+        }
+        let on_removed: OnRemoved = Box::new(move |kids| close_revoked(kids));
         tracing::info!(namespace = %bundle_settings.namespace, configmap = %bundle_settings.configmap,
             api = %bundle_settings.api.url, "trust bundle: watching");
         background.spawn(bundle.run(client, bundle_settings, on_removed, shutdown.token()));

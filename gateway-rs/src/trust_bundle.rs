@@ -19,9 +19,12 @@
 //!   than `max_staleness`, bundle-signed tokens are refused (503 `keys_unavailable`);
 //! - a deleted ConfigMap, a missing key or a document that is not a JWKS at all trusts no
 //!   agent key (fail closed: we cannot tell which keys the writer meant to revoke); single
-//!   bad entries are skipped and logged, the rest stays trusted.
+//!   bad entries are skipped and logged, the rest stays trusted;
+//! - a key whose agent an engaged KillSwitch covers is refused like a key not in the bundle,
+//!   as soon as the gateway sees the switch (`kill_switches`: a fast path ahead of the
+//!   operator's ConfigMap rewrite). Entries carry the agent's `labels` for that.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -33,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{VerifyKey, parse_jwks};
 use crate::config::TrustBundleSettings;
 use crate::envelopes::is_agent_ref;
+use crate::kill_switches::SwitchView;
 use crate::kube::{KubeClient, KubeError, error_event_code};
 use crate::metrics::Metrics;
 
@@ -42,6 +46,8 @@ pub struct BundleKey {
     pub verify: VerifyKey,
     /// `<namespace>/<name>`: the only agent tokens signed by this key may speak for.
     pub agent: String,
+    /// The agent's `metadata.labels` when the key was published (kill-switch selectors).
+    pub labels: BTreeMap<String, String>,
     /// The entry as published: a kid whose key material changes counts as removed.
     raw: String,
 }
@@ -57,11 +63,60 @@ pub enum Lookup {
 /// Called with the kids that left the bundle, right after they stopped being trusted.
 pub type OnRemoved = Box<dyn Fn(&HashSet<String>) + Send + Sync>;
 
-/// The agent keys currently trusted, replaced as a whole on every change of the ConfigMap.
+/// The bundle's keys and what the kill switches make of them, changed together under one lock.
+#[derive(Default)]
+struct Trusted {
+    /// The bundle as published, replaced as a whole on every change of the ConfigMap.
+    keys: Arc<HashMap<String, BundleKey>>,
+    /// The revoking KillSwitches; None: not watched, not listed yet, or dropped as stale.
+    switches: Option<Arc<SwitchView>>,
+    /// Kids of `keys` whose agent `switches` covers: refused although in the bundle.
+    covered: HashSet<String>,
+    /// Since when the switch source has been failing (None: up, or never listed).
+    switches_down_since: Option<Instant>,
+}
+
+impl Trusted {
+    fn compute_covered(&mut self) {
+        self.covered = match &self.switches {
+            Some(view) if !view.is_empty() => self
+                .keys
+                .iter()
+                .filter(|(_, k)| view.covers_agent(&k.agent, &k.labels))
+                .map(|(kid, _)| kid.clone())
+                .collect(),
+            _ => HashSet::new(),
+        };
+    }
+
+    /// The switch view no longer counts once its source has failed for longer than
+    /// `max_staleness` (checked here too, not only when the loop drops the view, so the
+    /// bound holds even while a request hangs).
+    fn switches_stale(&self, max_staleness: Duration) -> bool {
+        self.switches_down_since.is_some_and(|t| t.elapsed() > max_staleness)
+    }
+
+    fn is_covered(&self, kid: &str, max_staleness: Duration) -> bool {
+        self.covered.contains(kid) && !self.switches_stale(max_staleness)
+    }
+
+    /// The covered kids that are in effect now.
+    fn effective_covered(&self, max_staleness: Duration) -> HashSet<String> {
+        if self.switches_stale(max_staleness) {
+            HashSet::new()
+        } else {
+            self.covered.clone()
+        }
+    }
+}
+
+/// The agent keys currently trusted: the bundle minus the keys kill switches cover.
 pub struct TrustBundle {
-    keys: RwLock<Arc<HashMap<String, BundleKey>>>,
+    state: RwLock<Trusted>,
     loaded: AtomicBool,
     down_since: Mutex<Option<Instant>>,
+    /// The stale switch view was dropped (logged once per outage).
+    switches_dropped: AtomicBool,
     max_staleness: Duration,
     relist: Notify,
     metrics: Arc<Metrics>,
@@ -81,11 +136,26 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(HashMap<String, BundleKey>, Vec<Str
         }
         match entry.raw.get("agent").and_then(Value::as_str) {
             Some(agent) if is_agent_ref(agent) => {
+                let labels = match entry.raw.get("labels") {
+                    None | Some(Value::Null) => BTreeMap::new(),
+                    Some(Value::Object(m)) if m.values().all(Value::is_string) => m
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect(),
+                    Some(_) => {
+                        // Kept: the key is valid; only kill-switch selectors see no labels for it.
+                        notes.push(format!(
+                            "kid={kid}: \"labels\" must be an object of strings; taken as no labels"
+                        ));
+                        BTreeMap::new()
+                    }
+                };
                 keys.insert(
                     kid,
                     BundleKey {
                         verify: entry.key,
                         agent: agent.to_string(),
+                        labels,
                         raw: entry.raw.to_string(),
                     },
                 );
@@ -99,7 +169,7 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<(HashMap<String, BundleKey>, Vec<Str
 }
 
 /// Reconnect delays: 0.2 s doubling to 5 s, each drawn from [d/2, d] so replicas spread out.
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -107,15 +177,15 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(200);
     const CAP: Duration = Duration::from_secs(5);
 
-    fn new() -> Backoff {
+    pub(crate) fn new() -> Backoff {
         Backoff { next: Self::FIRST }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Self::FIRST;
     }
 
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         // uuid's v4 generator is the randomness at hand; a rand dependency for one jitter is not worth it.
         let fraction = 0.5 + (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 2000.0;
         let delay = self.next.mul_f64(fraction);
@@ -127,9 +197,10 @@ impl Backoff {
 impl TrustBundle {
     pub fn new(max_staleness: Duration, metrics: Arc<Metrics>) -> TrustBundle {
         TrustBundle {
-            keys: RwLock::new(Arc::new(HashMap::new())),
+            state: RwLock::new(Trusted::default()),
             loaded: AtomicBool::new(false),
             down_since: Mutex::new(None),
+            switches_dropped: AtomicBool::new(false),
             max_staleness,
             relist: Notify::new(),
             metrics,
@@ -154,20 +225,28 @@ impl TrustBundle {
         if !self.usable() {
             return Lookup::Unavailable;
         }
-        match self.keys.read().expect("bundle lock").get(kid) {
+        let st = self.state.read().expect("bundle lock");
+        // A covered key is refused exactly like a withdrawn one (same 401), which it soon is.
+        if st.is_covered(kid, self.max_staleness) {
+            return Lookup::NotInBundle;
+        }
+        match st.keys.get(kid) {
             Some(k) => Lookup::Found(k.clone()),
             None => Lookup::NotInBundle,
         }
     }
 
-    /// Whether `kid` is in the bundle now (a connection re-checks this after registering,
-    /// so a removal racing its handshake cannot leave it open).
+    /// Whether `kid` is trusted now: in the bundle and not covered by a kill switch (a
+    /// connection re-checks this after registering, so a removal racing its handshake
+    /// cannot leave it open).
     pub fn contains(&self, kid: &str) -> bool {
-        self.keys.read().expect("bundle lock").contains_key(kid)
+        let st = self.state.read().expect("bundle lock");
+        st.keys.contains_key(kid) && !st.is_covered(kid, self.max_staleness)
     }
 
+    /// Keys in the bundle, covered ones included.
     pub fn len(&self) -> usize {
-        self.keys.read().expect("bundle lock").len()
+        self.state.read().expect("bundle lock").keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -179,9 +258,11 @@ impl TrustBundle {
         self.relist.notify_one();
     }
 
-    /// Replace the key set; returns (added, removed kids).
+    /// Replace the key set; returns (added, removed kids). Keys a kill switch covers stay
+    /// refused (a changed entry, e.g. new labels, counts as removed and is judged afresh).
     pub fn replace(&self, new: HashMap<String, BundleKey>) -> (usize, HashSet<String>) {
-        let mut keys = self.keys.write().expect("bundle lock");
+        let mut st = self.state.write().expect("bundle lock");
+        let keys = &st.keys;
         let removed: HashSet<String> = keys
             .iter()
             .filter(|(kid, old)| new.get(*kid).is_none_or(|k| k.raw != old.raw))
@@ -191,10 +272,74 @@ impl TrustBundle {
             .iter()
             .filter(|(kid, k)| keys.get(*kid).is_none_or(|old| old.raw != k.raw))
             .count();
-        self.metrics.trust_bundle_keys.set(new.len() as i64);
-        *keys = Arc::new(new);
+        st.keys = Arc::new(new);
+        st.compute_covered();
+        self.publish_counts(&st);
         self.loaded.store(true, Ordering::Release);
         (added, removed)
+    }
+
+    /// The gauges: effectively trusted keys (a benchmark times revocations on it) and the
+    /// covered ones.
+    fn publish_counts(&self, st: &Trusted) {
+        let covered = st.effective_covered(self.max_staleness).len();
+        self.metrics
+            .trust_bundle_keys
+            .set(st.keys.len().saturating_sub(covered) as i64);
+        self.metrics.trust_bundle_keys_covered.set(covered as i64);
+    }
+
+    /// A new KillSwitch view (the switch source works): refuse the keys it covers and report
+    /// the newly covered ones to `on_removed`, after they stopped being trusted.
+    pub(crate) fn set_kill_switches(&self, view: Arc<SwitchView>, on_removed: &OnRemoved) {
+        let (newly, released, covered) = {
+            let mut st = self.state.write().expect("bundle lock");
+            let before = st.effective_covered(self.max_staleness);
+            st.switches = Some(view);
+            st.switches_down_since = None;
+            st.compute_covered();
+            self.publish_counts(&st);
+            let newly: HashSet<String> = st.covered.difference(&before).cloned().collect();
+            let released = before.difference(&st.covered).count();
+            (newly, released, st.covered.len())
+        };
+        self.metrics.kill_switch_watch_up.set(1);
+        if self.switches_dropped.swap(false, Ordering::AcqRel) {
+            tracing::info!("kill switches: the Kubernetes API answers again; switch view restored");
+        }
+        if !newly.is_empty() || released > 0 {
+            tracing::info!(
+                covered,
+                newly_covered = newly.len(),
+                released,
+                "trust bundle: keys covered by kill switches changed"
+            );
+        }
+        if !newly.is_empty() {
+            on_removed(&newly);
+        }
+    }
+
+    /// The switch source failed: once it has been failing for longer than `max_staleness`,
+    /// drop the view (a switch released while we could not see it must not lock fresh keys
+    /// out forever; the ConfigMap path still revokes).
+    pub(crate) fn kill_switch_source_failed(&self) {
+        self.metrics.kill_switch_watch_up.set(0);
+        let mut st = self.state.write().expect("bundle lock");
+        let since = *st.switches_down_since.get_or_insert_with(Instant::now);
+        if st.switches.is_some() && since.elapsed() > self.max_staleness {
+            st.switches = None;
+            st.compute_covered();
+            self.publish_counts(&st);
+            drop(st);
+            if !self.switches_dropped.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    max_staleness_s = self.max_staleness.as_secs(),
+                    "kill switches: the source has failed for longer than max_staleness; no key is \
+                     refused on a switch's account until it is back (the trust-bundle ConfigMap still revokes)"
+                );
+            }
+        }
     }
 
     /// Take the ConfigMap as it is now (None: it does not exist) and report removed keys.
@@ -359,6 +504,7 @@ impl TrustBundle {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::kill_switches::tests::{labels, switch};
     use jsonwebtoken::jwk::Jwk;
     use jsonwebtoken::{Algorithm, EncodingKey};
     use serde_json::json;
@@ -448,6 +594,153 @@ pub(crate) mod tests {
         assert!(matches!(b.lookup("ns1.a.1"), Lookup::Unavailable));
         b.source_up();
         assert!(matches!(b.lookup("ns1.a.1"), Lookup::Found(_)));
+    }
+
+    /// An entry with the agent's labels, as the operator publishes it for kill-switch scopes.
+    pub fn entry_labelled(kid: &str, agent: &str, labels: Value) -> Value {
+        let mut e = entry(kid, agent);
+        e["labels"] = labels;
+        e
+    }
+
+    fn recorder() -> (Arc<Mutex<Vec<HashSet<String>>>>, OnRemoved) {
+        let seen: Arc<Mutex<Vec<HashSet<String>>>> = Arc::default();
+        let s = seen.clone();
+        (seen, Box::new(move |r| s.lock().unwrap().push(r.clone())))
+    }
+
+    fn kids(list: &[&str]) -> HashSet<String> {
+        list.iter().map(|k| k.to_string()).collect()
+    }
+
+    fn view(switches: &[Value]) -> Arc<SwitchView> {
+        Arc::new(SwitchView::from_items(switches))
+    }
+
+    #[test]
+    fn parse_reads_labels_absent_valid_or_invalid() {
+        let doc = json!({"keys": [
+            entry("ns1.a.1", "ns1/a"),
+            entry_labelled("ns1.b.1", "ns1/b", json!({"tier": "prod", "team": "pay"})),
+            entry_labelled("ns1.c.1", "ns1/c", json!({"tier": 1})),
+            entry_labelled("ns1.d.1", "ns1/d", json!(["tier"])),
+            entry_labelled("ns1.e.1", "ns1/e", json!(null)),
+        ]});
+        let (keys, notes) = parse_bundle(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(keys.len(), 5, "invalid labels keep the key: {notes:?}");
+        assert!(keys["ns1.a.1"].labels.is_empty() && keys["ns1.e.1"].labels.is_empty());
+        assert_eq!(keys["ns1.b.1"].labels, labels(&[("tier", "prod"), ("team", "pay")]));
+        assert!(keys["ns1.c.1"].labels.is_empty() && keys["ns1.d.1"].labels.is_empty());
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes.iter().all(|n| n.contains("\"labels\"")), "{notes:?}");
+    }
+
+    #[test]
+    fn a_covered_key_is_refused_until_the_switch_is_released() {
+        let m = Arc::new(Metrics::new());
+        let b = TrustBundle::new(Duration::from_secs(10), m.clone());
+        b.replace(bundle_of(&[
+            entry_labelled("ns1.a.1", "ns1/a", json!({"tier": "prod"})),
+            entry_labelled("ns1.b.1", "ns1/b", json!({"tier": "dev"})),
+            entry("ns2.c.1", "ns2/c"),
+        ]));
+        let (seen, on_removed) = recorder();
+        assert_eq!(m.trust_bundle_keys.get(), 3);
+
+        // A switch that does not revoke changes nothing.
+        b.set_kill_switches(view(&[switch("off", json!({"engaged": false}))]), &on_removed);
+        assert!(seen.lock().unwrap().is_empty() && m.trust_bundle_keys.get() == 3);
+        assert_eq!(m.kill_switch_watch_up.get(), 1);
+
+        let prod = switch(
+            "prod",
+            json!({"scope": {"agentSelector": {"matchLabels": {"tier": "prod"}}}}),
+        );
+        b.set_kill_switches(view(std::slice::from_ref(&prod)), &on_removed);
+        assert_eq!(*seen.lock().unwrap(), vec![kids(&["ns1.a.1"])]);
+        assert!(matches!(b.lookup("ns1.a.1"), Lookup::NotInBundle));
+        assert!(!b.contains("ns1.a.1") && b.contains("ns1.b.1"));
+        assert!(matches!(b.lookup("ns1.b.1"), Lookup::Found(_)));
+        assert_eq!((m.trust_bundle_keys.get(), m.trust_bundle_keys_covered.get()), (2, 1));
+
+        // A second switch: only the newly covered kids are reported.
+        let ns2 = switch("ns2", json!({"scope": {"namespaces": ["ns2"]}}));
+        b.set_kill_switches(view(&[prod.clone(), ns2]), &on_removed);
+        assert_eq!(seen.lock().unwrap()[1], kids(&["ns2.c.1"]));
+        assert_eq!((m.trust_bundle_keys.get(), m.trust_bundle_keys_covered.get()), (1, 2));
+
+        // Released (engaged false): trusted again, nothing reported.
+        let mut released = prod;
+        released["spec"]["engaged"] = json!(false);
+        b.set_kill_switches(view(&[released]), &on_removed);
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        assert!(matches!(b.lookup("ns1.a.1"), Lookup::Found(k) if k.agent == "ns1/a"));
+        assert!(b.contains("ns1.a.1") && b.contains("ns2.c.1"));
+        assert_eq!((m.trust_bundle_keys.get(), m.trust_bundle_keys_covered.get()), (3, 0));
+        assert_eq!(b.len(), 3);
+    }
+
+    #[test]
+    fn a_bundle_replace_keeps_covered_keys_refused() {
+        let m = Arc::new(Metrics::new());
+        let b = TrustBundle::new(Duration::from_secs(10), m.clone());
+        let (seen, on_removed) = recorder();
+        // The switch is seen before the bundle is even loaded.
+        b.set_kill_switches(
+            view(&[switch("all-ns1", json!({"scope": {"namespaces": ["ns1"]}}))]),
+            &on_removed,
+        );
+        assert!(seen.lock().unwrap().is_empty());
+        b.replace(bundle_of(&[entry("ns1.a.1", "ns1/a"), entry("ns2.b.1", "ns2/b")]));
+        assert!(matches!(b.lookup("ns1.a.1"), Lookup::NotInBundle) && !b.contains("ns1.a.1"));
+        assert_eq!((m.trust_bundle_keys.get(), m.trust_bundle_keys_covered.get()), (1, 1));
+        // An unrelated bundle change (a new key elsewhere, a new covered key) keeps them refused.
+        let (added, removed) = b.replace(bundle_of(&[
+            entry("ns1.a.1", "ns1/a"),
+            entry("ns2.b.1", "ns2/b"),
+            entry("ns1.n.1", "ns1/n"),
+            entry("ns2.d.1", "ns2/d"),
+        ]));
+        assert_eq!((added, removed.len()), (2, 0));
+        assert!(!b.contains("ns1.a.1") && !b.contains("ns1.n.1") && b.contains("ns2.d.1"));
+        assert_eq!((m.trust_bundle_keys.get(), m.trust_bundle_keys_covered.get()), (2, 2));
+        // The operator withdraws the keys: nothing covered remains.
+        b.replace(bundle_of(&[entry("ns2.b.1", "ns2/b"), entry("ns2.d.1", "ns2/d")]));
+        assert_eq!((m.trust_bundle_keys.get(), m.trust_bundle_keys_covered.get()), (2, 0));
+    }
+
+    #[test]
+    fn a_stale_switch_source_drops_coverage() {
+        let m = Arc::new(Metrics::new());
+        let b = TrustBundle::new(Duration::from_millis(50), m.clone());
+        b.replace(bundle_of(&[entry("ns1.a.1", "ns1/a"), entry("ns2.b.1", "ns2/b")]));
+        let (seen, on_removed) = recorder();
+        b.set_kill_switches(
+            view(&[switch("ns1", json!({"scope": {"namespaces": ["ns1"]}}))]),
+            &on_removed,
+        );
+        assert!(!b.contains("ns1.a.1"));
+        // A failure within the bound keeps the view.
+        b.kill_switch_source_failed();
+        assert_eq!(m.kill_switch_watch_up.get(), 0);
+        assert!(!b.contains("ns1.a.1") && matches!(b.lookup("ns1.a.1"), Lookup::NotInBundle));
+        // Beyond it, coverage no longer counts (even before the loop drops the view) ...
+        b.state.write().unwrap().switches_down_since = Some(Instant::now() - Duration::from_millis(60));
+        assert!(b.contains("ns1.a.1") && matches!(b.lookup("ns1.a.1"), Lookup::Found(_)));
+        // ... and the next failure drops it, gauges included.
+        b.kill_switch_source_failed();
+        assert!(b.state.read().unwrap().switches.is_none());
+        assert_eq!((m.trust_bundle_keys.get(), m.trust_bundle_keys_covered.get()), (2, 0));
+        // The bundle itself stays usable throughout (the ConfigMap path is separate).
+        assert!(matches!(b.lookup("ns2.b.1"), Lookup::Found(_)));
+        // Back: covered again, and reported again (it was trusted meanwhile).
+        b.set_kill_switches(
+            view(&[switch("ns1", json!({"scope": {"namespaces": ["ns1"]}}))]),
+            &on_removed,
+        );
+        assert!(!b.contains("ns1.a.1"));
+        assert_eq!(*seen.lock().unwrap(), vec![kids(&["ns1.a.1"]), kids(&["ns1.a.1"])]);
+        assert_eq!(m.kill_switch_watch_up.get(), 1);
     }
 
     #[test]

@@ -40,17 +40,19 @@ class Bundle:
         self.core, self.namespace = core, namespace
         self.keys: dict[str, tuple[Ed25519PrivateKey, str]] = {}
         self.minted: list[str] = []  # every token handed out, to look for in the logs
+        self.labels: dict[str, dict[str, str]] = {}
         self.router = self.new_key(ROUTER)
         self.billing = self.new_key(BILLING)
 
-    def new_key(self, agent: str) -> str:
+    def new_key(self, agent: str, labels: dict[str, str] | None = None) -> str:
         """A fresh key for `agent`, with a kid in the operator's form `<ns>.<agent>.<random>`."""
         kid = f"{agent.replace('/', '.')}.{secrets.token_hex(8)}"
         self.keys[kid] = (Ed25519PrivateKey.generate(), agent)
+        self.labels[kid] = labels or {}
         return kid
 
     def _data(self, kids: list[str]) -> dict[str, str]:
-        entries = [public_jwk(self.keys[k][0].public_key(), k, self.keys[k][1]) for k in kids]
+        entries = [public_jwk(self.keys[k][0].public_key(), k, self.keys[k][1], self.labels[k]) for k in kids]
         return {JWKS_KEY: jwks_document(entries)}
 
     def create(self, kids: list[str]) -> None:
@@ -69,10 +71,30 @@ class Bundle:
         return token
 
 
-def gateway_identity(api: client.ApiClient, core: client.CoreV1Api, namespace: str, directory: Path) -> list[str]:
-    """A ServiceAccount allowed only get/list/watch of the bundle ConfigMap (as the Helm chart
-    grants the gateway), and the gateway flags that use its token instead of a kubeconfig."""
+def gateway_identity(
+    api: client.ApiClient, core: client.CoreV1Api, namespace: str, directory: Path, *, kill_switches: bool = False
+) -> list[str]:
+    """A ServiceAccount allowed only get/list/watch of the bundle ConfigMap (and, with
+    `kill_switches`, of KillSwitches, as the Helm chart grants the gateway), and the gateway
+    flags that use its token instead of a kubeconfig."""
     rbac = client.RbacAuthorizationV1Api(api)
+    if kill_switches:
+        name = f"{namespace}-gateway-kill-switches"
+        rbac.create_cluster_role(
+            {
+                "metadata": {"name": name},
+                "rules": [
+                    {"apiGroups": ["fleetward.dev"], "resources": ["killswitches"], "verbs": ["get", "list", "watch"]}
+                ],
+            }
+        )
+        rbac.create_cluster_role_binding(
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}],
+            }
+        )
     core.create_namespaced_service_account(
         namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=SERVICE_ACCOUNT))
     )
@@ -260,3 +282,96 @@ def test_a_deleted_bundle_trusts_no_agent_key_and_the_watch_survives_it(
     assert "the ConfigMap does not exist" in logs
     # No token, nor any part of one, in the logs.
     assert not [t for t in bundle.minted if t.split(".")[2] in logs or t.split(".")[1] in logs]
+
+
+def test_an_engaged_kill_switch_closes_and_refuses_covered_keys_before_the_bundle_changes(
+    api, core, namespace, kafka: Kafka, topics: Topics, bundle: Bundle, fleetward, user_kubeconfigs, tmp_path
+):
+    """The gateway watches KillSwitches itself (the kill switch's fast path): an engaged switch
+    whose scope covers an agent (its namespace and labels, as published in the bundle) closes
+    that agent's connection with 4003 and refuses its next handshake (401), while the bundle
+    ConfigMap is never written; keys outside the scope keep working; after the two-person
+    release the key works again. The latencies are printed (timed in bench/killswitch_bench.py)."""
+    from tests.integration.test_killswitch import GROUP, VERSION, release_as_two
+
+    agents_ns = f"{namespace}-agents"[:63]
+    covered = bundle.new_key(f"{agents_ns}/billing", {"tier": "payments"})
+    spared = bundle.new_key(f"{agents_ns}/triage", {"tier": "front"})
+    bundle.create([covered, spared])
+    flags = gateway_identity(api, core, namespace, tmp_path, kill_switches=True)
+    gw = GatewayProcess(kafka.bootstrap, topics, SECRET, tmp_path / "gw.log", *flags, instance="gw-switch")
+    gw.start()
+    objs = client.CustomObjectsApi(api)
+    name = f"gw-{namespace}"[:63]
+    rbac = client.RbacAuthorizationV1Api(api)
+    try:
+        deadline = time.monotonic() + REFUSAL_WAIT
+        while gw.metric("fleetward_gateway_kill_switch_watch_up") != 1:
+            assert time.monotonic() < deadline, "the gateway never listed the KillSwitches"
+            time.sleep(0.05)
+        session = "ks-s1"
+        assert handshake_status(gw, session, bundle.token(covered, session)) == (101, "")
+        version = core.read_namespaced_config_map(DEFAULT_CONFIGMAP, namespace).metadata.resource_version
+
+        async def main() -> tuple[int, float, float]:
+            headers = {"Authorization": f"Bearer {bundle.token(covered, session)}"}
+            async with websockets.connect(gw.url(session), additional_headers=headers, open_timeout=10) as ws:
+
+                async def closed_at() -> tuple[int, float]:
+                    try:
+                        async with asyncio.timeout(REFUSAL_WAIT):
+                            while True:
+                                await ws.recv()
+                    except ConnectionClosed as e:
+                        return (e.rcvd.code if e.rcvd else 1006), time.monotonic()
+
+                watcher = asyncio.create_task(closed_at())
+                spec = {
+                    "engaged": True,
+                    "reason": "gateway fast path test",
+                    "scope": {"namespaces": [agents_ns], "agentSelector": {"matchLabels": {"tier": "payments"}}},
+                }
+                body = {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "KillSwitch",
+                    "metadata": {"name": name},
+                    "spec": spec,
+                }
+                await asyncio.to_thread(objs.create_cluster_custom_object, GROUP, VERSION, "killswitches", body)
+                accepted = time.monotonic()
+                code, closed = await watcher
+                refused_at = None
+                while refused_at is None and time.monotonic() < accepted + REFUSAL_WAIT:
+                    status = await asyncio.to_thread(handshake_status, gw, session, bundle.token(covered, session))
+                    if status != (101, ""):
+                        assert status == (401, "unknown_key"), status
+                        refused_at = time.monotonic()
+                assert refused_at is not None, "the covered key was still accepted"
+                return code, closed - accepted, refused_at - accepted
+
+        code, close_latency, refuse_latency = asyncio.run(main())
+        print(
+            f"\nkill switch seen by the gateway: connection closed ({code}) {close_latency * 1000:.1f} ms and "
+            f"handshake refused {refuse_latency * 1000:.1f} ms after the API server accepted the switch"
+        )
+        assert code == 4003
+        assert handshake_status(gw, "ks-s2", bundle.token(spared, "ks-s2")) == (101, ""), "outside the agentSelector"
+        assert core.read_namespaced_config_map(DEFAULT_CONFIGMAP, namespace).metadata.resource_version == version
+        assert gw.metric("fleetward_gateway_trust_bundle_keys") == 1
+        assert gw.metric("fleetward_gateway_trust_bundle_keys_covered_by_kill_switch") == 1
+
+        release_as_two(user_kubeconfigs, name)
+        deadline = time.monotonic() + REFUSAL_WAIT
+        while handshake_status(gw, session, bundle.token(covered, session)) != (101, ""):
+            assert time.monotonic() < deadline, "the key stayed refused after the release"
+    finally:
+        gw.stop()
+        try:
+            if objs.get_cluster_custom_object(GROUP, VERSION, "killswitches", name)["spec"].get("engaged"):
+                release_as_two(user_kubeconfigs, name)
+            objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)
+        except client.exceptions.ApiException as e:
+            if e.status != 404:
+                raise
+        rbac.delete_cluster_role_binding(f"{namespace}-gateway-kill-switches")
+        rbac.delete_cluster_role(f"{namespace}-gateway-kill-switches")

@@ -13,6 +13,7 @@ from fleetward.toolkit import RefusalReason, TokenRefused, ToolTokenVerifier, Tr
 from fleetward.toolkit.bundle import DEFAULT_CONFIGMAP, JWKS_KEY
 from fleetward.toolkit.jwks import jwks_document, public_jwk
 from fleetward.toolkit.sources import ConfigMapSource
+from tests.integration.test_killswitch import GROUP, VERSION, release_as_two, switch
 
 REVOCATION_DEADLINE = 1.0
 
@@ -24,11 +25,15 @@ class Fleet:
         self.core, self.namespace = core, namespace
         self.keys: dict[str, tuple[Ed25519PrivateKey, str]] = {}
 
-    def add(self, kid: str, agent: str) -> None:
+        self.labels: dict[str, dict[str, str]] = {}
+
+    def add(self, kid: str, agent: str, labels: dict[str, str] | None = None) -> None:
         self.keys[kid] = (Ed25519PrivateKey.generate(), agent)
+        self.labels[kid] = labels or {}
 
     def document(self, kids: list[str]) -> str:
-        return jwks_document([public_jwk(self.keys[k][0].public_key(), k, self.keys[k][1]) for k in kids])
+        entries = [public_jwk(self.keys[k][0].public_key(), k, self.keys[k][1], self.labels[k]) for k in kids]
+        return jwks_document(entries)
 
     def create(self, kids: list[str]) -> None:
         body = client.V1ConfigMap(
@@ -155,3 +160,66 @@ def test_an_unreachable_source_fails_closed_after_the_staleness_bound(api, core,
             raise AssertionError("an unloaded bundle accepted a key")
     finally:
         bundle.stop()
+
+
+def test_an_engaged_kill_switch_revokes_covered_keys_before_the_bundle_changes(
+    api, core, namespace, fleetward, user_kubeconfigs
+):
+    """The verifier watches KillSwitches itself: a switch covering agents of namespace
+    `<ns>-agents` with tier=payments refuses exactly their keys, while this test's bundle
+    ConfigMap is never written (the operator does not own it). Released by two other
+    people, the keys are trusted again. The latency is printed (timed in the kill switch bench)."""
+    agents_ns = f"{namespace}-agents"[:63]
+    fleet = Fleet(core, namespace)
+    fleet.add("pay-1", f"{agents_ns}/billing", {"tier": "payments"})
+    fleet.add("front-1", f"{agents_ns}/triage", {"tier": "front"})
+    fleet.add("other-1", "elsewhere/billing", {"tier": "payments"})
+    fleet.create(["pay-1", "front-1", "other-1"])
+    bundle = TrustBundle.from_configmap(namespace, api_client=api).start()
+    objs = client.CustomObjectsApi(api)
+    name = f"fast-{namespace}"[:63]
+    created = False
+    try:
+        assert bundle.wait_ready(10), bundle.status()
+        assert _wait(lambda: bundle.status()["killSwitches"].startswith("watching"), 10), bundle.status()
+        verifier = ToolTokenVerifier(bundle)
+        assert verifier.verify(fleet.token("pay-1"), "issue_refund").agent == f"{agents_ns}/billing"
+        bundle_version = core.read_namespaced_config_map(DEFAULT_CONFIGMAP, namespace).metadata.resource_version
+
+        spec = {
+            "engaged": True,
+            "reason": "fast path test",
+            "scope": {"namespaces": [agents_ns], "agentSelector": {"matchLabels": {"tier": "payments"}}},
+        }
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "KillSwitch", "metadata": {"name": name}, "spec": spec}
+        objs.create_cluster_custom_object(GROUP, VERSION, "killswitches", body)
+        accepted, created = time.monotonic(), True
+        latency = seconds_until(lambda: refused_as(verifier, fleet.token("pay-1")) is not None, accepted, 10.0)
+        assert latency is not None, f"pay-1 still accepted 10 s after the engage: {bundle.status()}"
+        print(
+            f"\nkill switch seen by the verifier: key refused {latency * 1000:.1f} ms after the API server accepted it"
+        )
+        assert refused_as(verifier, fleet.token("pay-1")) == RefusalReason.REVOKED
+        assert refused_as(verifier, fleet.token("front-1")) is None, "outside the agentSelector"
+        assert refused_as(verifier, fleet.token("other-1")) is None, "outside the switch's namespaces"
+        assert set(bundle.trusted_keys()) == {"front-1", "other-1"}
+        now = core.read_namespaced_config_map(DEFAULT_CONFIGMAP, namespace).metadata.resource_version
+        assert now == bundle_version, "the refusal came from the switch, not from a bundle write"
+
+        release_as_two(user_kubeconfigs, name)
+        assert _wait(lambda: refused_as(verifier, fleet.token("pay-1")) is None, 10), bundle.status()
+    finally:
+        bundle.stop()
+        if created:
+            if switch(objs, name)["spec"].get("engaged"):
+                release_as_two(user_kubeconfigs, name)
+            objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False

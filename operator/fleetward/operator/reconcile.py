@@ -11,6 +11,7 @@ Guardrail would be worse than a stale one).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -379,6 +380,10 @@ async def _reconcile(
             ensure_credentials(ctx.kube, ref, probably_new=not old_status.get("observedGeneration")),
         ),
     )
+    # The Agent's labels ride with its key, so that a verifier watching KillSwitches can
+    # apply an agentSelector itself (fleetward.toolkit.killswitches); a relabelled Agent
+    # republishes its entry.
+    creds = dataclasses.replace(creds, jwk={**creds.jwk, "labels": dict(body["metadata"].get("labels") or {})})
     if key_problems:
         parts[c.CREDENTIALS_ISSUED] = key_problems[0]
         transient.append("model credentials")

@@ -9,29 +9,9 @@ from typing import Any
 
 from fleetward.api.agent import AgentSpec
 from fleetward.api.runtimeconfig import ResolvedGuardrail, ResolvedSOP
+from fleetward.api.scope import selector_matches
 
-
-def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> bool:
-    """Kubernetes label-selector semantics; an absent selector matches nothing (an Agent
-    without sopSelector works under no SOP), an empty one matches everything."""
-    if selector is None:
-        return False
-    labels = labels or {}
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        present = key in labels
-        if op == "In" and not (present and labels[key] in values):
-            return False
-        if op == "NotIn" and present and labels[key] in values:
-            return False
-        if op == "Exists" and not present:
-            return False
-        if op == "DoesNotExist" and present:
-            return False
-    return True
+__all__ = ["Resolution", "resolve", "selector_matches"]
 
 
 @dataclass

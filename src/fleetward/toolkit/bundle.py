@@ -17,6 +17,12 @@ Failure policy (decided here because revocation depends on it):
   writes to the same API server, so a short grace does not hide a revocation the API
   server accepted from a service that can still reach it; the bound caps the exposure when
   only the service is cut off.
+
+Kill switches (fleetward.toolkit.killswitches): with a KillSwitch source beside the
+ConfigMap (the default for `from_configmap`), a key whose agent an engaged switch covers is
+refused as revoked the moment the switch reaches this process, before the operator's
+withdrawal reaches the ConfigMap. That view only ever removes trust; it is ignored before
+its first listing and once its watch has failed for longer than `max_staleness`.
 """
 
 from __future__ import annotations
@@ -65,12 +71,14 @@ class TrustBundle:
         self,
         source: BundleSource | None = None,
         *,
+        kill_switches: BundleSource | None = None,
         max_staleness: float = DEFAULT_MAX_STALENESS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 seconds, got {max_staleness}")
         self.source = source
+        self.kill_switch_source = kill_switches
         self.max_staleness = max_staleness
         self._clock = clock
         self._keys: dict[str, TrustedKey] = {}
@@ -79,6 +87,12 @@ class TrustBundle:
         self._invalid: str | None = None
         self._down_since: float | None = None
         self._down_error: str | None = None
+        self._switches: dict[str, Mapping[str, Any]] | None = None
+        """KillSwitches by name, as last listed/watched; None before the first listing."""
+        self._switches_down_since: float | None = None
+        self._switches_error: str | None = None
+        self._covered: dict[str, str] = {}
+        """kid -> the switch covering its agent, for the keys now in the bundle."""
         self._callbacks: list[Callable[[BundleChange], None]] = []
         self._cond = threading.Condition()
         self._started = False
@@ -109,23 +123,36 @@ class TrustBundle:
         api_client: Any = None,
         key: str = JWKS_KEY,
         max_staleness: float = DEFAULT_MAX_STALENESS,
+        watch_kill_switches: bool = True,
     ) -> TrustBundle:
-        """Watches the ConfigMap through the Kubernetes API. `api_client` defaults to the
-        in-cluster configuration, or KUBECONFIG outside a cluster."""
-        from fleetward.toolkit.sources import ConfigMapSource
+        """Watches the ConfigMap through the Kubernetes API, and the KillSwitches unless
+        `watch_kill_switches` is False. `api_client` defaults to the in-cluster
+        configuration, or KUBECONFIG outside a cluster."""
+        from fleetward.toolkit.killswitches import KillSwitchSource
+        from fleetward.toolkit.sources import ConfigMapSource, kube_api_client
 
-        return cls(ConfigMapSource(namespace, name, key=key, api_client=api_client), max_staleness=max_staleness)
+        api_client = api_client or kube_api_client()
+        return cls(
+            ConfigMapSource(namespace, name, key=key, api_client=api_client),
+            kill_switches=KillSwitchSource(api_client=api_client) if watch_kill_switches else None,
+            max_staleness=max_staleness,
+        )
+
+    def _sources(self) -> list[BundleSource]:
+        return [s for s in (self.source, self.kill_switch_source) if s is not None]
 
     def start(self) -> Self:
-        if self.source is not None and not self._started:
+        if self._sources() and not self._started:
             self._started = True
-            self.source.start(self)
+            for source in self._sources():
+                source.start(self)
         return self
 
     def stop(self) -> None:
-        if self.source is not None and self._started:
+        if self._sources() and self._started:
             self._started = False
-            self.source.stop()
+            for source in self._sources():
+                source.stop()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -151,30 +178,91 @@ class TrustBundle:
             log.error("trust bundle rejected, refusing every token until a valid one arrives: %s", e)
             return False
         for problem in parsed.problems:
-            log.error("trust bundle entry dropped: %s", problem)
+            log.error("trust bundle entry: %s", problem)
         self.replace(parsed.keys)
         return True
 
     def replace(self, keys: Mapping[str, TrustedKey]) -> None:
         with self._cond:
-            before = set(self._keys)
+            before_keys, before = set(self._keys), self._effective()
             self._keys = dict(keys)
             self._loaded = True
             self._invalid = None
-            change = BundleChange(
-                added=frozenset(set(keys) - before), removed=frozenset(before - set(keys)), total=len(keys)
-            )
-            for kid in change.removed:
+            self._cover()
+            for kid in before_keys - set(keys):
                 self._retired[kid] = None
                 self._retired.move_to_end(kid)
-            for kid in change.added:
+            for kid in set(keys) - before_keys:
                 self._retired.pop(kid, None)
             while len(self._retired) > _RETIRED_MEMORY:
                 self._retired.popitem(last=False)
+        self._changed(before)
+
+    def set_kill_switches(self, switches: Mapping[str, Mapping[str, Any]] | None) -> None:
+        """The KillSwitches as now listed/watched (None: no view). Keys their engaged
+        switches cover are refused from now on."""
+        with self._cond:
+            before = self._effective()
+            self._switches = dict(switches) if switches is not None else None
+            self._cover()
+        self._changed(before)
+
+    def kill_switch_source_down(self, error: str) -> None:
+        with self._cond:
+            if self._switches_down_since is None:
+                self._switches_down_since = self._clock()
+                log.warning(
+                    "kill switch watch lost (%s); what it last saw stays in force for %.0f s, then only the "
+                    "trust bundle decides",
+                    error,
+                    self.max_staleness,
+                )
+            self._switches_error = error
+
+    def kill_switch_source_up(self) -> None:
+        with self._cond:
+            self._switches_down_since = None
+            self._switches_error = None
+
+    def _cover(self) -> None:
+        """Recompute which bundle keys the switches cover. Caller holds the lock."""
+        from fleetward.toolkit.killswitches import covering_switch
+
+        switches = self._switches or {}
+        engaged = {n: s for n, s in switches.items() if (s.get("spec") or {}).get("engaged")}
+        self._covered = {}
+        if engaged:
+            for kid, key in self._keys.items():
+                name = covering_switch(engaged, key)
+                if name is not None:
+                    self._covered[kid] = name
+
+    def _switch_view_usable(self) -> bool:
+        """Caller holds the lock."""
+        if self._switches is None:
+            return False
+        down = self._switches_down_since
+        return down is None or self._clock() - down <= self.max_staleness
+
+    def _covering(self, kid: str) -> str | None:
+        """The switch that revokes this kid, if the switch view may be used. Caller holds the lock."""
+        return self._covered.get(kid) if self._covered and self._switch_view_usable() else None
+
+    def _effective(self) -> set[str]:
+        """The kids trusted now. Caller holds the lock."""
+        if self._covered and self._switch_view_usable():
+            return {kid for kid in self._keys if kid not in self._covered}
+        return set(self._keys)
+
+    def _changed(self, before: set[str]) -> None:
+        """Tell the callbacks what changed in the trusted set since `before`."""
+        with self._cond:
+            after = self._effective()
+            change = BundleChange(added=frozenset(after - before), removed=frozenset(before - after), total=len(after))
             callbacks = list(self._callbacks)
             self._cond.notify_all()
         if change.added or change.removed:
-            log.info("trust bundle: %d keys (+%d -%d)", change.total, len(change.added), len(change.removed))
+            log.info("trust bundle: %d keys trusted (+%d -%d)", change.total, len(change.added), len(change.removed))
             for callback in callbacks:
                 try:
                     callback(change)
@@ -231,14 +319,21 @@ class TrustBundle:
                 raise TokenRefused(RefusalReason.TRUST_BUNDLE_UNAVAILABLE, unavailable)
             key = self._keys.get(kid)
             if key is not None:
-                return key
+                switch = self._covering(kid)
+                if switch is None:
+                    return key
+                raise TokenRefused(
+                    RefusalReason.REVOKED, f"key {kid!r} of agent {key.agent} is revoked by kill switch {switch!r}"
+                )
             if kid in self._retired:
                 raise TokenRefused(RefusalReason.REVOKED, f"key {kid!r} was removed from the trust bundle")
         raise TokenRefused(RefusalReason.UNKNOWN_KEY, f"key {kid!r} is not in the trust bundle")
 
     def trusted_keys(self) -> dict[str, TrustedKey]:
+        """The keys trusted now: the bundle's, less those an engaged KillSwitch covers."""
         with self._cond:
-            return dict(self._keys)
+            effective = self._effective()
+            return {kid: key for kid, key in self._keys.items() if kid in effective}
 
     def on_change(self, callback: Callable[[BundleChange], None]) -> None:
         """Called (from the source's thread) after every change of the key set."""
@@ -252,7 +347,21 @@ class TrustBundle:
             return {
                 "ready": reason is None,
                 "reason": reason,
-                "keys": len(self._keys),
+                "keys": len(self._effective()),
+                "bundleKeys": len(self._keys),
                 "source": self.source.description if self.source else "static",
                 "sourceDown": self._down_error,
+                "killSwitches": self._kill_switch_status(),
             }
+
+    def _kill_switch_status(self) -> str:
+        """Caller holds the lock."""
+        if self.kill_switch_source is None and self._switches is None:
+            return "not watched"
+        if self._switches is None:
+            return f"not listed yet{f' ({self._switches_error})' if self._switches_error else ''}"
+        covered = len(self._covered) if self._switch_view_usable() else 0
+        state = "watching" if self._switches_error is None else f"watch failing ({self._switches_error})"
+        if not self._switch_view_usable():
+            state += ", ignored: stale beyond max_staleness"
+        return f"{state}; {covered} bundle keys covered by an engaged switch"

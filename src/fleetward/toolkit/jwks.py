@@ -1,7 +1,10 @@
 """The trust bundle document (a JWKS of every active agent key) and its parsing.
 
 Format (shared contract): {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "<b64url>",
-"kid": "<unique, never reused>", "alg": "EdDSA", "use": "sig", "agent": "<namespace>/<name>"}]}
+"kid": "<unique, never reused>", "alg": "EdDSA", "use": "sig", "agent": "<namespace>/<name>",
+"labels": {<the Agent's labels when the key was published>}}]}. `labels` is optional: with it,
+a verifier can tell on its own which keys an engaged KillSwitch's agentSelector covers
+(fleetward.toolkit.killswitches).
 
 Parsing is per key: one bad entry is dropped and reported without revoking every other
 agent; a document that is not a JWKS at all raises InvalidJwks (callers fail closed).
@@ -13,7 +16,7 @@ import base64
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -34,12 +37,18 @@ class TrustedKey:
     kid: str
     agent: str
     public_key: Ed25519PublicKey
+    labels: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    """The Agent's labels as published with the key ({} when the entry has none)."""
+
+    @property
+    def namespace(self) -> str:
+        return self.agent.split("/", 1)[0]
 
 
 @dataclass(frozen=True)
 class ParsedJwks:
     keys: dict[str, TrustedKey]
-    problems: list[str]  # one line per dropped entry, naming the kid/index and the field
+    problems: list[str]  # one line per dropped (or partly ignored) entry, naming the kid/index and the field
 
 
 def b64url_decode(value: str) -> bytes:
@@ -50,19 +59,33 @@ def b64url_encode(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def public_jwk(public_key: Ed25519PublicKey, kid: str, agent: str) -> dict[str, str]:
-    """The bundle entry for one agent key."""
+def public_jwk(
+    public_key: Ed25519PublicKey, kid: str, agent: str, labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The bundle entry for one agent key (with the Agent's labels when given)."""
     if not AGENT_PATTERN.match(agent):
         raise ValueError(f"agent {agent!r} must be '<namespace>/<name>' (DNS-1123 labels)")
     if not kid or len(kid) > MAX_KID_LENGTH:
         raise ValueError(f"kid must be 1-{MAX_KID_LENGTH} characters, got {len(kid)}")
     x = b64url_encode(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))
-    return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig", "agent": agent}
+    entry: dict[str, Any] = {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"}
+    entry["agent"] = agent
+    if labels is not None:
+        entry["labels"] = dict(labels)
+    return entry
 
 
 def jwks_document(entries: Iterable[Mapping[str, Any]]) -> str:
     """The `jwks.json` text for a set of entries (stable order, so equal sets are equal text)."""
     return json.dumps({"keys": sorted((dict(e) for e in entries), key=lambda e: e["kid"])}, sort_keys=True)
+
+
+def _labels(entry: Mapping[str, Any]) -> Mapping[str, str] | None:
+    """The entry's `labels`: {} when absent, None when present but not an object of strings."""
+    labels = entry.get("labels", {})
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return None
+    return dict(labels)
 
 
 def _parse_key(entry: Any) -> TrustedKey:
@@ -93,7 +116,8 @@ def _parse_key(entry: Any) -> TrustedKey:
         raw = b""
     if len(raw) != 32:
         raise ValueError("x must be the base64url encoding of a 32-byte Ed25519 public key")
-    return TrustedKey(kid=kid, agent=agent, public_key=Ed25519PublicKey.from_public_bytes(raw))
+    public_key = Ed25519PublicKey.from_public_bytes(raw)
+    return TrustedKey(kid=kid, agent=agent, public_key=public_key, labels=_labels(entry) or {})
 
 
 def parse_jwks(document: str | bytes | Mapping[str, Any]) -> ParsedJwks:
@@ -114,6 +138,10 @@ def parse_jwks(document: str | bytes | Mapping[str, Any]) -> ParsedJwks:
             kid = entry.get("kid") if isinstance(entry, Mapping) else None
             problems.append(f"keys[{index}] (kid {kid!r}): {e}")
             continue
+        if _labels(entry) is None:
+            # Kept: the bundle is what trusts a key; labels only let a verifier apply a
+            # KillSwitch's agentSelector itself, and the operator withdraws the key anyway.
+            problems.append(f"keys[{index}] (kid {key.kid!r}): labels must be an object of strings; ignored")
         if key.kid in keys or key.kid in duplicates:
             # kids are unique by contract; two entries under one kid cannot both be right.
             duplicates.add(key.kid)

@@ -1,5 +1,6 @@
 """Where a TrustBundle gets its keys: the trust-bundle ConfigMap watched through the
 Kubernetes API (production), or a local file watched by mtime (tests, non-Kubernetes).
+The KillSwitches, watched beside it, are in fleetward.toolkit.killswitches.
 
 Why a watch and not the ConfigMap mounted as a volume: the kubelet refreshes mounted
 ConfigMaps only every sync period plus cache TTL (a minute or more), far outside the
@@ -131,32 +132,51 @@ class FileSource:
         self._bundle.source_up()
 
 
-class ConfigMapSource:
-    """The trust-bundle ConfigMap, listed then watched through the Kubernetes API.
+class KubeWatchSource:
+    """One kind of object listed, then watched through the Kubernetes API, on a thread.
 
     The watch resumes from the last resourceVersion when the server ends it (every
     `watch_timeout` seconds); on 410 Gone it re-lists; on any error it reports the source
-    down, backs off (0.2 s doubling to 5 s) and re-lists. RBAC needed: get/list/watch on
-    this one ConfigMap (a Role with resourceNames works: the field selector names it).
-    """
+    down, backs off (0.2 s doubling to 5 s) and re-lists. Subclasses say what to list and
+    what a listing or an event means; this class owns the loop."""
 
-    def __init__(self, namespace: str, name: str, *, key: str, api_client: Any = None, watch_timeout: int = 60) -> None:
-        self.namespace, self.name, self.key = namespace, name, key
+    description = "kubernetes watch"
+    thread_name = "kube-watch"
+
+    def __init__(self, *, api_client: Any = None, watch_timeout: int = 60) -> None:
         self.watch_timeout = watch_timeout
-        self.description = f"configmap {namespace}/{name} key {key}"
         self._api_client = api_client
         self._bundle: TrustBundle | None = None
         self._stopping = threading.Event()
         self._watch: Any = None
         self._thread: threading.Thread | None = None
 
-    def start(self, bundle: TrustBundle) -> None:
-        from kubernetes import client
+    # -- for subclasses -------------------------------------------------------------------
 
+    def _connect(self, api_client: Any) -> None:
+        """Make the API object `_list_call` uses."""
+
+    def _list_call(self, **kwargs: Any) -> Any:
+        """The list function of the API (also what watch.Watch().stream calls)."""
+        raise NotImplementedError
+
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        """A full listing: the source's state is exactly these items."""
+
+    def _event(self, kind: str, obj: dict[str, Any]) -> None:
+        """ADDED, MODIFIED or DELETED."""
+
+    def _up(self) -> None: ...
+
+    def _down(self, error: str) -> None: ...
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def start(self, bundle: TrustBundle) -> None:
         self._bundle = bundle
-        self._core = client.CoreV1Api(self._api_client or kube_api_client())
+        self._connect(self._api_client or kube_api_client())
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="trust-bundle-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -170,6 +190,107 @@ class ConfigMapSource:
             thread.join(timeout=0.1)
         self._thread = None
 
+    def _list(self) -> str:
+        """Current state; returns the resourceVersion to watch from."""
+        resp = self._list_call(_preload_content=False, _request_timeout=(5, 15))
+        body = json.loads(resp.data)
+        self._listed(body.get("items") or [])
+        return body["metadata"]["resourceVersion"]
+
+    def _watch_from(self, resource_version: str) -> str:
+        """One watch request; returns the resourceVersion to resume from when the server ends it."""
+        from kubernetes import watch
+
+        self._watch = w = watch.Watch()
+        if self._stopping.is_set():
+            return resource_version
+        try:
+            for event in w.stream(
+                self._list_call,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.watch_timeout,
+                _request_timeout=(5, self.watch_timeout + 10),
+            ):
+                kind, obj = event["type"], event["raw_object"]
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self._event(kind, obj)
+                resource_version = obj.get("metadata", {}).get("resourceVersion") or resource_version
+        finally:
+            self._watch = None
+        return resource_version
+
+    def _run(self) -> None:
+        from kubernetes.client.rest import ApiException
+
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            try:
+                resource_version = self._list()
+                self._up()
+                backoff.reset()
+                while not self._stopping.is_set():
+                    resource_version = self._watch_from(resource_version)
+            except ApiException as e:
+                if self._stopping.is_set():
+                    break
+                if e.status == 410:  # our resourceVersion is too old: re-list, no backoff needed
+                    log.info("%s: watch expired (410); re-listing", self.description)
+                    continue
+                self._failed(f"API error {e.status} {e.reason}{self._hint(e.status)}", backoff)
+            except Exception as e:  # any failure: report the source down and retry; never die
+                if self._stopping.is_set():
+                    break
+                self._failed(f"{type(e).__name__}: {e}", backoff)
+
+    def _hint(self, status: int | None) -> str:
+        return ""
+
+    def _failed(self, error: str, backoff: Backoff) -> None:
+        self._down(error)
+        delay = backoff.next()
+        log.warning("%s: list/watch failed (%s); retrying in %.1f s", self.description, error, delay)
+        self._stopping.wait(delay)
+
+
+class ConfigMapSource(KubeWatchSource):
+    """The trust-bundle ConfigMap, listed then watched through the Kubernetes API.
+
+    RBAC needed: get/list/watch on this one ConfigMap (a Role with resourceNames works:
+    the field selector names it).
+    """
+
+    thread_name = "trust-bundle-watch"
+
+    def __init__(self, namespace: str, name: str, *, key: str, api_client: Any = None, watch_timeout: int = 60) -> None:
+        super().__init__(api_client=api_client, watch_timeout=watch_timeout)
+        self.namespace, self.name, self.key = namespace, name, key
+        self.description = f"configmap {namespace}/{name} key {key}"
+
+    def _connect(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self._core = client.CoreV1Api(api_client)
+
+    def _list_call(self, **kwargs: Any) -> Any:
+        return self._core.list_namespaced_config_map(
+            self.namespace, field_selector=f"metadata.name={self.name}", **kwargs
+        )
+
+    def _listed(self, items: list[dict[str, Any]]) -> None:
+        self._apply(items[0] if items else None)
+
+    def _event(self, kind: str, obj: dict[str, Any]) -> None:
+        self._apply(None if kind == "DELETED" else obj)
+
+    def _up(self) -> None:
+        assert self._bundle is not None
+        self._bundle.source_up()
+
+    def _down(self, error: str) -> None:
+        assert self._bundle is not None
+        self._bundle.source_down(error)
+
     def _apply(self, obj: dict[str, Any] | None) -> None:
         assert self._bundle is not None
         if obj is None:
@@ -182,76 +303,3 @@ class ConfigMapSource:
                 "trust bundle ConfigMap %s/%s has no key %r: no key is trusted", self.namespace, self.name, self.key
             )
         self._bundle.load(document)
-
-    def _list(self) -> str:
-        """Current state of the ConfigMap; returns the resourceVersion to watch from."""
-        resp = self._core.list_namespaced_config_map(
-            self.namespace,
-            field_selector=f"metadata.name={self.name}",
-            _preload_content=False,
-            _request_timeout=(5, 15),
-        )
-        body = json.loads(resp.data)
-        items = body.get("items") or []
-        self._apply(items[0] if items else None)
-        return body["metadata"]["resourceVersion"]
-
-    def _watch_from(self, resource_version: str) -> str:
-        """One watch request; returns the resourceVersion to resume from when the server ends it."""
-        from kubernetes import watch
-
-        self._watch = w = watch.Watch()
-        if self._stopping.is_set():
-            return resource_version
-        try:
-            for event in w.stream(
-                self._core.list_namespaced_config_map,
-                self.namespace,
-                field_selector=f"metadata.name={self.name}",
-                resource_version=resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self.watch_timeout,
-                _request_timeout=(5, self.watch_timeout + 10),
-            ):
-                kind, obj = event["type"], event["raw_object"]
-                if kind in ("ADDED", "MODIFIED"):
-                    self._apply(obj)
-                elif kind == "DELETED":
-                    self._apply(None)
-                resource_version = obj.get("metadata", {}).get("resourceVersion") or resource_version
-        finally:
-            self._watch = None
-        return resource_version
-
-    def _run(self) -> None:
-        from kubernetes.client.rest import ApiException
-
-        assert self._bundle is not None
-        backoff = Backoff()
-        while not self._stopping.is_set():
-            try:
-                resource_version = self._list()
-                self._bundle.source_up()
-                backoff.reset()
-                while not self._stopping.is_set():
-                    resource_version = self._watch_from(resource_version)
-            except ApiException as e:
-                if self._stopping.is_set():
-                    break
-                if e.status == 410:  # our resourceVersion is too old: re-list, no backoff needed
-                    log.info("trust bundle watch expired (410); re-listing")
-                    continue
-                self._source_failed(f"API error {e.status} {e.reason}", backoff)
-            except Exception as e:  # any failure: report the source down and retry; never die
-                if self._stopping.is_set():
-                    break
-                self._source_failed(f"{type(e).__name__}: {e}", backoff)
-
-    def _source_failed(self, error: str, backoff: Backoff) -> None:
-        assert self._bundle is not None
-        self._bundle.source_down(error)
-        delay = backoff.next()
-        log.warning(
-            "trust bundle watch of %s/%s failed (%s); retrying in %.1f s", self.namespace, self.name, error, delay
-        )
-        self._stopping.wait(delay)

@@ -38,6 +38,8 @@ from fleetward.operator.killswitch.scope import ENGAGED_AT, affected, agent_id, 
 from fleetward.operator.kube import Kube, KubeError
 from fleetward.operator.settings import OperatorSettings
 
+from fleetward.api.scope import revokes
+
 log = logging.getLogger("fleetward.operator.revoker")
 T = TypeVar("T")
 
@@ -107,8 +109,7 @@ class SwitchView:
         agents = list(self.agents.values())
         out = {}
         for name, switch in self.switches.items():
-            actions = (switch.get("spec") or {}).get("actions") or {}
-            if not is_engaged(switch) or not actions.get("revokeCredentials", True):
+            if not revokes(switch):
                 continue
             meta = switch["metadata"]
             stamp = (meta.get("annotations") or {}).get(ENGAGED_AT) or meta.get("creationTimestamp") or ""

@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fleetward.operator.resolve import selector_matches
+from fleetward.api.scope import covers, is_engaged
+
+__all__ = ["ENGAGED_AT", "ENGAGED_BY", "Halt", "affected", "agent_id", "covers", "halt_of", "halts_for", "is_engaged"]
 
 ENGAGED_BY = "fleetward.dev/engaged-by"
 """Annotation the admission webhook stamps from the API server's userInfo on engage."""
@@ -27,23 +29,6 @@ class Halt:
     scale_to_zero: bool
     drained: bool
     """The switch's drain is over (acked or timed out): pods may now be scaled to zero."""
-
-
-def is_engaged(switch: dict[str, Any]) -> bool:
-    """A switch being deleted still halts until it is released: a delete must never
-    bypass the two approvals (its finalizer waits for the release)."""
-    return bool((switch.get("spec") or {}).get("engaged"))
-
-
-def covers(switch: dict[str, Any], namespace: str, labels: dict[str, str] | None) -> bool:
-    """SPEC §2: an empty scope covers every agent; `namespaces` and `agentSelector` both
-    narrow it (an Agent must pass both when both are set)."""
-    scope = (switch.get("spec") or {}).get("scope") or {}
-    namespaces = scope.get("namespaces")
-    if namespaces and namespace not in namespaces:
-        return False
-    selector = scope.get("agentSelector")
-    return selector is None or selector_matches(selector, labels)
 
 
 def halt_of(switch: dict[str, Any]) -> Halt:

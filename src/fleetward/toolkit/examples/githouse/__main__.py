@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the last known keys stay trusted while the bundle source is unreachable "
         f"(default {DEFAULT_MAX_STALENESS:.0f}); then every token is refused",
     )
+    p.add_argument(
+        "--watch-kill-switches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also watch KillSwitches and refuse the keys an engaged one covers at once, before the "
+        "operator's trust-bundle update arrives (default on; needs get/list/watch on "
+        "killswitches.fleetward.dev)",
+    )
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -89,6 +97,7 @@ def make_bundle(args: argparse.Namespace) -> TrustBundle:
         args.trust_bundle_configmap,
         key=args.trust_bundle_key,
         max_staleness=args.max_staleness,
+        watch_kill_switches=args.watch_kill_switches,
     )
 
 
