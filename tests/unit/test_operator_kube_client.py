@@ -9,8 +9,8 @@ import asyncio
 import aiohttp
 import pytest
 from aiohttp import web
+from fleetward.operator.apiconfig import ApiConfig
 from fleetward.operator.kube import Kube, KubeError
-from kubernetes import client as k8s_client
 
 
 async def _serve(answers: list[int]) -> tuple[web.AppRunner, str, list[str]]:
@@ -35,9 +35,7 @@ async def _serve(answers: list[int]) -> tuple[web.AppRunner, str, list[str]]:
 
 
 async def _client(host: str) -> Kube:
-    cfg = k8s_client.Configuration()
-    cfg.host = host
-    kube = Kube(cfg)
+    kube = Kube(ApiConfig(host=host))
     kube._session = aiohttp.ClientSession(base_url=host + "/")
     return kube
 
