@@ -9,8 +9,8 @@ import asyncio
 import aiohttp
 import pytest
 from aiohttp import web
-from fleetward.operator.apiconfig import ApiConfig
 from fleetward.operator.kube import Kube, KubeError
+from kubernetes import client as k8s_client
 
 
 async def _serve(answers: list[int]) -> tuple[web.AppRunner, str, list[str]]:
@@ -35,7 +35,9 @@ async def _serve(answers: list[int]) -> tuple[web.AppRunner, str, list[str]]:
 
 
 async def _client(host: str) -> Kube:
-    kube = Kube(ApiConfig(host=host))
+    cfg = k8s_client.Configuration()
+    cfg.host = host
+    kube = Kube(cfg)
     kube._session = aiohttp.ClientSession(base_url=host + "/")
     return kube
 

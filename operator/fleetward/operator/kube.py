@@ -3,7 +3,8 @@
 Why not the `kubernetes` package for these calls: it is synchronous (a thread per call)
 and turns every response into model objects, which at 1000 Agents is most of the
 operator's CPU. Here bodies stay plain dicts and calls share one aiohttp session.
-Credentials and TLS come from apiconfig.py (the pod's service account, or a kubeconfig).
+Credentials and TLS still come from the `kubernetes` package's loaders (in-cluster
+service-account token, or KUBECONFIG), so authentication behaves exactly like kubectl.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import asyncio
 import json
 import logging
 import random
+import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from fleetward.operator.apiconfig import ApiConfig
-from fleetward.operator.apiconfig import load as load_api_config
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
 
 FIELD_MANAGER = "fleetward"
 log = logging.getLogger("fleetward.operator.kube")
@@ -114,18 +117,31 @@ def _retry_delay(retry_after: str | None, attempt: int) -> float:
 class Kube:
     """Async API client. Create with `await Kube.connect()`; close with `await kube.close()`."""
 
-    def __init__(self, configuration: ApiConfig, concurrency: int = 32):
+    def __init__(self, configuration: k8s_client.Configuration, concurrency: int = 32):
         self._cfg = configuration
         self._session: aiohttp.ClientSession | None = None
         self._limit = asyncio.Semaphore(concurrency)
+        self._token_read_at = 0.0
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None, concurrency: int = 32) -> Kube:
-        cfg = load_api_config(kubeconfig)
+        cfg = k8s_client.Configuration()
+        try:
+            if kubeconfig:
+                k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+            else:
+                k8s_config.load_incluster_config(client_configuration=cfg)
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config(client_configuration=cfg)
         kube = cls(cfg, concurrency)
+        ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.ssl_ca_cert else ssl.create_default_context()
+        if cfg.cert_file and cfg.key_file:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        if not cfg.verify_ssl:
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         kube._session = aiohttp.ClientSession(
-            base_url=cfg.host + "/",
-            connector=aiohttp.TCPConnector(ssl=cfg.ssl_context(), limit=concurrency),
+            base_url=cfg.host.rstrip("/") + "/",
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=concurrency),
             timeout=aiohttp.ClientTimeout(total=30),
         )
         return kube
@@ -135,8 +151,16 @@ class Kube:
             await self._session.close()
 
     def _auth_header(self) -> dict[str, str]:
-        token = self._cfg.bearer_token()
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        # The in-cluster loader refreshes the projected token through this hook.
+        if self._cfg.refresh_api_key_hook and time.monotonic() - self._token_read_at > 60:
+            self._cfg.refresh_api_key_hook(self._cfg)
+            self._token_read_at = time.monotonic()
+        token = self._cfg.api_key.get("authorization") or self._cfg.api_key.get("BearerToken")
+        if not token:
+            return {}
+        prefix = self._cfg.api_key_prefix.get("authorization", "")
+        value = token if token.lower().startswith("bearer ") else f"{prefix or 'Bearer'} {token}"
+        return {"Authorization": value}
 
     async def request(
         self,

@@ -38,11 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if "kubernetes" not in sys.modules:
-        # Kopf imports the kubernetes client when it is installed, to offer it for logging
-        # in; the operator logs Kopf in itself (handlers/lifecycle.py, apiconfig.py) and
-        # never uses that client. Not importing it saves ~30 MB of resident memory.
-        sys.modules["kubernetes"] = None  # type: ignore[assignment]
     import kopf
     from fleetward.operator import handlers
     from fleetward.operator.settings import SettingsError, load

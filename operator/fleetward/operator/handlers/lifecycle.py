@@ -7,8 +7,6 @@ import logging
 from typing import Any
 
 import kopf
-from fleetward.operator.apiconfig import ApiConfig
-from fleetward.operator.apiconfig import load as load_api_config
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.handlers import indexes
 from fleetward.operator.handlers.gateway import keep_gateway
@@ -35,29 +33,8 @@ async def ensure_shared_topics(ctx: OperatorContext) -> None:
             delay = min(delay * 2, 60)
 
 
-def connection_info(cfg: ApiConfig) -> kopf.ConnectionInfo:
-    return kopf.ConnectionInfo(
-        server=cfg.host,
-        ca_path=cfg.ca_file,
-        ca_data=cfg.ca_data,
-        insecure=not cfg.verify,
-        scheme="Bearer" if cfg.bearer_token() else None,
-        token=cfg.bearer_token(),
-        certificate_path=cfg.cert_file,
-        private_key_path=cfg.key_file,
-    )
-
-
 def register(settings: OperatorSettings) -> None:
     indexes.register(settings)
-
-    @kopf.on.login(id="api-config")
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        # Kopf's own in-cluster login assumes the API server at kubernetes.default.svc (it
-        # needs cluster DNS); the operator's own clients use KUBERNETES_SERVICE_HOST/PORT,
-        # like client-go. One loader for both, so Kopf and the operator always agree.
-        # Called again by Kopf when the API server answers 401 (a rotated token).
-        return connection_info(load_api_config())
 
     @kopf.on.startup(id="configure")
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
