@@ -129,9 +129,9 @@ class TrustBundle:
         `watch_kill_switches` is False. `api_client` defaults to the in-cluster
         configuration, or KUBECONFIG outside a cluster."""
         from fleetward.toolkit.killswitches import KillSwitchSource
-        from fleetward.toolkit.sources import ConfigMapSource, kube_api_client
+        from fleetward.toolkit.sources import ConfigMapSource
 
-        api_client = api_client or kube_api_client()
+        # Without `api_client`, each source loads the configuration when started.
         return cls(
             ConfigMapSource(namespace, name, key=key, api_client=api_client),
             kill_switches=KillSwitchSource(api_client=api_client) if watch_kill_switches else None,
