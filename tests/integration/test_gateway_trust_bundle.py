@@ -159,6 +159,16 @@ def gateway(api, core, namespace, kafka: Kafka, topics: Topics, bundle: Bundle, 
         gw.stop()
 
 
+async def closed_at(ws) -> tuple[int, float]:
+    """The close code the server sent on `ws` and when it arrived (monotonic)."""
+    try:
+        async with asyncio.timeout(REFUSAL_WAIT):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as e:
+        return (e.rcvd.code if e.rcvd else 1006), time.monotonic()
+
+
 def handshake_status(gw: GatewayProcess, session: str, token: str) -> tuple[int, str]:
     """(101, "") when the upgrade succeeds, else (HTTP status, the body's `error`)."""
 
@@ -208,15 +218,7 @@ def test_agent_tokens_are_bound_to_their_agent_and_refused_once_the_key_leaves_t
                 frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
                 assert frame["event"]["sequence"] == 0
 
-            async def closed_at() -> tuple[int, float]:
-                try:
-                    async with asyncio.timeout(REFUSAL_WAIT):
-                        while True:
-                            await agent_ws.recv()
-                except ConnectionClosed as e:
-                    return (e.rcvd.code if e.rcvd else 1006), time.monotonic()
-
-            watcher = asyncio.create_task(closed_at())
+            watcher = asyncio.create_task(closed_at(agent_ws))
             # Revoke the router's key: the same, unexpired token must stop working.
             token = bundle.token(router, session)
             written = await asyncio.to_thread(bundle.publish, [billing])
@@ -316,16 +318,7 @@ def test_an_engaged_kill_switch_closes_and_refuses_covered_keys_before_the_bundl
         async def main() -> tuple[int, float, float]:
             headers = {"Authorization": f"Bearer {bundle.token(covered, session)}"}
             async with websockets.connect(gw.url(session), additional_headers=headers, open_timeout=10) as ws:
-
-                async def closed_at() -> tuple[int, float]:
-                    try:
-                        async with asyncio.timeout(REFUSAL_WAIT):
-                            while True:
-                                await ws.recv()
-                    except ConnectionClosed as e:
-                        return (e.rcvd.code if e.rcvd else 1006), time.monotonic()
-
-                watcher = asyncio.create_task(closed_at())
+                watcher = asyncio.create_task(closed_at(ws))
                 spec = {
                     "engaged": True,
                     "reason": "gateway fast path test",

@@ -181,7 +181,8 @@ def test_an_engaged_kill_switch_revokes_covered_keys_before_the_bundle_changes(
     created = False
     try:
         assert bundle.wait_ready(10), bundle.status()
-        assert _wait(lambda: bundle.status()["killSwitches"].startswith("watching"), 10), bundle.status()
+        watching = seconds_until(lambda: bundle.status()["killSwitches"].startswith("watching"), time.monotonic(), 10)
+        assert watching is not None, bundle.status()
         verifier = ToolTokenVerifier(bundle)
         assert verifier.verify(fleet.token("pay-1"), "issue_refund").agent == f"{agents_ns}/billing"
         bundle_version = core.read_namespaced_config_map(DEFAULT_CONFIGMAP, namespace).metadata.resource_version
@@ -207,19 +208,11 @@ def test_an_engaged_kill_switch_revokes_covered_keys_before_the_bundle_changes(
         assert now == bundle_version, "the refusal came from the switch, not from a bundle write"
 
         release_as_two(user_kubeconfigs, name)
-        assert _wait(lambda: refused_as(verifier, fleet.token("pay-1")) is None, 10), bundle.status()
+        trusted_again = seconds_until(lambda: refused_as(verifier, fleet.token("pay-1")) is None, time.monotonic(), 10)
+        assert trusted_again is not None, bundle.status()
     finally:
         bundle.stop()
         if created:
             if switch(objs, name)["spec"].get("engaged"):
                 release_as_two(user_kubeconfigs, name)
             objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
