@@ -15,11 +15,11 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from fleetward.runtime.alerts import AlertPublisher
+from fleetward.runtime.arguments import add_arguments  # noqa: F401 - `main.add_arguments` as before
 from fleetward.runtime.audit import RuntimeAudit
 from fleetward.runtime.budget import DailyBudget, DailyTokenLedger
 from fleetward.runtime.config import (
@@ -56,21 +56,6 @@ from fleetward.api.runtimeconfig import RuntimeConfig
 
 log = logging.getLogger("fleetward.runtime")
 READY = Gauge("fleetward_runtime_ready", "1 when the runtime is ready to take work.", ["agent"])
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("FLEETWARD_CONFIG"),
-        help="rendered runtime config (default: $FLEETWARD_CONFIG)",
-    )
-    p.add_argument(
-        "--listen",
-        default=None,
-        help="HOST:PORT for /healthz, /readyz, /metrics (default: $POD_IP and the config's server.port)",
-    )
-    p.add_argument("--check", action="store_true", help="validate the config and credentials, then exit")
 
 
 class Readiness:

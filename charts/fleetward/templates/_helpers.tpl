@@ -60,6 +60,7 @@ excludeNamespaces: {{ .Values.excludeNamespaces | toJson }}
 trustBundleName: {{ .Values.trustBundle.name | quote }}
 resyncSeconds: {{ .Values.operator.resyncSeconds }}
 maxConcurrentReconciles: {{ .Values.operator.maxConcurrentReconciles }}
+apiConnections: {{ .Values.operator.apiConnections }}
 peering: {{ if .Values.operator.peering }}{{ .Release.Name | quote }}{{ else }}null{{ end }}
 # In the settings (and so in the operator's checksum annotation): a price change restarts it.
 modelPrices: {{ .Values.modelPrices | default dict | toJson }}

@@ -44,7 +44,7 @@ class OperatorContext:
 
     @classmethod
     async def create(cls, settings: OperatorSettings, kubeconfig: str | None = None) -> OperatorContext:
-        kube = await Kube.connect(kubeconfig, concurrency=max(8, settings.max_concurrent_reconciles * 2))
+        kube = await Kube.connect(kubeconfig, concurrency=settings.api_connections)
         # The trust bundle, the kill switch's own watches and the admission webhook run on a
         # thread with its own loop and connections: an engage never waits behind the
         # reconciles (after a release of 1000 Agents, seconds of them).

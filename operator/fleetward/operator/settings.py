@@ -207,6 +207,11 @@ class OperatorSettings(Settings):
     """How often every Agent is re-checked for drift, whatever happened."""
     max_concurrent_reconciles: int = Field(default=64, ge=1, le=1024)
     """Agents reconciled at once; reconciles mostly wait on I/O, so this is cheap."""
+    api_connections: int = Field(default=64, ge=4, le=512)
+    """Connections the operator keeps to the API server for its own requests (Kopf gets as
+    many again, plus one per watch stream). Each is a TLS session that costs ~300 KiB of
+    the operator's memory and a handshake on the API server; more of them do not make an
+    API server that is already busy answer faster, so requests beyond this wait their turn."""
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

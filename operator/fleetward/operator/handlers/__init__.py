@@ -8,8 +8,9 @@ from fleetward.operator.settings import OperatorSettings
 
 
 def register(settings: OperatorSettings) -> None:
-    from fleetward.operator.handlers import agent, deployment, killswitch, lifecycle, references
+    from fleetward.operator.handlers import agent, deployment, killswitch, lifecycle, login, references
 
+    login.register(settings)
     lifecycle.register(settings)
     agent.register(settings)
     references.register(settings)
