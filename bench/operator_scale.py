@@ -107,6 +107,46 @@ def operator_pid(core: client.CoreV1Api) -> int:
     return int(pod.status.container_statuses[0].container_id.removeprefix("podlet://"))
 
 
+WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE")
+READ_VERBS = ("GET", "LIST")
+METRIC = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+
+
+def api_server_counters(api: client.ApiClient) -> dict[str, float]:
+    """The API server's own accounting (its /metrics): write requests by verb and resource
+    (`apiserver_request_total`, every response code) and its CPU seconds. The difference
+    between two readings is what a phase cost the API server, whoever asked."""
+    resp = api.call_api("GET", api.configuration.host + "/metrics")
+    out: dict[str, float] = {}
+    for line in resp.read().decode().splitlines():
+        m = METRIC.match(line)
+        if not m:
+            continue
+        if m["name"] == "process_cpu_seconds_total":
+            out["cpu_seconds"] = float(m["value"])
+        elif m["name"] == "apiserver_request_total":
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"] or ""))
+            if labels.get("verb") in READ_VERBS:
+                out["reads"] = out.get("reads", 0.0) + float(m["value"])
+            elif labels.get("verb") in WRITE_VERBS:
+                sub = f"/{labels['subresource']}" if labels.get("subresource") else ""
+                key = f"{labels['verb']} {labels.get('resource', '?')}{sub}"
+                out[key] = out.get(key, 0.0) + float(m["value"])
+    return out
+
+
+def api_server_cost(before: dict[str, float], after: dict[str, float], items: int) -> dict:
+    """Per item (Deployment or Agent) of a phase: API server CPU and writes, by kind."""
+    writes = {k: after[k] - before.get(k, 0.0) for k in after if k not in ("cpu_seconds", "reads")}
+    writes = {k: round(v / items, 2) for k, v in sorted(writes.items(), key=lambda kv: -kv[1]) if v >= items / 10}
+    return {
+        "cpu_ms_per_item": round((after["cpu_seconds"] - before["cpu_seconds"]) * 1000 / items, 1),
+        "reads_per_item": round((after.get("reads", 0.0) - before.get("reads", 0.0)) / items, 1),
+        "writes_per_item": round(sum(writes.values()), 1),
+        "writes_per_item_by_kind": writes,
+    }
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -141,11 +181,13 @@ def run(args: argparse.Namespace) -> dict:
         wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
         say("operator running")
 
-        floor = None
+        floor = floor_cost = None
         if not args.skip_floor:
             ensure_namespace(api, "bench-floor")
+            before = api_server_counters(api)
             floor = apply_and_wait_deployments(api, args.agents, "bench-floor", timeout=args.timeout, progress=say)
-            say(f"floor: {args.agents} Deployments available in {floor.ready_seconds:.1f} s")
+            floor_cost = api_server_cost(before, api_server_counters(api), args.agents)
+            say(f"floor: {args.agents} Deployments available in {floor.ready_seconds:.1f} s; API server {floor_cost}")
             core.delete_namespace("bench-floor")
             wait_for(lambda: not core.list_namespaced_pod("bench-floor").items, 600, "the floor's pods gone", 2)
 
@@ -157,6 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         custom = client.CustomObjectsApi(api)
         names = [f"a-{i:05d}" for i in range(args.agents)]
         say(f"applying {len(names)} Agents")
+        before = api_server_counters(api)
         start = time.monotonic()
 
         def create(name: str) -> None:
@@ -185,6 +228,8 @@ def run(args: argparse.Namespace) -> dict:
 
         wait_for(all_ready, args.timeout, f"{len(names)} Agents Ready", interval=1.0)
         ready_seconds = time.monotonic() - start
+        agents_cost = api_server_cost(before, api_server_counters(api), len(names))
+        say(f"API server per Agent: {agents_cost}")
         stages = pod_stages(core, ns)
         say(f"runtime pods, seconds after the first Agent (p50/p90/max): {stages}")
         mem = memory_kib(pid)
@@ -213,6 +258,9 @@ def run(args: argparse.Namespace) -> dict:
             "reconcile_p99_ms": round(percentile(durations, 0.99) * 1000, 1) if durations else None,
             "reconcile_queue_wait_p50_ms": round(statistics.median(waits) * 1000, 1) if waits else None,
             "runtime_pod_stages": stages,
+            # What each phase cost the API server (the shared bottleneck on this machine).
+            "api_server_per_floor_deployment": floor_cost,
+            "api_server_per_agent": agents_cost,
         }
     finally:
         cluster.stop()

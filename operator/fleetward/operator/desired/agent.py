@@ -431,6 +431,9 @@ def service(inputs: AgentInputs) -> dict[str, Any]:
         "metadata": inputs.ref.metadata(base_name(inputs.ref.name)),
         "spec": {
             "clusterIP": "None",
+            # A runtime that is not ready (Kafka down, a bad key) is the one whose metrics
+            # matter most, so it is listed from the moment its pod has an IP.
+            "publishNotReadyAddresses": True,
             "selector": selector_labels(inputs.ref.name),
             "ports": [{"name": "http-metrics", "port": port, "targetPort": "http", "protocol": "TCP"}],
         },
