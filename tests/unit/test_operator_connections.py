@@ -34,7 +34,16 @@ def test_the_helm_value_reaches_the_operator_settings(tmp_path: Path):
 
     chart = str(REPO / "charts" / "fleetward")
     out = subprocess.run(
-        [str(binaries().helm), "template", "fw", chart, "--kube-version", "1.36.0", "--set", "operator.apiConnections=12"],
+        [
+            str(binaries().helm),
+            "template",
+            "fw",
+            chart,
+            "--kube-version",
+            "1.36.0",
+            "--set",
+            "operator.apiConnections=12",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
