@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import statistics
 import sys
@@ -147,6 +148,45 @@ def api_server_cost(before: dict[str, float], after: dict[str, float], items: in
     }
 
 
+COMPONENTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok", "podlet", "kafka")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_component(state: Path, operator: int | None = None) -> dict[str, float]:
+    """CPU seconds used so far by each process of this cluster (its command line names the
+    cluster's state folder) and by the operator, by component. Differences between two
+    readings say where a phase's CPU went; their sum over the phase's seconds is how many
+    of this machine's cores the cluster kept busy."""
+    out: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(proc.name) == operator:
+            name = "operator"
+        elif str(state) in cmdline:
+            name = next((c for c in COMPONENTS if c in cmdline), "other")
+        else:
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return out
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
+    spent = {
+        k: round(after[k] - before.get(k, 0.0), 1) for k in sorted(after, key=lambda k: before.get(k, 0.0) - after[k])
+    }
+    return {
+        "cpu_seconds": spent,
+        "total": round(sum(spent.values()), 1),
+        "cores_busy": round(sum(spent.values()) / seconds, 2),
+    }
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -184,9 +224,10 @@ def run(args: argparse.Namespace) -> dict:
         floor = floor_cost = None
         if not args.skip_floor:
             ensure_namespace(api, "bench-floor")
-            before = api_server_counters(api)
+            before, cpu_before = api_server_counters(api), cpu_by_component(cluster.state)
             floor = apply_and_wait_deployments(api, args.agents, "bench-floor", timeout=args.timeout, progress=say)
             floor_cost = api_server_cost(before, api_server_counters(api), args.agents)
+            floor_cost["cluster_cpu"] = cpu_spent(cpu_before, cpu_by_component(cluster.state), floor.ready_seconds)
             say(f"floor: {args.agents} Deployments available in {floor.ready_seconds:.1f} s; API server {floor_cost}")
             core.delete_namespace("bench-floor")
             wait_for(lambda: not core.list_namespaced_pod("bench-floor").items, 600, "the floor's pods gone", 2)
@@ -199,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
         custom = client.CustomObjectsApi(api)
         names = [f"a-{i:05d}" for i in range(args.agents)]
         say(f"applying {len(names)} Agents")
-        before = api_server_counters(api)
+        before, cpu_before = api_server_counters(api), cpu_by_component(cluster.state, operator_pid(core))
         start = time.monotonic()
 
         def create(name: str) -> None:
@@ -229,6 +270,7 @@ def run(args: argparse.Namespace) -> dict:
         wait_for(all_ready, args.timeout, f"{len(names)} Agents Ready", interval=1.0)
         ready_seconds = time.monotonic() - start
         agents_cost = api_server_cost(before, api_server_counters(api), len(names))
+        agents_cost["cluster_cpu"] = cpu_spent(cpu_before, cpu_by_component(cluster.state, pid), ready_seconds)
         say(f"API server per Agent: {agents_cost}")
         stages = pod_stages(core, ns)
         say(f"runtime pods, seconds after the first Agent (p50/p90/max): {stages}")
