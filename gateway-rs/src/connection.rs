@@ -92,14 +92,18 @@ struct Writer {
 impl Writer {
     /// Write one message unless a close request or shutdown comes first.
     async fn send(&mut self, msg: Message, close_rx: &mut watch::Receiver<Option<CloseReason>>) -> Result<(), Stop> {
-        let shutdown = self.st.shutdown.clone();
+        // Per frame, so kept cheap. The write goes first: it mostly completes at once, and the
+        // other two are then never polled (polling one registers a waiter, the shutdown one
+        // under a mutex all connections share). The shutdown token is borrowed, not cloned: a
+        // clone and its drop lock that mutex too.
         tokio::select! {
+            biased;
             r = tokio::time::timeout(WRITE_TIMEOUT, self.sink.send(msg)) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(Stop::Gone),
                 Err(_) => Err(close(close_code::SLOW_CONSUMER, "slow consumer: write timed out")),
             },
-            _ = shutdown.wait() => Err(close(close_code::GOING_AWAY, "gateway shutting down")),
+            _ = self.st.shutdown.wait() => Err(close(close_code::GOING_AWAY, "gateway shutting down")),
             _ = close_rx.changed() => Err(match close_rx.borrow().clone() {
                 Some(r) => Stop::Close(r),
                 None => Stop::Gone,

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 pub const EVENT_SCHEMA: &str = "fleetward.event.v1";
@@ -517,29 +518,50 @@ pub enum EventData {
     Resumed(ResumedData),
 }
 
+/// Where an event's `data` is decoded from: a parsed `Value` (the reference path, whose serde
+/// errors name the field) or the raw JSON text of `data` in the record (the fast path; its
+/// serde errors are never shown, see `SessionEvent::parse`).
+trait Payload {
+    fn decode<T: DeserializeOwned>(self) -> Result<T, Invalid>;
+}
+
+impl Payload for Value {
+    fn decode<T: DeserializeOwned>(self) -> Result<T, Invalid> {
+        from_value("data", self)
+    }
+}
+
+impl Payload for &RawValue {
+    fn decode<T: DeserializeOwned>(self) -> Result<T, Invalid> {
+        serde_json::from_str(self.get()).map_err(|e| Invalid {
+            field: "data".into(),
+            problem: e.to_string(),
+        })
+    }
+}
+
 impl EventData {
-    fn parse(kind: EventType, data: Value) -> Result<EventData, Invalid> {
-        let d = "data";
+    fn parse(kind: EventType, data: impl Payload) -> Result<EventData, Invalid> {
         let out = match kind {
             EventType::Message => {
-                let p: MessageData = from_value(d, data)?;
+                let p: MessageData = data.decode()?;
                 check_text("data.text", &p.text)?;
                 EventData::Message(p)
             }
             EventType::Status => {
-                let p: StatusData = from_value(d, data)?;
+                let p: StatusData = data.decode()?;
                 opt(&p.step, |s| check_step("data.step", s))?;
                 opt(&p.detail, |s| check_reason("data.detail", s))?;
                 EventData::Status(p)
             }
             EventType::ToolCall => {
-                let p: ToolCallData = from_value(d, data)?;
+                let p: ToolCallData = data.decode()?;
                 check_tool("data.tool", &p.tool)?;
                 check_id("data.callId", &p.call_id)?;
                 EventData::ToolCall(p)
             }
             EventType::ToolResult => {
-                let p: ToolResultData = from_value(d, data)?;
+                let p: ToolResultData = data.decode()?;
                 check_tool("data.tool", &p.tool)?;
                 check_id("data.callId", &p.call_id)?;
                 opt(&p.error, |s| check_reason("data.error", s))?;
@@ -554,7 +576,7 @@ impl EventData {
                 EventData::ToolResult(p)
             }
             EventType::ApprovalRequired => {
-                let p: ApprovalRequiredData = from_value(d, data)?;
+                let p: ApprovalRequiredData = data.decode()?;
                 opt(&p.review_id, |s| check_id("data.reviewId", s))?;
                 opt(&p.draft, |s| check_text("data.draft", s))?;
                 opt(&p.tool, |s| check_tool("data.tool", s))?;
@@ -575,20 +597,20 @@ impl EventData {
                 EventData::ApprovalRequired(p)
             }
             EventType::ApprovalDecision => {
-                let p: ApprovalDecisionData = from_value(d, data)?;
+                let p: ApprovalDecisionData = data.decode()?;
                 check_identity("data.reviewer", &p.reviewer)?;
                 check_edit("data.edit", p.decision, p.edit.as_deref())?;
                 EventData::ApprovalDecision(p)
             }
             EventType::Escalated => {
-                let p: EscalatedData = from_value(d, data)?;
+                let p: EscalatedData = data.decode()?;
                 check_str("data.queue", &p.queue, 1, 128, is_route_name, "[a-z0-9][a-z0-9_.-]*")?;
                 check_reason("data.reason", &p.reason)?;
                 opt(&p.topic, |s| chars_between("data.topic", s, 1, 256))?;
                 EventData::Escalated(p)
             }
             EventType::Resolved => {
-                let p: ResolvedData = from_value(d, data)?;
+                let p: ResolvedData = data.decode()?;
                 check_text("data.summary", &p.summary)?;
                 if let Some(v) = &p.verify {
                     opt(&v.url, |u| {
@@ -608,27 +630,27 @@ impl EventData {
                 EventData::Resolved(p)
             }
             EventType::Failed => {
-                let p: FailedData = from_value(d, data)?;
+                let p: FailedData = data.decode()?;
                 check_reason("data.reason", &p.reason)?;
                 opt(&p.error, |s| chars_between("data.error", s, 1, 8192))?;
                 EventData::Failed(p)
             }
             EventType::BudgetExceeded => {
-                let p: BudgetExceededData = from_value(d, data)?;
+                let p: BudgetExceededData = data.decode()?;
                 check_count("data.limit", p.limit)?;
                 check_count("data.used", p.used)?;
                 opt(&p.partial, |s| chars_between("data.partial", s, 0, TEXT_MAX))?;
                 EventData::BudgetExceeded(p)
             }
             EventType::Halted => {
-                let p: HaltedData = from_value(d, data)?;
+                let p: HaltedData = data.decode()?;
                 check_kill_switch("data.killSwitch", &p.kill_switch)?;
                 opt(&p.reason, |s| check_reason("data.reason", s))?;
                 opt(&p.step, |s| check_step("data.step", s))?;
                 EventData::Halted(p)
             }
             EventType::Resumed => {
-                let p: ResumedData = from_value(d, data)?;
+                let p: ResumedData = data.decode()?;
                 opt(&p.kill_switch, |s| check_kill_switch("data.killSwitch", s))?;
                 EventData::Resumed(p)
             }
@@ -639,9 +661,11 @@ impl EventData {
 
 // -- session events -------------------------------------------------------------------------
 
+/// The envelope as it arrives; `D` holds `data` until `type` says what it must be (a `Value`,
+/// or in the fast path the raw JSON text of `data`, borrowed from the record).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawEvent {
+struct RawEvent<D> {
     schema: String,
     id: String,
     #[serde(rename = "type")]
@@ -652,7 +676,7 @@ struct RawEvent {
     trace_id: String,
     timestamp: String,
     sequence: u64,
-    data: Value,
+    data: D,
 }
 
 /// A session event (topic `fleetward.events`, key = sessionId).
@@ -670,12 +694,34 @@ pub struct SessionEvent {
 }
 
 impl SessionEvent {
+    /// Parse and validate an event from the record's bytes.
+    ///
+    /// Every consumed event goes through here, so it decodes the bytes straight into the
+    /// event (`data` into its payload struct once `type` is known) instead of building a
+    /// `Value` tree first. Whatever that fast path refuses is parsed again by `from_json`,
+    /// the reference path, which words the error: the fast path is never more lenient than
+    /// `from_json` (same serde types and rules; it also refuses what `Value` would let
+    /// through, such as a repeated key, where `Value` keeps the last one), so valid events
+    /// come out the same, and invalid ones (rare, and not delivered) get exactly the errors
+    /// they always had, at twice the parsing cost.
     pub fn parse(bytes: &[u8]) -> Result<SessionEvent, Invalid> {
-        Self::from_json(parse_json(bytes)?)
+        match Self::parse_fast(bytes) {
+            Some(ev) => Ok(ev),
+            None => Self::from_json(parse_json(bytes)?),
+        }
+    }
+
+    /// The fast path of `parse`: `None` for anything it refuses, whatever the reason.
+    fn parse_fast(bytes: &[u8]) -> Option<SessionEvent> {
+        let r = serde_json::from_slice::<RawEvent<&RawValue>>(bytes).ok()?;
+        Self::validate(r).ok()
     }
 
     pub fn from_json(v: Value) -> Result<SessionEvent, Invalid> {
-        let r: RawEvent = from_value("event", v)?;
+        Self::validate(from_value::<RawEvent<Value>>("event", v)?)
+    }
+
+    fn validate(r: RawEvent<impl Payload>) -> Result<SessionEvent, Invalid> {
         check_common(&r.schema, EVENT_SCHEMA, &r.id, &r.timestamp)?;
         check_str("sessionId", &r.session_id, 1, 128, is_id_chars, "[A-Za-z0-9._:-]")?;
         check_agent("agent", &r.agent)?;
@@ -1157,6 +1203,7 @@ pub mod samples {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn patterns() {
@@ -1179,5 +1226,131 @@ mod tests {
         assert!(is_kill_switch_name("stop-billing") && is_kill_switch_name("a.b-c"));
         assert!(!is_kill_switch_name("Stop") && !is_kill_switch_name("a..b") && !is_kill_switch_name("-a"));
         assert!(is_trace_id("00000000000000000000000000000000"));
+    }
+
+    /// `SessionEvent::parse` against the reference (`from_json` on a `Value`): the same event
+    /// or exactly the same error. Compared through `Debug`, which shows every field.
+    fn same_as_reference(bytes: &[u8]) -> Result<SessionEvent, Invalid> {
+        let got = SessionEvent::parse(bytes);
+        let reference = parse_json(bytes).and_then(SessionEvent::from_json);
+        assert_eq!(
+            format!("{got:?}"),
+            format!("{reference:?}"),
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+        got
+    }
+
+    fn fixture_events(kind: &str) -> Vec<(String, Vec<u8>)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../schemas/fixtures")
+            .join(kind);
+        let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), p))
+            .filter(|(name, _)| name.starts_with("event_"))
+            .map(|(name, p)| (name, std::fs::read(p).unwrap()))
+            .collect();
+        out.sort();
+        assert!(!out.is_empty(), "no event fixtures in {}", dir.display());
+        out
+    }
+
+    #[test]
+    fn one_pass_parse_takes_every_valid_fixture_and_agrees_with_the_reference() {
+        for (name, bytes) in fixture_events("valid") {
+            assert!(
+                SessionEvent::parse_fast(&bytes).is_some(),
+                "{name}: not taken by the fast path"
+            );
+            same_as_reference(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn one_pass_parse_refuses_every_invalid_fixture_with_the_reference_error() {
+        for (name, bytes) in fixture_events("invalid") {
+            assert!(
+                SessionEvent::parse_fast(&bytes).is_none(),
+                "{name}: accepted by the fast path"
+            );
+            assert!(same_as_reference(&bytes).is_err(), "{name}: accepted");
+        }
+    }
+
+    #[test]
+    fn one_pass_parse_agrees_with_the_reference_on_edge_cases() {
+        let base = samples::event_json("message", "s-1", "r-1", "support/router");
+        let text = |v: &Value| serde_json::to_string(v).unwrap();
+        let valid = text(&base);
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut v = base.clone();
+            f(&mut v);
+            text(&v)
+        };
+        let mut cases: Vec<String> = vec![
+            // Escapes, non-ASCII, whitespace, `data` before `type`, a trailing newline.
+            with(&|v| v["data"]["text"] = json!("a \"quoted\" \\ line\nnext é 😀")),
+            valid.replace(",\"", ",\n  \""),
+            format!("{valid}\n"),
+            format!(
+                r#"{{"data":{{"text":"hi","role":"user"}},{}"#,
+                &valid[1..].replace(r#","data":{"role":"assistant","text":"hello"}"#, "")
+            ),
+            // Repeated keys: a `Value` keeps the last one, so the reference accepts these.
+            valid.replacen(r#""sequence":0"#, r#""sequence":5,"sequence":0"#, 1),
+            valid.replacen(r#""text":"hello""#, r#""text":"","text":"hello""#, 1),
+            // Types and ranges.
+            with(&|v| v["sequence"] = json!(1.0)),
+            with(&|v| v["sequence"] = json!(-1)),
+            with(&|v| v["sequence"] = json!(u64::MAX)),
+            with(&|v| v["sequence"] = json!("1")),
+            with(&|v| v["data"]["text"] = json!("")),
+            with(&|v| v["data"]["text"] = json!(null)),
+            with(&|v| v["data"]["extra"] = json!(1)),
+            with(&|v| v["data"] = json!([])),
+            with(&|v| v["data"] = json!(null)),
+            with(&|v| v["type"] = json!("status")),
+            with(&|v| v["timestamp"] = json!("2026-02-30T00:00:00Z")),
+            with(&|v| v["sessionId"] = json!("s\u{0}")),
+            // Not JSON, or not one value.
+            String::new(),
+            "[]".into(),
+            valid.replace("}", ""),
+            format!("{valid} {{}}"),
+            "{\"schema\":\"fleetward.event.v1\"".into(),
+        ];
+        for kind in [
+            "message",
+            "status",
+            "tool_call",
+            "tool_result",
+            "approval_required",
+            "approval_decision",
+            "escalated",
+            "resolved",
+            "failed",
+            "budget_exceeded",
+            "halted",
+            "resumed",
+        ] {
+            let mut v = samples::event_json(kind, "s-1", "r-1", "support/router");
+            cases.push(text(&v));
+            v["data"]["unknown"] = json!(true);
+            cases.push(text(&v));
+        }
+        let mut resolved = samples::event_json("resolved", "s-1", "r-1", "support/router");
+        resolved["data"]["verify"] = json!({"url": "http://svc/healthz", "delaySeconds": 3});
+        cases.push(text(&resolved));
+        resolved["data"]["verify"]["url"] = json!("ftp://svc");
+        cases.push(text(&resolved));
+        let mut accepted = 0;
+        for c in &cases {
+            accepted += usize::from(same_as_reference(c.as_bytes()).is_ok());
+        }
+        assert_eq!(accepted, 19, "the edge cases meant to be valid");
     }
 }

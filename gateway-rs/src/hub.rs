@@ -249,10 +249,14 @@ impl Hub {
     /// Route one event to its session: history, lifecycle, approvals, then each client's queue.
     pub fn dispatch(&self, ev: &SessionEvent, entry: Entry) -> Dispatched {
         let mut out = Dispatched::default();
-        let mut s = self
-            .sessions
-            .entry(Arc::from(ev.session_id.as_str()))
-            .or_insert_with(|| Session::new(self.history_per_session));
+        // Look up before `entry`, which needs an owned key: a new `Arc<str>` per event otherwise.
+        let mut s = match self.sessions.get_mut(ev.session_id.as_str()) {
+            Some(s) => s,
+            None => self
+                .sessions
+                .entry(Arc::from(ev.session_id.as_str()))
+                .or_insert_with(|| Session::new(self.history_per_session)),
+        };
         let now = Instant::now();
         s.last_event = Some(now);
         s.last_activity = now;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::StreamExt;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -449,10 +450,16 @@ impl Kafka {
         let mut tick = tokio::time::interval(self.partition_refresh);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        // One stream and one shutdown future for the whole session rather than new ones per
+        // message (`recv()` makes a stream each time, registering a waker under a lock).
+        let mut messages = consumer.stream();
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = shutdown.wait() => return Ok(()),
-                m = consumer.recv() => match m {
+                _ = &mut stop => return Ok(()),
+                // The stream of a StreamConsumer never ends.
+                Some(m) = messages.next() => match m {
                     Ok(msg) => {
                         if !self.health.brokers_ok.load(Ordering::Relaxed) {
                             self.health.brokers_ok.store(true, Ordering::Release);
@@ -518,9 +525,7 @@ impl Kafka {
                     // Resume reads filter by key: an event keyed otherwise is delivered live only.
                     tracing::warn!(partition = p, offset = o, session = %ev.session_id, "events: message key is not the sessionId");
                 }
-                let span = tracing::info_span!("gateway.deliver", session = %ev.session_id, event_type = ev.kind.as_str(),
-                    partition = p, offset = o);
-                telemetry::continue_trace(&span, traceparent(msg).as_deref());
+                let span = telemetry::deliver_span(&ev.session_id, ev.kind.as_str(), p, o, || traceparent(msg));
                 let _g = span.enter();
                 let position = Position {
                     partition: p,

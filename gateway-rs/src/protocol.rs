@@ -222,10 +222,12 @@ impl ClientFrame {
 /// `{"position": "<p>:<o>", "event": <raw event>}` built around the event bytes as read from
 /// Kafka (already validated), so each event is serialized once whatever the number of clients.
 pub fn event_frame(position: crate::history::Position, raw_event: &[u8]) -> String {
+    use std::fmt::Write;
     let raw = std::str::from_utf8(raw_event).unwrap_or("null");
     let mut s = String::with_capacity(raw.len() + 40);
     s.push_str("{\"position\":\"");
-    s.push_str(&position.to_string());
+    // Formatted in place (no temporary string): this runs for every event.
+    let _ = write!(s, "{position}");
     s.push_str("\",\"event\":");
     s.push_str(raw.trim());
     s.push('}');

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -23,6 +24,11 @@ use crate::kafka::{GwContext, Kafka};
 use crate::metrics::Metrics;
 use crate::protocol::{EventType, SessionEvent, verification_alert};
 use crate::shutdown::Shutdown;
+
+/// See `Verifier::session`: fetches of the verify consumer wait for this much data...
+const FETCH_MIN_BYTES: &str = "1048576";
+/// ...or this long, whichever comes first.
+const FETCH_WAIT_MAX_MS: &str = "500";
 
 pub struct Verifier {
     pub kafka: Arc<Kafka>,
@@ -168,21 +174,36 @@ impl Verifier {
         cfg.set("group.id", &self.settings.group_id)
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "true")
-            .set("auto.offset.reset", "latest");
+            .set("auto.offset.reset", "latest")
+            // This consumer reads the whole events topic to act on its few `resolved` events,
+            // whose checks wait `delaySeconds` (60 s by default) anyway. Librdkafka's defaults
+            // (a fetch answered as soon as 1 byte is there) suit the live path, not this one:
+            // under load they make a small fetch, a wakeup and a poll for every few records.
+            // Asking the broker to gather up to FETCH_MIN_BYTES first makes fewer, larger
+            // fetches; `fetch.wait.max.ms` (librdkafka's default, set here for clarity) bounds
+            // the extra delay of a check when traffic is low. The group, the partitions each
+            // replica owns, the offsets and when they are committed are unchanged.
+            .set("fetch.min.bytes", FETCH_MIN_BYTES)
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
         let consumer: StreamConsumer<GwContext> = cfg
             .create_with_context(self.kafka.context("verify"))
             .map_err(|e| format!("create consumer: {e}"))?;
         consumer
             .subscribe(&[self.kafka.events_topic.as_str()])
             .map_err(|e| format!("subscribe: {e}"))?;
+        // One stream and one shutdown future for the session, not new ones per message.
+        let mut messages = consumer.stream();
+        let stop = shutdown.wait();
+        tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = shutdown.wait() => return Ok(()),
-                m = consumer.recv() => match m {
+                _ = &mut stop => return Ok(()),
+                // The stream of a StreamConsumer never ends.
+                Some(m) = messages.next() => match m {
                     Ok(msg) => {
                         // Cheap pre-filter before parsing: most events are not `resolved`.
                         let Some(payload) = msg.payload() else { continue };
-                        if !contains(payload, b"\"resolved\"") {
+                        if !mentions_resolved(payload) {
                             continue;
                         }
                         if let Ok(ev) = SessionEvent::parse(payload)
@@ -199,8 +220,11 @@ impl Verifier {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether `payload` has `"resolved"` in it: every `resolved` event does. Run on every event of
+/// the topic, so it uses `str::contains` (a fast substring search; comparing every window of
+/// the bytes took ~7x longer on a 550-byte event). A payload that is not UTF-8 is not JSON.
+fn mentions_resolved(payload: &[u8]) -> bool {
+    std::str::from_utf8(payload).is_ok_and(|s| s.contains("\"resolved\""))
 }
 
 #[cfg(test)]
@@ -259,6 +283,16 @@ mod tests {
         assert_eq!(c.delay, Duration::from_secs(7));
         let v = verifier(&["--verify-default-url", "http://default/health"]);
         assert_eq!(v.check_for(&resolved(None)).unwrap().url, "http://default/health");
+    }
+
+    #[test]
+    fn the_pre_filter_keeps_every_resolved_event() {
+        let ev = |kind: &str| serde_json::to_vec(&event_json(kind, "s-1", "r-1", "ns/agent")).unwrap();
+        assert!(mentions_resolved(&ev("resolved")));
+        let spaced = String::from_utf8(ev("resolved")).unwrap().replace(":", ": ");
+        assert!(mentions_resolved(spaced.as_bytes()));
+        assert!(!mentions_resolved(&ev("message")) && !mentions_resolved(&ev("failed")));
+        assert!(!mentions_resolved(b"\xff\"resolved\""), "not UTF-8, not JSON");
     }
 
     #[test]
