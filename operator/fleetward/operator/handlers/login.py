@@ -6,8 +6,9 @@ workers patched them (finalizers, handled-state annotations) over ~100 TLS conne
 the same time. Each costs the operator a 256 KiB asyncio TLS buffer plus its OpenSSL state
 (about 26 MiB of the peak in bench/operator_scale.py), and the API server a handshake.
 Bounded, the patches wait for a connection instead (64 + the watch streams by default;
-the time to 1000 Agents Ready did not change, docs/bench/operator.md). The pool leaves room for Kopf's long-lived watch streams, one per watched
-kind and namespace, so a watch never waits behind patches."""
+the time to 1000 Agents Ready did not change, docs/bench/operator.md). The pool leaves
+room for Kopf's long-lived watch streams, one per watched kind and namespace, so a watch
+never waits behind patches."""
 
 from __future__ import annotations
 
