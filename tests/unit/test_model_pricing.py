@@ -4,7 +4,6 @@ config for the Agent's own models only."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,8 @@ from fleetward.operator.desired.agent import AgentInputs, AgentRef, runtime_conf
 from fleetward.operator.settings import OperatorSettings, SettingsError, load
 
 from fleetward.api.agent import AgentSpec, ModelPricing
+from tests.support.chart import rendered_settings
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def price(i: float, o: float) -> dict:
@@ -80,43 +79,13 @@ def test_a_bad_installation_price_stops_the_operator_naming_the_field(tmp_path: 
 
 
 def test_the_helm_value_reaches_the_operator_settings(tmp_path: Path):
-    from fleetward.devcluster.layout import binaries
-
-    out = subprocess.run(
-        [
-            str(binaries().helm),
-            "template",
-            "fw",
-            str(REPO / "charts" / "fleetward"),
-            "--kube-version",
-            "1.36.0",
-            "--set",
-            "modelPrices.gpt-4o-mini.inputPerMillionTokens=0.15",
-            "--set",
-            "modelPrices.gpt-4o-mini.outputPerMillionTokens=0.6",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    settings = rendered_settings(
+        tmp_path,
+        "modelPrices.gpt-4o-mini.inputPerMillionTokens=0.15",
+        "modelPrices.gpt-4o-mini.outputPerMillionTokens=0.6",
     )
-    assert out.returncode == 0, out.stderr
-    config_map = next(
-        d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ConfigMap" and "settings.yaml" in d["data"]
-    )
-    path = tmp_path / "settings.yaml"
-    path.write_text(config_map["data"]["settings.yaml"])
-    assert load(path).model_prices == {
+    assert settings.model_prices == {
         "gpt-4o-mini": ModelPricing(input_per_million_tokens=0.15, output_per_million_tokens=0.6)
     }
     # The default values render an empty table, which is valid.
-    out = subprocess.run(
-        [str(binaries().helm), "template", "fw", str(REPO / "charts" / "fleetward"), "--kube-version", "1.36.0"],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    config_map = next(
-        d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ConfigMap" and "settings.yaml" in d["data"]
-    )
-    path.write_text(config_map["data"]["settings.yaml"])
-    assert load(path).model_prices == {}
+    assert rendered_settings(tmp_path).model_prices == {}

@@ -3,7 +3,6 @@ Helm `operator.apiConnections`), for its own client and for Kopf's."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 from fleetward.operator.handlers.login import WATCHED_KINDS, kopf_connection_limit
 from fleetward.operator.settings import OperatorSettings, SettingsError, load
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.chart import rendered_settings
 
 
 def test_kopf_gets_the_same_pool_plus_one_connection_per_watch_stream():
@@ -30,28 +29,4 @@ def test_a_bad_connection_count_stops_the_operator_naming_the_field(tmp_path: Pa
 
 
 def test_the_helm_value_reaches_the_operator_settings(tmp_path: Path):
-    from fleetward.devcluster.layout import binaries
-
-    chart = str(REPO / "charts" / "fleetward")
-    out = subprocess.run(
-        [
-            str(binaries().helm),
-            "template",
-            "fw",
-            chart,
-            "--kube-version",
-            "1.36.0",
-            "--set",
-            "operator.apiConnections=12",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    config_map = next(
-        d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ConfigMap" and "settings.yaml" in d["data"]
-    )
-    path = tmp_path / "settings.yaml"
-    path.write_text(config_map["data"]["settings.yaml"])
-    assert load(path).api_connections == 12
+    assert rendered_settings(tmp_path, "operator.apiConnections=12").api_connections == 12
