@@ -15,7 +15,6 @@ from fleetward.api.agent import AgentSpec, ModelPricing
 from tests.support.chart import rendered_settings
 
 
-
 def price(i: float, o: float) -> dict:
     return {"inputPerMillionTokens": i, "outputPerMillionTokens": o}
 
