@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
-from fleetward.runtime.guardrails import GuardrailEngine, pii_middleware
+from fleetward.runtime.guardrails import GuardrailEngine, PIIMiddlewareGroup, pii_guard, pii_middleware
 from langchain.agents import create_agent
 from langchain.agents.middleware import PIIDetectionError, PIIMiddleware
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -34,10 +34,18 @@ class RecordingModel(GenericFakeChatModel):
         return super()._generate(messages, *args, **kwargs)
 
 
-def agent_for(specs: list[GuardrailSpec], reply: str, key: bytes | None = None):
+@pytest.fixture(params=["listed", "grouped"])
+def layout(request: pytest.FixtureRequest) -> str:
+    """Each behaviour holds with the PIIMiddleware listed one by one (LangChain's own wiring)
+    and grouped into one step each side of the model (what the runtime uses, pii_guard)."""
+    return request.param
+
+
+def agent_for(specs: list[GuardrailSpec], reply: str, layout: str, key: bytes | None = None):
     RecordingModel.seen = []
     model = RecordingModel(messages=iter([AIMessage(reply)]))
-    return create_agent(model, middleware=pii_middleware(specs, hash_key=key)), model
+    build = pii_guard if layout == "grouped" else pii_middleware
+    return create_agent(model, middleware=build(specs, hash_key=key)), model
 
 
 def test_one_middleware_per_entity_with_its_stages():
@@ -48,13 +56,26 @@ def test_one_middleware_per_entity_with_its_stages():
     assert all(m.apply_to_input and m.apply_to_output and m.apply_to_tool_results for m in middlewares)
 
 
-def test_the_model_sees_what_the_scan_engine_produces():
+def test_the_group_is_one_step_each_side_of_the_model_with_every_members_stream_transformer():
+    members = pii_middleware(EXAMPLE_SPECS)
+    (group,) = pii_guard(EXAMPLE_SPECS)
+    assert isinstance(group, PIIMiddlewareGroup)
+    assert [m.name for m in group.members] == [m.name for m in members]
+    assert len(group.transformers) == len(members)  # every member scrubs its type on the wire
+    listed = set(create_agent(RecordingModel(messages=iter([])), middleware=members).get_graph().nodes)
+    grouped = set(create_agent(RecordingModel(messages=iter([])), middleware=[group]).get_graph().nodes)
+    assert len([n for n in listed if "PII" in n]) == 2 * len(members)
+    assert sorted(n for n in grouped if "PII" in n) == ["FleetwardPII.after_model", "FleetwardPII.before_model"]
+    assert pii_guard([GuardrailSpec.model_validate({"injection": {"mode": "enforce"}})]) == []
+
+
+def test_the_model_sees_what_the_scan_engine_produces(layout: str):
     text = (
         "I'm jane@example.com, +1 (415) 555-0132, token ghp_abcdefghijklmnopqrstuvwxyz0123456789, IBAN "
         "DE89 3704 0044 0532 0130 00, host 10.1.2.3 and eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
     )
     key = b"installation-key-for-tests-0001"
-    agent, model = agent_for(EXAMPLE_SPECS, reply="Thanks, we will mail support@githouse.dev", key=key)
+    agent, model = agent_for(EXAMPLE_SPECS, reply="Thanks, we will mail support@githouse.dev", layout=layout, key=key)
     result = agent.invoke({"messages": [HumanMessage(text)]})
     sent = model.seen[0][-1].content
     assert sent == GuardrailEngine(EXAMPLE_SPECS, hash_key=key).scan(text, "input").text
@@ -63,14 +84,14 @@ def test_the_model_sees_what_the_scan_engine_produces():
     assert result["messages"][-1].content == "Thanks, we will mail ****@githouse.dev"
 
 
-def test_block_strategy_stops_the_run():
-    agent, model = agent_for(EXAMPLE_SPECS, reply="ok")
+def test_block_strategy_stops_the_run(layout: str):
+    agent, model = agent_for(EXAMPLE_SPECS, reply="ok", layout=layout)
     with pytest.raises(PIIDetectionError):
         agent.invoke({"messages": [HumanMessage("my card is 4111 1111 1111 1111")]})
     assert model.seen == []
 
 
-def test_two_guardrails_on_one_type_compose_like_the_engine():
+def test_two_guardrails_on_one_type_compose_like_the_engine(layout: str):
     masking = GuardrailSpec.model_validate({"pii": {"entities": [{"type": "email", "strategy": "mask"}]}})
     redacting = GuardrailSpec.model_validate(
         {"pii": {"entities": [{"type": "email", "strategy": "redact"}], "applyTo": ["output"]}}
@@ -80,7 +101,7 @@ def test_two_guardrails_on_one_type_compose_like_the_engine():
         ("mask", True, False),
         ("redact", False, True),
     ]
-    agent, model = agent_for([masking, redacting], reply="write to ops@example.com")
+    agent, model = agent_for([masking, redacting], reply="write to ops@example.com", layout=layout)
     result = agent.invoke({"messages": [HumanMessage("I am jane@example.com")]})
     assert model.seen[0][-1].content == "I am ****@example.com"
     assert result["messages"][-1].content == "write to [REDACTED_EMAIL]"

@@ -193,8 +193,8 @@ class RunExecutor:
                 run_id, self.agent, cmd.session_id, trace_id_hex(span)
             )
             ctx = self._context(run, span, cmd, delivery.partition)
-            snapshot = await self.graph.aget_state(_thread(run_id))
-            if snapshot.values:
+            # A new request's run id was minted just now: its thread has no checkpoint to read.
+            if not request.new and (await self.graph.aget_state(_thread(run_id))).values:
                 graph_input: Any = None  # a redelivery after a crash: continue from the checkpoint
             else:
                 guarded = scan(self.services.guardrails, text, "input", self.agent)

@@ -431,9 +431,9 @@ def build_router(
         RouterPromptMiddleware(route_topics),
     ]
     if config.guardrails:
-        from fleetward.runtime.guardrails.middleware import pii_middleware
+        from fleetward.runtime.guardrails.middleware import pii_guard
 
-        middleware += pii_middleware([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+        middleware += pii_guard([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
     classifier = create_agent(
         model,
         [],

@@ -26,7 +26,8 @@ Concerns live in middleware, outermost first on each model/tool call:
   ModelCallMiddleware (halt gate, span, tokens, cost: one span per attempt) ->
   SopPromptMiddleware (system prompt from the SOP) -> MemoryMiddleware (the user's earlier
   outcomes appended to it; memory.py) -> GuardrailMiddleware (output) ->
-  PIIMiddleware (from the Guardrails, defence in depth) -> the model;
+  PIIMiddlewareGroup (the Guardrails' PIIMiddleware, defence in depth: one step before and
+  one after the model for all entities; guardrails/middleware.py) -> the model;
 - tool call: ToolEventsMiddleware (halt gate, tool_call/tool_result events) ->
   SopGateMiddleware (allow-list, SOP prerequisites) -> ReviewedToolsMiddleware (a reviewer's
   approval for `requiresApproval` tools and SOP steps with `approval: human`; review.py;
@@ -141,9 +142,9 @@ def specialist_middleware(
         *([ReviewEscalationMiddleware()] if reviewed_tools else []),
     ]
     if config.guardrails:
-        from fleetward.runtime.guardrails.middleware import pii_middleware
+        from fleetward.runtime.guardrails.middleware import pii_guard
 
-        middleware += pii_middleware([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+        middleware += pii_guard([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
     return middleware
 
 

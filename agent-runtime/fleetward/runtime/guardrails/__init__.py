@@ -17,7 +17,12 @@ from fleetward.runtime.guardrails.engine import (
     Stage,
     Verdict,
 )
-from fleetward.runtime.guardrails.middleware import FleetwardPIIMiddleware, pii_middleware
+from fleetward.runtime.guardrails.middleware import (
+    FleetwardPIIMiddleware,
+    PIIMiddlewareGroup,
+    pii_guard,
+    pii_middleware,
+)
 
 # The compiled core (see core.py): built from the detectors' own patterns once they are
 # all imported; fails loudly when it is not installed.
@@ -29,8 +34,10 @@ __all__ = [
     "FleetwardPIIMiddleware",
     "GuardrailConfigError",
     "GuardrailEngine",
+    "PIIMiddlewareGroup",
     "ScanResult",
     "Stage",
     "Verdict",
+    "pii_guard",
     "pii_middleware",
 ]

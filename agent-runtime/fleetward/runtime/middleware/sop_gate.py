@@ -22,6 +22,7 @@ also under a SOP a human typed in).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NotRequired
@@ -106,7 +107,9 @@ class SopRetrievalMiddleware(AgentMiddleware[SpecialistState, RunContext]):
             return None
         await ctx.before_step("retrieve_sop")
         text = last_human_text(state["messages"])
-        found = ctx.services.retriever.retrieve(text)
+        # The embedding (~5-10 ms of ONNX inference, which releases the GIL) runs in a worker
+        # thread: on the event loop it would hold up every other run, the probes and control.
+        found = await asyncio.to_thread(ctx.services.retriever.retrieve, text)
         if found.sop is not None:
             await ctx.emit(
                 "sop",
