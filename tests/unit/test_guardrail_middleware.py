@@ -3,12 +3,15 @@ only stand-in is the chat model, a scripted fake that records what it was sent).
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 import yaml
-from fleetward.runtime.guardrails import GuardrailEngine, PIIMiddlewareGroup, pii_guard, pii_middleware
+from fleetward.runtime.guardrails import GuardrailEngine, pii_middleware
+from fleetward.runtime.middleware.steps import one_step_per_hook
 from langchain.agents import create_agent
 from langchain.agents.middleware import PIIDetectionError, PIIMiddleware
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -34,18 +37,21 @@ class RecordingModel(GenericFakeChatModel):
         return super()._generate(messages, *args, **kwargs)
 
 
-@pytest.fixture(params=["listed", "grouped"])
+@pytest.fixture(params=["listed", "grouped", "grouped-async"])
 def layout(request: pytest.FixtureRequest) -> str:
     """Each behaviour holds with the PIIMiddleware listed one by one (LangChain's own wiring)
-    and grouped into one step each side of the model (what the runtime uses, pii_guard)."""
+    and run as one step each side of the model (what the runtime does, one_step_per_hook),
+    invoked synchronously and, as the runtime does, asynchronously."""
     return request.param
 
 
 def agent_for(specs: list[GuardrailSpec], reply: str, layout: str, key: bytes | None = None):
     RecordingModel.seen = []
     model = RecordingModel(messages=iter([AIMessage(reply)]))
-    build = pii_guard if layout == "grouped" else pii_middleware
-    return create_agent(model, middleware=build(specs, hash_key=key)), model
+    middleware = pii_middleware(specs, hash_key=key)
+    if layout.startswith("grouped"):
+        middleware = one_step_per_hook(middleware)
+    return create_agent(model, middleware=middleware), model
 
 
 def test_one_middleware_per_entity_with_its_stages():
@@ -56,17 +62,23 @@ def test_one_middleware_per_entity_with_its_stages():
     assert all(m.apply_to_input and m.apply_to_output and m.apply_to_tool_results for m in middlewares)
 
 
-def test_the_group_is_one_step_each_side_of_the_model_with_every_members_stream_transformer():
+def run(agent: Any, message: HumanMessage, layout: str) -> dict[str, Any]:
+    if layout.endswith("-async"):
+        return asyncio.run(agent.ainvoke({"messages": [message]}))
+    return agent.invoke({"messages": [message]})
+
+
+def test_grouped_they_are_one_step_each_side_of_the_model_and_keep_every_stream_transformer():
     members = pii_middleware(EXAMPLE_SPECS)
-    (group,) = pii_guard(EXAMPLE_SPECS)
-    assert isinstance(group, PIIMiddlewareGroup)
-    assert [m.name for m in group.members] == [m.name for m in members]
-    assert len(group.transformers) == len(members)  # every member scrubs its type on the wire
-    listed = set(create_agent(RecordingModel(messages=iter([])), middleware=members).get_graph().nodes)
-    grouped = set(create_agent(RecordingModel(messages=iter([])), middleware=[group]).get_graph().nodes)
-    assert len([n for n in listed if "PII" in n]) == 2 * len(members)
-    assert sorted(n for n in grouped if "PII" in n) == ["FleetwardPII.after_model", "FleetwardPII.before_model"]
-    assert pii_guard([GuardrailSpec.model_validate({"injection": {"mode": "enforce"}})]) == []
+    grouped = one_step_per_hook(members)
+    listed_nodes = set(create_agent(RecordingModel(messages=iter([])), middleware=members).get_graph().nodes)
+    grouped_nodes = set(create_agent(RecordingModel(messages=iter([])), middleware=grouped).get_graph().nodes)
+    assert len([n for n in listed_nodes if "PII" in n]) == 2 * len(members)
+    assert not [n for n in grouped_nodes if "PII" in n]
+    assert {"RunSteps.before_model", "RunSteps.after_model"} <= grouped_nodes
+    # the members stay in the list (each scrubs its type on the wire), under their names
+    assert [m.name for m in grouped[:-1]] == [m.name for m in members]
+    assert [len(m.transformers) for m in grouped[:-1]] == [len(m.transformers) for m in members]
 
 
 def test_the_model_sees_what_the_scan_engine_produces(layout: str):
@@ -76,7 +88,7 @@ def test_the_model_sees_what_the_scan_engine_produces(layout: str):
     )
     key = b"installation-key-for-tests-0001"
     agent, model = agent_for(EXAMPLE_SPECS, reply="Thanks, we will mail support@githouse.dev", layout=layout, key=key)
-    result = agent.invoke({"messages": [HumanMessage(text)]})
+    result = run(agent, HumanMessage(text), layout)
     sent = model.seen[0][-1].content
     assert sent == GuardrailEngine(EXAMPLE_SPECS, hash_key=key).scan(text, "input").text
     assert "jane" not in sent and "0132" not in sent and "ghp_" not in sent and "3704" not in sent
@@ -87,7 +99,7 @@ def test_the_model_sees_what_the_scan_engine_produces(layout: str):
 def test_block_strategy_stops_the_run(layout: str):
     agent, model = agent_for(EXAMPLE_SPECS, reply="ok", layout=layout)
     with pytest.raises(PIIDetectionError):
-        agent.invoke({"messages": [HumanMessage("my card is 4111 1111 1111 1111")]})
+        run(agent, HumanMessage("my card is 4111 1111 1111 1111"), layout)
     assert model.seen == []
 
 
@@ -102,6 +114,6 @@ def test_two_guardrails_on_one_type_compose_like_the_engine(layout: str):
         ("redact", False, True),
     ]
     agent, model = agent_for([masking, redacting], reply="write to ops@example.com", layout=layout)
-    result = agent.invoke({"messages": [HumanMessage("I am jane@example.com")]})
+    result = run(agent, HumanMessage("I am jane@example.com"), layout)
     assert model.seen[0][-1].content == "I am ****@example.com"
     assert result["messages"][-1].content == "write to [REDACTED_EMAIL]"

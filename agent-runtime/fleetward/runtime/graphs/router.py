@@ -41,6 +41,7 @@ from fleetward.runtime.context import DEFAULT_HUMAN_QUEUE, RunContext, Services
 from fleetward.runtime.middleware.budgets import DailyTokenBudgetMiddleware, run_budget_middleware
 from fleetward.runtime.middleware.guardrails import scan
 from fleetward.runtime.middleware.observability import ModelCallMiddleware
+from fleetward.runtime.middleware.steps import one_step_per_hook
 from fleetward.runtime.resilience import model_failure_middleware
 from fleetward.runtime.telemetry import ROUTER_HANDOFFS
 from langchain.agents import create_agent
@@ -431,13 +432,13 @@ def build_router(
         RouterPromptMiddleware(route_topics),
     ]
     if config.guardrails:
-        from fleetward.runtime.guardrails.middleware import pii_guard
+        from fleetward.runtime.guardrails.middleware import pii_middleware
 
-        middleware += pii_guard([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+        middleware += pii_middleware([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
     classifier = create_agent(
         model,
         [],
-        middleware=middleware,
+        middleware=one_step_per_hook(middleware),
         response_format=ProviderStrategy(RouterAnalysis),
         context_schema=RunContext,
         name="classify",

@@ -26,8 +26,7 @@ Concerns live in middleware, outermost first on each model/tool call:
   ModelCallMiddleware (halt gate, span, tokens, cost: one span per attempt) ->
   SopPromptMiddleware (system prompt from the SOP) -> MemoryMiddleware (the user's earlier
   outcomes appended to it; memory.py) -> GuardrailMiddleware (output) ->
-  PIIMiddlewareGroup (the Guardrails' PIIMiddleware, defence in depth: one step before and
-  one after the model for all entities; guardrails/middleware.py) -> the model;
+  PIIMiddleware (from the Guardrails, defence in depth) -> the model;
 - tool call: ToolEventsMiddleware (halt gate, tool_call/tool_result events) ->
   SopGateMiddleware (allow-list, SOP prerequisites) -> ReviewedToolsMiddleware (a reviewer's
   approval for `requiresApproval` tools and SOP steps with `approval: human`; review.py;
@@ -36,6 +35,10 @@ Concerns live in middleware, outermost first on each model/tool call:
   -> IdempotentToolRetryMiddleware (transient failures of calls safe to repeat) ->
   ToolCircuitBreakerMiddleware (per tool) -> ToolCredentialsMiddleware (token,
   Idempotency-Key, traceparent, span) -> HTTP (the tool's `timeoutSeconds`).
+
+Steps: the hooks of one kind (before_agent, before_model, after_model, after_agent) run as
+one checkpointed step, not one per middleware (middleware/steps.py, `one_step_per_hook`): a
+plain request walks six graph nodes instead of nine.
 
 Failure handling (resilience.py) sits outside the call it repeats: every model attempt is
 its own span with its own tokens, every tool attempt gets a fresh token under the same
@@ -63,6 +66,7 @@ from fleetward.runtime.middleware.sop_gate import (
     SopPromptMiddleware,
     SopRetrievalMiddleware,
 )
+from fleetward.runtime.middleware.steps import one_step_per_hook
 from fleetward.runtime.middleware.tool_credentials import ToolCredentialsMiddleware, ToolEventsMiddleware
 from fleetward.runtime.resilience import model_failure_middleware, tool_failure_middleware
 from fleetward.runtime.review import (
@@ -142,9 +146,9 @@ def specialist_middleware(
         *([ReviewEscalationMiddleware()] if reviewed_tools else []),
     ]
     if config.guardrails:
-        from fleetward.runtime.guardrails.middleware import pii_guard
+        from fleetward.runtime.guardrails.middleware import pii_middleware
 
-        middleware += pii_guard([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+        middleware += pii_middleware([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
     return middleware
 
 
@@ -163,7 +167,7 @@ def build_specialist(
     return create_agent(
         model,
         tools,
-        middleware=specialist_middleware(services, model, tools, fallbacks=fallbacks),
+        middleware=one_step_per_hook(specialist_middleware(services, model, tools, fallbacks=fallbacks)),
         state_schema=ReviewState,
         context_schema=RunContext,
         checkpointer=checkpointer,

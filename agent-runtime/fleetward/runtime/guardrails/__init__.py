@@ -17,12 +17,7 @@ from fleetward.runtime.guardrails.engine import (
     Stage,
     Verdict,
 )
-from fleetward.runtime.guardrails.middleware import (
-    FleetwardPIIMiddleware,
-    PIIMiddlewareGroup,
-    pii_guard,
-    pii_middleware,
-)
+from fleetward.runtime.guardrails.middleware import FleetwardPIIMiddleware, pii_middleware
 
 # The compiled core (see core.py): built from the detectors' own patterns once they are
 # all imported; fails loudly when it is not installed.
@@ -34,10 +29,8 @@ __all__ = [
     "FleetwardPIIMiddleware",
     "GuardrailConfigError",
     "GuardrailEngine",
-    "PIIMiddlewareGroup",
     "ScanResult",
     "Stage",
     "Verdict",
-    "pii_guard",
     "pii_middleware",
 ]

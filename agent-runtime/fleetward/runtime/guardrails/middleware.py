@@ -17,12 +17,8 @@ transformer, which LangChain builds from a strategy name, is given `redact` for 
 entities: the wire then shows `[REDACTED_TYPE]` while the state shows the mask or hash,
 never more than the state shows.
 
-One graph step each side of the model. create_agent makes every middleware hook a graph
-node, and the runtime checkpoints every node before the next starts (durability "sync"):
-listed one by one, the PIIMiddleware instances cost two checkpointed steps per entity per
-model call, most of a plain request's CPU (bench/runtime_floor.py: ~1.5-2 ms per step on
-SQLite). `PIIMiddlewareGroup` runs them all in one `before_model` and one `after_model` node,
-in the order create_agent would, so the state and the stream come out the same.
+The runtime runs all of them in one graph step before the model and one after it
+(middleware/steps.py), not two steps per entity.
 
 Injection, policy and limits have no LangChain counterpart; the runtime's own middleware
 calls `GuardrailEngine.scan` for them (the engine is the single implementation).
@@ -36,7 +32,7 @@ from typing import Any
 
 from fleetward.runtime.guardrails.detectors import SPECIFICITY, USER_REGEX_SPECIFICITY, detector_for, regex_detector
 from fleetward.runtime.guardrails.engine import STRATEGY_RANK, GuardrailConfigError, Strategy, render
-from langchain.agents.middleware import AgentMiddleware, PIIMatch, PIIMiddleware
+from langchain.agents.middleware import PIIMatch, PIIMiddleware
 
 from fleetward.api.guardrail import GuardrailSpec
 
@@ -102,55 +98,6 @@ class FleetwardPIIMiddleware(PIIMiddleware):
                 changed = True
             new_blocks.append(block)
         return (new_blocks, True) if changed else (content, False)
-
-
-class PIIMiddlewareGroup(AgentMiddleware):
-    """Several PIIMiddleware run as one `before_model` and one `after_model` graph step (see
-    the module docstring for why). Each member's hook sees the messages as the members before
-    it left them, in create_agent's order: `before_model` hooks in list order, `after_model`
-    hooks last-listed first. A member's `block` still raises `PIIDetectionError` from the
-    step. The members' stream transformers are the group's."""
-
-    def __init__(self, members: Sequence[PIIMiddleware]) -> None:
-        super().__init__()
-        self.members = tuple(members)
-        self.transformers = tuple(t for m in self.members for t in getattr(m, "transformers", ()))
-
-    @property
-    def name(self) -> str:
-        return "FleetwardPII"
-
-    def _chain(self, state: Any, runtime: Any, members: Sequence[PIIMiddleware], hook: str) -> dict[str, Any] | None:
-        messages = state["messages"]
-        changed = False
-        for member in members:
-            update = getattr(member, hook)({**state, "messages": messages}, runtime)
-            if update:
-                # PIIMiddleware returns the whole message list, ids kept: what add_messages
-                # would merge into the state before the next member's node.
-                messages = update["messages"]
-                changed = True
-        return {"messages": messages} if changed else None
-
-    def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        return self._chain(state, runtime, self.members, "before_model")
-
-    async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        return self.before_model(state, runtime)
-
-    def after_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        return self._chain(state, runtime, self.members[::-1], "after_model")
-
-    async def aafter_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        return self.after_model(state, runtime)
-
-
-def pii_guard(
-    specs: Sequence[GuardrailSpec], *, names: Sequence[str] | None = None, hash_key: bytes | None = None
-) -> list[AgentMiddleware]:
-    """The agent's PII middleware: `pii_middleware(...)` as one group (none without PII entities)."""
-    members = pii_middleware(specs, names=names, hash_key=hash_key)
-    return [PIIMiddlewareGroup(members)] if members else []
 
 
 def pii_middleware(
