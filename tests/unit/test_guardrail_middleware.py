@@ -4,7 +4,6 @@ only stand-in is the chat model, a scripted fake that records what it was sent).
 from __future__ import annotations
 
 import asyncio
-
 from pathlib import Path
 from typing import Any, ClassVar
 

@@ -95,12 +95,12 @@ class RunSteps(AgentMiddleware):
     """The node of each hook kind that two or more middleware have (see the module
     docstring). Built by `one_step_per_hook`; its hook methods are set per instance's class."""
 
-    def __init__(self, members: dict[str, list[tuple[AgentMiddleware, type]]]) -> None:
+    def __init__(self, members: dict[str, list[AgentMiddleware]]) -> None:
         super().__init__()
         self.members = members
 
 
-def _group_hooks(hook: str, members: list[tuple[AgentMiddleware, type]], can_jump_to: list[str]) -> dict[str, Any]:
+def _group_hooks(hook: str, members: list[AgentMiddleware], can_jump_to: list[str]) -> dict[str, Any]:
     """The group's `a<hook>` (each member's async hook, else its sync one, called on the
     original instance) and, when every
     member has a sync hook, its `<hook>` for synchronous runs (a member without one would
@@ -108,8 +108,8 @@ def _group_hooks(hook: str, members: list[tuple[AgentMiddleware, type]], can_jum
 
     async def run_async(self: RunSteps, state: Any, runtime: Any) -> Any:
         combined = _Combined(state)
-        for middleware, cls in self.members[hook]:
-            if _overrides(cls, f"a{hook}"):
+        for middleware in self.members[hook]:
+            if _overrides(type(middleware), f"a{hook}"):
                 update = await getattr(middleware, f"a{hook}")(combined.state, runtime)
             else:
                 update = getattr(middleware, hook)(combined.state, runtime)
@@ -119,13 +119,13 @@ def _group_hooks(hook: str, members: list[tuple[AgentMiddleware, type]], can_jum
 
     def run_sync(self: RunSteps, state: Any, runtime: Any) -> Any:
         combined = _Combined(state)
-        for middleware, cls in self.members[hook]:
+        for middleware in self.members[hook]:
             if combined.add(getattr(middleware, hook)(combined.state, runtime)):
                 break
         return combined.update or None
 
     hooks: dict[str, Any] = {f"a{hook}": run_async}
-    if all(_overrides(cls, hook) for _, cls in members):
+    if all(_overrides(type(m), hook) for m in members):
         hooks[hook] = run_sync
     for name, fn in hooks.items():
         fn.__name__ = name
@@ -152,7 +152,7 @@ def one_step_per_hook(middleware: Sequence[AgentMiddleware]) -> list[AgentMiddle
     # The grouped hooks run on the original instances: a hook may call another of its own
     # (PIIMiddleware's abefore_model calls self.before_model), which the copy lacks. The copy
     # shares the original's attributes (a shallow copy), so both see the same configuration.
-    members = {hook: [(middleware[i], type(middleware[i])) for i in indices] for hook, indices in grouped.items()}
+    members = {hook: [middleware[i] for i in indices] for hook, indices in grouped.items()}
     body: dict[str, Any] = {}
     for hook, indices in grouped.items():
         jumps = sorted({j for i in indices for j in _can_jump_to(middleware[i], hook)})
