@@ -28,11 +28,12 @@ lint: ## ruff (lint + format check) for Python; rustfmt + clippy for the gateway
 format: ## apply ruff format and rustfmt
 	@$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix . && (cd gateway-rs && cargo fmt) && (cd agent-runtime/guardrail-core && cargo fmt)
 
-bench: build ## slow benchmarks (kwok floor, 1000 Agents, guardrail scan, gateway vs Centrifuge, runtime overhead, kill switch); results in docs/bench/
+bench: build ## slow benchmarks (kwok floor, 1000 Agents, guardrail scan, gateway vs Centrifuge, runtime floor and overhead, kill switch); results in docs/bench/
 	@$(PY) bench/kwok_floor.py --deployments 1000 --nodes 10 --runs 1 --stay 30 --write
 	@$(PY) bench/operator_scale.py --agents 1000 --nodes 12
 	@$(PY) bench/guardrail_bench.py
 	@$(PY) bench/gateway_bench.py --write
+	@$(PY) bench/runtime_floor.py
 	@$(PY) bench/runtime_overhead.py
 	@$(PY) bench/killswitch_bench.py
 
