@@ -100,14 +100,26 @@ def test_two_replicas_only_one_reconciles(cluster, api, core, kafka, fleetward, 
         for name in names:
             wait_ready(api, namespace, name)
         logs = cluster.state / "podlet" / "logs"
-        acting = []
-        for pod in _operator_pods(core):
-            text = "".join(
-                p.read_text(errors="replace") for p in logs.glob(f"{NAMESPACE}_{pod.metadata.name}_*/operator/*.log")
-            )
-            if f"reconciled Agent {namespace}/" in text:
-                acting.append(pod.metadata.name)
+
+        def log_of(pod: str) -> str:
+            return "".join(p.read_text(errors="replace") for p in logs.glob(f"{NAMESPACE}_{pod}_*/operator/*.log"))
+
+        pods = [pod.metadata.name for pod in _operator_pods(core)]
+        acting = [pod for pod in pods if f"reconciled Agent {namespace}/" in log_of(pod)]
         assert len(acting) == 1, f"pods that reconciled this test's Agents: {acting}"
+        (standby,) = [pod for pod in pods if pod not in acting]
+
+        # The background loops (housekeeping, the gateway apply) follow the same decision:
+        # the standby's latest word is that it stands by, the acting one's that it acts.
+        def last_decision(pod: str) -> str | None:
+            text = log_of(pod)
+            at = {word: text.rfind(word) for word in ("this replica acts (", "standing by (")}
+            word, where = max(at.items(), key=lambda kv: kv[1])
+            return word if where >= 0 else None
+
+        # (a replica notices at its loops' next round: housekeeping's is at most 60 s)
+        wait_for(lambda: last_decision(standby) == "standing by (", 90, "the standby's loops standing by")
+        wait_for(lambda: last_decision(acting[0]) == "this replica acts (", 90, "the acting replica's loops acting")
     finally:
         helm_install(cluster.bins.helm, cluster.kubeconfig, values)
         wait_for(lambda: len(_operator_pods(core)) == 1, 120, "back to one operator pod")

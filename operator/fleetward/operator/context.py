@@ -14,6 +14,7 @@ from fleetward.operator.kafka import KafkaAdmin
 from fleetward.operator.killswitch.control import ControlChannel
 from fleetward.operator.killswitch.revoker import Revoker
 from fleetward.operator.kube import Kube
+from fleetward.operator.peering import Peering
 from fleetward.operator.settings import OperatorSettings
 
 AgentKey = tuple[str, str]  # (namespace, name)
@@ -41,6 +42,12 @@ class OperatorContext:
     shared_topics_ready: asyncio.Event = field(default_factory=asyncio.Event)
     deleted: set[str] = field(default_factory=set)
     """uids of Agents whose cleanup ran: nothing may be issued for them again."""
+    peering: Peering | None = None
+    """The background loops' gate (peering.py); None when standalone: always acts."""
+
+    async def acting(self) -> bool:
+        """Whether this replica runs the installation's background work now."""
+        return self.peering is None or await self.peering.active()
 
     @classmethod
     async def create(cls, settings: OperatorSettings, kubeconfig: str | None = None) -> OperatorContext:

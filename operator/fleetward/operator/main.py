@@ -1,7 +1,8 @@
 """`fleetward operator run`: load the settings, register the handlers, run Kopf.
 
 Replicas coordinate through Kopf peering: each replica starts with a random priority,
-so exactly one (the highest) acts and the others stand by until its keep-alives stop.
+so exactly one (the highest) acts and the others stand by until its keep-alives stop. The
+operator's own background loops follow the same decision (peering.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import argparse
 import logging
 import os
 import random
+import socket
 import sys
+import uuid
 from pathlib import Path
 
 
@@ -40,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import kopf
     from fleetward.operator import handlers
+    from fleetward.operator.peering import PeerIdentity
     from fleetward.operator.settings import SettingsError, load
     from prometheus_client import start_http_server
 
@@ -68,13 +72,20 @@ def run(args: argparse.Namespace) -> int:
         scope,
         settings.namespace,
     )
+    # Our identity and priority in the peering object, known here as well as to Kopf: the
+    # operator's background loops act only on the replica Kopf lets act (peering.py).
+    peer = PeerIdentity(
+        identity=f"{os.environ.get('POD_NAME') or socket.gethostname()}/{uuid.uuid4().hex[:8]}",
+        priority=args.priority if args.priority is not None else random.randint(1, 2**30),
+    )
     kopf.run(
         clusterwide=settings.clusterwide,
         namespaces=settings.watch_namespaces,
-        memo=kopf.Memo(settings=settings),
+        memo=kopf.Memo(settings=settings, peer=peer if settings.peering is not None else None),
         standalone=settings.peering is None,
         peering_name=settings.peering,
-        priority=args.priority if args.priority is not None else random.randint(1, 2**30),
+        identity=peer.identity,
+        priority=peer.priority,
         liveness_endpoint=f"http://{host}:{port}/healthz",
     )
     return 0

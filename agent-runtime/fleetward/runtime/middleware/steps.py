@@ -102,9 +102,8 @@ class RunSteps(AgentMiddleware):
 
 def _group_hooks(hook: str, members: list[AgentMiddleware], can_jump_to: list[str]) -> dict[str, Any]:
     """The group's `a<hook>` (each member's async hook, else its sync one, called on the
-    original instance) and, when every
-    member has a sync hook, its `<hook>` for synchronous runs (a member without one would
-    make a synchronous run fail, as its own node would)."""
+    original instance) and, when every member has a sync hook, its `<hook>` for synchronous
+    runs (a member without one would make a synchronous run fail, as its own node would)."""
 
     async def run_async(self: RunSteps, state: Any, runtime: Any) -> Any:
         combined = _Combined(state)

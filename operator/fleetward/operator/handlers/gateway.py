@@ -13,6 +13,9 @@ from fleetward.operator.kube import KubeError
 
 log = logging.getLogger("fleetward.operator.gateway")
 
+STANDBY_CHECK_SECONDS = 5.0
+"""How often a standby replica checks whether it acts now (a takeover applies within that)."""
+
 
 async def apply_gateway(ctx: OperatorContext) -> None:
     objects, absent = desired_gateway(ctx.settings)
@@ -28,6 +31,9 @@ async def keep_gateway(ctx: OperatorContext) -> None:
     applied_once = False
     while True:
         try:
+            if not await ctx.acting():
+                await asyncio.sleep(STANDBY_CHECK_SECONDS)
+                continue
             await apply_gateway(ctx)
             if not applied_once:
                 log.info("gateway %s/%s applied", ctx.settings.namespace, ctx.settings.gateway.name)

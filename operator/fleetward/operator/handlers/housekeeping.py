@@ -78,6 +78,9 @@ async def keep_house(ctx: OperatorContext) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
+            if not await ctx.acting():
+                absent = set()  # two sweeps in a row of this replica's own, when it acts again
+                continue
             absent = await sweep(ctx, absent)
         except KubeError as e:
             log.warning("housekeeping failed (next round in %.0f s): %s", interval, e)

@@ -12,6 +12,7 @@ from fleetward.operator.handlers import indexes
 from fleetward.operator.handlers.gateway import keep_gateway
 from fleetward.operator.handlers.housekeeping import keep_house
 from fleetward.operator.kafka import KafkaUnavailable
+from fleetward.operator.peering import Peering
 from fleetward.operator.settings import OperatorSettings
 
 log = logging.getLogger("fleetward.operator")
@@ -55,6 +56,9 @@ def register(settings: OperatorSettings) -> None:
         # took longer than the default 5 s, and Kopf ran ~300 creation handlers twice.
         settings.persistence.consistency_timeout = 30.0
         memo.ctx = await OperatorContext.create(memo.settings)
+        if memo.get("peer") is not None:
+            namespaces = None if memo.settings.clusterwide else memo.settings.watch_namespaces
+            memo.ctx.peering = Peering.of(memo.ctx.kube, memo.peer, memo.settings.peering, namespaces)
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
         memo.housekeeping_task = asyncio.create_task(keep_house(memo.ctx))
         if memo.settings.gateway.enabled:
