@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from kubernetes import client
@@ -91,6 +92,12 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
         assert sent, out[-3000:]
         session = sent.group(1)
         assert f"fleetward sessions tail {session}" in out
+        # the printed addresses include the operator-managed gateway's, and it answers there
+        gateway = re.search(r"gateway +ws://(\S+?)/v1/sessions/SESSION_ID/ws", out)
+        assert gateway, out[-3000:]
+        assert "user tokens: HS256 with the key in Secret fleetward-system/" in out, out[-3000:]
+        with urllib.request.urlopen(f"http://{gateway.group(1)}/readyz", timeout=10) as ready:
+            assert ready.status == 200
 
         # while it is up: the env file works in a shell, and the cluster answers with the example in it
         check = subprocess.run(

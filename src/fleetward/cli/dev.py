@@ -113,12 +113,13 @@ def run_up(args: argparse.Namespace) -> int:
         if targets and not args.no_wait:
             _wait_agents_ready(api, args.wait_timeout)
             _wait_workloads_ready(api, args.wait_timeout, cluster.state / "podlet" / "logs")
+        gateway = _wait_gateway_ready(api, NAMESPACE, args.wait_timeout if not args.no_wait else 0)
         env_file = cluster.write_env_file(args.env_file or layout.state_root() / "dev.env")
         session = None
         if EXAMPLE in targets and not args.no_query:
             session = _send_enterprise_query(cluster.kafka("plain").bootstrap)
         elapsed = time.monotonic() - started
-        _print_summary(cluster, env_file, elapsed, session)
+        _print_summary(cluster, env_file, elapsed, session, gateway)
         up = True
         while True:
             cluster.check()
@@ -212,6 +213,40 @@ def _wait_workloads_ready(api, timeout: float, log_dir: Path) -> None:
     _wait_until_ready("other workloads", list_waiting, timeout, explain)
 
 
+GATEWAY_SELECTOR = "app.kubernetes.io/component=gateway"
+
+
+def _wait_gateway_ready(api, namespace: str, timeout: float) -> tuple[list[str], str | None]:
+    """The operator-managed gateway's Ready pods as `http://IP:PORT` (the local cluster has no
+    Service proxy: clients connect to a pod; every replica serves every session), and the
+    Secret holding its HS256 key, if it uses one. Waits up to `timeout` for a Ready pod;
+    ([], None) when there is none (gateway disabled or not Ready yet)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+
+    def ready() -> tuple[list[str], str | None]:
+        urls, secret = [], None
+        for pod in core.list_namespaced_pod(namespace, label_selector=GATEWAY_SELECTOR).items:
+            conditions = {c.type: c.status for c in (pod.status.conditions or [])}
+            if conditions.get("Ready") != "True" or not pod.status.pod_ip:
+                continue
+            ports = [p.container_port for c in pod.spec.containers for p in (c.ports or []) if p.name == "http"]
+            urls.append(f"http://{pod.status.pod_ip}:{ports[0] if ports else 8080}")
+            for env in (e for c in pod.spec.containers for e in (c.env or [])):
+                ref = env.value_from.secret_key_ref if env.value_from else None
+                if env.name == "FLEETWARD_GATEWAY_JWT_HS256_SECRET" and ref is not None:
+                    secret = f"{namespace}/{ref.name} (key {ref.key})"
+        return sorted(urls), secret
+
+    deadline = time.monotonic() + timeout
+    while not (found := ready())[0] and time.monotonic() < deadline:
+        time.sleep(1)
+    if found[0]:
+        _print(f"==> gateway Ready: {len(found[0])} replica(s)")
+    return found
+
+
 ENTERPRISE_QUERY = (
     "Our CI/CD pipeline has been dead for three hours, I'm stuck in a 2FA lockout loop, "
     "and please give my Lead Dev permission to increase the budget."
@@ -252,7 +287,13 @@ def _send_enterprise_query(bootstrap: str) -> str | None:
     return session
 
 
-def _print_summary(cluster, env_file: Path, elapsed: float, session: str | None = None) -> None:
+def _print_summary(
+    cluster,
+    env_file: Path,
+    elapsed: float,
+    session: str | None = None,
+    gateway: tuple[list[str], str | None] = ([], None),
+) -> None:
     env = cluster.env()
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in cluster.timings.items())
     _print()
@@ -262,6 +303,17 @@ def _print_summary(cluster, env_file: Path, elapsed: float, session: str | None 
     for key in ("KAFKA_BOOTSTRAP", "POSTGRES_DSN", "PROMETHEUS_URL"):
         if key in env:
             _print(f"  {key:<15} {env[key]}")
+    urls, secret = gateway
+    if urls:
+        ws = urls[0].replace("http://", "ws://", 1)
+        _print(f"  gateway         {ws}/v1/sessions/SESSION_ID/ws  (replicas: {', '.join(urls)})")
+        if secret:
+            _print(f"                  user tokens: HS256 with the key in Secret {secret}")
+        _print("                  (docs/gateway-protocol.md: token, frames, resume)")
+    else:
+        _print(
+            "  gateway         not Ready yet (see its pods: kubectl get pods -A -l app.kubernetes.io/component=gateway)"
+        )
     _print(f"  logs            {cluster.state / 'logs'}")
     _print()
     _print(f"In another shell:  source {env_file}")
