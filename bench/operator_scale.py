@@ -133,18 +133,31 @@ def api_server_counters(api: client.ApiClient) -> dict[str, float]:
                 sub = f"/{labels['subresource']}" if labels.get("subresource") else ""
                 key = f"{labels['verb']} {labels.get('resource', '?')}{sub}"
                 out[key] = out.get(key, 0.0) + float(m["value"])
+                if labels.get("code", "").startswith(("4", "5")):  # refused: still a request served
+                    refused = f"{REFUSED}{key} {labels['code']}"
+                    out[refused] = out.get(refused, 0.0) + float(m["value"])
     return out
+
+
+REFUSED = "refused: "
 
 
 def api_server_cost(before: dict[str, float], after: dict[str, float], items: int) -> dict:
     """Per item (Deployment or Agent) of a phase: API server CPU and writes, by kind."""
-    writes = {k: after[k] - before.get(k, 0.0) for k in after if k not in ("cpu_seconds", "reads")}
-    writes = {k: round(v / items, 2) for k, v in sorted(writes.items(), key=lambda kv: -kv[1]) if v >= items / 10}
+
+    def per_item(keys: list[str]) -> dict[str, float]:
+        counts = {k: after[k] - before.get(k, 0.0) for k in keys}
+        return {k: round(v / items, 2) for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v >= items / 10}
+
+    writes = per_item([k for k in after if k not in ("cpu_seconds", "reads") and not k.startswith(REFUSED)])
+    refused = per_item([k for k in after if k.startswith(REFUSED)])
     return {
         "cpu_ms_per_item": round((after["cpu_seconds"] - before["cpu_seconds"]) * 1000 / items, 1),
         "reads_per_item": round((after.get("reads", 0.0) - before.get("reads", 0.0)) / items, 1),
         "writes_per_item": round(sum(writes.values()), 1),
         "writes_per_item_by_kind": writes,
+        # Writes the API server refused (every code >= 400), included in the writes above.
+        "refused_writes_per_item_by_kind": {k.removeprefix(REFUSED): v for k, v in refused.items()},
     }
 
 

@@ -139,7 +139,7 @@ class DevCluster:
         """This cluster's slice of the loopback range for pod IPs: 127.N.0.0/16 with N from
         the state folder, so two local clusters (a `make up` and a test run, say) do not
         hand out the same pod IPs and clash on their ports. N stays below 63: kwok's fake
-        node and pod IPs use 127.63 and 127.64."""
+        node IPs use 127.63 (its pod IPs are outside loopback, see services.Kwok)."""
         return f"127.{1 + zlib.crc32(str(self.state.resolve()).encode()) % 62}.0.0/16"
 
     def start_podlet(self) -> None:

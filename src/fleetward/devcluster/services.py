@@ -446,8 +446,12 @@ KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedul
 class Kwok(Service):
     """kwok controller managing simulated nodes (for scale tests). Only nodes annotated
     `kwok.x-k8s.io/node: fake` are its; they are tainted so that only pods tolerating the
-    taint land there. Simulated pod IPs come from a loopback range nobody listens on, so
-    nothing ever sends traffic off this machine because of them."""
+    taint land there. Simulated pod IPs come from 198.18.0.0/15, the range RFC 2544 sets
+    aside for benchmarks: never routed on the Internet, and nothing here connects to a
+    simulated pod. Not loopback, which they were until 2026-12-07: the API server refuses
+    loopback addresses in Endpoints and EndpointSlices (422), so every Service selecting
+    simulated pods (an Agent's metrics Service) had its endpoints controllers retrying
+    refused writes, 5 per Agent in the operator bench, work a real cluster never does."""
 
     kubeconfig: Path
     port: int = field(default_factory=free_port)
@@ -461,7 +465,7 @@ class Kwok(Service):
                 f"--kubeconfig={self.kubeconfig}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-                "--cidr=127.64.0.0/16",
+                "--cidr=198.18.0.0/15",
                 "--node-ip=127.63.0.1",
                 f"--server-address=127.0.0.1:{self.port}",
                 # Heartbeats through node Leases, renewed every duration/4 = 10 s (kwokctl's default;
