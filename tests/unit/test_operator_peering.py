@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from fleetward.operator.peering import PeerIdentity, PeeringObject, decide
+from fleetward.operator.peering import PeerIdentity, Peering, PeeringObject, decide
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 ME = PeerIdentity("op-a/1234abcd", priority=500)
@@ -53,3 +53,10 @@ def test_lower_priorities_and_malformed_entries_do_not_stop_it():
 def test_peering_objects_are_kopfs():
     assert PeeringObject("fleetward").path == "/apis/kopf.dev/v1/clusterkopfpeerings/fleetward"
     assert PeeringObject("fleetward", "team-a").path == "/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/fleetward"
+
+
+def test_the_objects_followed_are_the_ones_kopf_keeps():
+    assert [o.path for o in Peering.of(None, ME, "fw", None).objects] == ["/apis/kopf.dev/v1/clusterkopfpeerings/fw"]
+    namespaced = Peering.of(None, ME, "fw", ["team-a", "team-*"]).objects  # a pattern is not followed
+    assert [o.path for o in namespaced] == ["/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/fw"]
+    assert Peering.of(None, ME, "fw", ["team-*"]).objects == []

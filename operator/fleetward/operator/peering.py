@@ -89,9 +89,18 @@ class Peering:
     @classmethod
     def of(cls, kube: Kube, me: PeerIdentity, name: str, namespaces: Sequence[str] | None) -> Peering:
         """Cluster-wide operators share a ClusterKopfPeering; a namespaced one has a KopfPeering
-        per namespace it serves, as Kopf does."""
-        objects = [PeeringObject(name, ns) for ns in namespaces] if namespaces else [PeeringObject(name)]
-        return cls(kube, me, objects)
+        per namespace it serves, as Kopf does. A namespace pattern (Kopf resolves globs as
+        namespaces come and go) is not followed here: with only patterns, the loops act on
+        every replica, as before this gate, and say so."""
+        if not namespaces:
+            return cls(kube, me, [PeeringObject(name)])
+        exact = [ns for ns in namespaces if not any(c in ns for c in "*?[")]
+        if len(exact) < len(namespaces):
+            log.warning(
+                "namespace patterns in watchNamespaces: the background loops follow the peering of %s only",
+                ", ".join(exact) or "no namespace (they run on every replica)",
+            )
+        return cls(kube, me, [PeeringObject(name, ns) for ns in exact])
 
     async def active(self) -> bool:
         """Whether this replica acts now; on an API error, what it last knew."""

@@ -214,13 +214,16 @@ def _wait_workloads_ready(api, timeout: float, log_dir: Path) -> None:
 
 
 GATEWAY_SELECTOR = "app.kubernetes.io/component=gateway"
+GATEWAY_APPEAR_SECONDS = 60.0
+"""How long `dev up` waits for the operator to create the gateway Deployment at all."""
 
 
 def _wait_gateway_ready(api, namespace: str, timeout: float) -> tuple[list[str], str | None]:
     """The operator-managed gateway's Ready pods as `http://IP:PORT` (the local cluster has no
     Service proxy: clients connect to a pod; every replica serves every session), and the
-    Secret holding its HS256 key, if it uses one. Waits up to `timeout` for a Ready pod;
-    ([], None) when there is none (gateway disabled or not Ready yet)."""
+    Secret holding its HS256 key, if it uses one. Waits up to `timeout` for a Ready pod (up
+    to GATEWAY_APPEAR_SECONDS while there is no gateway Deployment at all); ([], None) when
+    there is none (gateway disabled or not Ready yet)."""
     from kubernetes import client
 
     core = client.CoreV1Api(api)
@@ -239,8 +242,16 @@ def _wait_gateway_ready(api, namespace: str, timeout: float) -> tuple[list[str],
                     secret = f"{namespace}/{ref.name} (key {ref.key})"
         return sorted(urls), secret
 
-    deadline = time.monotonic() + timeout
+    apps = client.AppsV1Api(api)
+
+    def exists() -> bool:  # the operator applies it at start-up; none when the chart disables it
+        return bool(apps.list_namespaced_deployment(namespace, label_selector=GATEWAY_SELECTOR).items)
+
+    started = time.monotonic()
+    deadline = started + timeout
     while not (found := ready())[0] and time.monotonic() < deadline:
+        if time.monotonic() - started > GATEWAY_APPEAR_SECONDS and not exists():
+            break
         time.sleep(1)
     if found[0]:
         _print(f"==> gateway Ready: {len(found[0])} replica(s)")
