@@ -11,8 +11,9 @@ them, so this module does, without touching the middleware themselves:
 - every hook of one kind runs in one node (`RunSteps.<kind>`), in the order create_agent
   would run them (before_* in list order, after_* last-listed first);
 - each member sees the state as the members before it left it (`messages` merged with
-  LangGraph's `add_messages`, the other keys replaced, as the graph's channels would), and
-  the node returns the members' updates combined;
+  LangGraph's `add_messages`, the other keys replaced, as the graph's channels would; a
+  key with another reducer would need it here too, and no state key of the runtime has
+  one), and the node returns the members' updates combined;
 - a member that jumps (`jump_to`) ends the node there, as its own node's jump would have
   skipped the rest; the node may jump wherever any member may;
 - the members stay in the middleware list, their hook of that kind removed (a copy of the
