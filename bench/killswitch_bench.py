@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import base64
 import datetime
-import json
 import os
 import random
 import signal
@@ -67,6 +66,7 @@ from fleetward.operator.killswitch.scope import ENGAGED_AT  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 from kwok_floor import ensure_namespace, machine  # noqa: E402
 from operator_scale import KWOK_PLACEMENT, count_ready  # noqa: E402
+from results import record  # noqa: E402
 
 from fleetward.devcluster.cluster import DevCluster  # noqa: E402
 from fleetward.devcluster.install import NAMESPACE, helm_install, local_values, wait_operator_ready  # noqa: E402
@@ -675,10 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the run through the `finally` that stops the cluster, not around it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)
-    print(json.dumps(result, indent=2))
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+    record(result, RESULTS, write=not args.no_write)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import statistics
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from kwok_floor import apply_and_wait_deployments, ensure_namespace, machine  # noqa: E402
+from results import record  # noqa: E402
 
 from fleetward.devcluster.cluster import DevCluster  # noqa: E402
 from fleetward.devcluster.install import NAMESPACE, helm_install, local_values, wait_operator_ready  # noqa: E402
@@ -331,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-record", action="store_true", help="print the result only")
     args = parser.parse_args(argv)
     result = run(args)
-    print(json.dumps(result, indent=2))
-    if not args.no_record:
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+    record(result, RESULTS, write=not args.no_record)
     return 0
 
 

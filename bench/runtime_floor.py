@@ -30,23 +30,23 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from results import record  # noqa: E402
+from runtime_overhead import FLEETWARD, SCENARIOS, Process  # noqa: E402
 
 from fleetward.devcluster.process import free_port  # noqa: E402
 
 RESULTS = REPO / "docs" / "bench" / "runtime-floor.json"
-FLEETWARD = str(Path(sys.executable).with_name("fleetward"))
-SCENARIO = {"rules": [{"name": "reply", "match": {"lastRole": "user"}, "respond": {"content": "On its way."}}]}
 
 
 def say(msg: str) -> None:
@@ -145,18 +145,6 @@ async def run(args: argparse.Namespace, base_url: str, work: Path) -> dict[str, 
     return results
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="measured requests per layer")
@@ -169,20 +157,18 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fleetward-floor-") as tmp:
         work = Path(tmp)
-        (work / "scenario.json").write_text(json.dumps(SCENARIO))
+        (work / "scenario.json").write_text(json.dumps({"rules": SCENARIOS["plain"]}))
         port = free_port()
-        standin = subprocess.Popen(
+        standin = Process(
             [FLEETWARD, "llm", "serve", "--port", str(port), "--scenario", str(work / "scenario.json")],
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "standin.log", "w"),  # noqa: SIM115 (closed with the process)
+            work / "standin.log",
         )
         try:
-            wait_http(f"http://127.0.0.1:{port}/_standin")
+            standin.wait_http(f"http://127.0.0.1:{port}/_standin")
             loadavg = [round(x, 2) for x in os.getloadavg()]
             layers = asyncio.run(run(args, f"http://127.0.0.1:{port}/v1", work))
         finally:
-            standin.terminate()
-            standin.wait(10)
+            standin.stop()
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "bench/runtime_floor.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -190,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "layers": layers,
     }
-    print(json.dumps(result, indent=2))
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+    record(result, RESULTS, write=not args.no_write)
     return 0
 
 

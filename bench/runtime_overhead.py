@@ -57,8 +57,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from results import record  # noqa: E402
 
 from fleetward.api.envelopes import parse_event  # noqa: E402
 from fleetward.devcluster.cluster import DevCluster  # noqa: E402
@@ -633,10 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": {"overhead_p50_ms": GOAL_P50_MS, "requests_per_second": GOAL_RPS},
         "variants": variants,
     }
-    print(json.dumps(result, indent=2))
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+    record(result, RESULTS, write=not args.no_write)
     return 0
 
 
