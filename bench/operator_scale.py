@@ -103,6 +103,16 @@ def pod_stages(core: client.CoreV1Api, namespace: str) -> dict[str, list[float]]
     return {stage: [round(percentile(v, q), 1) for q in (0.5, 0.9, 1.0)] if v else [] for stage, v in marks.items()}
 
 
+def namespace_gone(core: client.CoreV1Api, name: str) -> bool:
+    try:
+        core.read_namespace(name)
+    except client.ApiException as e:
+        if e.status == 404:
+            return True
+        raise
+    return False
+
+
 def operator_pid(core: client.CoreV1Api) -> int:
     (pod,) = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/component=operator").items
     return int(pod.status.container_statuses[0].container_id.removeprefix("podlet://"))
@@ -234,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
         wait_operator_ready(api, log_dir=cluster.state / "podlet" / "logs")
         say("operator running")
 
-        floor = floor_cost = None
+        floor = floor_cost = floor_teardown_seconds = None
         if not args.skip_floor:
             ensure_namespace(api, "bench-floor")
             before, cpu_before = api_server_counters(api), cpu_by_component(cluster.state)
@@ -243,7 +253,14 @@ def run(args: argparse.Namespace) -> dict:
             floor_cost["cluster_cpu"] = cpu_spent(cpu_before, cpu_by_component(cluster.state), floor.ready_seconds)
             say(f"floor: {args.agents} Deployments available in {floor.ready_seconds:.1f} s; API server {floor_cost}")
             core.delete_namespace("bench-floor")
-            wait_for(lambda: not core.list_namespaced_pod("bench-floor").items, 600, "the floor's pods gone", 2)
+            # Wait for the namespace itself, not just its pods: while it terminates, the
+            # namespace controller deletes the floor's ReplicaSets before their Deployments,
+            # the Deployment controller recreates them and is refused (403, namespace
+            # terminating), and that teardown used to run inside the Agents' measured phase.
+            teardown_start = time.monotonic()
+            wait_for(lambda: namespace_gone(core, "bench-floor"), 900, "the floor's namespace deleted", 2)
+            floor_teardown_seconds = round(time.monotonic() - teardown_start, 1)
+            say(f"floor namespace deleted in {floor_teardown_seconds} s")
 
         ns = "bench-agents"
         ensure_namespace(api, ns)
@@ -306,6 +323,8 @@ def run(args: argparse.Namespace) -> dict:
             "agents_ready_seconds": round(ready_seconds, 2),
             "floor_deployments_ready_seconds": floor.ready_seconds if floor else None,
             "ratio_to_floor": round(ready_seconds / floor.ready_seconds, 2) if floor else None,
+            # Not measured before 2026-12-07: until then the Agents' phase began while this ran.
+            "floor_teardown_seconds": floor_teardown_seconds,
             "operator_peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
             "operator_rss_end_mib": round(mem["VmRSS"] / 1024, 1),
             "reconciles": len(durations),

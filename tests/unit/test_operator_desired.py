@@ -214,3 +214,16 @@ def test_runtime_config_schema_is_generated_and_validates_rendered_configs() -> 
     broken["spec"]["model"]["temperature"] = 9
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_an_older_body_of_the_same_agent_is_recognised() -> None:
+    # Index wake-ups (SOP, Guardrail, KillSwitch, Deployment) may carry a body older than
+    # one reconciled already; reconcile_agent reads the Agent again instead of applying it.
+    from fleetward.operator.reconcile import is_older_body
+
+    newest = ("uid-1", 4)
+    assert is_older_body(newest, AgentRef("ns", "a", "uid-1", 3))
+    assert not is_older_body(newest, AgentRef("ns", "a", "uid-1", 4))
+    assert not is_older_body(newest, AgentRef("ns", "a", "uid-1", 5))
+    assert not is_older_body(newest, AgentRef("ns", "a", "uid-2", 1)), "a re-created Agent starts at 1"
+    assert not is_older_body(None, AgentRef("ns", "a", "uid-1", 1))

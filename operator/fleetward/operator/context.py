@@ -39,6 +39,11 @@ class OperatorContext:
     handler that re-runs for an unchanged Agent skip the writes (Kopf runs the creation
     handler again when its own annotation patch is slow to come back under load). The
     drift timer and every other caller apply regardless."""
+    reconciled_generation: dict[AgentKey, tuple[str, int]] = field(default_factory=dict)
+    """(uid, generation) of the newest Agent body reconciled per Agent. Wake-ups through an
+    index (an SOP, Guardrail, KillSwitch or Deployment change) carry the body the index
+    holds, which can be older than one already reconciled: that reconcile reads the Agent
+    again rather than roll it back to an older spec until its next event."""
     shared_topics_ready: asyncio.Event = field(default_factory=asyncio.Event)
     deleted: set[str] = field(default_factory=set)
     """uids of Agents whose cleanup ran: nothing may be issued for them again."""

@@ -196,6 +196,12 @@ def _config_condition(spec: AgentSpec, res, ns: str) -> Cond:
     return Cond(c.CONFIG_RESOLVED, True, Reason.RESOLVED, msg)
 
 
+def is_older_body(newest: tuple[str, int] | None, ref: AgentRef) -> bool:
+    """Whether `ref` is an older generation of the same Agent (same uid) than the newest one
+    reconciled. A re-created Agent (new uid) starts again at generation 1."""
+    return newest is not None and newest[0] == ref.uid and (ref.generation or 0) < newest[1]
+
+
 async def reconcile_agent(
     ctx: OperatorContext, body: dict[str, Any], refs: References, *, skip_unchanged: bool = False
 ) -> Outcome:
@@ -214,6 +220,13 @@ async def reconcile_agent(
             # Being deleted: a reconcile that queued up before the delete handler must not
             # publish the key, topic or Kafka user the cleanup just removed.
             return Outcome(dict(body.get("status") or {}), problem="being deleted")
+        if is_older_body(ctx.reconciled_generation.get((ns, name)), ref):
+            current = await ctx.kube.get("Agent", ns, name)
+            if current is None or current["metadata"]["uid"] != ref.uid or current["metadata"].get("deletionTimestamp"):
+                return Outcome(dict(body.get("status") or {}), problem="being deleted")
+            body, meta = current, current["metadata"]
+            ref = AgentRef(ns, name, meta["uid"], meta.get("generation"))
+        ctx.reconciled_generation[(ns, name)] = (ref.uid, ref.generation or 0)
         try:
             outcome = await _reconcile(ctx, ref, body, refs, skip_unchanged=skip_unchanged)
         except Exception:
@@ -662,3 +675,4 @@ async def cleanup_agent(ctx: OperatorContext, ns: str, name: str, uid: str) -> N
             await ctx.kafka.delete_principal(kafka_principal(ns, name))
         ctx.statuses.pop((ns, name), None)
         ctx.applied.pop((ns, name), None)
+        ctx.reconciled_generation.pop((ns, name), None)
