@@ -9,6 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
+from fleetward.runtime.runs import CRASH_LIMIT
+
 from fleetward.api.envelopes import ControlMessage, parse_ack
 from tests.support.runtime import (
     PII_GUARDRAIL,
@@ -156,6 +158,58 @@ def test_sigterm_mid_run_finishes_the_step_and_a_restart_completes_the_run(kafka
             agent.stop()
     assert len(llm.requests(rule="refund")) == 1  # the finished step was checkpointed, not redone
     assert_clean_stream(stream)
+
+
+def test_a_command_the_runtime_died_on_three_times_is_dead_lettered_and_the_next_one_is_served(
+    kafka, postgres_dsn, llm, events, tmp_path: Path
+):
+    """A poison command (here: every delivery killed while the model thinks) must not
+    crash-loop the runtime and hold its partition for ever (runs.py, CRASH_LIMIT)."""
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    llm.set_scenario(refund_script(verify_delay=120))
+    agent = billing_agent(tmp_path, kafka, llm, tools.port, dsn=postgres_dsn)
+    dlq = TopicReader(kafka.bootstrap, "fleetward.dlq")
+    session = f"s-{uuid.uuid4().hex[:12]}"
+    with tools:
+        agent.start().wait_ready(90)
+        try:
+            poison = user_message(agent.ref, session, "refund txn_1002")
+            partition, _ = produce(kafka.bootstrap, agent.request_topic, poison.to_json(), session)
+            for crash in range(1, CRASH_LIMIT + 1):
+                deadline = time.monotonic() + 60
+                while len(llm.requests(rule="verify")) < crash and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert len(llm.requests(rule="verify")) == crash, agent.log()
+                agent.kill()
+                agent.start().wait_ready(90)
+            # The next delivery fails the run instead of running it: the user is told, the
+            # command goes to the dead-letter topic, its offset is committed.
+            failed = events.wait_for(session, "failed", 90)[-1]
+            assert f"{CRASH_LIMIT} times in a row" in failed.data.reason, failed.data.reason
+
+            def poison_letter(records):
+                for _, value, headers in records:
+                    body = json.loads(value)
+                    if (body.get("history") or {}).get("sessionId") == session:
+                        return body, headers
+                return None
+
+            letter, headers = dlq.wait(poison_letter, 30, "the poison command's dead letter")
+            assert headers["fleetward-dlq-kind"] == "run_failed"
+            assert json.loads(letter["value"])["idempotencyKey"] == poison.idempotency_key
+            assert letter["history"]["error"]["type"] == "RepeatedCrash"
+            # The partition moves on: the session's next request (same key, same partition) is served.
+            llm.set_scenario(refund_script())
+            follow_up = user_message(agent.ref, session, "refund txn_1002, please")
+            assert produce(kafka.bootstrap, agent.request_topic, follow_up.to_json(), session)[0] == partition
+            stream = events.wait_for(session, "resolved", 90)
+            assert "delivered again after the runtime stopped serving it (1 of 2 allowed)" in agent.log()
+        finally:
+            agent.stop()
+            dlq.close()
+    assert len(llm.requests(rule="verify")) == CRASH_LIMIT + 1  # three killed deliveries, then the follow-up
+    runs = {e.run_id for e in stream}
+    assert len(runs) == 2 and [e.type for e in stream].count("resolved") == 1
 
 
 def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_queue(kafka, llm, events, tmp_path: Path):

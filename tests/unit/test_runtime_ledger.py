@@ -24,10 +24,46 @@ def test_a_request_is_recorded_once_and_a_redelivery_finds_its_run(tmp_path: Pat
             return first, again, other_agent, done
 
     first, again, other_agent, done = run(scenario())
-    assert (first.run_id, first.status, first.new) == ("run-1", RUNNING, True)
-    assert (again.run_id, again.status, again.new) == ("run-1", RUNNING, False)
+    assert (first.run_id, first.status, first.new, first.redelivered) == ("run-1", RUNNING, True, False)
+    assert (again.run_id, again.status, again.new, again.redelivered) == ("run-1", RUNNING, False, True)
     assert other_agent.run_id == "run-3" and other_agent.new
     assert (done.run_id, done.status) == ("run-1", DONE)
+
+
+def test_an_answer_delivered_again_is_marked_redelivered(tmp_path: Path):
+    # Answers (provide_sop, resume) name the run they answer: `new` cannot tell a redelivery
+    # from the first delivery there; `redelivered` can (runs.py relies on it for resume
+    # commands and for crash counting).
+    async def scenario():
+        async with open_persistence(None, str(tmp_path / "state.db")) as p:
+            first = await p.ledger.begin_request("ns/a", "answer-1", "s1", "resume:r1", "run-1")
+            again = await p.ledger.begin_request("ns/a", "answer-1", "s1", "resume:r2", "run-1")
+            return first, again
+
+    first, again = run(scenario())
+    assert not first.redelivered
+    assert again.redelivered and again.command_type == "resume:r1", "the first delivery's review is kept"
+
+
+def test_crashes_count_redeliveries_but_not_those_after_a_clean_stop(tmp_path: Path):
+    async def scenario():
+        db = str(tmp_path / "state.db")
+        async with open_persistence(None, db) as p:
+            ledger = p.ledger
+            counts = [await ledger.count_redelivery("ns/a", "k")]  # the first delivery's process died
+            await ledger.record_clean_stop("ns/a", "k")  # the second one stopped on SIGTERM
+            counts.append(await ledger.count_redelivery("ns/a", "k"))
+            counts.append(await ledger.count_redelivery("ns/a", "k"))  # the third one died
+            other = await ledger.count_redelivery("ns/b", "k")
+        async with open_persistence(None, db) as p:  # the count survives a restart
+            counts.append(await p.ledger.count_redelivery("ns/a", "k"))
+            await p.ledger.forget_redeliveries("ns/a", "k")
+            counts.append(await p.ledger.count_redelivery("ns/a", "k"))
+        return counts, other
+
+    counts, other = run(scenario())
+    assert counts == [1, 1, 2, 3, 1]
+    assert other == 1
 
 
 def test_the_ledger_survives_a_reopen(tmp_path: Path):

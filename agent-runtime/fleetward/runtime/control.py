@@ -171,21 +171,40 @@ class Control:
         finally:
             reader.close()
 
+    def _take_all_partitions(self) -> bool:
+        """Assign every partition of the control topic at this instance's committed offsets.
+
+        Assigned, not subscribed: the group is this instance's alone, so there is nothing to
+        balance, and joining it cost a restarted container the old member's session timeout
+        (45 s by default) before the first order could arrive; a halt sent meanwhile waited
+        that long. Commits without membership are fine for a group nobody joins. A new
+        instance starts at the end of the topic, fixed here rather than by
+        auto.offset.reset=latest, which is resolved lazily: an order sent right after the
+        runtime reported ready would otherwise be skipped. False while the topic has no
+        partitions yet."""
+        topic = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            return False
+        partitions = [TopicPartition(self.topic, p) for p in sorted(topic.partitions)]
+        committed = self.consumer.committed(partitions, timeout=10)
+        for tp in committed:
+            if tp.offset < 0:
+                tp.offset = self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+        self.consumer.assign(committed)
+        return True
+
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def assigned(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            # A new instance starts at the end of the topic, fixed here rather than by
-            # auto.offset.reset=latest, which is resolved lazily: an order sent right after
-            # the runtime reported ready would otherwise be skipped.
-            committed = consumer.committed(partitions, timeout=10)
-            for tp in committed:
-                if tp.offset < 0:
-                    tp.offset = consumer.get_watermark_offsets(tp, timeout=10)[1]
-            consumer.assign(committed)
-            loop.call_soon_threadsafe(self.ready.set)
-
-        self.consumer.subscribe([self.topic], on_assign=assigned)
+        while not self.stopping.is_set():
+            try:
+                if await asyncio.to_thread(self._take_all_partitions):
+                    break
+                problem = f"topic {self.topic} has no partitions yet"
+            except KafkaException as e:
+                problem = str(e)
+            log.warning("control topic not readable yet (%s); retrying", problem)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 1.0)
+        self.ready.set()
         try:
             while not self.stopping.is_set():
                 message = await asyncio.to_thread(self.consumer.poll, 0.25)

@@ -12,6 +12,9 @@ Ledgers (tables `fw_*`, created at start):
   twice once it was (see events.py).
 - `fw_reviews`: the human reviews runs wait for (review.py), with their deadlines: the
   review timeout and `fleetward_human_review_queue_depth` read it, so both survive restarts.
+- `fw_redeliveries`: commands delivered again while still running, with how many times
+  the process serving them died first (runs.py, `CRASH_LIMIT`). Written only on a
+  redelivery or a clean stop, never on a command's first delivery.
 
 The SQL is written once with `?` placeholders and common syntax (ON CONFLICT, RETURNING)
 that SQLite >= 3.35 and PostgreSQL both understand.
@@ -75,6 +78,15 @@ SCHEMA = (
         deadline TEXT NOT NULL,
         created_at TEXT NOT NULL,
         PRIMARY KEY (run_id, review_id))""",
+    # Poison-command detection (runs.py): `crashes` counts deliveries of a command that ended
+    # with the serving process gone; `clean` says the last one stopped at a step boundary
+    # (SIGTERM, a lost partition), so the next redelivery is not counted as a crash.
+    """CREATE TABLE IF NOT EXISTS fw_redeliveries (
+        agent TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        crashes INTEGER NOT NULL,
+        clean INTEGER NOT NULL,
+        PRIMARY KEY (agent, idempotency_key))""",
 )
 
 # Request statuses. `running`: accepted, the run has not reached a resting state (a crash
@@ -166,6 +178,9 @@ class RequestRecord:
     command_type: str
     new: bool
     """True when this call recorded the request (first delivery)."""
+    redelivered: bool = False
+    """The command was recorded by an earlier delivery (this one is a redelivery or an
+    in-process retry). Unlike `new`, also right for answers, which name an existing run."""
 
 
 @dataclass(frozen=True)
@@ -226,12 +241,39 @@ class Ledger:
             (agent, idempotency_key),
         )
         assert row is not None
-        return RequestRecord(row["run_id"], row["status"], row["command_type"], new=row["run_id"] == run_id)
+        return RequestRecord(
+            row["run_id"], row["status"], row["command_type"], new=row["run_id"] == run_id, redelivered=True
+        )
 
     async def finish_request(self, agent: str, idempotency_key: str, status: str = DONE) -> None:
         await self.db.execute(
             "UPDATE fw_requests SET status = ?, updated_at = ? WHERE agent = ? AND idempotency_key = ?",
             (status, _now(), agent, idempotency_key),
+        )
+
+    async def count_redelivery(self, agent: str, idempotency_key: str) -> int:
+        """A command still running was delivered again by another process: the one before
+        died serving it, unless it recorded a clean stop. Returns the crashes so far."""
+        row = await self.db.fetchone(
+            "INSERT INTO fw_redeliveries (agent, idempotency_key, crashes, clean) VALUES (?, ?, 1, 0)"
+            " ON CONFLICT (agent, idempotency_key) DO UPDATE"
+            " SET crashes = fw_redeliveries.crashes + 1 - fw_redeliveries.clean, clean = 0 RETURNING crashes",
+            (agent, idempotency_key),
+        )
+        assert row is not None
+        return int(row["crashes"])
+
+    async def record_clean_stop(self, agent: str, idempotency_key: str) -> None:
+        """The command's run stopped at a step boundary: its next delivery is not a crash."""
+        await self.db.execute(
+            "INSERT INTO fw_redeliveries (agent, idempotency_key, crashes, clean) VALUES (?, ?, 0, 1)"
+            " ON CONFLICT (agent, idempotency_key) DO UPDATE SET clean = 1",
+            (agent, idempotency_key),
+        )
+
+    async def forget_redeliveries(self, agent: str, idempotency_key: str) -> None:
+        await self.db.execute(
+            "DELETE FROM fw_redeliveries WHERE agent = ? AND idempotency_key = ?", (agent, idempotency_key)
         )
 
     # -- runs --------------------------------------------------------------------------------------

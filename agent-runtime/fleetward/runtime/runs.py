@@ -62,6 +62,24 @@ class Outcome(enum.Enum):
         return self is not Outcome.STOPPED
 
 
+CRASH_LIMIT = 3
+"""How many deliveries of one command may end with the runtime process gone (an OOM kill, a
+crash in native code, SIGKILL) before its next delivery fails the run and dead-letters the
+command instead of running it again. A poison command must not crash-loop the pod and hold
+its partition for ever; one or two crashes (a node lost mid-run) still resume the run from
+its checkpoint. Clean stops (SIGTERM, a lost partition, a halt) do not count."""
+
+
+class RepeatedCrash(Exception):
+    """The runtime died `CRASH_LIMIT` times while serving this command."""
+
+    def __init__(self, crashes: int) -> None:
+        super().__init__(
+            f"The runtime stopped without finishing this request {crashes} times in a row (a crash or a kill "
+            "each time); it is not tried again."
+        )
+
+
 class Rejected(Exception):
     """The command is well-formed but cannot be served (wrong agent, unknown run, no
     matching interrupt): it goes to the dead-letter topic with this reason."""
@@ -143,6 +161,10 @@ class RunExecutor:
         self.dead_letter = dead_letter
         """Where a run that failed for good is sent; `Intake` sets it to its dead-letter
         topic when none is given. None: the failure is only reported in the session."""
+        self._serving: set[str] = set()
+        """Idempotency keys of the commands this process started and has not settled: a
+        second delivery of one of them (a run aborted by a kill switch and redone, a halted
+        run resumed) is not a crash."""
 
     @property
     def agent(self) -> str:
@@ -211,7 +233,7 @@ class RunExecutor:
                         "topic": cmd.data.topic,
                         "analysis": cmd.data.analysis.to_wire(),
                     }
-            outcome = await self._drive(ctx, graph_input, delivery)
+            outcome = await self._drive(ctx, graph_input, delivery, redelivered=request.redelivered)
         if outcome.final:
             await ledger.finish_request(self.agent, cmd.idempotency_key)
         return outcome
@@ -250,7 +272,7 @@ class RunExecutor:
             raise Rejected(f"data.runId: run {run_id} is waiting for {pending.get('kind')}, not for {kind}")
         with self._span(delivery, run_id) as span:
             ctx = self._context(run, span, cmd, delivery.partition)
-            outcome = await self._drive(ctx, graph_input, delivery)
+            outcome = await self._drive(ctx, graph_input, delivery, redelivered=request.redelivered)
         if outcome.final:
             await ledger.finish_request(self.agent, cmd.idempotency_key)
         return outcome
@@ -282,9 +304,10 @@ class RunExecutor:
         if request.status == DONE:
             return Outcome.DUPLICATE
         answered = request.command_type.partition(":")[2]
-        if not request.new and answered and answered != review_id:
+        if request.redelivered and answered and answered != review_id:
             with self._span(delivery, run.run_id) as span:
-                outcome = await self._drive(self._context(run, span, cmd, delivery.partition), None, delivery)
+                ctx = self._context(run, span, cmd, delivery.partition)
+                outcome = await self._drive(ctx, None, delivery, redelivered=True)
             if outcome.final:
                 await ledger.finish_request(self.agent, cmd.idempotency_key)
             return outcome
@@ -323,7 +346,9 @@ class RunExecutor:
                     {"state": "Active", "step": "review", "detail": f"{data.decision} by {data.reviewer}"},
                 )
             await ledger.close_review(run.run_id, review_id)
-            outcome = await self._drive(ctx, Command(resume={interrupt_id: answer}), delivery)
+            outcome = await self._drive(
+                ctx, Command(resume={interrupt_id: answer}), delivery, redelivered=request.redelivered
+            )
         if outcome.final:
             await ledger.finish_request(self.agent, cmd.idempotency_key)
         return outcome
@@ -367,15 +392,30 @@ class RunExecutor:
             partition=partition,
         )
 
-    async def _drive(self, ctx: RunContext, graph_input: Any, delivery: Delivery) -> Outcome:
+    async def _drive(self, ctx: RunContext, graph_input: Any, delivery: Delivery, *, redelivered: bool) -> Outcome:
+        """`redelivered`: the command was recorded by an earlier delivery (see `CRASH_LIMIT`)."""
         ledger = self.services.ledger
+        key = delivery.command.idempotency_key
         started = time.monotonic()
         ctx.task = asyncio.current_task()
         self.registry.active[ctx.run_id] = ctx
         RUNS_IN_FLIGHT.labels(self.agent).inc()
         outcome = Outcome.FAILED
         ended = False  # the run is over (completed or failed), not parked, stopped or cancelled
+        settled = False  # the command is done with (final outcome), not stopped or cancelled
         try:
+            if redelivered and key not in self._serving:
+                crashes = await ledger.count_redelivery(self.agent, key)
+                if crashes >= CRASH_LIMIT:
+                    raise RepeatedCrash(crashes)
+                log.warning(
+                    "command %s delivered again after the runtime stopped serving it (%d of %d allowed)",
+                    key,
+                    crashes,
+                    CRASH_LIMIT - 1,
+                    extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}},
+                )
+            self._serving.add(key)
             async for _ in self.graph.astream(
                 graph_input, _thread(ctx.run_id), context=ctx, durability="sync", stream_mode="updates"
             ):
@@ -393,16 +433,22 @@ class RunExecutor:
                 await ledger.set_run_status(ctx.run_id, RUN_COMPLETED)
                 outcome = Outcome.COMPLETED
                 ended = True
+            settled = True
             return outcome
         except RunStopped as e:
             log.info("run %s stopped at a step boundary: %s", ctx.run_id, e, extra={"fw": {"runId": ctx.run_id}})
             outcome = Outcome.STOPPED
+            await ledger.record_clean_stop(self.agent, key)
             return outcome
         except Exception as e:
-            log.exception("run %s failed", ctx.run_id, extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}})
+            fields = {"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}}
+            if isinstance(e, RepeatedCrash):
+                log.error("run %s: %s", ctx.run_id, e, extra=fields)
+            else:
+                log.exception("run %s failed", ctx.run_id, extra=fields)
             trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, type(e).__name__))
             await self._failed(ctx, delivery, e)
-            ended = True
+            ended = settled = True
             return outcome
         finally:
             self.registry.active.pop(ctx.run_id, None)
@@ -410,6 +456,10 @@ class RunExecutor:
             RUN_DURATION.labels(self.agent, outcome.value).observe(time.monotonic() - started)
             if ended and self.services.retry_budgets is not None:
                 self.services.retry_budgets.release(ctx.run_id)
+            if settled:
+                self._serving.discard(key)
+                if redelivered:
+                    await ledger.forget_redeliveries(self.agent, key)
 
     async def _failed(self, ctx: RunContext, delivery: Delivery, error: Exception) -> None:
         """A run that failed for good (the model chain exhausted, or an unexpected error):
@@ -465,6 +515,8 @@ class RunExecutor:
 def failure_reason(error: Exception, failures: list[dict[str, Any]], *, dead_lettered: bool = True) -> str:
     """The `failed` event's reason: what failed, for people; names, kinds and statuses only
     (never an error message, which may quote the conversation)."""
+    if isinstance(error, RepeatedCrash):  # our own words: no conversation in them
+        return f"{error}{' The request was passed on to the dead-letter topic.' if dead_lettered else ''}"[:4000]
     failure = classify_model_error(error)
     models = list(dict.fromkeys(str(f["model"]) for f in failures if f.get("call") == "model" and f.get("model")))
     if failure.kind is not FailureKind.OTHER and models:
