@@ -77,6 +77,7 @@ class KafkaAdmin:
         self._pending: dict[str, int] = {}
         self._waiters: list[tuple[set[str], asyncio.Future]] = []
         self._batch_task: asyncio.Task | None = None
+        self._listing: asyncio.Task | None = None
 
     @property
     def admin(self) -> AdminClient:
@@ -115,10 +116,19 @@ class KafkaAdmin:
     # -- topics -------------------------------------------------------------------------
 
     async def refresh_topics(self) -> set[str]:
+        """The broker's topic list, read again. Callers that arrive while a read is in
+        flight share it: when the cache expires during a burst of reconciles, one metadata
+        request for every topic goes out, not one per reconcile (each a thread of the
+        default pool, blocked for the broker's answer)."""
+        if self._listing is None or self._listing.done():
+            self._listing = asyncio.create_task(self._list_topics())
+        return await asyncio.shield(self._listing)
+
+    async def _list_topics(self) -> set[str]:
         md = await self._call(lambda: self.admin.list_topics(timeout=self.settings.timeout_seconds))
         self._known_topics = set(md.topics)
         self._known_at = time.monotonic()
-        return self._known_topics
+        return set(md.topics)  # the callers' copy: the cache grows as topics are created
 
     async def ensure_topics(self, names: list[str], partitions: int) -> None:
         """Create the topics that do not exist; concurrent calls share one request."""
