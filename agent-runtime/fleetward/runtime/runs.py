@@ -408,13 +408,14 @@ class RunExecutor:
                 crashes = await ledger.count_redelivery(self.agent, key)
                 if crashes >= CRASH_LIMIT:
                     raise RepeatedCrash(crashes)
-                log.warning(
-                    "command %s delivered again after the runtime stopped serving it (%d of %d allowed)",
-                    key,
-                    crashes,
-                    CRASH_LIMIT - 1,
-                    extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}},
-                )
+                if crashes:
+                    log.warning(
+                        "command %s delivered again after the runtime died serving it (%d of %d allowed)",
+                        key,
+                        crashes,
+                        CRASH_LIMIT - 1,
+                        extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}},
+                    )
             self._serving.add(key)
             async for _ in self.graph.astream(
                 graph_input, _thread(ctx.run_id), context=ctx, durability="sync", stream_mode="updates"
