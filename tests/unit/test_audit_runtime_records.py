@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 from fleetward.runtime.audit import RuntimeAudit
 from fleetward.runtime.guardrails.engine import GuardrailEngine
+from fleetward.runtime.review import TIMEOUT_REVIEWER
 from fleetward.runtime.tools import CURRENT_INVOCATION, HttpTool, Invocation, ToolHttpClient
 
 from fleetward.api.agent import Tool
@@ -79,3 +81,27 @@ def test_a_tool_call_that_cannot_be_recorded_is_not_sent(tmp_path: Path):
         assert "could not be recorded in the audit log" in out and "not sent" in out
         assert "could not reach the tool service" not in out
         assert list(log.records()) == []
+
+
+def test_a_review_decision_is_recorded_as_the_reviewers_act_and_a_timeout_as_the_timers(tmp_path: Path):
+    # SPEC §8 "approvals with reviewer identity": the actor is the reviewer the gateway
+    # verified (the resume command's `reviewer`), not the agent that records it.
+    run = SimpleNamespace(run_id="run-1", session_id="s-1")  # the two ids the record takes from the run
+    review = {"reviewId": "rv-1", "review": "tool", "name": "issue_refund"}
+    with AuditLog.open(f"sqlite://{tmp_path}/state.db") as log:
+        audit = RuntimeAudit(log, "githouse/billing", "kid-1", None)
+        asyncio.run(audit.review_decision(run, review, "approve", "carol", timed_out=False))
+        asyncio.run(audit.review_decision(run, review, "reject", TIMEOUT_REVIEWER, timed_out=True))
+        decided, timed_out = log.records()
+        assert (decided["action"], decided["actor"], decided["target"]) == ("review.decision", "carol", "session:s-1")
+        assert decided["details"] == {
+            "runId": "run-1",
+            "reviewId": "rv-1",
+            "review": "tool",
+            "decision": "approve",
+            "reviewer": "carol",
+            "timedOut": False,
+            "tool": "issue_refund",
+        }
+        assert timed_out["actor"] == TIMEOUT_REVIEWER and timed_out["details"]["timedOut"] is True
+        assert log.verify().ok

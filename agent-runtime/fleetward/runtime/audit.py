@@ -73,8 +73,8 @@ class RuntimeAudit:
     async def close(self) -> None:
         await asyncio.to_thread(self.log.close)
 
-    async def append(self, action: str, target: str, details: Mapping[str, Any]) -> None:
-        await asyncio.to_thread(self.log.append, action, self.actor, target, details)
+    async def append(self, action: str, target: str, details: Mapping[str, Any], *, actor: str | None = None) -> None:
+        await asyncio.to_thread(self.log.append, action, actor or self.actor, target, details)
 
     async def tool_call(self, spec: ToolSpec, arguments: dict[str, Any], invocation: Invocation) -> None:
         """Record a tool call about to be sent (raises when it cannot be recorded)."""
@@ -116,7 +116,8 @@ class RuntimeAudit:
     ) -> None:
         """Record a reviewer's decision (or a review's timeout) before the run goes on with it.
         Raises when it cannot be recorded: the decision is then retried (redelivered), never
-        acted on without its record."""
+        acted on without its record. The actor is the reviewer, as the gateway verified it
+        from their token (never from the frame); a timeout's is the review timer."""
         details: dict[str, Any] = {
             "runId": ctx.run_id,
             "reviewId": review.get("reviewId"),
@@ -127,7 +128,7 @@ class RuntimeAudit:
         }
         if review.get("name"):
             details["tool"] = review["name"]
-        await self.append(REVIEW_DECISION, f"session:{ctx.session_id}", details)
+        await self.append(REVIEW_DECISION, f"session:{ctx.session_id}", details, actor=reviewer)
 
     def _redact(self, value: Any) -> Any:
         # The engine directly (not middleware.guardrails.redact_value): the tool_call event
