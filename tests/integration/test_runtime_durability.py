@@ -11,7 +11,6 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Producer
 from fleetward.runtime.runs import CRASH_LIMIT
 
 from fleetward.api.envelopes import ControlMessage, parse_ack
@@ -216,12 +215,6 @@ def test_a_command_the_runtime_died_on_three_times_is_dead_lettered_and_the_next
     assert len(runs) == 2 and [e.type for e in stream].count("resolved") == 1
 
 
-def produce_to(bootstrap: str, topic: str, partition: int, value: str, key: str) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
-    producer.produce(topic, value, key=key, partition=partition)
-    assert producer.flush(15) == 0, f"the record was not delivered to {topic}[{partition}]"
-
-
 def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_completes_once(
     kafka, postgres_dsn, llm, events, tmp_path: Path
 ):
@@ -247,7 +240,7 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
         try:
             for partition, session in sessions.items():
                 command = user_message(first.ref, session, "refund txn_1002").to_json()
-                produce_to(kafka.bootstrap, first.request_topic, partition, command, session)
+                produce(kafka.bootstrap, first.request_topic, command, session, partition=partition)
             deadline = time.monotonic() + 60
             while len(llm.requests(rule="verify")) < 3 and time.monotonic() < deadline:
                 time.sleep(0.02)

@@ -341,9 +341,16 @@ def ensure_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
 
 
 def produce(
-    bootstrap: str, topic: str, value: str | bytes, key: str | None, headers: dict[str, str] | None = None
+    bootstrap: str,
+    topic: str,
+    value: str | bytes,
+    key: str | None,
+    headers: dict[str, str] | None = None,
+    *,
+    partition: int | None = None,
 ) -> tuple[int, int]:
-    """Produce one record and wait for it; returns its (partition, offset)."""
+    """Produce one record (to `partition` when given, else where its key hashes) and wait
+    for it; returns its (partition, offset)."""
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     where: list[tuple[int, int]] = []
 
@@ -351,7 +358,8 @@ def produce(
         if err is None:
             where.append((msg.partition(), msg.offset()))
 
-    p.produce(topic, value, key=key, headers=list((headers or {}).items()), on_delivery=delivered)
+    placement = {} if partition is None else {"partition": partition}
+    p.produce(topic, value, key=key, headers=list((headers or {}).items()), on_delivery=delivered, **placement)
     left = p.flush(15)
     assert left == 0 and where, f"the record was not delivered to {topic}"
     return where[0]
