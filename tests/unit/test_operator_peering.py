@@ -60,3 +60,59 @@ def test_the_objects_followed_are_the_ones_kopf_keeps():
     namespaced = Peering.of(None, ME, "fw", ["team-a", "team-*"]).objects  # a pattern is not followed
     assert [o.path for o in namespaced] == ["/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/fw"]
     assert Peering.of(None, ME, "fw", ["team-*"]).objects == []
+
+
+class PeeringKube:
+    """The peering object's status as the API server would return it, and status writes."""
+
+    def __init__(self) -> None:
+        self.peers: dict = {}
+        self.status_writes: list[dict] = []
+
+    async def request(self, method: str, path: str) -> dict:
+        now = datetime.now(UTC).isoformat()
+        return {"status": {k: {"priority": p, "lastseen": now, "lifetime": 60} for k, p in self.peers.items()}}
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: dict) -> None:
+        self.status_writes.append(status)
+
+
+def test_after_another_replica_acted_the_next_status_is_written_even_if_unchanged():
+    # A failover: this replica wrote a status, stood by while another acted (and may have
+    # written something else), then acts again. Its cache of what it wrote is not the live
+    # status any more, so an equal status must not be skipped as "already written".
+    import asyncio
+
+    from fleetward.operator.context import OperatorContext
+    from fleetward.operator.reconcile import AgentRef, AgentState, _write_status
+
+    async def scenario() -> list[int]:
+        kube = PeeringKube()
+        ctx = OperatorContext(None, kube, None, None, None, None, asyncio.Semaphore(1))
+        ctx.peering = Peering(kube, ME, [PeeringObject("fw")])
+        ref = AgentRef("team-a", "billing", "uid-1", 3)
+        status = {"phase": "Running", "observedGeneration": 3, "conditions": []}
+        writes = []
+
+        async def reconcile_writes_status() -> None:
+            old = ctx.statuses[("team-a", "billing")].status if ("team-a", "billing") in ctx.statuses else {}
+            await _write_status(ctx, ref, dict(status), old)
+            ctx.statuses[("team-a", "billing")] = AgentState({}, False, dict(status), 1)
+            writes.append(len(kube.status_writes))
+
+        kube.peers = {ME.identity: 500}
+        assert await ctx.acting() is True
+        await reconcile_writes_status()  # written
+        await reconcile_writes_status()  # unchanged: skipped
+        ctx.applied[("team-a", "billing")] = ("uid-1", "fingerprint")
+
+        kube.peers = {ME.identity: 500, "op-b/ffff0000": 900}
+        assert await ctx.acting() is False  # op-b acts now and may write its own status
+        kube.peers = {ME.identity: 500}
+        assert await ctx.acting() is True
+        assert ctx.applied == {}  # the next apply is made, not skipped as unchanged
+        await reconcile_writes_status()  # same status as cached, written all the same
+        await reconcile_writes_status()  # now confirmed: skipped again
+        return writes
+
+    assert asyncio.run(scenario()) == [1, 1, 2, 2]

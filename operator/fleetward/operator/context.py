@@ -47,12 +47,30 @@ class OperatorContext:
     shared_topics_ready: asyncio.Event = field(default_factory=asyncio.Event)
     deleted: set[str] = field(default_factory=set)
     """uids of Agents whose cleanup ran: nothing may be issued for them again."""
+    unconfirmed: set[AgentKey] = field(default_factory=set)
+    """Agents whose status in `statuses` may not be the live one: another replica acted
+    while this one stood by. Their next status is written even when it equals the cached
+    one (after a failover a stale status otherwise survived until something changed)."""
     peering: Peering | None = None
     """The background loops' gate (peering.py); None when standalone: always acts."""
+    peering_changes_seen: int = 0
 
     async def acting(self) -> bool:
         """Whether this replica runs the installation's background work now."""
-        return self.peering is None or await self.peering.active()
+        if self.peering is None:
+            return True
+        acts = await self.peering.active()
+        if self.peering.changes != self.peering_changes_seen:
+            self.peering_changes_seen = self.peering.changes
+            self.distrust_what_was_written()
+        return acts
+
+    def distrust_what_was_written(self) -> None:
+        """Another replica may have written since this one last did: keep the cached
+        statuses (Deployment events still update them) but write the next one of each, and
+        apply again rather than skip an Agent as unchanged."""
+        self.unconfirmed = set(self.statuses)
+        self.applied.clear()
 
     @classmethod
     async def create(cls, settings: OperatorSettings, kubeconfig: str | None = None) -> OperatorContext:

@@ -85,6 +85,9 @@ class Peering:
         self.me = me
         self.objects = list(objects)
         self.acting: bool | None = None
+        self.changes = 0
+        """How often the decision changed since the first one: while this replica stood by,
+        another acted, so what it remembers having written may no longer be live."""
 
     @classmethod
     def of(cls, kube: Kube, me: PeerIdentity, name: str, namespaces: Sequence[str] | None) -> Peering:
@@ -125,5 +128,7 @@ class Peering:
                 log.info("this replica acts (%s): housekeeping and the gateway apply run here", why)
             else:
                 log.info("standing by (%s): housekeeping and the gateway apply pause here", why)
+            if self.acting is not None:
+                self.changes += 1
             self.acting = acts
         return acts

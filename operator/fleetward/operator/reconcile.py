@@ -584,14 +584,17 @@ def _essence(status: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _write_status(ctx: OperatorContext, ref: AgentRef, status: dict[str, Any], old: dict[str, Any]) -> None:
-    if _essence(status) == _essence({k: old.get(k) for k in status}):
+    key = (ref.namespace, ref.name)
+    if key not in ctx.unconfirmed and _essence(status) == _essence({k: old.get(k) for k in status}):
         return
     try:
         await ctx.kube.patch_status("Agent", ref.namespace, ref.name, status)
     except KubeError as e:
         if e.status == 404:  # deleted meanwhile
+            ctx.unconfirmed.discard(key)
             return
         raise
+    ctx.unconfirmed.discard(key)
     _post_transition_event(ref, old, status)
 
 
@@ -676,3 +679,4 @@ async def cleanup_agent(ctx: OperatorContext, ns: str, name: str, uid: str) -> N
         ctx.statuses.pop((ns, name), None)
         ctx.applied.pop((ns, name), None)
         ctx.reconciled_generation.pop((ns, name), None)
+        ctx.unconfirmed.discard((ns, name))

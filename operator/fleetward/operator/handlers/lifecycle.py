@@ -34,6 +34,24 @@ async def ensure_shared_topics(ctx: OperatorContext) -> None:
             delay = min(delay * 2, 60)
 
 
+PEERING_CHECK_SECONDS = 5.0
+"""How often every replica re-reads the peering decision, whatever its loops do: a change
+(another replica acted meanwhile) makes it distrust the statuses it remembers writing."""
+
+
+async def follow_peering(ctx: OperatorContext) -> None:
+    """Kopf pauses and resumes the handlers on its own; the background loops ask only at
+    their next round (housekeeping's is up to a minute). This loop notices a change within
+    PEERING_CHECK_SECONDS; a handler resumed inside that window may still skip one write,
+    which the next reconcile of that Agent (at the latest the drift timer's) then makes."""
+    while True:
+        await asyncio.sleep(PEERING_CHECK_SECONDS)
+        try:
+            await ctx.acting()  # on an API error it logs and keeps its last decision
+        except Exception as e:  # the loop must outlive any one failed read
+            log.warning("could not check the peering decision: %s", e)
+
+
 def register(settings: OperatorSettings) -> None:
     indexes.register(settings)
 
@@ -59,6 +77,7 @@ def register(settings: OperatorSettings) -> None:
         if memo.get("peer") is not None:
             namespaces = None if memo.settings.clusterwide else memo.settings.watch_namespaces
             memo.ctx.peering = Peering.of(memo.ctx.kube, memo.peer, memo.settings.peering, namespaces)
+            memo.peering_task = asyncio.create_task(follow_peering(memo.ctx))
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
         memo.housekeeping_task = asyncio.create_task(keep_house(memo.ctx))
         if memo.settings.gateway.enabled:
@@ -66,7 +85,7 @@ def register(settings: OperatorSettings) -> None:
 
     @kopf.on.cleanup(id="shutdown")
     async def shutdown(memo: kopf.Memo, **_: Any) -> None:
-        for name in ("topics_task", "gateway_task", "housekeeping_task"):
+        for name in ("topics_task", "gateway_task", "housekeeping_task", "peering_task"):
             task = memo.get(name)
             if task:
                 task.cancel()
