@@ -3,8 +3,8 @@
 Order of checks (each refusal has its own reason, see errors.RefusalReason):
 size -> header (alg must be EdDSA, kid present; jku/x5u/jwk members are ignored, never
 fetched) -> key lookup (unknown/revoked/bundle unavailable) -> signature -> claims (iss,
-aud, sub == the key's agent, lifetime <= 60 s, iat/exp with leeway <= 5 s, runId,
-idempotencyKey) -> jti replay. The jti is recorded only when everything else passed, so
+aud, sub == the key's agent, lifetime <= 60 s, iat/nbf with leeway <= 5 s, exp with
+none, runId, idempotencyKey) -> jti replay. The jti is recorded only when everything else passed, so
 a forged or misdirected token cannot burn a legitimate token's id.
 
 Time claims are checked here rather than by PyJWT so that each failure gets its own
@@ -131,7 +131,7 @@ class ToolTokenVerifier:
             raise TokenRefused(RefusalReason.MISSING_CLAIM, str(e)) from None
         self._check_claims(claims, payload.get("nbf"), key.agent, audience, idempotency_key)
         try:
-            first = self.replay_cache.first_use(claims.jti, claims.exp + self.leeway, self._clock())
+            first = self.replay_cache.first_use(claims.jti, claims.exp, self._clock())
         except ReplayCacheFull as e:
             raise TokenRefused(
                 RefusalReason.REPLAY_CACHE_FULL, f"replay cache full ({e}); refusing until entries expire"
@@ -163,7 +163,10 @@ class ToolTokenVerifier:
         not_before = claims.iat if nbf is None else nbf
         if max(claims.iat, not_before) > now + self.leeway:
             raise TokenRefused(RefusalReason.NOT_YET_VALID, f"issued {claims.iat - now:.0f} s in the future")
-        if claims.exp <= now - self.leeway:
+        # No leeway on expiry: a token is minted for one call just before it is made, with
+        # up to 60 s to live, so a few seconds of clock skew never expire a fresh one; a
+        # leeway here would only stretch a captured token's life past its stated exp.
+        if claims.exp <= now:
             raise TokenRefused(RefusalReason.EXPIRED, f"expired {now - claims.exp:.0f} s ago")
         if idempotency_key is not None and idempotency_key != claims.idempotency_key:
             raise TokenRefused(
