@@ -91,6 +91,25 @@ class RouterAnalysis(BaseModel):
     parts: list[RequestPart] = Field(default_factory=list, max_length=16)
     """The request split by topic; a topic without a part gets the whole request."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_topic_shape(cls, data: Any) -> Any:
+        # SPEC §4 names the classification `QueryAnalysis: intent, urgency, tone, topic,
+        # is_sensitive` (one intent, one topic). The schema the model is given asks for
+        # lists (a request can fan out), but an answer in the spec's own shape is read as
+        # a one-topic analysis rather than refused and retried into the human queue.
+        if not isinstance(data, dict) or "intents" in data or "topics" in data:
+            return data
+        if not ("intent" in data or "topic" in data):
+            return data
+        data = dict(data)
+        for one, many in (("intent", "intents"), ("topic", "topics")):
+            if one in data:
+                data[many] = [data.pop(one)]
+        if "isSensitive" in data and "is_sensitive" not in data:
+            data["is_sensitive"] = data.pop("isSensitive")
+        return data
+
     @model_validator(mode="after")
     def _parts_name_topics(self) -> RouterAnalysis:
         unknown = sorted({p.topic for p in self.parts} - set(self.topics))
