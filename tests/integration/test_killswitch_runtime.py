@@ -168,6 +168,10 @@ def test_a_drained_run_finishes_after_release_with_its_tool_effect_once(
                 stream = events.wait_for(session, "resolved", 180)
                 run_id = stream[0].run_id
                 assert {e.run_id for e in stream} == {run_id}
+                # The pod that halted the run is gone; the one continuing it says so first.
+                types = [e.type for e in stream]
+                assert types.count("resumed") == 1, types
+                assert types.index("halted") < types.index("resumed") < len(types) - 1, types
                 refunds = [e for e in tools.effects() if e["tool"] == "issue_refund" and e["runId"] == run_id]
                 assert len(refunds) == 1, tools.effects()
     finally:

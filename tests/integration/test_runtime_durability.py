@@ -334,6 +334,54 @@ def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_que
     assert json.loads(drained.to_json())["component"] == "runtime"
 
 
+def test_a_run_halted_in_a_pod_that_is_scaled_away_resumes_in_the_next_one(kafka, llm, events, tmp_path: Path):
+    """The default kill switch (scaleToZero): the runtime that halted the run is stopped
+    while halted, so the release's resume order reaches no runtime that knows the run. The
+    next pod continues it from its checkpoint, and the session hears `resumed` (once) before
+    the run's next events, as it does when the halted pod itself resumes."""
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    llm.set_scenario(refund_script(verify_delay=2))
+    agent = billing_agent(tmp_path, kafka, llm, tools.port)
+    switch = f"scaled-{uuid.uuid4().hex[:6]}"
+
+    def order(type_: str, generation: int, **kw) -> str:
+        return ControlMessage.new(type_, kill_switch=switch, generation=generation, agents=[agent.ref], **kw).to_json()
+
+    with tools:
+        agent.start().wait_ready(90)
+        try:
+            session = f"s-{uuid.uuid4().hex[:12]}"
+            produce(
+                kafka.bootstrap,
+                agent.request_topic,
+                user_message(agent.ref, session, "refund txn_1002").to_json(),
+                session,
+            )
+            deadline = time.monotonic() + 60
+            while not llm.requests(rule="verify") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert llm.requests(rule="verify"), agent.log()
+            halt = order("halt", 1, mode="drain", drain_timeout_seconds=20, reason="test")
+            produce(kafka.bootstrap, "fleetward.control", halt, switch)
+            events.wait_for(session, "halted", 30)
+            agent.stop()  # scaled to zero while halted
+            produce(kafka.bootstrap, "fleetward.control", order("resume", 2), switch)  # reaches no runtime
+            agent.env["POD_NAME"] = f"{agent.env['POD_NAME']}-next"  # a new pod, not a restarted container
+            agent.start().wait_ready(90)
+            stream = events.wait_for(session, "resolved", 60)
+            log = agent.log()
+        finally:
+            agent.stop()
+    types = [e.type for e in stream]
+    assert types.count("halted") == 1 and types.count("resumed") == 1, types
+    assert types.index("halted") < types.index("resumed") < types.index("tool_call"), types
+    resumed = stream[types.index("resumed")]
+    assert resumed.data.kill_switch == switch and resumed.run_id == stream[0].run_id
+    assert "starting halted" not in log
+    assert len(llm.requests(rule="verify")) == 1  # the step finished before the halt is not redone
+    assert_clean_stream(stream)
+
+
 def test_a_runtime_restarted_under_a_halt_stays_halted_until_the_resume(kafka, llm, events, tmp_path: Path):
     """A crashed container of a halted agent (pods kept: scaleToZero false) comes back with
     the halt behind its committed control offset: it must not take work again. And a switch

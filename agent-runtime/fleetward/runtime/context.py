@@ -106,6 +106,9 @@ class RunContext:
     """The verified user of the command, for the record."""
     partition: int | None = None
     """The request topic partition the run's command came from."""
+    halted_by: str | None = None
+    """The kill switch's halt this run was left in (persistence.halt_mark), when this
+    process continues it after the release: it sends the `resumed` event first."""
     current_step: str = "start"
     parked: bool = False
     parked_event: asyncio.Event = field(default_factory=asyncio.Event)

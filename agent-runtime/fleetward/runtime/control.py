@@ -19,7 +19,9 @@ dropped; the last checkpoint stays). A run still busy when `drainTimeoutSeconds`
 cancelled too (`forced`). Each gets a `halted` session event; then the ack `drained` lists
 them. Their requests stay uncommitted in Kafka.
 resume: parked runs go on, cancelled ones restart from their checkpoints, intake resumes;
-each halted run gets a `resumed` event; ack `resumed`.
+each halted run gets a `resumed` event; ack `resumed`. A halted run is marked so in the
+ledger: when its pod was scaled away (`scaleToZero`), the pod that continues it after the
+release sends the `resumed` event instead (runs.py), under the same key.
 rotate_keys: the signing key is read again from its mounted file.
 """
 
@@ -39,6 +41,7 @@ from fleetward.runtime.config import SigningKey, load_signing_key
 from fleetward.runtime.context import RunContext, Services
 from fleetward.runtime.intake import Intake
 from fleetward.runtime.kafka import AsyncProducer
+from fleetward.runtime.persistence import RUN_ACTIVE, RUN_HALTED, halt_mark
 from fleetward.runtime.runs import RunRegistry
 from fleetward.runtime.telemetry import HALTED
 
@@ -54,6 +57,9 @@ class HaltedRun:
     trace_id: str
     step: str
     outcome: str
+    traceparent: str | None
+    halted_by: str
+    """The halt's `halt_mark`: the resumed event's key, whoever sends it."""
 
 
 class Control:
@@ -89,6 +95,9 @@ class Control:
         self.sent_at: dict[str, Any] = {}
         self.halted_runs: list[HaltedRun] = []
         self.halted_by: tuple[str, int] | None = None
+        self.history_ends: dict[int, int] = {}
+        """Per partition, the offset `recover` read the history up to: a new instance's
+        consumer starts there, so an order sent between the two is not missed by both."""
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -104,6 +113,7 @@ class Control:
             last = await asyncio.to_thread(self._last_orders, within)
         except KafkaException as e:
             log.warning("could not read the control topic's history (%s); starting as not halted", e)
+            self.history_ends.clear()
             return
         for switch, order in last.items():
             self.generations[switch] = order.generation
@@ -143,6 +153,7 @@ class Control:
             starts: list[TopicPartition] = []
             for p in topic.partitions:
                 low, high = reader.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+                self.history_ends[p] = high
                 if high > low:
                     ends[p] = high
                     starts.append(TopicPartition(self.topic, p, low))
@@ -178,7 +189,8 @@ class Control:
         balance, and joining it cost a restarted container the old member's session timeout
         (45 s by default) before the first order could arrive; a halt sent meanwhile waited
         that long. Commits without membership are fine for a group nobody joins. A new
-        instance starts at the end of the topic, fixed here rather than by
+        instance starts where `recover` read the history up to (else at the end of the
+        topic), fixed here rather than by
         auto.offset.reset=latest, which is resolved lazily: an order sent right after the
         runtime reported ready would otherwise be skipped. False while the topic has no
         partitions yet."""
@@ -189,7 +201,8 @@ class Control:
         committed = self.consumer.committed(partitions, timeout=10)
         for tp in committed:
             if tp.offset < 0:
-                tp.offset = self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+                end = self.history_ends.get(tp.partition)
+                tp.offset = end if end is not None else self.consumer.get_watermark_offsets(tp, timeout=10)[1]
         self.consumer.assign(committed)
         return True
 
@@ -294,7 +307,10 @@ class Control:
         for ctx in in_flight:
             if outcomes[ctx.run_id] == "drained" and not ctx.parked:
                 continue  # it finished its last step instead of parking: nothing is halted
-            run = HaltedRun(ctx.run_id, ctx.session_id, ctx.trace_id, ctx.current_step, outcomes[ctx.run_id])
+            mark = halt_mark(order.kill_switch, order.generation)
+            run = HaltedRun(
+                ctx.run_id, ctx.session_id, ctx.trace_id, ctx.current_step, outcomes[ctx.run_id], ctx.traceparent, mark
+            )
             runs.append(run)
             await self._emit_for(
                 run,
@@ -306,6 +322,9 @@ class Control:
                     "step": run.step,
                 },
             )
+            # Recorded, so that a pod that continues the run after the release (this one is
+            # scaled away, `scaleToZero`) sends its `resumed` event (runs.py).
+            await self.services.ledger.set_run_status(run.run_id, RUN_HALTED, mark)
         self.halted_runs = runs
         self.halted_by = (order.kill_switch, order.generation)
         counts = {
@@ -335,15 +354,16 @@ class Control:
             run_id=run.run_id,
             trace_id=run.trace_id,
             data={k: v for k, v in data.items() if v is not None},
+            traceparent=run.traceparent,
         )
 
     async def _resume(self, order: ControlMessage) -> None:
         runs, self.halted_runs = self.halted_runs, []
         # The resumed events go out before the runs move, so they precede the runs' next events.
         for run in runs:
-            await self._emit_for(
-                run, f"resumed/{order.kill_switch}/{order.generation}", "resumed", {"killSwitch": order.kill_switch}
-            )
+            halted_by = run.halted_by.removeprefix("killswitch/")
+            await self._emit_for(run, f"resumed/{halted_by}", "resumed", {"killSwitch": order.kill_switch})
+            await self.services.ledger.set_run_status(run.run_id, RUN_ACTIVE)
         self.registry.resume()
         self.intake.resume()
         HALTED.labels(self.agent).set(0)

@@ -96,6 +96,21 @@ RUNNING, DONE = "running", "done"
 RUN_ACTIVE, RUN_WAITING, RUN_COMPLETED, RUN_FAILED = "active", "waiting", "completed", "failed"
 RUN_BUDGET_STOPPED = "budget_stopped"
 """Completed with a budget stop: ended at a cap with a partial result (not failed)."""
+RUN_HALTED = "halted"
+"""Halted by a kill switch; `waiting_for` names the halt (`halt_mark`). Whichever process
+continues the run first (this one at `resume`, or a new pod after the release) sends its
+`resumed` event, under a key that makes it one event either way."""
+
+
+def halt_mark(kill_switch: str, generation: int) -> str:
+    """What a halted run waits for: the KillSwitch order that halted it."""
+    return f"killswitch/{kill_switch}/{generation}"
+
+
+def halt_of(mark: str | None) -> tuple[str, str] | None:
+    """(kill switch, generation) of a `halt_mark`, or None for anything else."""
+    parts = (mark or "").split("/")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "killswitch" else None
 
 
 def _now() -> str:

@@ -30,11 +30,14 @@ from fleetward.runtime.middleware.guardrails import finding_summary, redact_valu
 from fleetward.runtime.middleware.sop_gate import SOP_INTERRUPT
 from fleetward.runtime.persistence import (
     DONE,
+    RUN_ACTIVE,
     RUN_BUDGET_STOPPED,
     RUN_COMPLETED,
     RUN_FAILED,
+    RUN_HALTED,
     RUN_WAITING,
     RunRecord,
+    halt_of,
 )
 from fleetward.runtime.resilience import FailureKind, classify_model_error
 from fleetward.runtime.review import APPROVAL_INTERRUPT, TIMEOUT_REVIEWER, BadAnswer, resume_answer
@@ -390,7 +393,20 @@ class RunExecutor:
             traceparent=traceparent_of(span),
             user=cmd.user.sub if cmd.user else None,
             partition=partition,
+            halted_by=run.waiting_for if run.status == RUN_HALTED else None,
         )
+
+    @staticmethod
+    async def _resumed_after_release(ctx: RunContext) -> None:
+        """A run a kill switch halted, continued by a process that did not halt it (that
+        one was scaled away): the session hears `resumed` first, as it does when the halted
+        process itself resumes (control.py; same event key, so it is one event either way)."""
+        halt = halt_of(ctx.halted_by)
+        if halt is not None:
+            kill_switch, generation = halt
+            await ctx.emit(f"resumed/{kill_switch}/{generation}", "resumed", {"killSwitch": kill_switch})
+        await ctx.services.ledger.set_run_status(ctx.run_id, RUN_ACTIVE)
+        ctx.halted_by = None
 
     async def _drive(self, ctx: RunContext, graph_input: Any, delivery: Delivery, *, redelivered: bool) -> Outcome:
         """`redelivered`: the command was recorded by an earlier delivery (see `CRASH_LIMIT`)."""
@@ -417,6 +433,8 @@ class RunExecutor:
                         extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}},
                     )
             self._serving.add(key)
+            if ctx.halted_by is not None:
+                await self._resumed_after_release(ctx)
             async for _ in self.graph.astream(
                 graph_input, _thread(ctx.run_id), context=ctx, durability="sync", stream_mode="updates"
             ):
