@@ -46,9 +46,17 @@ class AgentAccess:
     read_topics: tuple[str, ...]
     write_topics: tuple[str, ...]
     group_prefix: str
-    groups: bool = True
-    """Consumer groups (own group and groups under it); off for a halted agent that may
-    only report."""
+    """Its consumer groups: this one and the groups under it ("" for none)."""
+
+    @classmethod
+    def reporting(cls, principal: str, group_prefix: str, *, control: str, events: str, acks: str) -> AgentAccess:
+        """Under a kill switch until the drain is over: the runtime must still hear the halt
+        (read the control topic, in its control consumer's group) and report (write its
+        `halted` events and drain acks). Its request topic, and every other write, are gone.
+        (The halt is published after the revocation, so without these the runtime never
+        heard it and its pods were stopped by force at the drain timeout.) Group READ alone
+        gives nothing without READ on a topic."""
+        return cls(principal, (control,), (events, acks), group_prefix)
 
     def bindings(self) -> set[tuple[ResourceType, str, ResourcePatternType, AclOperation]]:
         """(resource type, name, pattern type, operation) tuples, all ALLOW for this principal."""
@@ -61,7 +69,7 @@ class AgentAccess:
             out |= {(topic, t, literal, AclOperation.WRITE), (topic, t, literal, AclOperation.DESCRIBE)}
         # Its own group, and groups under it ("<group>.control.<pod>"); the dot keeps agent
         # "a" out of agent "ab"'s groups (Agent names cannot contain dots).
-        if not self.groups:
+        if not self.group_prefix:
             return out
         out.add((group, self.group_prefix, literal, AclOperation.READ))
         out.add((group, f"{self.group_prefix}.", prefixed, AclOperation.READ))
@@ -203,28 +211,29 @@ class KafkaAdmin:
         await self.delete_user(username)
         await self.set_acls(AgentAccess(username, (), (), ""), only_delete=True)
 
-    async def withdraw_access(self, principals: list[str], keep_write: tuple[str, ...]) -> None:
+    async def withdraw_access(self, keep: list[AgentAccess]) -> None:
         """The kill switch's fast path: delete the SCRAM logins of many principals and every
-        ACL of theirs except WRITE/DESCRIBE on `keep_write`, in one request per kind."""
-        if not principals:
+        ACL of theirs outside `keep` (a subset of what they had: nothing is created here),
+        in one request per kind."""
+        if not keep:
             return
+        principals = [k.principal for k in keep]
         deletions = [UserScramCredentialDeletion(p, self._mechanism()) for p in principals]
         futures = await self._call(self.admin.alter_user_scram_credentials, deletions)
         await asyncio.to_thread(self._wait_all, futures, (KafkaError.RESOURCE_NOT_FOUND,))
-        wanted = {f"User:{p}" for p in principals}
+        kept = {f"User:{k.principal}": k.bindings() for k in keep}
         every = AclBindingFilter(
             ResourceType.ANY, None, ResourcePatternType.ANY, None, None, AclOperation.ANY, AclPermissionType.ANY
         )
         found = await self._call(self.admin.describe_acls, every, request_timeout=self.settings.timeout_seconds)
         existing = await asyncio.to_thread(found.result, self.settings.timeout_seconds)
-        keep_ops = (AclOperation.WRITE, AclOperation.DESCRIBE)
         doomed = [
             AclBindingFilter(
                 b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation, b.permission_type
             )
             for b in existing
-            if b.principal in wanted
-            and not (b.restype == ResourceType.TOPIC and b.name in keep_write and b.operation in keep_ops)
+            if b.principal in kept
+            and (b.restype, b.name, b.resource_pattern_type, b.operation) not in kept[b.principal]
         ]
         if doomed:
             futures = await self._call(self.admin.delete_acls, doomed, request_timeout=self.settings.timeout_seconds)

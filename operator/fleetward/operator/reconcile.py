@@ -169,6 +169,18 @@ def _access(ctx: OperatorContext, ns: str, name: str, spec: AgentSpec) -> AgentA
     )
 
 
+def reporting_access(ctx: OperatorContext, ns: str, name: str) -> AgentAccess:
+    """A halted Agent's Kafka access until its drain is over (AgentAccess.reporting)."""
+    topics = ctx.settings.topics
+    return AgentAccess.reporting(
+        kafka_principal(ns, name),
+        f"fleetward.{ns}.{name}",
+        control=topics.control,
+        events=topics.events,
+        acks=topics.control_acks,
+    )
+
+
 def _config_condition(spec: AgentSpec, res, ns: str) -> Cond:
     if res.missing_guardrails:
         return Cond(
@@ -488,18 +500,17 @@ async def _reconcile(
 
 async def _withdraw_kafka_access(ctx: OperatorContext, ref: AgentRef, *, drained: bool) -> str:
     """SCRAM mode, under a kill switch: the agent's user is deleted (no new logins) and its
-    ACLs shrink to reporting only (write its `halted` events and drain acks) until the drain
-    is over, then to nothing. Returns a problem, or "" when done."""
+    ACLs shrink to hearing the halt and reporting (`reporting_access`) until the drain is
+    over, then to nothing. Returns a problem, or "" when done."""
     if not ctx.settings.kafka.principals_managed:
         return ""
     principal = kafka_principal(ref.namespace, ref.name)
-    topics = ctx.settings.topics
     try:
         if drained:
             await ctx.kafka.delete_principal(principal)
         else:
             await ctx.kafka.delete_user(principal)
-            await ctx.kafka.set_acls(AgentAccess(principal, (), (topics.events, topics.control_acks), "", groups=False))
+            await ctx.kafka.set_acls(reporting_access(ctx, ref.namespace, ref.name))
     except KafkaUnavailable as e:
         return f"Could not remove the agent's Kafka user and ACLs: {e}. Retrying with backoff."
     return ""

@@ -2,8 +2,8 @@
 
 1. revoke where credentials are verified: every covered key leaves the trust bundle in one
    write (tool services and gateways watch it), and the covered Kafka principals lose
-   their SCRAM logins and every ACL except reporting (their `halted` events and drain
-   acks) in one admin request each;
+   their SCRAM logins and every ACL except hearing the halt and reporting (their `halted`
+   events and drain acks) in one admin request each;
 2. publish `halt` on the control topic (runtimes stop taking work, gateways close sessions);
 3. reconcile every covered Agent in halted mode (credential Secrets deleted, nothing
    re-issued while the switch covers it);
@@ -25,12 +25,13 @@ from typing import Any
 from fleetward.operator import conditions as c
 from fleetward.operator.conditions import Cond
 from fleetward.operator.context import OperatorContext
-from fleetward.operator.desired.agent import AGENT_LABEL, kafka_principal
+from fleetward.operator.desired.agent import AGENT_LABEL
 from fleetward.operator.kafka import KafkaUnavailable
 from fleetward.operator.killswitch.control import AckBook, new_order, order_agents
 from fleetward.operator.killswitch.scope import ENGAGED_AT, ENGAGED_BY, agent_id
 from fleetward.operator.kube import KubeError
 from fleetward.operator.metrics import KILL_SWITCH_ACTIVE, KILL_SWITCH_DRAIN_SECONDS, KILL_SWITCH_REVOCATION_SECONDS
+from fleetward.operator.reconcile import reporting_access
 
 log = logging.getLogger("fleetward.operator.killswitch")
 
@@ -66,9 +67,9 @@ async def _revoke_kafka(ctx: OperatorContext, agents: list[dict[str, Any]]) -> N
     """SCRAM mode: all covered principals at once (one request per kind of change)."""
     if not ctx.settings.kafka.principals_managed or not agents:
         return
-    principals = [kafka_principal(a["metadata"]["namespace"], a["metadata"]["name"]) for a in agents]
-    topics = ctx.settings.topics
-    await ctx.kafka.withdraw_access(principals, keep_write=(topics.events, topics.control_acks))
+    await ctx.kafka.withdraw_access(
+        [reporting_access(ctx, a["metadata"]["namespace"], a["metadata"]["name"]) for a in agents]
+    )
 
 
 async def _running_instances(ctx: OperatorContext, agents: list[dict[str, Any]]) -> dict[str, str]:
