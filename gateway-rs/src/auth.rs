@@ -137,8 +137,8 @@ pub struct Identity {
     pub sid: String,
     pub role: Role,
     pub agent: String,
-    /// `exp`, seconds since the epoch.
-    pub exp: u64,
+    /// `exp` (a NumericDate: seconds since the epoch, possibly fractional) as a point in time.
+    pub exp: SystemTime,
     /// The trust-bundle key that signed the token (None for HS256/JWKS tokens): the
     /// connection is closed when that key leaves the bundle.
     pub bundle_kid: Option<String>,
@@ -417,11 +417,40 @@ pub struct Authenticator {
     max_token_bytes: usize,
 }
 
-fn now_secs() -> u64 {
+/// Now, in seconds since the epoch (with the fraction).
+fn now_secs_f64() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The highest NumericDate accepted: 9999-12-31T23:59:59Z. Anything later is not a time a
+/// token means (and would overflow time arithmetic further on).
+const MAX_NUMERIC_DATE: f64 = 253_402_300_799.0;
+
+/// An RFC 7519 NumericDate: any finite JSON number from 0 to `MAX_NUMERIC_DATE`, integer or
+/// not (PyJWT, for one, writes `time.time() + 300` as is). Strings, booleans, negative and
+/// absurdly large numbers are refused.
+fn numeric_date(v: &Value) -> Option<f64> {
+    let n = match v {
+        Value::Number(n) => n.as_f64()?,
+        _ => return None,
+    };
+    (n.is_finite() && (0.0..=MAX_NUMERIC_DATE).contains(&n)).then_some(n)
+}
+
+/// Expired when `exp` + leeway is before now; not yet valid when `nbf` or `iat` is after now
+/// + leeway. Exact for fractional times (exp 1000.5 is expired at 1000.7 without leeway).
+fn check_times(exp: f64, nbf: Option<f64>, iat: Option<f64>, now: f64, leeway: u64) -> Result<(), Refusal> {
+    let leeway = leeway as f64;
+    if exp + leeway < now {
+        return Err(Refusal::Expired);
+    }
+    if nbf.is_some_and(|nbf| nbf > now + leeway) || iat.is_some_and(|iat| iat > now + leeway) {
+        return Err(Refusal::NotYetValid);
+    }
+    Ok(())
 }
 
 /// The `alg` of a token's header, read without trusting anything else in it.
@@ -558,8 +587,10 @@ impl Authenticator {
         };
         let mut v = Validation::new(alg);
         v.leeway = self.leeway;
+        // jsonwebtoken rounds fractional times to whole seconds: its exp check (more lenient
+        // than exact) stays as a first filter; `claims` checks exp, nbf and iat exactly.
         v.validate_exp = true;
-        v.validate_nbf = true;
+        v.validate_nbf = false;
         v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         v.set_audience(&[&self.audience]);
         v.set_issuer(&[&self.issuer]);
@@ -598,24 +629,22 @@ impl Authenticator {
                 Some(_) => Err(Refusal::BadClaim),
             }
         };
+        // Times first (as jsonwebtoken would), compared exactly: fractions count.
+        let time = |name: &str| -> Result<Option<f64>, Refusal> {
+            match c.get(name) {
+                None => Ok(None),
+                Some(v) => numeric_date(v).map(Some).ok_or(Refusal::BadClaim),
+            }
+        };
+        let exp = time("exp")?.ok_or(Refusal::MissingClaim)?;
+        let nbf = time("nbf")?;
+        let iat = time("iat")?;
+        check_times(exp, nbf, iat, now_secs_f64(), self.leeway)?;
         let sub = string("sub")?;
         let sid = string("sid")?;
         let role = Role::parse(&string("role")?).ok_or(Refusal::BadClaim)?;
         let agent = string("agent")?;
         if !is_agent_ref(&agent) || !is_session_id(&sid) {
-            return Err(Refusal::BadClaim);
-        }
-        let exp = c.get("exp").and_then(Value::as_u64).ok_or(Refusal::BadClaim)?;
-        let now = now_secs();
-        match c.get("iat") {
-            None => {}
-            Some(v) => match v.as_u64() {
-                Some(iat) if iat <= now + self.leeway => {}
-                Some(_) => return Err(Refusal::NotYetValid),
-                None => return Err(Refusal::BadClaim),
-            },
-        }
-        if c.get("nbf").is_some_and(|v| v.as_u64().is_none()) {
             return Err(Refusal::BadClaim);
         }
         if sid != path_session {
@@ -626,7 +655,7 @@ impl Authenticator {
             sid,
             role,
             agent,
-            exp,
+            exp: SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp),
             bundle_kid: None,
         })
     }
@@ -644,6 +673,13 @@ pub(crate) mod tests {
     use axum::http::HeaderValue;
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
+
+    pub(crate) fn now_secs() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
 
     pub const SECRET: &str = "test-secret-0123456789-abcdefghij-klmnop";
     const RSA: &str = include_str!("../tests/keys/rsa.pem");
@@ -740,6 +776,101 @@ pub(crate) mod tests {
             (id.sub.as_str(), id.role, id.agent.as_str()),
             ("alice", Role::Reviewer, "support/router")
         );
+    }
+
+    #[tokio::test]
+    async fn fractional_numeric_dates() {
+        let a = hs_auth();
+        let now = now_secs_f64();
+        // As PyJWT mints them: {"exp": time.time() + 300, "iat": time.time()}.
+        let mut c = claims("s-1", "user");
+        c["exp"] = json!(now + 300.25);
+        c["iat"] = json!(now - 0.5);
+        c["nbf"] = json!(now - 1.75);
+        let id = a.verify(&Token::new(hs(&c)), "s-1").await.unwrap();
+        let exp = id.exp.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((exp - (now + 300.25)).abs() < 0.001, "{exp}");
+        // Fractions within the leeway still pass (leeway 5).
+        c["iat"] = json!(now + 4.5);
+        c["nbf"] = json!(now + 4.5);
+        a.verify(&Token::new(hs(&c)), "s-1").await.unwrap();
+        // A float exp in the past.
+        c = claims("s-1", "user");
+        c["exp"] = json!(now - 60.5);
+        assert_eq!(a.verify(&Token::new(hs(&c)), "s-1").await, Err(Refusal::Expired));
+        // Half a second past exp without leeway is expired (jsonwebtoken alone would round it up).
+        let mut s = settings(KeySource::Hs256Secret(SECRET.as_bytes().to_vec()));
+        s.leeway_seconds = 0;
+        let strict = Authenticator::new(&s, Arc::new(Metrics::new()));
+        c["exp"] = json!(now - 0.5);
+        assert_eq!(strict.verify(&Token::new(hs(&c)), "s-1").await, Err(Refusal::Expired));
+        c["exp"] = json!(now + 60.5);
+        c["nbf"] = json!(now + 30.5);
+        assert_eq!(
+            strict.verify(&Token::new(hs(&c)), "s-1").await,
+            Err(Refusal::NotYetValid)
+        );
+        // Not NumericDates: the reasons are unchanged (jsonwebtoken counts an `exp` it cannot
+        // read as no `exp`; our own checks call the rest a bad claim).
+        for (name, bad, want) in [
+            ("string exp", json!("tomorrow"), Refusal::MissingClaim),
+            (
+                "numeric string exp",
+                json!((now + 300.0).to_string()),
+                Refusal::MissingClaim,
+            ),
+            ("boolean exp", json!(true), Refusal::MissingClaim),
+            ("negative exp", json!(-1.5), Refusal::MissingClaim),
+            ("huge float exp", json!(1e30), Refusal::MissingClaim),
+            ("absurd exp", json!(1e18), Refusal::BadClaim),
+            ("absurd integer exp", json!(u64::MAX), Refusal::BadClaim),
+        ] {
+            let mut c = claims("s-1", "user");
+            c["exp"] = bad;
+            assert_eq!(a.verify(&Token::new(hs(&c)), "s-1").await, Err(want), "{name}");
+        }
+        for claim in ["iat", "nbf"] {
+            for bad in [json!("1700000000"), json!(-1), json!(-0.5), json!(false), json!(1e30)] {
+                let mut c = claims("s-1", "user");
+                c[claim] = bad.clone();
+                assert_eq!(
+                    a.verify(&Token::new(hs(&c)), "s-1").await,
+                    Err(Refusal::BadClaim),
+                    "{claim} {bad}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn time_checks_are_exact_for_fractions() {
+        assert_eq!(check_times(1000.5, None, None, 1000.7, 0), Err(Refusal::Expired));
+        assert_eq!(check_times(1000.5, None, None, 1000.5, 0), Ok(()));
+        assert_eq!(check_times(1000.5, None, None, 1000.25, 0), Ok(()));
+        assert_eq!(check_times(1000.5, None, None, 1005.25, 5), Ok(()));
+        assert_eq!(check_times(1000.5, None, None, 1005.75, 5), Err(Refusal::Expired));
+        assert_eq!(
+            check_times(2000.0, Some(1000.5), None, 1000.25, 0),
+            Err(Refusal::NotYetValid)
+        );
+        assert_eq!(check_times(2000.0, Some(1000.5), None, 1000.5, 0), Ok(()));
+        assert_eq!(
+            check_times(2000.0, None, Some(1005.5), 1000.25, 5),
+            Err(Refusal::NotYetValid)
+        );
+        assert_eq!(check_times(2000.0, None, Some(1005.5), 1000.75, 5), Ok(()));
+        assert_eq!(numeric_date(&json!(1000.5)), Some(1000.5));
+        assert_eq!(numeric_date(&json!(1000)), Some(1000.0));
+        for bad in [
+            json!("1000"),
+            json!(-1),
+            json!(-0.001),
+            json!(true),
+            json!(null),
+            json!(1e300),
+        ] {
+            assert_eq!(numeric_date(&bad), None, "{bad}");
+        }
     }
 
     #[tokio::test]

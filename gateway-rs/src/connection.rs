@@ -49,6 +49,14 @@ pub struct Params {
     pub tracked: TaskTrackerToken,
 }
 
+/// How long a connection may stay open on a token expiring at `exp`: until `exp` + leeway
+/// (zero when that has passed).
+fn token_expires_in(exp: SystemTime, leeway_secs: u64, now: SystemTime) -> Duration {
+    (exp + Duration::from_secs(leeway_secs))
+        .duration_since(now)
+        .unwrap_or(Duration::ZERO)
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -315,8 +323,8 @@ async fn serve(sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocke
     if let Some(since) = params.since {
         w.last_sent.insert(since.partition, since.offset);
     }
-    let expires_in =
-        Duration::from_secs((params.identity.exp + st.auth.leeway()).saturating_sub(now_ms() as u64 / 1000));
+    // `exp` may be fractional (RFC 7519 NumericDate): close at exp + leeway to the millisecond.
+    let expires_in = token_expires_in(params.identity.exp, st.auth.leeway(), SystemTime::now());
     let expiry = tokio::time::sleep(expires_in);
     tokio::pin!(expiry);
     let mut ping = tokio::time::interval(limits.ping_interval);
@@ -558,5 +566,23 @@ impl Inbound {
                 Some(protocol::error_frame("refused", &msg))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_expiry_close_counts_fractional_exp() {
+        let at = |s: f64| UNIX_EPOCH + Duration::from_secs_f64(s);
+        // exp 1000.5, leeway 5: the close is due at 1005.5.
+        assert_eq!(token_expires_in(at(1000.5), 5, at(1000.0)), Duration::from_millis(5500));
+        assert_eq!(token_expires_in(at(1000.5), 0, at(1000.25)), Duration::from_millis(250));
+        // Past exp + leeway: close now.
+        assert_eq!(token_expires_in(at(1000.5), 0, at(1000.7)), Duration::ZERO);
+        assert_eq!(token_expires_in(at(1000.5), 5, at(2000.0)), Duration::ZERO);
+        // Whole seconds as before.
+        assert_eq!(token_expires_in(at(1000.0), 5, at(990.0)), Duration::from_secs(15));
     }
 }

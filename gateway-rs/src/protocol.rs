@@ -204,11 +204,18 @@ impl ClientFrame {
                 if !is_session_id(&f.run_id) {
                     return invalid("runId", "must be 1-128 characters of [A-Za-z0-9._:-]");
                 }
-                check_edit("edit", f.decision, f.edit.as_deref())?;
+                // A client helper may always send `edit`: an empty one with approve/reject counts
+                // as absent (nothing is produced for it). The command keeps the shared contract's
+                // rule: `edit` exactly when the decision is "edit" (a blank edit there is refused).
+                let edit = match (f.decision, f.edit) {
+                    (Decision::Approve | Decision::Reject, Some(e)) if e.is_empty() => None,
+                    (_, e) => e,
+                };
+                check_edit("edit", f.decision, edit.as_deref())?;
                 Ok(ClientFrame::ApprovalDecision {
                     run_id: f.run_id,
                     decision: f.decision,
-                    edit: f.edit,
+                    edit,
                 })
             }
             other => invalid(
@@ -311,6 +318,18 @@ mod tests {
                 "edit",
             ),
             (
+                r#"{"type":"approval_decision","runId":"r1","decision":"reject","edit":" "}"#,
+                "edit",
+            ),
+            (
+                r#"{"type":"approval_decision","runId":"r1","decision":"edit","edit":""}"#,
+                "edit",
+            ),
+            (
+                r#"{"type":"approval_decision","runId":"r1","decision":"edit","edit":null}"#,
+                "edit",
+            ),
+            (
                 r#"{"type":"approval_decision","runId":"r1","decision":"maybe"}"#,
                 "decision",
             ),
@@ -322,6 +341,50 @@ mod tests {
             let e = ClientFrame::parse(bad).unwrap_err();
             assert_eq!(e.field, field, "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn empty_edit_with_approve_or_reject_counts_as_absent() {
+        for (decision, want) in [("approve", Decision::Approve), ("reject", Decision::Reject)] {
+            for edit in [r#","edit":"""#, r#","edit":null"#, ""] {
+                let frame = format!(r#"{{"type":"approval_decision","runId":"r1","decision":"{decision}"{edit}}}"#);
+                assert_eq!(
+                    ClientFrame::parse(&frame).unwrap(),
+                    ClientFrame::ApprovalDecision {
+                        run_id: "r1".into(),
+                        decision: want,
+                        edit: None
+                    },
+                    "{frame}"
+                );
+            }
+            // Non-empty text with approve/reject is still refused, with the same rule.
+            let frame = format!(r#"{{"type":"approval_decision","runId":"r1","decision":"{decision}","edit":"x"}}"#);
+            let e = ClientFrame::parse(&frame).unwrap_err();
+            assert_eq!(e.field, "edit");
+            assert!(e.problem.contains("not allowed"), "{e}");
+        }
+        // The command produced for such a frame carries no `edit` and passes the shared contract.
+        let ClientFrame::ApprovalDecision { run_id, decision, edit } =
+            ClientFrame::parse(r#"{"type":"approval_decision","runId":"r1","decision":"approve","edit":""}"#).unwrap()
+        else {
+            panic!("an approval decision");
+        };
+        let input = CommandInput {
+            session_id: "s-1",
+            agent: "support/router",
+            user: CommandUser {
+                sub: "alice".into(),
+                role: Role::Reviewer,
+            },
+            trace_id: None,
+            idempotency_key: None,
+        };
+        let v = serde_json::to_value(AgentCommand::resume(input, &run_id, decision, edit.as_deref())).unwrap();
+        assert!(v["data"].get("edit").is_none(), "{v}");
+        AgentCommand::from_json(v).unwrap();
+        // The envelope rule itself stays strict: an empty edit on a command is refused.
+        assert!(check_edit("data.edit", Decision::Approve, Some("")).is_err());
     }
 
     #[test]

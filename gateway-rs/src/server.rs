@@ -168,7 +168,7 @@ async fn ws_handler(
                 &st,
                 refusal.status(),
                 refusal.reason(),
-                "see docs/gateway-protocol.md#errors",
+                "see docs/gateway-protocol.md#handshake-refusals",
             );
         }
     };
