@@ -232,7 +232,7 @@ CASES = [
     (
         "guardrail-custom-needs-detector",
         broken(GUARDRAIL, setter("spec.pii.entities[0]", {"type": "custom"})),
-        ["spec.pii.entities[0]", "a custom PII entity needs 'name' and 'detector'"],
+        ["spec.pii.entities[0]", "a custom PII entity needs 'detector' (a regular expression)"],
     ),
     (
         "guardrail-not-empty",

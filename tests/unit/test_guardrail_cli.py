@@ -167,7 +167,7 @@ def test_invalid_utf8_line_is_a_bad_line():
         ),
         (
             "kind: Guardrail\nmetadata: {name: g}\nspec:\n  pii:\n    entities: [{type: custom, name: x}]\n",
-            "spec.pii.entities.0: a custom PII entity needs 'name' and 'detector'",
+            "spec.pii.entities.0: a custom PII entity needs 'detector' (a regular expression)",
         ),
         (
             "kind: Guardrail\nmetadata: {name: g}\nspec:\n  injection: {patterns: ['(']}\n",
@@ -184,6 +184,19 @@ def test_bad_manifests_stop_before_scanning_with_the_field_named(tmp_path, manif
     done = scan("-f", str(path), stdin=json.dumps({"id": 1, "text": "x"}) + "\n")
     assert done.returncode == 2 and done.stdout == ""
     assert message in done.stderr, done.stderr
+
+
+def test_an_unnamed_custom_entity_is_reported_as_custom(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(
+        "kind: Guardrail\nmetadata: {name: g}\nspec:\n  pii:\n    entities:\n"
+        "      - {type: custom, detector: 'TCK-[0-9]{4}'}\n      - {type: custom, detector: 'EMP-[0-9]{6}'}\n"
+    )
+    done = scan("-f", str(path), stdin=json.dumps({"id": 1, "text": "TCK-1234 and EMP-123456"}) + "\n")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["text"] == "[REDACTED_CUSTOM] and [REDACTED_CUSTOM]"
+    assert [(f["kind"], f["type"]) for f in out["findings"]] == [("pii", "custom"), ("pii", "custom")]
 
 
 def test_hash_key_file_keys_the_hash(tmp_path):

@@ -36,6 +36,29 @@ def test_redact_uses_type_placeholders_and_custom_names():
     assert result.findings == (Finding("pii", "email", 5, 21), Finding("pii", "ticket_ref", 28, 36))
 
 
+def test_unnamed_custom_entities_report_the_type_custom_and_all_detect():
+    engine = GuardrailEngine(
+        [
+            pii(
+                {"type": "custom", "detector": r"TCK-\d{4}"},
+                {"type": "custom", "detector": r"EMP-\d{6}", "strategy": "hash"},
+                {"type": "custom", "name": "order_ref", "detector": r"ORD-\d{3}"},
+            )
+        ]
+    )
+    result = engine.scan("TCK-1234 EMP-123456 ORD-777", "input")
+    # both unnamed entities are type `custom` and share the strictest strategy (redact > hash)
+    assert result.text == "[REDACTED_CUSTOM] [REDACTED_CUSTOM] [REDACTED_ORDER_REF]"
+    assert result.findings == (
+        Finding("pii", "custom", 0, 8),
+        Finding("pii", "custom", 9, 19),
+        Finding("pii", "order_ref", 20, 27),
+    )
+    # the second unnamed entity is not shadowed by the first, on every stage
+    two = GuardrailEngine([pii({"type": "custom", "detector": "TCK-"}, {"type": "custom", "detector": "X-"})])
+    assert two.scan("X-1", "output").findings == (Finding("pii", "custom", 0, 2),)
+
+
 @pytest.mark.parametrize(
     ("pii_type", "text", "masked"),
     [

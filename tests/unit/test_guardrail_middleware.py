@@ -116,3 +116,25 @@ def test_two_guardrails_on_one_type_compose_like_the_engine(layout: str):
     result = run(agent, HumanMessage("I am jane@example.com"), layout)
     assert model.seen[0][-1].content == "I am ****@example.com"
     assert result["messages"][-1].content == "write to [REDACTED_EMAIL]"
+
+
+def test_unnamed_custom_entities_are_one_custom_middleware_like_the_engine(layout: str):
+    specs = [
+        GuardrailSpec.model_validate(
+            {
+                "pii": {
+                    "entities": [
+                        {"type": "custom", "detector": "TCK-[0-9]{4}"},
+                        {"type": "custom", "detector": "EMP-[0-9]{6}"},
+                    ]
+                }
+            }
+        )
+    ]
+    middlewares = pii_middleware(specs)
+    assert [m.pii_type for m in middlewares] == ["custom"]
+    text = "ticket TCK-1234 for EMP-123456"
+    agent, model = agent_for(specs, reply="ok", layout=layout)
+    run(agent, HumanMessage(text), layout)
+    assert model.seen[0][-1].content == GuardrailEngine(specs).scan(text, "input").text
+    assert model.seen[0][-1].content == "ticket [REDACTED_CUSTOM] for [REDACTED_CUSTOM]"

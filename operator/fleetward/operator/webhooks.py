@@ -1,4 +1,13 @@
-"""Admission for KillSwitches (SPEC §2, §7): identities come from the API server's
+"""Admission webhooks the operator serves (SPEC §2): what the schema and CEL cannot check.
+
+Guardrails (`check_guardrail`): every regular expression the agent runtime compiles (a PII
+entity's `detector`, each `injection.patterns[]` entry) must compile in the runtime's own
+dialect (`fleetward.api.guardrail.compile_pattern`, which the runtime's guardrail engine
+calls); CEL has no way to parse a Python regular expression. A refusal names each field
+(`spec.injection.patterns[2]`) and the compiler's error. (`policy.bannedPhrases` are
+matched as escaped literals, never as regular expressions, so they cannot fail to compile.)
+
+KillSwitches (SPEC §2, §7): identities come from the API server's
 authentication (`userInfo` of the admission request), never from text a user typed.
 
 - engaging (create with `engaged: true`, or false -> true) stamps who and when into
@@ -13,17 +22,115 @@ that answers the API server's AdmissionReviews is killswitch/admission.py."""
 
 from __future__ import annotations
 
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from fleetward.operator.killswitch.scope import ENGAGED_AT, ENGAGED_BY
 
+from fleetward.api.guardrail import REGEX_DIALECT, compile_pattern
+
 STAMPED = (ENGAGED_BY, ENGAGED_AT)
 
 
 class Refused(Exception):
     """The request is rejected with this message (HTTP 403 from the API server)."""
+
+    def status(self) -> dict[str, Any]:
+        """The AdmissionResponse `status` (a metav1.Status) for this refusal."""
+        return {"code": 403, "message": str(self)}
+
+
+class Invalid(Refused):
+    """The object is invalid: 422 with one cause per field, like the API server's own
+    schema and CEL errors (`kubectl` shows the message, clients can read the causes)."""
+
+    def __init__(self, kind: str, name: str, problems: Sequence[tuple[str, str]]) -> None:
+        self.kind, self.name, self.problems = kind, name, list(problems)
+        listed = "; ".join(f"{field}: {message}" for field, message in self.problems)
+        super().__init__(f"{kind} {name!r} is invalid: {listed}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "code": 422,
+            "reason": "Invalid",
+            "message": str(self),
+            "details": {
+                "name": self.name,
+                "group": "fleetward.dev",
+                "kind": self.kind,
+                "causes": [{"reason": "FieldValueInvalid", "field": f, "message": m} for f, m in self.problems],
+            },
+        }
+
+
+# -- Guardrails ----------------------------------------------------------------------------
+
+_SHOWN = 80  # characters of a pattern quoted in a message (patterns may have up to 1024)
+
+
+def _regex_fields(spec: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(field path, value) of every regular expression in a Guardrail spec (wire form),
+    whether or not the runtime would compile it today (an `injection.mode: off` or an
+    entity whose applyTo is narrowed still holds patterns a later edit turns on)."""
+    pii = spec.get("pii") if isinstance(spec.get("pii"), dict) else {}
+    for i, entity in enumerate(pii.get("entities") or []):
+        if isinstance(entity, dict) and entity.get("detector") is not None:
+            yield f"spec.pii.entities[{i}].detector", entity["detector"]
+    injection = spec.get("injection") if isinstance(spec.get("injection"), dict) else {}
+    for i, pattern in enumerate(injection.get("patterns") or []):
+        yield f"spec.injection.patterns[{i}]", pattern
+
+
+def guardrail_problems(spec: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(field path, what is wrong) for every pattern of a Guardrail spec that the agent
+    runtime could not compile; empty when all compile."""
+    problems: list[tuple[str, str]] = []
+    for field, pattern in _regex_fields(spec or {}):
+        if not isinstance(pattern, str):
+            problems.append((field, f"allowed: {REGEX_DIALECT}, got {type(pattern).__name__}"))
+            continue
+        try:
+            compile_pattern(pattern)
+        except (re.error, RecursionError, OverflowError) as e:
+            shown = pattern if len(pattern) <= _SHOWN else pattern[:_SHOWN] + "..."
+            problems.append((field, f"invalid regular expression {shown!r}: {e}; allowed: {REGEX_DIALECT}"))
+    return problems
+
+
+def serves_namespace(namespace: str | None, watch: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether this installation validates objects in `namespace`: one of `watch` (all when
+    empty) and none of the `exclude` globs, the operator's own scope. The chart's
+    namespaceSelector already keeps other namespaces away; this also covers glob excludes,
+    which a selector cannot express."""
+    if not namespace:
+        return False
+    if watch and namespace not in watch:
+        return False
+    return not any(fnmatch.fnmatchcase(namespace, p) for p in exclude)
+
+
+def check_guardrail(operation: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+    """The validating pass for a Guardrail: raises Invalid naming every pattern that does
+    not compile. Only CREATE and spec-changing UPDATEs are checked, so metadata-only writes
+    (labels, Kopf's annotations, finalizers, a delete) of a Guardrail stored before this
+    check existed still go through."""
+    if operation not in ("CREATE", "UPDATE") or new is None:
+        return
+    meta = new.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return
+    if operation == "UPDATE" and old is not None and old.get("spec") == new.get("spec"):
+        return
+    problems = guardrail_problems(new.get("spec"))
+    if problems:
+        raise Invalid("Guardrail", str(meta.get("name") or meta.get("generateName") or ""), problems)
+
+
+# -- KillSwitches --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

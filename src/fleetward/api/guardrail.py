@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field
@@ -24,13 +25,27 @@ ApplyTo = Literal["input", "output", "toolResults"]
 Pattern = Annotated[str, Field(min_length=1, max_length=1024)]
 Phrase = Annotated[str, Field(min_length=1, max_length=256)]
 
+CUSTOM_LABEL = "custom"
+"""The finding/placeholder type of a custom entity without a `name` ([REDACTED_CUSTOM])."""
+
+REGEX_DIALECT = "a regular expression in Python `re` syntax"
+"""What the regular-expression fields (`pii.entities[].detector`, `injection.patterns[]`)
+accept, in words, for error messages."""
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """The one definition of the regular-expression dialect of a Guardrail's patterns: the
+    agent runtime's guardrail engine, its PII middleware and the operator's admission
+    webhook all compile them here (Python `re`, no flags). Raises re.error."""
+    return re.compile(pattern)
+
 
 class PIIEntity(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "self.type != 'custom' || (has(self.detector) && has(self.name))",
-                "a custom PII entity needs 'name' and 'detector' (a regular expression)",
+                "self.type != 'custom' || has(self.detector)",
+                "a custom PII entity needs 'detector' (a regular expression)",
             )
         )
     )
@@ -41,9 +56,20 @@ class PIIEntity(ApiModel):
     """redact: replace with [REDACTED_TYPE]; mask: keep the last 4 characters; hash: stable
     hash; block: refuse the whole message."""
     name: str | None = Field(default=None, min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$")
-    """Label for a custom entity, used in placeholders and metrics."""
+    """Optional label for a custom entity, used in findings, placeholders and metrics; without
+    it the label is `custom` ([REDACTED_CUSTOM]). Entities with the same label share the
+    strictest of their strategies."""
     detector: str | None = Field(default=None, min_length=1, max_length=1024)
-    """Regular expression; required for custom, replaces the built-in detector otherwise."""
+    """Regular expression (Python `re` syntax); required for custom, replaces the built-in
+    detector otherwise."""
+
+    @property
+    def label(self) -> str:
+        """The type findings and placeholders carry: the built-in type, or for a custom
+        entity its name (`custom` when it has none)."""
+        if self.type == "custom":
+            return self.name or CUSTOM_LABEL
+        return self.type
 
 
 class PIIConfig(ApiModel):
@@ -61,7 +87,7 @@ class InjectionConfig(ApiModel):
     mode: Literal["enforce", "observe", "off"] = "enforce"
     """enforce: act on detections; observe: only record them; off: disabled."""
     patterns: list[Pattern] | None = Field(default=None, max_length=64)
-    """Extra regular expressions, on top of the built-in detection of instruction
+    """Extra regular expressions (Python `re` syntax), on top of the built-in detection of instruction
     override, role-play hijack, system-prompt extraction and tool coercion."""
     action: Literal["block", "escalate"] = "block"
 

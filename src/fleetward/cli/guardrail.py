@@ -126,10 +126,9 @@ def _check_rules_beyond_schema(guardrail: Guardrail, where: str) -> None:
     if spec.pii is None and spec.injection is None and spec.policy is None and spec.limits is None:
         raise ManifestError(f"{where}: spec: a Guardrail needs at least one of pii, injection, policy or limits")
     for i, entity in enumerate(spec.pii.entities if spec.pii else ()):
-        if entity.type == "custom" and (entity.name is None or entity.detector is None):
+        if entity.type == "custom" and entity.detector is None:
             raise ManifestError(
-                f"{where}: spec.pii.entities.{i}: "
-                "a custom PII entity needs 'name' and 'detector' (a regular expression)"
+                f"{where}: spec.pii.entities.{i}: a custom PII entity needs 'detector' (a regular expression)"
             )
 
 

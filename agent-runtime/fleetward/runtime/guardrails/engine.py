@@ -24,7 +24,9 @@ Where each part applies (the spec leaves it open; decided here):
 - limits: `maxInputChars` on `input`, `maxOutputChars` on `output`. A text over the limit is
   blocked without being scanned further (no work is spent on oversized input).
 
-Strategies (see `render`): redact -> `[REDACTED_EMAIL]` (custom entity: its name upper-cased);
+Strategies (see `render`): redact -> `[REDACTED_EMAIL]` (custom entity: its name upper-cased,
+`[REDACTED_CUSTOM]` when it has none: unnamed custom entities all report the type `custom`
+and, like any type configured twice, share the strictest of their strategies);
 mask -> keep what identifies the least (email: the domain; card, phone, SSN, IBAN: the last 4
 digits/characters; IPv4: the last octet; IPv6: the last group; API key: the provider prefix
 and the last 4; others: the last 4 when the value has at least 10 characters); hash ->
@@ -56,7 +58,7 @@ from fleetward.runtime.guardrails.detectors import (
 from fleetward.runtime.guardrails.normalize import View, pii_view
 from fleetward.runtime.guardrails.policy import BannedPhrases
 
-from fleetward.api.guardrail import GuardrailSpec
+from fleetward.api.guardrail import GuardrailSpec, compile_pattern
 
 Stage = Literal["input", "output", "toolResults"]
 Verdict = Literal["allow", "block", "escalate"]
@@ -251,12 +253,11 @@ def _build_plan(stage: Stage, specs: Sequence[GuardrailSpec], names: Sequence[st
         if spec.pii is not None and stage in spec.pii.apply_to:
             for i, entity in enumerate(spec.pii.entities):
                 where = f"{name}: spec.pii.entities[{i}]"
-                label = entity.name if entity.type == "custom" else entity.type
-                if entity.type == "custom" and (not entity.name or not entity.detector):
-                    raise GuardrailConfigError(f"{where}: a custom entity needs 'name' and 'detector'")
-                assert label is not None
+                label = entity.label
+                if entity.type == "custom" and not entity.detector:
+                    raise GuardrailConfigError(f"{where}: a custom entity needs 'detector'")
                 if entity.detector is not None:
-                    user_regexes.append(UserRegex(label, _compile_user_regex(entity.detector, f"{where}.detector")))
+                    user_regexes.append(UserRegex(label, compile_user_regex(entity.detector, f"{where}.detector")))
                 else:
                     builtin.add(entity.type)
                 previous = plan.strategies.get(label)
@@ -264,7 +265,7 @@ def _build_plan(stage: Stage, specs: Sequence[GuardrailSpec], names: Sequence[st
                     plan.strategies[label] = entity.strategy
         if spec.injection is not None and spec.injection.mode != "off" and stage in INJECTION_STAGES:
             patterns = tuple(
-                _compile_user_regex(p, f"{name}: spec.injection.patterns[{i}]")
+                compile_user_regex(p, f"{name}: spec.injection.patterns[{i}]")
                 for i, p in enumerate(spec.injection.patterns or ())
             )
             plan.injections.append(
@@ -293,9 +294,12 @@ def _build_plan(stage: Stage, specs: Sequence[GuardrailSpec], names: Sequence[st
     return plan
 
 
-def _compile_user_regex(pattern: str, where: str) -> re.Pattern[str]:
+def compile_user_regex(pattern: str, where: str) -> re.Pattern[str]:
+    """A Guardrail's own regular expression (a PII `detector`, an `injection.patterns[]`
+    entry), compiled in the one dialect the API defines (`compile_pattern`, which the
+    operator's admission webhook checks with as well); errors name `where`."""
     try:
-        return re.compile(pattern)
+        return compile_pattern(pattern)
     except re.error as e:
         raise GuardrailConfigError(f"{where}: invalid regular expression {pattern!r}: {e}") from e
 

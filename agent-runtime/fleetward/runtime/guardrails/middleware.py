@@ -26,15 +26,14 @@ calls `GuardrailEngine.scan` for them (the engine is the single implementation).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fleetward.runtime.guardrails.detectors import SPECIFICITY, USER_REGEX_SPECIFICITY, detector_for, regex_detector
-from fleetward.runtime.guardrails.engine import STRATEGY_RANK, GuardrailConfigError, Strategy, render
+from fleetward.runtime.guardrails.engine import STRATEGY_RANK, Strategy, compile_user_regex, render
 from langchain.agents.middleware import PIIMatch, PIIMiddleware
 
-from fleetward.api.guardrail import GuardrailSpec
+from fleetward.api.guardrail import GuardrailSpec, compile_pattern
 
 
 class FleetwardPIIMiddleware(PIIMiddleware):
@@ -121,11 +120,9 @@ def pii_middleware(
         if spec.pii is None:
             continue
         for i, entity in enumerate(spec.pii.entities):
-            label = entity.name if entity.type == "custom" else entity.type
-            if label is None:
-                raise GuardrailConfigError(f"{name}: spec.pii.entities[{i}]: a custom entity needs 'name'")
+            label = entity.label
             if entity.detector is not None:
-                _compile(entity.detector, f"{name}: spec.pii.entities[{i}].detector")
+                compile_user_regex(entity.detector, f"{name}: spec.pii.entities[{i}].detector")
             for stage in spec.pii.apply_to:
                 strategy, builtin, regexes = plan.setdefault(label, {}).get(stage, (entity.strategy, False, ()))
                 if STRATEGY_RANK[entity.strategy] > STRATEGY_RANK[strategy]:
@@ -160,16 +157,9 @@ def pii_middleware(
     return out
 
 
-def _compile(pattern: str, where: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise GuardrailConfigError(f"{where}: invalid regular expression {pattern!r}: {e}") from e
-
-
 def _combined_detector(label: str, builtin: bool, regexes: tuple[str, ...]) -> Callable[[str], list[PIIMatch]]:
     parts = [detector_for(label)] if builtin else []
-    parts += [regex_detector(label, re.compile(r)) for r in regexes]
+    parts += [regex_detector(label, compile_pattern(r)) for r in regexes]
     if len(parts) == 1:
         return parts[0]
 

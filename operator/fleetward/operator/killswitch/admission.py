@@ -8,9 +8,10 @@ behind them — time in which the credentials still worked, and with failurePoli
 late answer (over the API server's 10 s) refuses the engage itself. Served here, on a loop
 of its own, an engage is admitted whatever the reconcilers are doing.
 
-Paths are the ones the chart's webhook configurations call (/killswitch-stamp and
-/killswitch-check). Every replica serves: the decisions depend on the request only, plus
-the Agents this installation serves for its own finalizer."""
+Paths are the ones the chart's webhook configurations call (/killswitch-stamp,
+/killswitch-check, and /guardrail-check for Guardrails' regular expressions). Every replica
+serves: the decisions depend on the request only, plus the Agents this installation serves
+for its own finalizer (and, for Guardrails, its watched and excluded namespaces)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from typing import Any
 
 from aiohttp import web
 from fleetward.operator.settings import OperatorSettings
-from fleetward.operator.webhooks import Refused, Requester, admit, check
+from fleetward.operator.webhooks import Refused, Requester, admit, check, check_guardrail, serves_namespace
 
 log = logging.getLogger("fleetward.operator.admission")
 
 MUTATE_PATH = "/killswitch-stamp"
 VALIDATE_PATH = "/killswitch-check"
+GUARDRAIL_PATH = "/guardrail-check"
 
 
 def _plain(body: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -99,6 +101,12 @@ def review(
     new, old = request.get("object"), request.get("oldObject")
     response: dict[str, Any] = {"uid": uid, "allowed": True}
     try:
+        if path == GUARDRAIL_PATH:
+            # Only Guardrails in this installation's namespaces (the chart's namespaceSelector
+            # cannot express excludeNamespaces globs); others are another installation's.
+            if serves_namespace(request.get("namespace"), settings.watch_namespaces, settings.exclude_namespaces):
+                check_guardrail(operation, _plain(old), _plain(new))
+            return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
         requester = Requester.of(request.get("userInfo"))
         if path == MUTATE_PATH:
             changes = admit(operation, _plain(old), _plain(new), requester)
@@ -112,7 +120,7 @@ def review(
         else:
             check(operation, _plain(old), _plain(new), requester)
     except Refused as e:
-        response = {"uid": uid, "allowed": False, "status": {"code": 403, "message": str(e)}}
+        response = {"uid": uid, "allowed": False, "status": e.status()}
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
@@ -140,6 +148,7 @@ def app(settings: OperatorSettings, indexes: Callable[[], dict[str, Any]]) -> we
     application = web.Application(client_max_size=3 * 1024 * 1024)
     application.router.add_post(MUTATE_PATH, handle)
     application.router.add_post(VALIDATE_PATH, handle)
+    application.router.add_post(GUARDRAIL_PATH, handle)
     return application
 
 
