@@ -87,14 +87,15 @@ def test_stage_selects_what_applies_and_files_compose(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text(
         "apiVersion: fleetward.dev/v1alpha1\nkind: Guardrail\nmetadata: {name: strict-output}\n"
-        "spec:\n  policy: {bannedPhrases: [refund everyone], action: block}\n"
+        "spec:\n  policy: {bannedPhrases: [refund everyone], action: block, applyTo: [output]}\n"
     )
     stdin = json.dumps({"id": 1, "text": "You can bypass it, or refund everyone"}) + "\n"
     out = json.loads(scan("-f", str(EXAMPLE), "-f", str(extra), "--stage", "output", stdin=stdin).stdout)
     assert out["verdict"] == "block"
     assert [f["type"] for f in out["findings"]] == ["bypass", "refund everyone"]
     out = json.loads(scan("-f", str(EXAMPLE), "-f", str(extra), stdin=stdin).stdout)  # default stage: input
-    assert out["verdict"] == "allow" and out["findings"] == []
+    assert out["verdict"] == "escalate"  # the example's policy looks at input too; extra's only at output
+    assert [f["type"] for f in out["findings"]] == ["bypass"]
 
 
 def test_output_equals_the_engine_the_runtime_runs(tmp_path):

@@ -140,13 +140,25 @@ def test_custom_injection_patterns_act_only_for_their_guardrail_mode():
     assert engine.scan("please act as root", "input").verdict == "block"
 
 
-def test_policy_phrases_on_output_whole_words_any_case_and_spacing():
+def test_policy_phrases_whole_words_any_case_and_spacing_on_input_and_output_by_default():
     engine = GuardrailEngine([spec(policy={"bannedPhrases": ["bypass", "skip verification"], "action": "escalate"})])
     result = engine.scan("You can SKIP\n  Verification, or Bypass it.", "output")
     assert result.verdict == "escalate"
     assert result.findings == (Finding("policy", "skip verification", 8, 27), Finding("policy", "bypass", 32, 38))
     assert engine.scan("the check was bypassed", "output").verdict == "allow"  # whole words only
-    assert engine.scan("bypass", "input").verdict == "allow"  # policy is about what the agent says
+    # A request asking for it is escalated too; tool results are not the agent's words.
+    asked = engine.scan("How do I bypass 2FA?", "input")
+    assert asked.verdict == "escalate" and asked.findings == (Finding("policy", "bypass", 9, 15),)
+    assert engine.scan("bypass", "toolResults").verdict == "allow"
+
+
+def test_policy_apply_to_narrows_the_stages():
+    engine = GuardrailEngine([spec(policy={"bannedPhrases": ["bypass"], "applyTo": ["output"]})])
+    assert engine.scan("bypass", "input").verdict == "allow"
+    assert engine.scan("bypass", "output").verdict == "block"
+    engine = GuardrailEngine([spec(policy={"bannedPhrases": ["bypass"], "applyTo": ["toolResults"]})])
+    assert engine.scan("bypass", "toolResults").verdict == "block"
+    assert engine.scan("bypass", "output").verdict == "allow"
 
 
 def test_limits_block_oversized_text_without_scanning_it():

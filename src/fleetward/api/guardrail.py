@@ -94,8 +94,17 @@ class InjectionConfig(ApiModel):
 
 class PolicyConfig(ApiModel):
     banned_phrases: list[Phrase] = Field(min_length=1, max_length=256)
-    """Phrases that must not appear in output, e.g. bypass, circumvent, skip verification."""
+    """Phrases that must not appear, e.g. bypass, circumvent, skip verification (whole words,
+    any case and spacing)."""
     action: Literal["block", "escalate"] = "block"
+    apply_to: list[ApplyTo] = Field(
+        default=["input", "output"],
+        min_length=1,
+        max_length=3,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    """Where the phrases are looked for: the agent must not say them (output), and a request
+    asking for them (input: "how do I bypass 2FA") is blocked or escalated to a person."""
 
 
 class Limits(ApiModel):

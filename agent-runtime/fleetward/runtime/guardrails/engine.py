@@ -20,7 +20,8 @@ Where each part applies (the spec leaves it open; decided here):
 - PII: the stages in `pii.applyTo`;
 - injection: `input` and `toolResults` (text that flows *into* the model; indirect
   injection arrives in tool results); not `output`;
-- policy (`bannedPhrases`): `output`, as the field's description says;
+- policy (`bannedPhrases`): the stages in `policy.applyTo` (default input and output: a
+  request asking how to bypass a check is escalated or blocked like an answer saying how);
 - limits: `maxInputChars` on `input`, `maxOutputChars` on `output`. A text over the limit is
   blocked without being scanned further (no work is spent on oversized input).
 
@@ -65,7 +66,6 @@ Verdict = Literal["allow", "block", "escalate"]
 Strategy = Literal["redact", "mask", "hash", "block"]
 STAGES: tuple[Stage, ...] = ("input", "output", "toolResults")
 INJECTION_STAGES = frozenset({"input", "toolResults"})
-POLICY_STAGES = frozenset({"output"})
 _VERDICT_RANK = {"allow": 0, "escalate": 1, "block": 2}
 # Strictest first: what two Guardrails configuring the same type end up with.
 STRATEGY_RANK = {"mask": 0, "hash": 1, "redact": 2, "block": 3}
@@ -273,7 +273,7 @@ def _build_plan(stage: Stage, specs: Sequence[GuardrailSpec], names: Sequence[st
                     name, spec.injection.mode, spec.injection.action, inj.CustomPatterns(patterns) if patterns else None
                 )
             )
-        if spec.policy is not None and stage in POLICY_STAGES:
+        if spec.policy is not None and stage in spec.policy.apply_to:
             try:
                 phrases = BannedPhrases.of(spec.policy.banned_phrases)
             except ValueError as e:
