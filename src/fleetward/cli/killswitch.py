@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kill.add_argument("--wait", action="store_true", help="wait until the switch reports Drained and print it")
     kill.add_argument("--timeout", type=float, default=120, help="seconds --wait waits (default 120)")
     _kube_args(kill)
-    kill.set_defaults(handler=run_kill)
+    kill.set_defaults(handler=_reporting_kube_errors(run_kill))
 
     approve = sub.add_parser(
         "approve",
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     approve.add_argument("name")
     approve.add_argument("--comment", help="a note kept with your approval")
     _kube_args(approve)
-    approve.set_defaults(handler=run_approve)
+    approve.set_defaults(handler=_reporting_kube_errors(run_approve))
 
     release = sub.add_parser(
         "release", help="release an engaged KillSwitch once two people other than the engager approved"
@@ -62,19 +62,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     release.add_argument("--wait", action="store_true", help="wait until the switch reports Released")
     release.add_argument("--timeout", type=float, default=120)
     _kube_args(release)
-    release.set_defaults(handler=run_release)
+    release.set_defaults(handler=_reporting_kube_errors(run_release))
 
     status = sub.add_parser("status", help="list KillSwitches, or show one in detail")
     status.add_argument("name", nargs="?")
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     _kube_args(status)
-    status.set_defaults(handler=run_status)
+    status.set_defaults(handler=_reporting_kube_errors(run_status))
+
+
+class _NoCluster(Exception):
+    """No usable kubeconfig, or the API server did not answer: said in one line, no traceback."""
+
+
+def _reporting_kube_errors(handler):
+    def run(args: argparse.Namespace) -> int:
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return handler(args)
+        except _NoCluster as e:
+            return _fail(str(e))
+        except HTTPError as e:  # connection refused, TLS, timeouts: the API server did not answer
+            return _fail(f"could not reach the Kubernetes API server: {getattr(e, 'reason', None) or e}")
+
+    return run
 
 
 def _api(args: argparse.Namespace):
     from kubernetes import client, config
 
-    config.load_kube_config(config_file=args.kubeconfig, context=args.context)
+    try:
+        config.load_kube_config(config_file=args.kubeconfig, context=args.context)
+    except (config.ConfigException, OSError, TypeError, ValueError) as e:
+        where = args.kubeconfig or "$KUBECONFIG or ~/.kube/config"
+        raise _NoCluster(f"no usable kubeconfig ({where}): {e}; pass --kubeconfig FILE") from None
     api_client = client.ApiClient()
     return client.CustomObjectsApi(api_client), api_client
 
