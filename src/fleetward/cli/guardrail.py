@@ -10,9 +10,10 @@ input on standard output:
 Offsets are character offsets into the input text. Several -f files (and several YAML
 documents per file) compose: all Guardrails apply, block beats escalate beats allow.
 Which parts apply at which --stage: PII per its applyTo; injection on input and
-toolResults; policy (bannedPhrases) on output; maxInputChars on input, maxOutputChars on
-output. A bad input line is reported on standard error with its line number and the scan
-goes on; the exit code is then 1. A bad Guardrail file stops before scanning (exit 2).
+toolResults; policy (bannedPhrases) per its applyTo (default input and output);
+maxInputChars on input, maxOutputChars on output. A bad input line is reported on
+standard error with its line number and the scan goes on; the exit code is then 1. A bad
+Guardrail file stops before scanning (exit 2).
 
 Example:
     echo '{"id": 1, "text": "mail me at jane@example.com"}' |
