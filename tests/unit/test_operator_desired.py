@@ -159,6 +159,30 @@ def test_placement_block_passes_through() -> None:
     assert {"name": "LOG_LEVEL", "value": "debug"} in pod["spec"]["containers"][0]["env"]
 
 
+def test_an_otlp_endpoint_reaches_the_runtime_pods_and_an_agent_can_override_it() -> None:
+    otlp = "http://otel-collector.observability:4318"
+    settings = OperatorSettings(namespace="fleetward-system", telemetry={"otlpEndpoint": otlp})
+
+    def env_of(spec: AgentSpec | None = None) -> list[dict]:
+        extra = {"spec": spec} if spec is not None else {}
+        inputs = inputs_for("billing", settings=settings, **extra)
+        dep = next(o for o in desired_agent(inputs).objects if o["kind"] == "Deployment")
+        return dep["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": otlp} in env_of()
+    mine = {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://team-collector:4318"}
+    spec = AgentSpec.model_validate({**AGENTS["billing"]["spec"], "deployment": {"env": [mine]}})
+    names = [e["name"] for e in env_of(spec)]
+    assert env_of(spec)[-1] == mine and names.count("OTEL_EXPORTER_OTLP_ENDPOINT") == 2  # the later one wins
+    unset = desired_agent(inputs_for("billing")).objects
+    dep = next(o for o in unset if o["kind"] == "Deployment")
+    assert all(
+        e["name"] != "OTEL_EXPORTER_OTLP_ENDPOINT" for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    )
+    with pytest.raises(ValueError, match="otlpEndpoint"):
+        OperatorSettings(telemetry={"otlpEndpoint": "otel-collector:4318"})  # no scheme
+
+
 def test_runtime_pods_are_locked_down() -> None:
     dep = next(o for o in desired_agent(inputs_for("billing")).objects if o["kind"] == "Deployment")
     pod = dep["spec"]["template"]["spec"]

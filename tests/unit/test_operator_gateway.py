@@ -95,3 +95,15 @@ def test_a_jwks_url_replaces_the_hs256_secret():
 def test_unknown_gateway_auth_setting_is_named():
     with pytest.raises(ValidationError, match="trustBundel"):
         OperatorSettings.model_validate({"gateway": {"auth": {"trustBundel": False}}})
+
+
+def test_an_otlp_endpoint_reaches_the_gateway_pods():
+    otlp = "http://otel-collector.observability:4318"
+    dep = next(
+        o
+        for o in desired_gateway(OperatorSettings(namespace="fw", telemetry={"otlpEndpoint": otlp}))[0]
+        if o["kind"] == "Deployment"
+    )
+    assert _env(dep)["OTEL_EXPORTER_OTLP_ENDPOINT"] == otlp
+    dep = next(o for o in desired_gateway(OperatorSettings(namespace="fw"))[0] if o["kind"] == "Deployment")
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in _env(dep)

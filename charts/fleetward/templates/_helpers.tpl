@@ -64,6 +64,8 @@ apiConnections: {{ .Values.operator.apiConnections }}
 peering: {{ if .Values.operator.peering }}{{ .Release.Name | quote }}{{ else }}null{{ end }}
 # In the settings (and so in the operator's checksum annotation): a price change restarts it.
 modelPrices: {{ .Values.modelPrices | default dict | toJson }}
+telemetry:
+  otlpEndpoint: {{ .Values.telemetry.otlpEndpoint | default nil | toJson }}
 webhook:
   enabled: {{ .Values.webhook.enabled }}
   listenAddress: {{ .Values.webhook.listenAddress | quote }}

@@ -179,6 +179,15 @@ class WebhookSettings(Settings):
     key_file: str = "/var/run/fleetward/webhook/tls.key"
 
 
+class TelemetrySettings(Settings):
+    """Where the runtimes and the gateway export their traces (SPEC §8)."""
+
+    otlp_endpoint: str | None = Field(default=None, pattern=r"^https?://\S+$", max_length=2048)
+    """OTLP/HTTP endpoint (e.g. http://otel-collector.observability:4318), set as
+    OTEL_EXPORTER_OTLP_ENDPOINT in every runtime and gateway pod; unset: no export. An
+    Agent's own `spec.deployment.env` can override it for that Agent."""
+
+
 class AuditSettings(Settings):
     """Where the operator's audit records go (SPEC §8)."""
 
@@ -219,6 +228,7 @@ class OperatorSettings(Settings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     peering: str | None = "fleetward"
     """Kopf peering name: replicas coordinate so that only one acts. None: standalone."""
     model_prices: dict[Annotated[str, Field(min_length=1, max_length=256)], ModelPricing] = Field(default_factory=dict)

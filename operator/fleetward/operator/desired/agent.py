@@ -318,8 +318,10 @@ def _env(inputs: AgentInputs) -> list[dict[str, Any]]:
                 "valueFrom": {"secretKeyRef": {"name": inputs.settings.runtime.database_secret, "key": "dsn"}},
             }
         )
+    if inputs.settings.telemetry.otlp_endpoint:
+        env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": inputs.settings.telemetry.otlp_endpoint})
     options = inputs.spec.deployment
-    env += [e.to_wire() for e in (options.env if options and options.env else [])]
+    env += [e.to_wire() for e in (options.env if options and options.env else [])]  # last: they win
     return env
 
 

@@ -60,6 +60,8 @@ def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
         plain["FLEETWARD_GATEWAY_KAFKA_SASL_MECHANISM"] = kafka.sasl_mechanism
     if gw.auth.jwks_url:
         plain["FLEETWARD_GATEWAY_JWKS_URL"] = gw.auth.jwks_url
+    if settings.telemetry.otlp_endpoint:
+        plain["OTEL_EXPORTER_OTLP_ENDPOINT"] = settings.telemetry.otlp_endpoint
     if gw.auth.trust_bundle:
         plain["FLEETWARD_GATEWAY_TRUST_BUNDLE_CONFIGMAP"] = settings.trust_bundle_name
         plain["FLEETWARD_GATEWAY_TRUST_BUNDLE_NAMESPACE"] = settings.namespace
