@@ -251,3 +251,42 @@ def test_an_older_body_of_the_same_agent_is_recognised() -> None:
     assert not is_older_body(newest, AgentRef("ns", "a", "uid-1", 5))
     assert not is_older_body(newest, AgentRef("ns", "a", "uid-2", 1)), "a re-created Agent starts at 1"
     assert not is_older_body(None, AgentRef("ns", "a", "uid-1", 1))
+
+
+def test_a_key_the_trust_bundle_refused_is_reported_and_nothing_mounts_it() -> None:
+    # The bundle write fails: the apply reports it as the key's problem (CredentialsIssued
+    # False, not "is in the trust bundle"), and the Deployment whose pods would mint tokens
+    # with that key is not applied.
+    import asyncio
+    from types import SimpleNamespace
+
+    from fleetward.operator.credentials import AgentCredentials
+    from fleetward.operator.reconcile import _apply
+
+    class Bundle:
+        async def publish(self, agent: str, jwk: dict) -> None:
+            raise RuntimeError("configmaps fleetward-trust-bundle is forbidden")
+
+    class Kube:
+        def __init__(self) -> None:
+            self.applied: list[str] = []
+
+        async def apply(self, obj: dict) -> dict:
+            self.applied.append(obj["kind"])
+            return obj
+
+    inputs = inputs_for("billing")
+    res = resolve(inputs.spec, SOPS, GUARDRAILS, set(AGENTS))
+    kube = Kube()
+    ctx = SimpleNamespace(settings=inputs.settings, bundle=Bundle(), kube=kube, applied={})
+    creds = AgentCredentials(inputs.key_id, {"kid": inputs.key_id}, inputs.kafka_username, "pw")
+    ref = inputs.ref
+    result = asyncio.run(
+        _apply(
+            ctx, ref, inputs.spec, res, creds, inputs.model_keys, applied_before=False, skip_unchanged=False, timings={}
+        )
+    )
+    assert result.key_published is False and result.config_hash is None
+    assert f"Publishing signing key {inputs.key_id} in the trust bundle failed" in result.problem
+    assert "forbidden" in result.problem and "Deployment" not in kube.applied
+    assert ctx.applied == {}  # not remembered as applied: the next reconcile tries again

@@ -31,6 +31,7 @@ class Reason:
     SECRET_NOT_FOUND = "SecretNotFound"
     SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
     KAFKA_UNAVAILABLE = "KafkaUnavailable"
+    KEY_NOT_PUBLISHED = "KeyNotPublished"
     WITHHELD_BY_KILL_SWITCH = "WithheldByKillSwitch"
     # Available
     DEPLOYMENT_AVAILABLE = "DeploymentAvailable"

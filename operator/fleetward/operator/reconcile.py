@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleetward.operator import conditions as c
 from fleetward.operator.conditions import Cond, Reason
@@ -283,9 +283,23 @@ async def _nothing() -> None:
     return None
 
 
-async def _keep(old_status: dict[str, Any]) -> tuple[str | None, str, None]:
+class _KeyNotPublished(Exception):
+    """The trust-bundle write of the agent's key failed (its CredentialsIssued says so)."""
+
+
+class Applied(NamedTuple):
+    config_hash: str | None
+    problem: str
+    """What failed ("" when nothing did)."""
+    deployment: dict[str, Any] | None
+    """The Deployment as applied; None when nothing was applied this time."""
+    key_published: bool = True
+    """False when the problem is the trust-bundle write of the agent's key."""
+
+
+async def _keep(old_status: dict[str, Any]) -> Applied:
     """Nothing is applied (a reference or credential is missing): the last good config stays."""
-    return old_status.get("configHash"), "", None
+    return Applied(old_status.get("configHash"), "", None)
 
 
 async def _ensure_principal(ctx: OperatorContext, spec: AgentSpec, ref: AgentRef, creds: AgentCredentials) -> str:
@@ -308,6 +322,13 @@ async def _ensure_topic(ctx: OperatorContext, topic: str) -> str:
     return ""
 
 
+async def _publish_key(ctx: OperatorContext, ref: AgentRef, creds: AgentCredentials) -> None:
+    try:
+        await ctx.bundle.publish(f"{ref.namespace}/{ref.name}", creds.jwk)
+    except Exception as e:  # whatever the bundle thread raised: the key is not trusted yet
+        raise _KeyNotPublished(str(e)) from e
+
+
 async def _apply(
     ctx,
     ref: AgentRef,
@@ -319,7 +340,7 @@ async def _apply(
     applied_before: bool,
     skip_unchanged: bool,
     timings: dict[str, float],
-) -> tuple[str | None, str, dict[str, Any] | None]:
+) -> Applied:
     """Apply the desired objects; returns (config hash, problem or "", the applied Deployment).
 
     Objects the spec no longer wants (an HPA, a state claim) are deleted only for an Agent
@@ -342,7 +363,7 @@ async def _apply(
     ).hexdigest()
     if skip_unchanged and ctx.applied.get(key) == (ref.uid, fingerprint):
         timings["unchanged"] = 0.0
-        return desired.config.config_hash, "", None
+        return Applied(desired.config.config_hash, "", None)
     ctx.applied.pop(key, None)
     *supporting, deployment = [o for o in desired.objects if o["kind"] != "HorizontalPodAutoscaler"]
     hpa = [o for o in desired.objects if o["kind"] == "HorizontalPodAutoscaler"]
@@ -350,16 +371,19 @@ async def _apply(
         # The key is trusted before any pod can mint a token with it, and what the pods
         # mount exists before the Deployment that mounts it.
         await _all(
-            _timed(timings, "bundle", ctx.bundle.publish(f"{ref.namespace}/{ref.name}", creds.jwk)),
+            _timed(timings, "bundle", _publish_key(ctx, ref, creds)),
             *(_timed(timings, o["kind"], ctx.kube.apply(o)) for o in supporting),
         )
         applied = await _timed(timings, "deployment", ctx.kube.apply(deployment))
         absent = desired.absent if applied_before else []
         await _all(*(ctx.kube.apply(o) for o in hpa), *(ctx.kube.delete(k, ref.namespace, n) for k, n in absent))
+    except _KeyNotPublished as e:
+        why = f"Publishing signing key {creds.key_id} in the trust bundle failed: {e}. Retrying with backoff."
+        return Applied(None, why, None, key_published=False)
     except KubeError as e:
-        return None, f"Applying the agent's objects failed: {e}. Retrying with backoff.", None
+        return Applied(None, f"Applying the agent's objects failed: {e}. Retrying with backoff.", None)
     ctx.applied[key] = (ref.uid, fingerprint)
-    return desired.config.config_hash, "", applied
+    return Applied(desired.config.config_hash, "", applied)
 
 
 async def _reconcile(
@@ -423,7 +447,7 @@ async def _reconcile(
     deployable = bool(parts[c.CONFIG_RESOLVED].ok and parts[c.CREDENTIALS_ISSUED].ok)
     principal_task = _ensure_principal(ctx, spec, ref, creds) if deployable else _nothing()
     applied_before = bool(old_status.get("observedGeneration"))
-    principal_problem, topic_problem, (config_hash, apply_problem, dep) = await asyncio.gather(
+    principal_problem, topic_problem, (config_hash, apply_problem, dep, key_published) = await asyncio.gather(
         _timed(timings, "principal", principal_task),
         _timed(timings, "topic", _ensure_topic(ctx, topic)),
         _apply(
@@ -450,6 +474,8 @@ async def _reconcile(
         parts[TOPIC_READY] = Cond(TOPIC_READY, True, "TopicExists", f"Request topic {topic} exists.")
     if apply_problem:
         transient.append("apply")
+        if not key_published:  # not "is in the trust bundle": verifiers would refuse its tokens
+            parts[c.CREDENTIALS_ISSUED] = Cond(c.CREDENTIALS_ISSUED, False, Reason.KEY_NOT_PUBLISHED, apply_problem)
 
     if dep is None:  # nothing applied this time: look at what runs
         dep = await ctx.kube.get("Deployment", ns, base_name(name))
