@@ -290,3 +290,55 @@ def test_a_key_the_trust_bundle_refused_is_reported_and_nothing_mounts_it() -> N
     assert f"Publishing signing key {inputs.key_id} in the trust bundle failed" in result.problem
     assert "forbidden" in result.problem and "Deployment" not in kube.applied
     assert ctx.applied == {}  # not remembered as applied: the next reconcile tries again
+
+
+def test_a_deployment_event_older_than_the_applied_deployment_changes_nothing() -> None:
+    import asyncio
+    from collections import defaultdict
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from fleetward.operator import conditions as c
+    from fleetward.operator.reconcile import AgentState, refresh_availability
+
+    def deployment(generation: int, ready: int) -> dict:
+        return {
+            "metadata": {
+                "namespace": "githouse",
+                "name": "fw-billing",
+                "uid": "dep-uid",
+                "generation": generation,
+                "labels": {"fleetward.dev/agent": "billing"},
+                "ownerReferences": [{"kind": "Agent", "uid": "uid-billing"}],
+            },
+            "spec": {"replicas": 1},
+            "status": {
+                "observedGeneration": generation,
+                "replicas": 1,
+                "updatedReplicas": ready,
+                "readyReplicas": ready,
+                "conditions": [{"type": "Available", "status": "True" if ready else "False"}],
+            },
+        }
+
+    class Kube:
+        def __init__(self) -> None:
+            self.statuses: list[dict] = []
+
+        async def patch_status(self, kind, ns, name, status) -> None:
+            self.statuses.append(status)
+
+    kube = Kube()
+    ctx = SimpleNamespace(kube=kube, locks=defaultdict(asyncio.Lock), statuses={}, unconfirmed=set())
+    pending = {"phase": "Pending", "observedGeneration": 2, "conditions": []}
+    parts = {t: c.Cond(t, True, "Fine", "") for t in c.AGENT_PARTS if t != c.AVAILABLE}
+    ctx.statuses[("githouse", "billing")] = AgentState(
+        parts=parts, paused=False, status=pending, expected_replicas=1, deployment=("dep-uid", 5)
+    )
+    with mock.patch("kopf.event"):
+        asyncio.run(refresh_availability(ctx, deployment(4, ready=1)))  # the old config's pods, available
+        assert kube.statuses == []  # stale: the Agent is not reported Available on the old config
+        asyncio.run(refresh_availability(ctx, deployment(5, ready=1)))
+    [written] = kube.statuses
+    assert c.get(written["conditions"], c.AVAILABLE)["status"] == "True"
+    assert ctx.statuses[("githouse", "billing")].deployment == ("dep-uid", 5)

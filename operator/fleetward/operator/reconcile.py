@@ -65,6 +65,16 @@ class AgentState:
     status: dict[str, Any]
     expected_replicas: int | None
     halted_by: str | None = None
+    deployment: tuple[str, int] | None = None
+    """(uid, generation) of the runtime Deployment as the reconcile applied or read it: a
+    Deployment event carrying an older generation of it is stale and changes nothing."""
+
+
+def deployment_version(dep: dict[str, Any] | None) -> tuple[str, int] | None:
+    meta = (dep or {}).get("metadata") or {}
+    if not meta.get("uid"):
+        return None
+    return str(meta["uid"]), int(meta.get("generation") or 0)
 
 
 @dataclass
@@ -515,7 +525,9 @@ async def _reconcile(
         status["configHash"] = config_hash
     await _timed(timings, "status", _write_status(ctx, ref, status, old_status))
     expected = None if spec.autoscaling else (0 if spec.paused else (spec.replicas if spec.replicas is not None else 1))
-    ctx.statuses[(ns, name)] = AgentState(parts=parts, paused=spec.paused, status=status, expected_replicas=expected)
+    ctx.statuses[(ns, name)] = AgentState(
+        parts=parts, paused=spec.paused, status=status, expected_replicas=expected, deployment=deployment_version(dep)
+    )
     retry = None
     if transient:
         for reason in transient:
@@ -675,6 +687,10 @@ async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> Non
         state = ctx.statuses.get((ns, name))
         if state is None:  # never reconciled here: its reconcile will read the Deployment itself
             return
+        seen = deployment_version(dep)
+        if state.deployment and seen and seen[0] == state.deployment[0] and seen[1] < state.deployment[1]:
+            return  # an event older than the Deployment the last reconcile applied
+        state.deployment = seen or state.deployment
         if state.halted_by:
             scaled = state.expected_replicas == 0
             avail, replicas, ready = availability(
