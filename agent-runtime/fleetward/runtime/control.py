@@ -324,7 +324,7 @@ class Control:
             )
             # Recorded, so that a pod that continues the run after the release (this one is
             # scaled away, `scaleToZero`) sends its `resumed` event (runs.py).
-            await self.services.ledger.set_run_status(run.run_id, RUN_HALTED, mark)
+            await self._mark(run, RUN_HALTED, mark)
         self.halted_runs = runs
         self.halted_by = (order.kill_switch, order.generation)
         counts = {
@@ -357,13 +357,23 @@ class Control:
             traceparent=run.traceparent,
         )
 
+    async def _mark(self, run: HaltedRun, status: str, waiting_for: str | None = None) -> None:
+        """Best effort: a database error must not cost the drain its ack (or the resume its
+        intake); the cost is a `resumed` event missing if another pod continues the run."""
+        try:
+            await self.services.ledger.set_run_status(run.run_id, status, waiting_for)
+        except Exception as e:
+            log.warning("could not record run %s as %s: %s", run.run_id, status, e)
+
     async def _resume(self, order: ControlMessage) -> None:
         runs, self.halted_runs = self.halted_runs, []
         # The resumed events go out before the runs move, so they precede the runs' next events.
         for run in runs:
             halted_by = run.halted_by.removeprefix("killswitch/")
-            await self._emit_for(run, f"resumed/{halted_by}", "resumed", {"killSwitch": order.kill_switch})
-            await self.services.ledger.set_run_status(run.run_id, RUN_ACTIVE)
+            # The switch that halted it, as a pod continuing it after a restart says (runs.py).
+            switch = halted_by.rsplit("/", 1)[0]
+            await self._emit_for(run, f"resumed/{halted_by}", "resumed", {"killSwitch": switch})
+            await self._mark(run, RUN_ACTIVE)
         self.registry.resume()
         self.intake.resume()
         HALTED.labels(self.agent).set(0)

@@ -66,9 +66,10 @@ class OperatorContext:
         return acts
 
     def distrust_what_was_written(self) -> None:
-        """Another replica may have written since this one last did: keep the cached
-        statuses (Deployment events still update them) but write the next one of each, and
-        apply again rather than skip an Agent as unchanged."""
+        """Another replica may have written since this one last did: until its next
+        reconcile, an Agent's cached status is not built on (Deployment events wait for that
+        reconcile, which starts from the live status) and its next status is written even
+        when equal; and the next apply is made rather than skipped as unchanged."""
         self.unconfirmed = set(self.statuses)
         self.applied.clear()
 

@@ -400,7 +400,9 @@ async def _reconcile(
     ctx: OperatorContext, ref: AgentRef, body: dict[str, Any], refs: References, *, skip_unchanged: bool
 ) -> Outcome:
     ns, name = ref.namespace, ref.name
-    previous = ctx.statuses.get((ns, name))
+    # What this process last wrote, unless another replica may have written since (then
+    # the body's: the cache would bring back what that replica had changed).
+    previous = ctx.statuses.get((ns, name)) if (ns, name) not in ctx.unconfirmed else None
     old_status = previous.status if previous else dict(body.get("status") or {})
     try:
         spec = AgentSpec.model_validate(body["spec"])
@@ -412,6 +414,7 @@ async def _reconcile(
             "conditions": c.merge(old_status.get("conditions"), [cond], ref.generation),
         }
         await _write_status(ctx, ref, status, old_status)
+        ctx.statuses.pop((ns, name), None)  # nothing to build on until a valid spec
         return Outcome(status, problem=cond.message)
 
     halts = halts_for(refs.switches, ns, (body["metadata"].get("labels") or {}))
@@ -685,7 +688,10 @@ async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> Non
     # window would leave the Agent Pending until the next resync.
     async with ctx.locks[(ns, name)]:
         state = ctx.statuses.get((ns, name))
-        if state is None:  # never reconciled here: its reconcile will read the Deployment itself
+        if state is None or (ns, name) in ctx.unconfirmed:
+            # Never reconciled here, or another replica acted since: the next reconcile
+            # reads the Deployment itself (a status built on this cache would undo that
+            # replica's writes).
             return
         seen = deployment_version(dep)
         if state.deployment and seen and seen[0] == state.deployment[0] and seen[1] < state.deployment[1]:

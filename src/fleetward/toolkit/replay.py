@@ -1,5 +1,5 @@
 """Remembers the jti of every accepted token until the token could no longer be accepted
-anyway (its exp), so a captured token cannot be used twice.
+anyway (its exp, plus the largest leeway a verifier may use), so a captured token cannot be used twice.
 
 In-memory and per process: a tool service with several replicas detects a replay only on
 the replica that saw the first use; the idempotency key still keeps effects single.

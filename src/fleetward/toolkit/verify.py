@@ -129,9 +129,12 @@ class ToolTokenVerifier:
             claims = ToolTokenClaims.from_payload(payload)
         except (ValueError, TypeError) as e:
             raise TokenRefused(RefusalReason.MISSING_CLAIM, str(e)) from None
-        self._check_claims(claims, payload.get("nbf"), key.agent, audience, idempotency_key)
+        now = self._clock()  # one reading for every check, so they agree on what "now" is
+        self._check_claims(claims, payload.get("nbf"), key.agent, audience, idempotency_key, now)
         try:
-            first = self.replay_cache.first_use(claims.jti, claims.exp, self._clock())
+            # Remembered past exp by the largest leeway any verifier may use: a clock that
+            # steps back must not make a forgotten id usable again.
+            first = self.replay_cache.first_use(claims.jti, claims.exp + MAX_LEEWAY_SECONDS, now)
         except ReplayCacheFull as e:
             raise TokenRefused(
                 RefusalReason.REPLAY_CACHE_FULL, f"replay cache full ({e}); refusing until entries expire"
@@ -141,7 +144,13 @@ class ToolTokenVerifier:
         return VerifiedCall(claims=claims, kid=kid)
 
     def _check_claims(
-        self, claims: ToolTokenClaims, nbf: object, key_agent: str, audience: str, idempotency_key: str | None
+        self,
+        claims: ToolTokenClaims,
+        nbf: object,
+        key_agent: str,
+        audience: str,
+        idempotency_key: str | None,
+        now: float,
     ) -> None:
         if claims.iss != self.issuer:
             raise TokenRefused(
@@ -159,7 +168,6 @@ class ToolTokenVerifier:
             )
         if nbf is not None and (isinstance(nbf, bool) or not isinstance(nbf, (int, float))):
             raise TokenRefused(RefusalReason.MALFORMED, "nbf must be a NumericDate")
-        now = self._clock()
         not_before = claims.iat if nbf is None else nbf
         if max(claims.iat, not_before) > now + self.leeway:
             raise TokenRefused(RefusalReason.NOT_YET_VALID, f"issued {claims.iat - now:.0f} s in the future")

@@ -321,8 +321,11 @@ def _env(inputs: AgentInputs) -> list[dict[str, Any]]:
     if inputs.settings.telemetry.otlp_endpoint:
         env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": inputs.settings.telemetry.otlp_endpoint})
     options = inputs.spec.deployment
-    env += [e.to_wire() for e in (options.env if options and options.env else [])]  # last: they win
-    return env
+    own = [e.to_wire() for e in (options.env if options and options.env else [])]
+    # The Agent's own entries win. One entry per name: server-side apply keys `env` by
+    # name and refuses an apply that names a variable twice.
+    mine = {e["name"] for e in own}
+    return [e for e in env if e["name"] not in mine] + own
 
 
 def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
