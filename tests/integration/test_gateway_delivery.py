@@ -144,10 +144,14 @@ def test_slow_client_is_closed_4008_and_fast_one_keeps_up(
     kafka: Kafka, topics: Topics, writer: KafkaWriter, tmp_path: Path
 ):
     gw = GatewayProcess(
-        kafka.bootstrap, topics, SECRET, tmp_path / "gw-slow.log", "--outbound-queue=4", instance="gw-slow"
+        kafka.bootstrap, topics, SECRET, tmp_path / "gw-slow.log", "--outbound-queue=48", instance="gw-slow"
     ).start()
     n = 150
-    big = "x" * 40_000  # large frames fill the socket buffers of a client that stops reading
+    # Large frames fill the socket buffers of a client that stops reading: 150 of 90 kB are
+    # far more than its queue (48 frames) and the kernel's buffers hold. The queue is that
+    # deep so that the fast client has slack when the machine is busy (with 4, a gateway
+    # writer starved for a moment by other work closed the fast client too).
+    big = "x" * 90_000
 
     async def main() -> None:
         # The slow client: a tiny receive buffer and a websockets queue of one frame, never read.
