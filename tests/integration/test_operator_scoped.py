@@ -163,3 +163,97 @@ def test_a_kill_switch_removes_the_agents_kafka_principal(scoped, api, core, kaf
         assert consume_one(kafka_scram.client_config(user, new_password), topic, f"fleetward.{WATCHED}.delta.t3")
     finally:
         objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", name)
+
+
+def test_kafka_principals_of_agents_that_no_longer_exist_are_swept(scoped, api, kafka_scram):
+    """An Agent deleted by force (its finalizer removed, the cleanup never ran) leaves its
+    SCRAM login and ACLs behind: housekeeping deletes them once the Agent has been absent in
+    two sweeps. Principals of namespaces this installation does not serve, and users that do
+    not hold an Agent's kind of access, are left alone."""
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        AdminClient,
+        ResourcePatternType,
+        ResourceType,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialDeletion,
+        UserScramCredentialUpsertion,
+    )
+
+    admin = AdminClient(kafka_scram.client_config())
+    ghost, outsider = f"fleetward.{WATCHED}.ghost", f"fleetward.{OTHER}.ghost"
+    plain = f"fleetward.{WATCHED}.plain"  # a login of that shape, without an Agent's kind of access
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)
+    for user in (ghost, outsider, plain):
+        for f in admin.alter_user_scram_credentials([UserScramCredentialUpsertion(user, info, b"pw")]).values():
+            f.result(15)
+    # What the operator grants an Agent's principal: its request topic and its groups.
+    acls = []
+    for user in (ghost, outsider):
+        ns = user.split(".")[1]
+        acls += [
+            AclBinding(
+                ResourceType.TOPIC,
+                f"fleetward.requests.{ns}.ghost",
+                ResourcePatternType.LITERAL,
+                f"User:{user}",
+                "*",
+                AclOperation.READ,
+                AclPermissionType.ALLOW,
+            ),
+            AclBinding(
+                ResourceType.GROUP,
+                f"{user}.",
+                ResourcePatternType.PREFIXED,
+                f"User:{user}",
+                "*",
+                AclOperation.READ,
+                AclPermissionType.ALLOW,
+            ),
+        ]
+    for f in admin.create_acls(acls).values():
+        f.result(15)
+
+    def acls_of(user: str) -> list:
+        flt = AclBindingFilter(
+            ResourceType.ANY,
+            None,
+            ResourcePatternType.ANY,
+            f"User:{user}",
+            None,
+            AclOperation.ANY,
+            AclPermissionType.ANY,
+        )
+        return admin.describe_acls(flt).result(15)
+
+    def users() -> set[str]:
+        return set(admin.describe_user_scram_credentials().result(15))
+
+    try:
+        # two housekeeping rounds (every 15 s here) after the first one that saw it
+        wait_for(lambda: ghost not in users() and not acls_of(ghost), 90, "the orphaned principal swept")
+        assert outsider in users() and len(acls_of(outsider)) == 2  # another installation's namespace
+        assert plain in users()  # no prefixed group ACL on "<principal>.": not an Agent's
+    finally:
+        leftover = [
+            AclBindingFilter(
+                ResourceType.ANY,
+                None,
+                ResourcePatternType.ANY,
+                f"User:{u}",
+                None,
+                AclOperation.ANY,
+                AclPermissionType.ANY,
+            )
+            for u in (ghost, outsider)
+        ]
+        for f in admin.delete_acls(leftover).values():
+            f.result(15)
+        left = users() & {ghost, outsider, plain}
+        deletions = [UserScramCredentialDeletion(u, ScramMechanism.SCRAM_SHA_512) for u in sorted(left)]
+        for f in admin.alter_user_scram_credentials(deletions).values() if deletions else ():
+            f.result(15)

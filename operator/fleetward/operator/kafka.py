@@ -239,6 +239,22 @@ class KafkaAdmin:
             futures = await self._call(self.admin.delete_acls, doomed, request_timeout=self.settings.timeout_seconds)
             await asyncio.to_thread(self._wait_all, futures)
 
+    async def agent_principals(self) -> set[str]:
+        """Every principal that holds an Agent's kind of access: a prefixed group ACL on
+        `<principal>.` (AgentAccess grants one, halted or not). Other users of the cluster,
+        whatever their names, do not match."""
+        groups = AclBindingFilter(
+            ResourceType.GROUP, None, ResourcePatternType.PREFIXED, None, None, AclOperation.ANY, AclPermissionType.ANY
+        )
+        found = await self._call(self.admin.describe_acls, groups, request_timeout=self.settings.timeout_seconds)
+        bindings = await asyncio.to_thread(found.result, self.settings.timeout_seconds)
+        out = set()
+        for b in bindings:
+            user = b.principal.removeprefix("User:")
+            if b.principal.startswith("User:") and b.name == f"{user}.":
+                out.add(user)
+        return out
+
     def _principal_filter(self, principal: str) -> AclBindingFilter:
         return AclBindingFilter(
             ResourceType.ANY,
