@@ -1,7 +1,7 @@
 """The Guardrail admission webhook called by the real API server: the operator `helm install`
 put on the shared cluster refuses a Guardrail whose regular expressions the agent runtime
 could not compile, and the refusal names each field and the compiler's error. The decisions
-themselves are unit-tested in tests/unit/test_guardrail_webhook.py."""
+themselves are unit-tested in tests/unit/test_operator_guardrail_admission.py."""
 
 from __future__ import annotations
 
