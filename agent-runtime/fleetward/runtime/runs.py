@@ -410,6 +410,10 @@ class RunExecutor:
 
     async def _drive(self, ctx: RunContext, graph_input: Any, delivery: Delivery, *, redelivered: bool) -> Outcome:
         """`redelivered`: the command was recorded by an earlier delivery (see `CRASH_LIMIT`)."""
+        if ctx.halted_by is not None:
+            # Before the run starts: a Kafka or database error here is intake's to retry
+            # (like the `start` event's), not the run's failure.
+            await self._resumed_after_release(ctx)
         ledger = self.services.ledger
         key = delivery.command.idempotency_key
         started = time.monotonic()
@@ -433,8 +437,6 @@ class RunExecutor:
                         extra={"fw": {"runId": ctx.run_id, "sessionId": ctx.session_id}},
                     )
             self._serving.add(key)
-            if ctx.halted_by is not None:
-                await self._resumed_after_release(ctx)
             async for _ in self.graph.astream(
                 graph_input, _thread(ctx.run_id), context=ctx, durability="sync", stream_mode="updates"
             ):
