@@ -223,7 +223,10 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
     second continues them from the shared checkpoints. One session per partition, so
     whichever partitions move, a run in flight moves with them."""
     tools = GitHouseTools(tmp_path / "jwks.json")
-    llm.set_scenario(refund_script(verify_delay=8))
+    # The runs' first model call must outlast the second replica's start and the rebalance:
+    # with 8 s, a CI run on a busy machine saw the runs finish first (start-up alone took
+    # longer) and the second replica was given nothing.
+    llm.set_scenario(refund_script(verify_delay=20))
     first = billing_agent(tmp_path, kafka, llm, tools.port, dsn=postgres_dsn)
     (tmp_path / "second").mkdir()
     second = dataclasses.replace(
