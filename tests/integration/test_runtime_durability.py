@@ -63,6 +63,28 @@ def billing_agent(tmp_path: Path, kafka, llm, tools_port: int, **kw):
     )
 
 
+def ask_refund(kafka, agent) -> str:
+    """A refund request on a new session, on the agent's request topic; returns the session."""
+    session = f"s-{uuid.uuid4().hex[:12]}"
+    produce(
+        kafka.bootstrap, agent.request_topic, user_message(agent.ref, session, "refund txn_1002").to_json(), session
+    )
+    return session
+
+
+def wait_for_verify_call(llm, agent, timeout: float = 60) -> None:
+    """Until the run's first model call (rule `verify`) reached the stand-in."""
+    deadline = time.monotonic() + timeout
+    while not llm.requests(rule="verify") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert llm.requests(rule="verify"), agent.log()
+
+
+def switch_order(agent, switch: str, type_: str, generation: int, **kw) -> str:
+    """A control order of KillSwitch `switch` for this agent, as JSON."""
+    return ControlMessage.new(type_, kill_switch=switch, generation=generation, agents=[agent.ref], **kw).to_json()
+
+
 def assert_clean_stream(events) -> None:
     """Nothing lost or doubled: sequences 0..n-1, unique ids, one event per key."""
     assert [e.sequence for e in events] == list(range(len(events))), [(e.sequence, e.type) for e in events]
@@ -286,14 +308,8 @@ def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_que
     with tools:
         agent.start().wait_ready(90)
         try:
-            first = f"s-{uuid.uuid4().hex[:12]}"
-            produce(
-                kafka.bootstrap, agent.request_topic, user_message(agent.ref, first, "refund txn_1002").to_json(), first
-            )
-            deadline = time.monotonic() + 60
-            while not llm.requests(rule="verify") and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert llm.requests(rule="verify"), agent.log()
+            first = ask_refund(kafka, agent)
+            wait_for_verify_call(llm, agent)
             # Halt while the first model call is in flight (it takes 2 s).
             produce(
                 kafka.bootstrap,
@@ -347,28 +363,17 @@ def test_a_run_halted_in_a_pod_that_is_scaled_away_resumes_in_the_next_one(kafka
     agent = billing_agent(tmp_path, kafka, llm, tools.port)
     switch = f"scaled-{uuid.uuid4().hex[:6]}"
 
-    def order(type_: str, generation: int, **kw) -> str:
-        return ControlMessage.new(type_, kill_switch=switch, generation=generation, agents=[agent.ref], **kw).to_json()
-
     with tools:
         agent.start().wait_ready(90)
         try:
-            session = f"s-{uuid.uuid4().hex[:12]}"
-            produce(
-                kafka.bootstrap,
-                agent.request_topic,
-                user_message(agent.ref, session, "refund txn_1002").to_json(),
-                session,
-            )
-            deadline = time.monotonic() + 60
-            while not llm.requests(rule="verify") and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert llm.requests(rule="verify"), agent.log()
-            halt = order("halt", 1, mode="drain", drain_timeout_seconds=20, reason="test")
+            session = ask_refund(kafka, agent)
+            wait_for_verify_call(llm, agent)
+            halt = switch_order(agent, switch, "halt", 1, mode="drain", drain_timeout_seconds=20, reason="test")
             produce(kafka.bootstrap, "fleetward.control", halt, switch)
             events.wait_for(session, "halted", 30)
             agent.stop()  # scaled to zero while halted
-            produce(kafka.bootstrap, "fleetward.control", order("resume", 2), switch)  # reaches no runtime
+            resume = switch_order(agent, switch, "resume", 2)
+            produce(kafka.bootstrap, "fleetward.control", resume, switch)  # reaches no runtime
             agent.env["POD_NAME"] = f"{agent.env['POD_NAME']}-next"  # a new pod, not a restarted container
             agent.start().wait_ready(90)
             stream = events.wait_for(session, "resolved", 60)
@@ -395,7 +400,7 @@ def test_a_runtime_restarted_under_a_halt_stays_halted_until_the_resume(kafka, l
     switch = f"again-{uuid.uuid4().hex[:6]}"
 
     def order(type_: str, generation: int, **kw) -> str:
-        return ControlMessage.new(type_, kill_switch=switch, generation=generation, agents=[agent.ref], **kw).to_json()
+        return switch_order(agent, switch, type_, generation, **kw)
 
     halt = {"mode": "drain", "drain_timeout_seconds": 5, "reason": "test"}
     with tools:
@@ -415,13 +420,7 @@ def test_a_runtime_restarted_under_a_halt_stays_halted_until_the_resume(kafka, l
             agent.start().wait_ready(90)
             assert agent.metric("fleetward_runtime_halted") == 1, agent.log()
             assert "starting halted" in agent.log()
-            session = f"s-{uuid.uuid4().hex[:12]}"
-            produce(
-                kafka.bootstrap,
-                agent.request_topic,
-                user_message(agent.ref, session, "refund txn_1002").to_json(),
-                session,
-            )
+            session = ask_refund(kafka, agent)
             # A negative check needs a window: a runtime that took the work calls the model
             # within a fraction of a second (the other tests here), so 3 s is ample.
             time.sleep(3)
