@@ -370,26 +370,22 @@ mod tests {
         else {
             panic!("an approval decision");
         };
-        let input = CommandInput {
-            session_id: "s-1",
-            agent: "support/router",
-            user: CommandUser {
-                sub: "alice".into(),
-                role: Role::Reviewer,
-            },
-            trace_id: None,
-            idempotency_key: None,
-        };
-        let v = serde_json::to_value(AgentCommand::resume(input, &run_id, decision, edit.as_deref())).unwrap();
+        let v = serde_json::to_value(AgentCommand::resume(
+            reviewer_input(),
+            &run_id,
+            decision,
+            edit.as_deref(),
+        ))
+        .unwrap();
         assert!(v["data"].get("edit").is_none(), "{v}");
         AgentCommand::from_json(v).unwrap();
         // The envelope rule itself stays strict: an empty edit on a command is refused.
         assert!(check_edit("data.edit", Decision::Approve, Some("")).is_err());
     }
 
-    #[test]
-    fn commands_built_by_the_gateway_are_valid() {
-        let input = || CommandInput {
+    /// A reviewer's command input, as the gateway builds it from a verified token.
+    fn reviewer_input() -> CommandInput<'static> {
+        CommandInput {
             session_id: "s-1",
             agent: "support/router",
             user: CommandUser {
@@ -398,7 +394,12 @@ mod tests {
             },
             trace_id: None,
             idempotency_key: None,
-        };
+        }
+    }
+
+    #[test]
+    fn commands_built_by_the_gateway_are_valid() {
+        let input = reviewer_input;
         let c = AgentCommand::user_message(input(), "hello");
         let round = AgentCommand::from_json(serde_json::to_value(&c).unwrap()).unwrap();
         assert_eq!(round, c);
