@@ -34,7 +34,8 @@ VERIFY = {"name": "verify_transaction", "arguments": {"account": "jdoe", "transa
 REFUND = {"name": "issue_refund", "arguments": {"transaction_id": "txn_1002", "amount_cents": 2100}}
 
 
-def refund_script(*, verify_delay: float = 0, refund_delay: float = 0) -> list[dict]:
+def refund_script(*, verify_delay: float = 0, refund_delay: float = 0, verify_gate: str | None = None) -> list[dict]:
+    verify_waits = {"waitForGate": verify_gate} if verify_gate else {}
     return [
         {"name": "reply", "match": {"toolResultFor": "issue_refund"}, "respond": {"content": "Refunded."}},
         {
@@ -47,6 +48,7 @@ def refund_script(*, verify_delay: float = 0, refund_delay: float = 0) -> list[d
             "name": "verify",
             "match": {"lastRole": "user"},
             "delaySeconds": verify_delay,
+            **verify_waits,
             "respond": {"toolCalls": [VERIFY]},
         },
     ]
@@ -245,10 +247,11 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
     second continues them from the shared checkpoints. One session per partition, so
     whichever partitions move, a run in flight moves with them."""
     tools = GitHouseTools(tmp_path / "jwks.json")
-    # The runs' first model call must outlast the second replica's start and the rebalance:
-    # with 8 s, a CI run on a busy machine saw the runs finish first (start-up alone took
-    # longer) and the second replica was given nothing.
-    llm.set_scenario(refund_script(verify_delay=20))
+    # The runs' first model call is held until the first replica is giving up a partition.
+    # Delays guessed wrong both ways: with 8 s the runs finished before a slow start-up of the
+    # second replica; with 20 s the call outlasted the revocation's 15 s wait for a step boundary.
+    llm.set_scenario(refund_script(verify_gate="rebalanced"))
+    llm.close_gate("rebalanced")
     first = billing_agent(tmp_path, kafka, llm, tools.port, dsn=postgres_dsn)
     (tmp_path / "second").mkdir()
     second = dataclasses.replace(
@@ -271,6 +274,10 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
                 time.sleep(0.02)
             assert len(llm.requests(rule="verify")) == 3, first.log()  # every run is in its first model call
             second.start().wait_ready(90)
+            deadline = time.monotonic() + 60
+            while not re.search(r"revoking partitions \[\d", first.log()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            llm.open_gate("rebalanced")  # whatever happened: the assertions below say what went wrong
             streams = {p: events.wait_for(s, "resolved", 120) for p, s in sessions.items()}
             refund_calls = tools.metric("githouse_tool_calls_total", tool="issue_refund")
         finally:

@@ -74,7 +74,7 @@ def test_bad_scenario_exits_2_naming_rule_and_field(tmp_path: Path) -> None:
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 2
     assert f"{scenario}: rules[1] ('typo'): field respnd: Extra inputs are not permitted" in stderr
-    assert "allowed here: name, match, respond, error, timeout, delaySeconds, holdSeconds, times" in stderr
+    assert "allowed here: name, match, respond, error, timeout, delaySeconds, holdSeconds, waitForGate, times" in stderr
 
 
 def test_help_says_it_is_a_stand_in(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 from collections.abc import Iterator
@@ -396,6 +397,28 @@ def test_hold_is_seen_as_a_client_abort_when_the_client_gives_up(llm: StandinSer
     assert time.monotonic() - started < 5
     record = wait_for(lambda: next(iter(llm.requests(outcome="client_aborted")), None))
     assert record["rule"]["name"] == "slow" and record["status"] is None
+
+
+def test_a_gated_rule_answers_only_after_its_gate_is_opened(llm: StandinServer) -> None:
+    llm.set_scenario([{"name": "gated", "waitForGate": "go", "respond": {"content": "let through"}}])
+    llm.close_gate("go")  # gates outlive scenarios: start this test from a known state
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(chat(llm).invoke, "x") for _ in range(2)]
+        wait_for(lambda: len(llm.requests(outcome="pending")) == 2 or None)
+        time.sleep(0.3)
+        assert not any(c.done() for c in calls)  # held, however long the test waits
+        assert httpx.get(f"{llm.root_url}/_standin/gates").json() == {"go": False}
+        llm.open_gate("go")
+        assert [c.result(timeout=5).content for c in calls] == ["let through", "let through"]
+    assert chat(llm).invoke("x").content == "let through"  # an open gate stays open
+    # Closed again over HTTP, a later request waits once more; opened over HTTP, it is answered.
+    assert httpx.delete(f"{llm.root_url}/_standin/gates/go").json() == {"gate": "go", "open": False}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(chat(llm).invoke, "x")
+        wait_for(lambda: llm.requests(outcome="pending") or None)
+        assert not call.done()
+        assert httpx.post(f"{llm.root_url}/_standin/gates/go").json() == {"gate": "go", "open": True}
+        assert call.result(timeout=5).content == "let through"
 
 
 def test_hold_in_a_stream_sends_the_first_chunk_then_waits(llm: StandinServer) -> None:

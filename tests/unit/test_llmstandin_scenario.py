@@ -59,7 +59,7 @@ rules:
         (
             {"respond": {"content": "x"}, "delaySecond": 1},
             "rules[0]: field delaySecond: Extra inputs are not permitted; allowed here: name, match, respond, error, "
-            "timeout, delaySeconds, holdSeconds, times",
+            "timeout, delaySeconds, holdSeconds, waitForGate, times",
         ),
         (
             {"match": {"model": "m"}},

@@ -333,6 +333,7 @@ class Intake:
 
     async def _revoked(self, partitions: list[int]) -> None:
         workers = [self.workers.pop(p) for p in partitions if p in self.workers]
+        log.info("revoking partitions %s of %s: runs in flight stop at their next step", partitions, self.topic)
         for w in workers:
             w.revoked = True
             for ctx in list(self.registry.active.values()):

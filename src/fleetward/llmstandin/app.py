@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from fleetward.llmstandin.gates import Gates
 from fleetward.llmstandin.matching import BadRequest, ChatRequest, RuleBook
 from fleetward.llmstandin.protocol import (
     Answer,
@@ -37,12 +38,14 @@ log = logging.getLogger("fleetward.llmstandin")
 RULEBOOK = web.AppKey("rulebook", RuleBook)
 RECORDER = web.AppKey("recorder", Recorder)
 STOPPING = web.AppKey("stopping", asyncio.Event)
+GATES = web.AppKey("gates", Gates)
 
 
-def build_app(rulebook: RuleBook, recorder: Recorder) -> web.Application:
+def build_app(rulebook: RuleBook, recorder: Recorder, gates: Gates | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RULEBOOK] = rulebook
     app[RECORDER] = recorder
+    app[GATES] = gates if gates is not None else Gates()
     app[STOPPING] = asyncio.Event()
     app.on_response_prepare.append(_label_response)
     app.on_shutdown.append(_mark_stopping)
@@ -55,6 +58,9 @@ def build_app(rulebook: RuleBook, recorder: Recorder) -> web.Application:
     app.router.add_delete("/_standin/requests", clear_requests)
     app.router.add_get("/_standin/scenario", get_scenario)
     app.router.add_post("/_standin/scenario", set_scenario)
+    app.router.add_get("/_standin/gates", list_gates)
+    app.router.add_post("/_standin/gates/{name}", open_gate)
+    app.router.add_delete("/_standin/gates/{name}", close_gate)
     return app
 
 
@@ -123,6 +129,8 @@ async def _answer(request: web.Request, raw: bytes, record: dict[str, Any]) -> t
 
     if rule.delay_seconds:
         await asyncio.sleep(rule.delay_seconds)
+    if rule.wait_for_gate is not None:
+        await request.app[GATES].wait(rule.wait_for_gate)
     if rule.timeout is not None:
         await asyncio.sleep(rule.timeout)
         if request.transport is not None:
@@ -256,6 +264,24 @@ async def info(request: web.Request) -> web.Response:
             "requests": len(request.app[RECORDER].list()),
         }
     )
+
+
+async def list_gates(request: web.Request) -> web.Response:
+    return web.json_response(request.app[GATES].states())
+
+
+async def open_gate(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    request.app[GATES].open(name)
+    log.info("stand-in: gate %r opened", name)
+    return web.json_response({"gate": name, "open": True})
+
+
+async def close_gate(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    request.app[GATES].close(name)
+    log.info("stand-in: gate %r closed", name)
+    return web.json_response({"gate": name, "open": False})
 
 
 async def list_requests(request: web.Request) -> web.Response:

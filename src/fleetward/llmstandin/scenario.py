@@ -151,6 +151,7 @@ class Rule(_Model):
     timeout: float | None = Field(default=None, gt=0)
     delay_seconds: float = Field(default=0, ge=0)
     hold_seconds: float = Field(default=0, ge=0)
+    wait_for_gate: str | None = Field(default=None, min_length=1)
     times: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from typing import Any, Self
 from aiohttp import web
 
 from fleetward.llmstandin.app import build_app
+from fleetward.llmstandin.gates import Gates
 from fleetward.llmstandin.matching import RuleBook
 from fleetward.llmstandin.recorder import Recorder
 from fleetward.llmstandin.scenario import Scenario, load_scenarios, parse_scenario
@@ -33,9 +34,11 @@ def to_scenario(scenario: ScenarioLike) -> Scenario:
     return parse_scenario(scenario, "scenario given in Python")
 
 
-async def _start_site(rulebook: RuleBook, recorder: Recorder, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def _start_site(
+    rulebook: RuleBook, recorder: Recorder, host: str, port: int, gates: Gates | None = None
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(
-        build_app(rulebook, recorder),
+        build_app(rulebook, recorder, gates),
         handle_signals=False,
         handler_cancellation=True,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
@@ -70,6 +73,7 @@ class StandinServer:
     ):
         self.rulebook = RuleBook(to_scenario(scenario))
         self.recorder = Recorder(record)
+        self.gates = Gates()
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,7 +97,7 @@ class StandinServer:
         async def run() -> None:
             self._stop = asyncio.Event()
             try:
-                runner, self.port = await _start_site(self.rulebook, self.recorder, self.host, self.port)
+                runner, self.port = await _start_site(self.rulebook, self.recorder, self.host, self.port, self.gates)
             except OSError as e:  # address in use, bad host: re-raised in the caller's thread
                 failure.append(e)
                 return
@@ -148,6 +152,26 @@ class StandinServer:
 
     def clear_requests(self) -> int:
         return self.recorder.clear()
+
+    def open_gate(self, name: str) -> None:
+        """Let the requests waiting on gate `name` (rules with `waitForGate`) be answered, and later ones too."""
+        self._on_loop(self.gates.open, name)
+
+    def close_gate(self, name: str) -> None:
+        self._on_loop(self.gates.close, name)
+
+    def _on_loop(self, fn: Callable[[str], None], name: str) -> None:
+        # The gates' events belong to the server's loop: change them there.
+        if self._loop is None or self._thread is None:
+            raise RuntimeError("the stand-in is not running")
+        done = threading.Event()
+
+        def call() -> None:
+            fn(name)
+            done.set()
+
+        self._loop.call_soon_threadsafe(call)
+        done.wait(5)
 
 
 def serve(
