@@ -37,6 +37,28 @@ build_simple() {  # build_simple NAME VERSION PACKAGE BINARY
   touch "$out/.complete"
 }
 
+# Helm as its release Makefile builds it: without these ldflags the binary reports itself as
+# "v3.22" and assumes Kubernetes v1.20 when no cluster is asked (`helm template`, `helm lint`),
+# which the chart's kubeVersion (>=1.33) refuses. The default version follows client-go's, as
+# in Helm's Makefile. The marker in .complete says which recipe built a cached binary.
+build_helm() {
+  local out=$CACHE/helm-v$HELM_VERSION recipe="ldflags: version, kube defaults from client-go"
+  [[ -x $out/helm && $(cat "$out/.complete" 2>/dev/null) == "$recipe" ]] && { note "helm v$HELM_VERSION cached"; return; }
+  local client_go major minor ldflags="-s -w"
+  client_go=$(cd "$REPO/hack/go/helm" && go list -m -f '{{.Version}}' k8s.io/client-go) || die "cannot read helm's client-go version"
+  client_go=${client_go#v}
+  major=$(( ${client_go%%.*} + 1 ))
+  minor=$(cut -d. -f2 <<<"$client_go")
+  ldflags+=" -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ldflags+=" -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
+  done
+  mkdir -p "$out"
+  (cd "$REPO/hack/go/helm" && run_step "build helm v$HELM_VERSION (default Kubernetes v$major.$minor)" \
+    "$CACHE/logs/build-helm.log" go build -trimpath -ldflags "$ldflags" -o "$out/helm" helm.sh/helm/v3/cmd/helm)
+  echo "$recipe" >"$out/.complete"
+}
+
 # kwok simulates nodes and pods through "stages"; it ships its standard "fast" set
 # (ready at once, heartbeat through leases) in its module, the same set `kwokctl` uses.
 kwok_stages() {
@@ -61,7 +83,7 @@ for c in "${components[@]}"; do
     kubernetes) build_kubernetes ;;
     etcd) build_simple etcd "$ETCD_VERSION" . etcd ;;
     kwok) build_simple kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok; kwok_stages ;;
-    helm) build_simple helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm helm ;;
+    helm) build_helm ;;
     *) die "unknown component '$c' (known: kubernetes etcd kwok helm)" ;;
   esac
 done

@@ -146,3 +146,22 @@ def test_helm_chart_lints_clean():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 chart(s) failed" in out.stdout
+
+
+def test_helm_chart_renders_without_a_cluster():
+    """`helm template` (what ArgoCD and a CI check run) works without --kube-version: the
+    chart's kubeVersion constraint is met by the Kubernetes version Helm assumes offline."""
+    import subprocess
+
+    import yaml
+
+    from fleetward.devcluster.layout import binaries
+
+    out = subprocess.run(
+        [str(binaries().helm), "template", "fw", str(REPO / "charts" / "fleetward"), "--namespace", "fleetward"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(out.stdout) if doc}
+    assert {"Deployment", "ServiceAccount", "ValidatingWebhookConfiguration"} <= kinds, kinds
