@@ -983,6 +983,77 @@ pub enum HaltMode {
     Abort,
 }
 
+/// A KillSwitch's `spec.scope` as carried by a control message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControlScope {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_selector: Option<AgentSelector>,
+}
+
+/// A Kubernetes label selector, with the KillSwitch CRD's limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSelector {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_expressions: Option<Vec<SelectorRequirement>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorRequirement {
+    pub key: String,
+    pub operator: SelectorOperator,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl ControlScope {
+    fn check(&self) -> Result<(), Invalid> {
+        if let Some(namespaces) = &self.namespaces {
+            if namespaces.len() > 256 {
+                return invalid("scope.namespaces", "at most 256 entries");
+            }
+            for (i, ns) in namespaces.iter().enumerate() {
+                if !is_dns_label(ns) {
+                    return invalid(
+                        format!("scope.namespaces[{i}]"),
+                        format!("must be a namespace name (a DNS label: lower-case letters, digits, '-'), got {ns:?}"),
+                    );
+                }
+            }
+        }
+        let Some(expressions) = self.agent_selector.as_ref().and_then(|s| s.match_expressions.as_ref()) else {
+            return Ok(());
+        };
+        if expressions.len() > 32 {
+            return invalid("scope.agentSelector.matchExpressions", "at most 32 entries");
+        }
+        for (i, e) in expressions.iter().enumerate() {
+            let field = format!("scope.agentSelector.matchExpressions[{i}]");
+            if e.key.is_empty() || e.key.chars().count() > 317 {
+                return invalid(format!("{field}.key"), "must have 1 to 317 characters");
+            }
+            if e.values.as_ref().is_some_and(|v| v.len() > 64) {
+                return invalid(format!("{field}.values"), "at most 64 entries");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A control message (topic `fleetward.control`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -994,6 +1065,9 @@ pub struct ControlMessage {
     pub kill_switch: String,
     pub generation: u64,
     pub agents: Vec<String>,
+    /// The switch's scope as written; informational (coverage is `agents`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<ControlScope>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<HaltMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1019,6 +1093,7 @@ impl ControlMessage {
         for (i, a) in c.agents.iter().enumerate() {
             check_agent(&format!("agents[{i}]"), a)?;
         }
+        opt(&c.scope, ControlScope::check)?;
         opt(&c.drain_timeout_seconds, |n| {
             check_range("drainTimeoutSeconds", *n, 1, 3600)
         })?;

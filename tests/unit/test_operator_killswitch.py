@@ -149,6 +149,22 @@ def test_an_order_never_turns_an_empty_cover_into_every_agent():
     assert order_agents(narrowed, ["quiet/a"]) == ["quiet/a"]
 
 
+def test_an_order_carries_the_switchs_scope_as_written():
+    from fleetward.operator.killswitch.control import new_order
+
+    from fleetward.api.envelopes import parse_control
+
+    scope = {
+        "namespaces": ["githouse"],
+        "agentSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["money"]}]},
+    }
+    halt = parse_control(new_order("halt", switch(True, scope=scope), ["githouse/billing"]).to_json())
+    assert halt.scope is not None and halt.scope.model_dump(by_alias=True, exclude_none=True) == scope
+    assert halt.agents == ["githouse/billing"]  # what instances act on: the scope resolved
+    everything = parse_control(new_order("resume", switch(False), []).to_json())
+    assert everything.scope is not None and everything.scope.model_dump(exclude_none=True) == {}
+
+
 # -- side-by-side installations ----------------------------------------------------------
 
 

@@ -172,6 +172,7 @@ def new_order(type_: str, switch: dict[str, Any], agents: list[str]) -> ControlM
         kill_switch=switch["metadata"]["name"],
         generation=int(switch["metadata"].get("generation") or 1),
         agents=agents,
+        scope=spec.get("scope") or {},
         mode=spec.get("mode", "drain") if halt else None,
         drain_timeout_seconds=int(spec.get("drainTimeoutSeconds", 30)) if halt else None,
         reason=(spec.get("reason") or None) if halt else None,
