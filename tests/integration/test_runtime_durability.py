@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -34,24 +35,40 @@ VERIFY = {"name": "verify_transaction", "arguments": {"account": "jdoe", "transa
 REFUND = {"name": "issue_refund", "arguments": {"transaction_id": "txn_1002", "amount_cents": 2100}}
 
 
-def refund_script(*, verify_delay: float = 0, refund_delay: float = 0, verify_gate: str | None = None) -> list[dict]:
-    verify_waits = {"waitForGate": verify_gate} if verify_gate else {}
+def refund_script(
+    *, verify_delay: float = 0, refund_delay: float = 0, verify_gate: str | None = None, refund_gate: str | None = None
+) -> list[dict]:
+    """The refund SOP's model turns. A `*_gate` holds that model call until the test opens the
+    gate (`llm.open_gate`): for a test that must act while the call is in flight."""
+
+    def held(gate: str | None) -> dict:
+        return {"waitForGate": gate} if gate else {}
+
     return [
         {"name": "reply", "match": {"toolResultFor": "issue_refund"}, "respond": {"content": "Refunded."}},
         {
             "name": "refund",
             "match": {"toolResultFor": "verify_transaction"},
             "delaySeconds": refund_delay,
+            **held(refund_gate),
             "respond": {"toolCalls": [REFUND]},
         },
         {
             "name": "verify",
             "match": {"lastRole": "user"},
             "delaySeconds": verify_delay,
-            **verify_waits,
+            **held(verify_gate),
             "respond": {"toolCalls": [VERIFY]},
         },
     ]
+
+
+def wait_for_log(agent, pattern: str, timeout: float = 60) -> None:
+    """Until the runtime's log has a line matching `pattern` (a regular expression)."""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, agent.log()):
+        assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{agent.log()}"
+        time.sleep(0.05)
 
 
 def billing_agent(tmp_path: Path, kafka, llm, tools_port: int, **kw):
@@ -148,7 +165,7 @@ def test_sigkill_during_a_mutating_tool_call_completes_the_run_with_the_effect_a
 
 def test_sigterm_mid_run_finishes_the_step_and_a_restart_completes_the_run(kafka, llm, events, tmp_path: Path):
     tools = GitHouseTools(tmp_path / "jwks.json")
-    llm.set_scenario(refund_script(refund_delay=3))
+    llm.set_scenario(refund_script(refund_gate="terminating"))
     agent = billing_agent(tmp_path, kafka, llm, tools.port)
     with tools:
         agent.start().wait_ready(90)
@@ -166,7 +183,11 @@ def test_sigterm_mid_run_finishes_the_step_and_a_restart_completes_the_run(kafka
                 time.sleep(0.02)
             assert llm.requests(rule="refund"), agent.log()
             started = time.monotonic()
-            assert agent.terminate(timeout=30) == 0
+            agent.proc.send_signal(signal.SIGTERM)
+            # The model call answers only once the runtime is stopping: its step must finish.
+            wait_for_log(agent, "stopping: no new work")
+            llm.open_gate("terminating")
+            assert agent.proc.wait(30) == 0
             # It waited for the model step to finish, then stopped before the refund tool.
             assert time.monotonic() - started < 20
             assert llm.requests(rule="refund")[0]["outcome"] == "answered"
@@ -251,7 +272,6 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
     # Delays guessed wrong both ways: with 8 s the runs finished before a slow start-up of the
     # second replica; with 20 s the call outlasted the revocation's 15 s wait for a step boundary.
     llm.set_scenario(refund_script(verify_gate="rebalanced"))
-    llm.close_gate("rebalanced")
     first = billing_agent(tmp_path, kafka, llm, tools.port, dsn=postgres_dsn)
     (tmp_path / "second").mkdir()
     second = dataclasses.replace(
@@ -274,10 +294,8 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
                 time.sleep(0.02)
             assert len(llm.requests(rule="verify")) == 3, first.log()  # every run is in its first model call
             second.start().wait_ready(90)
-            deadline = time.monotonic() + 60
-            while not re.search(r"revoking partitions \[\d", first.log()) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            llm.open_gate("rebalanced")  # whatever happened: the assertions below say what went wrong
+            wait_for_log(first, r"revoking partitions \[\d")
+            llm.open_gate("rebalanced")
             streams = {p: events.wait_for(s, "resolved", 120) for p, s in sessions.items()}
             refund_calls = tools.metric("githouse_tool_calls_total", tool="issue_refund")
         finally:
@@ -304,7 +322,7 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
 
 def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_queue(kafka, llm, events, tmp_path: Path):
     tools = GitHouseTools(tmp_path / "jwks.json")
-    llm.set_scenario(refund_script(verify_delay=2))
+    llm.set_scenario(refund_script(verify_gate="halted"))
     agent = billing_agent(tmp_path, kafka, llm, tools.port)
     acks = TopicReader(kafka.bootstrap, "fleetward.control-acks")
     instance = agent.env["POD_NAME"]
@@ -317,13 +335,15 @@ def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_que
         try:
             first = ask_refund(kafka, agent)
             wait_for_verify_call(llm, agent)
-            # Halt while the first model call is in flight (it takes 2 s).
+            # Halt while the first model call is in flight; it answers once the halt is taken.
             produce(
                 kafka.bootstrap,
                 "fleetward.control",
                 control("halt", [agent.ref], 1, mode="drain", drain_timeout_seconds=20, reason="test").to_json(),
                 None,
             )
+            wait_for_log(agent, "control: halt from")
+            llm.open_gate("halted")
             drained = acks.wait(lambda recs: [a for a in my_acks(recs) if a.type == "drained"], 30, "the drained ack")[
                 0
             ]
@@ -366,7 +386,7 @@ def test_a_run_halted_in_a_pod_that_is_scaled_away_resumes_in_the_next_one(kafka
     next pod continues it from its checkpoint, and the session hears `resumed` (once) before
     the run's next events, as it does when the halted pod itself resumes."""
     tools = GitHouseTools(tmp_path / "jwks.json")
-    llm.set_scenario(refund_script(verify_delay=2))
+    llm.set_scenario(refund_script(verify_gate="halted"))
     agent = billing_agent(tmp_path, kafka, llm, tools.port)
     switch = f"scaled-{uuid.uuid4().hex[:6]}"
 
@@ -377,6 +397,8 @@ def test_a_run_halted_in_a_pod_that_is_scaled_away_resumes_in_the_next_one(kafka
             wait_for_verify_call(llm, agent)
             halt = switch_order(agent, switch, "halt", 1, mode="drain", drain_timeout_seconds=20, reason="test")
             produce(kafka.bootstrap, "fleetward.control", halt, switch)
+            wait_for_log(agent, "control: halt from")
+            llm.open_gate("halted")
             events.wait_for(session, "halted", 30)
             agent.stop()  # scaled to zero while halted
             resume = switch_order(agent, switch, "resume", 2)
