@@ -676,26 +676,30 @@ def _post_transition_event(ref: AgentRef, old: dict[str, Any], new: dict[str, An
     )
 
 
-async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> None:
-    """A runtime Deployment changed: update the owning Agent's Available/Ready alone."""
+async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> bool:
+    """A runtime Deployment changed: update the owning Agent's Available/Ready alone.
+    False when that cannot be done from this replica's cache: the Agent is to be
+    reconciled instead (another replica acted since this one last wrote its status)."""
     meta = dep["metadata"]
     ns, name = meta["namespace"], (meta.get("labels") or {}).get("fleetward.dev/agent")
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "Agent"), None)
     if not name or owner is None:
-        return
+        return True
     # Wait for a reconcile in flight first: an event that arrives while the Agent's first
     # reconcile runs must not be dropped, or a Deployment that became available in that
     # window would leave the Agent Pending until the next resync.
     async with ctx.locks[(ns, name)]:
         state = ctx.statuses.get((ns, name))
-        if state is None or (ns, name) in ctx.unconfirmed:
-            # Never reconciled here, or another replica acted since: the next reconcile
-            # reads the Deployment itself (a status built on this cache would undo that
-            # replica's writes).
-            return
+        if state is None:
+            return True  # never reconciled here: its first reconcile reads the Deployment itself
+        if (ns, name) in ctx.unconfirmed:
+            # Another replica acted since: a status built on this cache would undo its
+            # writes. A reconcile reads the live status and Deployment; waiting for the next
+            # one left the Agent Pending until the drift timer after a takeover.
+            return False
         seen = deployment_version(dep)
         if state.deployment and seen and seen[0] == state.deployment[0] and seen[1] < state.deployment[1]:
-            return  # an event older than the Deployment the last reconcile applied
+            return True  # an event older than the Deployment the last reconcile applied
         state.deployment = seen or state.deployment
         if state.halted_by:
             scaled = state.expected_replicas == 0
@@ -723,6 +727,7 @@ async def refresh_availability(ctx: OperatorContext, dep: dict[str, Any]) -> Non
         ref = AgentRef(ns, name, owner["uid"], gen)
         await _write_status(ctx, ref, status, old)
         state.parts, state.status = parts, status
+        return True
 
 
 async def cleanup_agent(ctx: OperatorContext, ns: str, name: str, uid: str) -> None:

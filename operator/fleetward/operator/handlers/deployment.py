@@ -29,27 +29,36 @@ def register(settings: OperatorSettings) -> None:
         memo: kopf.Memo,
         **indexes: Any,
     ) -> None:
-        body = event["object"]
-        if event["type"] == "DELETED":
-            name = labels.get("fleetward.dev/agent")
-            agents = indexes["agents_by_namespace"].get(namespace, [])
-            agent = next((a for a in agents if a["metadata"]["name"] == name), None)
-            if agent is not None and not agent["metadata"].get("deletionTimestamp"):  # put it back
-                refs = references(namespace, indexes)
-                await reconcile_agent(memo.ctx, agent, refs)
-            return
-        if event["type"] in ("ADDED", "MODIFIED", None):
-            await _refresh_with_retries(memo.ctx, body)
+        await deployment_changed(memo.ctx, event, namespace, labels, indexes)
 
 
-async def _refresh_with_retries(ctx, body: dict[str, Any]) -> None:
+async def deployment_changed(
+    ctx, event: kopf.RawEvent, namespace: str, labels: kopf.Labels, indexes: dict[str, Any]
+) -> None:
+    if event["type"] == "DELETED":
+        await _reconcile_owner(ctx, namespace, labels, indexes)  # puts it back
+        return
+    if event["type"] not in ("ADDED", "MODIFIED", None):
+        return
+    if not await _refresh_with_retries(ctx, event["object"]):  # this replica's cache cannot be built on
+        await _reconcile_owner(ctx, namespace, labels, indexes)
+
+
+async def _reconcile_owner(ctx, namespace: str, labels: kopf.Labels, indexes: dict[str, Any]) -> None:
+    name = labels.get("fleetward.dev/agent")
+    agents = indexes["agents_by_namespace"].get(namespace, [])
+    agent = next((a for a in agents if a["metadata"]["name"] == name), None)
+    if agent is not None and not agent["metadata"].get("deletionTimestamp"):
+        await reconcile_agent(ctx, agent, references(namespace, indexes))
+
+
+async def _refresh_with_retries(ctx, body: dict[str, Any]) -> bool:
     """Kopf does not retry event handlers, and the next event of a Deployment that has
     settled may never come: an Agent whose status write failed here would stay Pending
     until the drift timer. So a transient failure is retried here, a few times."""
     for attempt in range(5):
         try:
-            await refresh_availability(ctx, body)
-            return
+            return await refresh_availability(ctx, body)
         except KubeError as e:
             if not e.transient or attempt == 4:
                 raise
