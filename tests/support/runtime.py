@@ -656,8 +656,12 @@ class LocalAgent:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def log(self) -> str:
-        return "\n".join((p.read_text(errors="replace")[-6000:]) for p in sorted(self.dir.glob("runtime-*.log")))
+    def log(self, tail: int | None = 6000) -> str:
+        """The runtime's log (every start's), each file's last `tail` characters: short enough
+        for an assertion message. `tail=None` for the whole log, to search it."""
+        return "\n".join(
+            p.read_text(errors="replace")[-tail if tail else 0 :] for p in sorted(self.dir.glob("runtime-*.log"))
+        )
 
     def terminate(self, timeout: float = 40) -> int:
         assert self.proc is not None
