@@ -167,13 +167,27 @@ def order_agents(switch: dict[str, Any], covered: list[str]) -> list[str] | None
 def new_order(type_: str, switch: dict[str, Any], agents: list[str]) -> ControlMessage:
     spec = switch.get("spec") or {}
     halt = type_ == "halt"
-    return ControlMessage.new(
-        type_,  # type: ignore[arg-type]
-        kill_switch=switch["metadata"]["name"],
-        generation=int(switch["metadata"].get("generation") or 1),
-        agents=agents,
-        scope=spec.get("scope") or {},
-        mode=spec.get("mode", "drain") if halt else None,
-        drain_timeout_seconds=int(spec.get("drainTimeoutSeconds", 30)) if halt else None,
-        reason=(spec.get("reason") or None) if halt else None,
-    )
+
+    def order(scope: dict[str, Any] | None) -> ControlMessage:
+        return ControlMessage.new(
+            type_,  # type: ignore[arg-type]
+            kill_switch=switch["metadata"]["name"],
+            generation=int(switch["metadata"].get("generation") or 1),
+            agents=agents,
+            scope=scope,
+            mode=spec.get("mode", "drain") if halt else None,
+            drain_timeout_seconds=int(spec.get("drainTimeoutSeconds", 30)) if halt else None,
+            reason=(spec.get("reason") or None) if halt else None,
+        )
+
+    try:
+        return order(spec.get("scope") or {})
+    except EnvelopeError as e:
+        # The scope is only informational (instances act on `agents`): it must never stop an
+        # order. The wire model mirrors the CRD's limits, so this means the two drifted apart.
+        log.warning(
+            "KillSwitch %s: its scope cannot be carried in the order (%s); sent without it",
+            switch["metadata"]["name"],
+            e,
+        )
+        return order(None)
