@@ -163,7 +163,7 @@ def test_an_order_carries_the_switchs_scope_as_written():
     assert halt.agents == ["githouse/billing"]  # what instances act on: the scope resolved
     everything = parse_control(new_order("resume", switch(False), []).to_json())
     assert everything.scope is not None and everything.scope.model_dump(exclude_none=True) == {}
-    # A scope the wire model cannot carry (were the CRD and it ever to drift apart) never stops the order.
+    # A scope the order cannot carry (a switch stored under another version's schema) never stops the order.
     odd = parse_control(new_order("halt", switch(True, scope={"namespaces": ["Not_A_Label"]}), ["a/b"]).to_json())
     assert odd.scope is None and odd.agents == ["a/b"] and odd.type == "halt"
 

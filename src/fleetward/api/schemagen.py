@@ -55,7 +55,9 @@ def _rule_schema(model: type[WireModel], rule: Rule) -> dict[str, Any]:
 
 
 def _clean(node: Any) -> Any:
-    """Drop pydantic's generated titles, fold docstring line breaks, close pattern-keyed maps."""
+    """Drop pydantic's generated titles and the CRD-only `x-kubernetes-*` keys of API models
+    reused on the wire (their CEL rules are the API server's), fold docstring line breaks,
+    close pattern-keyed maps."""
     if isinstance(node, list):
         return [_clean(n) for n in node]
     if not isinstance(node, dict):
@@ -66,7 +68,7 @@ def _clean(node: Any) -> Any:
         # pattern would pass the schema although the model rejects them.
         out["additionalProperties"] = False
     for key, value in node.items():
-        if key == "title":
+        if key == "title" or key.startswith("x-kubernetes-"):
             continue
         if key in ("properties", "patternProperties"):  # maps of names to schemas: keep every name
             out[key] = {name: _clean(sub) for name, sub in value.items()}

@@ -184,7 +184,8 @@ def new_order(type_: str, switch: dict[str, Any], agents: list[str]) -> ControlM
         return order(spec.get("scope") or {})
     except EnvelopeError as e:
         # The scope is only informational (instances act on `agents`): it must never stop an
-        # order. The wire model mirrors the CRD's limits, so this means the two drifted apart.
+        # order. The wire carries the CRD's own Scope model, so only a switch stored under
+        # another version's schema can get here.
         log.warning(
             "KillSwitch %s: its scope cannot be carried in the order (%s); sent without it",
             switch["metadata"]["name"],

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field
 
-from fleetward.api.base import DNS_LABEL
 from fleetward.api.envelopes.wire import (
     CONTROL_ACK_SCHEMA,
     CONTROL_SCHEMA,
@@ -26,40 +25,9 @@ from fleetward.api.envelopes.wire import (
     WireModel,
     now,
 )
+from fleetward.api.killswitch import Scope
 
 ControlType = Literal["halt", "resume", "rotate_keys"]
-
-
-class SelectorRequirement(WireModel):
-    """One set-based requirement of a label selector (Kubernetes semantics)."""
-
-    key: str = Field(min_length=1, max_length=317)
-    """The label key."""
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    """How the key relates to the values."""
-    values: list[str] | None = Field(default=None, max_length=64)
-    """Values for In and NotIn."""
-
-
-class AgentSelector(WireModel):
-    """A Kubernetes label selector over Agents' labels; an empty one matches every Agent.
-    Its limits are the KillSwitch CRD's: whatever the API server accepted can be ordered."""
-
-    match_labels: dict[str, str] | None = None
-    """Labels that must all be present with these values."""
-    match_expressions: list[SelectorRequirement] | None = Field(default=None, max_length=32)
-    """Requirements that must all hold."""
-
-
-class ControlScope(WireModel):
-    """The KillSwitch's `spec.scope` as written when the order was published."""
-
-    namespaces: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] | None = Field(
-        default=None, max_length=256
-    )
-    """Only agents in these namespaces."""
-    agent_selector: AgentSelector | None = None
-    """Only agents whose labels match."""
 
 
 class ControlMessage(Envelope):
@@ -79,10 +47,10 @@ class ControlMessage(Envelope):
     """The KillSwitch's metadata.generation; acks echo it, stale orders are ignored."""
     agents: list[AgentRef] = Field(max_length=100_000)
     """The agents in scope as namespace/name; an empty list means every agent."""
-    scope: ControlScope | None = None
-    """The switch's scope, for the people and tools reading the topic (an empty scope: every
-    agent). Instances act on `agents`: the scope resolved against the Agents' labels, which
-    only the operator watches."""
+    scope: Scope | None = None
+    """The switch's `spec.scope` as written (the CRD's own model), for the people and tools
+    reading the topic (an empty scope: every agent). Instances act on `agents`: the scope
+    resolved against the Agents' labels, which only the operator watches."""
     mode: Literal["drain", "abort"] | None = None
     """drain: finish the current step, then stop; abort: stop at once. Required for halt."""
     drain_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] | None = None
