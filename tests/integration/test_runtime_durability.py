@@ -36,7 +36,7 @@ REFUND = {"name": "issue_refund", "arguments": {"transaction_id": "txn_1002", "a
 
 
 def refund_script(
-    *, verify_delay: float = 0, refund_delay: float = 0, verify_gate: str | None = None, refund_gate: str | None = None
+    *, verify_delay: float = 0, verify_gate: str | None = None, refund_gate: str | None = None
 ) -> list[dict]:
     """The refund SOP's model turns. A `*_gate` holds that model call until the test opens the
     gate (`llm.open_gate`): for a test that must act while the call is in flight."""
@@ -49,7 +49,6 @@ def refund_script(
         {
             "name": "refund",
             "match": {"toolResultFor": "verify_transaction"},
-            "delaySeconds": refund_delay,
             **held(refund_gate),
             "respond": {"toolCalls": [REFUND]},
         },
