@@ -118,6 +118,39 @@ def test_approving_a_disengaged_switch_is_refused():
         admit("UPDATE", switch(False), switch(False, approvals=["bob"]), BOB)
 
 
+def test_an_engaged_switchs_scope_and_actions_cannot_change():
+    """Narrowing an engaged switch (a namespace dropped, a selector added, scaleToZero
+    turned off) would release agents without approvals: refused in both passes."""
+    old = switch(True, by="alice", scope={"namespaces": ["shop", "billing"]})
+    narrowed = switch(True, by="alice", scope={"namespaces": ["shop"]})
+    with pytest.raises(Refused, match=r"spec.scope: KillSwitch stop is engaged.*engage another KillSwitch"):
+        admit("UPDATE", old, narrowed, BOB)
+    with pytest.raises(Refused, match=r"spec\.scope"):
+        check("UPDATE", old, narrowed, BOB)
+    selector = switch(
+        True, by="alice", scope={"namespaces": ["shop", "billing"], "agentSelector": {"matchLabels": {"a": "b"}}}
+    )
+    with pytest.raises(Refused, match=r"spec\.scope"):
+        admit("UPDATE", old, selector, ALICE)
+    no_scale = copy.deepcopy(old)
+    no_scale["spec"]["actions"] = {"scaleToZero": False}
+    with pytest.raises(Refused, match=r"spec\.actions"):
+        check("UPDATE", old, no_scale, ALICE)
+    # What may change while engaged: the reason, the mode, the drain timeout.
+    edited = copy.deepcopy(old)
+    edited["spec"] |= {"reason": "still bad", "mode": "abort", "drainTimeoutSeconds": 5}
+    check("UPDATE", old, edited, BOB)
+    # Not engaged before (an engage with a new scope) or not after (a release): allowed.
+    admit("UPDATE", switch(False, scope={"namespaces": ["shop"]}), switch(True, scope={}), ALICE)
+    released = switch(False, by="alice", approvals=["bob", "carol"], scope={"namespaces": ["shop"]})
+    check(
+        "UPDATE",
+        switch(True, by="alice", approvals=["bob", "carol"], scope={"namespaces": ["shop", "billing"]}),
+        released,
+        BOB,
+    )
+
+
 # -- admission: release and delete ---------------------------------------------------------
 
 

@@ -200,6 +200,17 @@ def admit(
     old_ann, new_ann = _annotations(old), _annotations(new)
     engaging = _engaged(new) and not _engaged(old)
     releasing = _engaged(old) and not _engaged(new)
+    if _engaged(old) and _engaged(new):
+        # The operator reconciles a switch to its current spec: a narrower scope or an action
+        # turned off would release agents without the approvals a release needs.
+        old_spec, new_spec = (old or {}).get("spec") or {}, new.get("spec") or {}
+        for key in ("scope", "actions"):
+            if (old_spec.get(key) or {}) != (new_spec.get(key) or {}):
+                raise Refused(
+                    f"spec.{key}: KillSwitch {name} is engaged, and changing its {key} could release agents "
+                    "without the two approvals a release needs. Release it first (spec.engaged: false with "
+                    "two approvals), or engage another KillSwitch to cover more agents."
+                )
     patch_ann: dict[str, str | None] = {}
     if engaging:
         patch_ann = {ENGAGED_BY: requester.username, ENGAGED_AT: now}

@@ -149,6 +149,19 @@ RELEASE_RULE = cel(
 )
 
 
+# Narrowing the scope or turning an action off while engaged would release agents without
+# the two approvals (the operator reconciles to the new scope). The webhook refuses it with
+# a fuller message; this is its backstop.
+ENGAGED_SCOPE_RULE = cel(
+    "!(oldSelf.spec.engaged && self.spec.engaged) || "
+    "(self.spec.scope == oldSelf.spec.scope && self.spec.actions == oldSelf.spec.actions)",
+    "spec.scope and spec.actions cannot change while the switch is engaged: release it first "
+    "(two approvals), or engage another KillSwitch to cover more agents",
+    field_path=".spec.scope",
+    reason="FieldValueForbidden",
+)
+
+
 class KillSwitch(Resource):
     KIND: ClassVar[ResourceKind] = ResourceKind(
         kind="KillSwitch",
@@ -164,7 +177,7 @@ class KillSwitch(Resource):
             PrinterColumn("Reason", ".spec.reason", priority=1),
             AGE_COLUMN,
         ),
-        object_rules=(RELEASE_RULE,),
+        object_rules=(RELEASE_RULE, ENGAGED_SCOPE_RULE),
     )
 
     kind: Literal["KillSwitch"] = "KillSwitch"

@@ -16,7 +16,7 @@ import kopf
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.handlers.indexes import GROUP, VERSION, references, switches
 from fleetward.operator.killswitch.engage import engage
-from fleetward.operator.killswitch.release import release
+from fleetward.operator.killswitch.release import release, resume_pending, retry_resume
 from fleetward.operator.killswitch.scope import affected, agent_id, halts_for, is_engaged
 from fleetward.operator.metrics import KILL_SWITCH_ACTIVE
 from fleetward.operator.reconcile import reconcile_agent
@@ -81,6 +81,9 @@ async def reconcile_switch(ctx: OperatorContext, switch: dict[str, Any], indexes
         freed = [a for a in covered if a not in still]
         await release(ctx, switch, freed, still, reconcile_agents)
         kopf.event(switch, type="Normal", reason="Released", message=switch["status"]["conditions"][0]["message"])
+    elif status.get("phase") == "Released" and resume_pending(switch):
+        still = [a for a in covered if halts_for(others, a["metadata"]["namespace"], a["metadata"].get("labels"))]
+        await retry_resume(ctx, switch, [a for a in covered if a not in still], still)
     elif status.get("phase") == "Released":
         # Released before (a second release, or an edit of a released switch): nothing to undo.
         KILL_SWITCH_ACTIVE.labels(name).set(0)

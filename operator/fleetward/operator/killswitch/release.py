@@ -21,6 +21,40 @@ from fleetward.operator.metrics import KILL_SWITCH_ACTIVE
 log = logging.getLogger("fleetward.operator.killswitch")
 
 
+RESUME_PENDING = "KafkaUnavailable"
+"""Ready reason of a release whose resume order Kafka has not taken yet."""
+
+
+def resume_pending(switch: dict[str, Any]) -> bool:
+    """A released switch whose resume order still has to be published."""
+    ready = c.get((switch.get("status") or {}).get("conditions"), c.READY)
+    return bool(ready) and ready.get("status") == "False" and ready.get("reason") == RESUME_PENDING
+
+
+async def _publish_resume(ctx: OperatorContext, switch: dict[str, Any], ids: list[str], still_halted: bool) -> str:
+    """Tell runtimes and gateways; returns what went wrong ("" when published)."""
+    try:
+        # Agents another switch still covers must not hear "resume" (an empty list means all).
+        targets = (ids or None) if still_halted else order_agents(switch, ids)
+        if targets is not None:
+            await ctx.control.publish(new_order("resume", switch, targets))
+    except KafkaUnavailable as e:
+        return f"The resume order could not be published ({e}); retrying."
+    return ""
+
+
+def _released_condition(switch: dict[str, Any], ids: list[str], still_halted: int, problem: str) -> Cond:
+    if problem:
+        return Cond(c.READY, False, RESUME_PENDING, problem)
+    approvers = sorted({a.get("user") for a in (switch.get("spec") or {}).get("approvals") or [] if a.get("user")})
+    msg = (
+        f"Released with the approvals of {', '.join(approvers) or 'nobody'}: {len(ids)} agent(s) get fresh credentials."
+    )
+    if still_halted:
+        msg += f" {still_halted} agent(s) stay halted by another engaged KillSwitch."
+    return Cond(c.READY, True, "Released", msg)
+
+
 async def release(
     ctx: OperatorContext,
     switch: dict[str, Any],
@@ -33,20 +67,8 @@ async def release(
     approvers = sorted({a.get("user") for a in spec.get("approvals") or [] if a.get("user")})
     ids = [agent_id(a) for a in freed]
     await reconcile_agents(switch)
-    problem = ""
-    try:
-        # Agents another switch still covers must not hear "resume" (an empty list means all).
-        targets = (ids or None) if still_halted else order_agents(switch, ids)
-        if targets is not None:
-            await ctx.control.publish(new_order("resume", switch, targets))
-    except KafkaUnavailable as e:
-        problem = f"The resume order could not be published ({e}); retrying."
+    problem = await _publish_resume(ctx, switch, ids, bool(still_halted))
     KILL_SWITCH_ACTIVE.labels(name).set(0)
-    msg = (
-        f"Released with the approvals of {', '.join(approvers) or 'nobody'}: {len(ids)} agent(s) get fresh credentials."
-    )
-    if still_halted:
-        msg += f" {len(still_halted)} agent(s) stay halted by another engaged KillSwitch."
     status = {
         "phase": "Released",
         "observedGeneration": gen,
@@ -54,9 +76,7 @@ async def release(
         "releasedAt": rfc3339(time.time()),
         "conditions": c.merge(
             (switch.get("status") or {}).get("conditions"),
-            [Cond(c.READY, True, "Released", msg)]
-            if not problem
-            else [Cond(c.READY, False, "KafkaUnavailable", problem)],
+            [_released_condition(switch, ids, len(still_halted), problem)],
             gen,
         ),
     }
@@ -66,3 +86,21 @@ async def release(
     if problem:
         raise KafkaUnavailable(problem)
     log.info("kill switch %s released by %s: %d agent(s) resumed", name, ", ".join(approvers), len(ids))
+
+
+async def retry_resume(
+    ctx: OperatorContext, switch: dict[str, Any], freed: list[dict[str, Any]], still_halted: list[dict[str, Any]]
+) -> None:
+    """A release whose resume order Kafka refused: the release itself is done and recorded
+    (fresh credentials, status Released, audit); only the order is published again. Without
+    this, the next run of the handler saw phase Released, took it for a second release and
+    never sent the order: halted runs waited for a resume that never came."""
+    name, gen = switch["metadata"]["name"], int(switch["metadata"].get("generation") or 1)
+    ids = [agent_id(a) for a in freed]
+    problem = await _publish_resume(ctx, switch, ids, bool(still_halted))
+    condition = _released_condition(switch, ids, len(still_halted), problem)
+    conditions = c.merge((switch.get("status") or {}).get("conditions"), [condition], gen)
+    await write_status(ctx, switch, {"observedGeneration": gen, "conditions": conditions})
+    if problem:
+        raise KafkaUnavailable(problem)
+    log.info("kill switch %s: the resume order for %d agent(s) is published", name, len(ids))
