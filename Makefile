@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: help build up test test-unit lint format bench crds crds-check clean
+.PHONY: help build up test test-unit lint format bench crds crds-check dashboards clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -38,13 +38,16 @@ bench: build ## slow benchmarks (kwok floor, 1000 Agents, guardrail scan, gatewa
 	@$(PY) bench/killswitch_bench.py
 
 test-unit: ## run only the tests that need no cluster
-	@hack/bootstrap-python.sh && hack/build-guardrail-core.sh && $(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
+	@hack/bootstrap-python.sh && hack/build-guardrail-core.sh && hack/build-go.sh helm argocd-health && $(PY) -m pytest -m "not cluster" $(PYTEST_ARGS)
 
 crds: ## regenerate crds/ from the typed API
 	@$(VENV)/bin/fleetward crds generate
 
 crds-check: ## fail if crds/ is stale
 	@$(VENV)/bin/fleetward crds generate --check
+
+dashboards: ## regenerate the Grafana dashboards (charts/fleetward/monitoring/dashboards) from hack/dashboards.py
+	@$(PY) hack/dashboards.py
 
 clean: ## remove run state (.fleetward); keeps the build cache
 	rm -rf .fleetward

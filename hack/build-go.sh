@@ -4,6 +4,7 @@
 #   etcd        etcd server (wrapper module around go.etcd.io/etcd/server/v3)
 #   kwok        simulated nodes for scale tests
 #   helm        the Helm CLI
+#   argocd-health  runs the Argo CD health checks in argocd/ as Argo CD does (their tests)
 # Usage: hack/build-go.sh [component...]   (default: all)
 source "$(dirname "$0")/lib.sh"
 
@@ -75,8 +76,15 @@ kwok_stages() {
   note "kwok stages copied to $out"
 }
 
+# The health-check harness has no release version: its cache key is a hash of its module
+# files, so editing main.go or bumping gopher-lua rebuilds it. tests/support/argocd.py
+# computes the same key to find the binary.
+argocd_health_key() {
+  cat "$REPO"/hack/go/argocd-health/{go.mod,go.sum,main.go} | sha256sum | cut -c1-12
+}
+
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(etcd kubernetes kwok helm)
+[[ ${#components[@]} -gt 0 ]] || components=(etcd kubernetes kwok helm argocd-health)
 command -v go >/dev/null || die "Go is not installed (needed to build the local cluster)"
 for c in "${components[@]}"; do
   case $c in
@@ -84,6 +92,7 @@ for c in "${components[@]}"; do
     etcd) build_simple etcd "$ETCD_VERSION" . etcd ;;
     kwok) build_simple kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok kwok; kwok_stages ;;
     helm) build_helm ;;
-    *) die "unknown component '$c' (known: kubernetes etcd kwok helm)" ;;
+    argocd-health) build_simple argocd-health "$(argocd_health_key)" . argocd-health ;;
+    *) die "unknown component '$c' (known: kubernetes etcd kwok helm argocd-health)" ;;
   esac
 done

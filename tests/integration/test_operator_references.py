@@ -22,6 +22,7 @@ from tests.support.agents import (
     wait_agent,
     wait_ready,
 )
+from tests.support.argocd import evaluate, health_script
 
 
 def _apply(api, ns, *objs):
@@ -116,6 +117,9 @@ def test_missing_references_are_conditions_that_clear_on_their_own(api, core, fl
     assert cfg["reason"] == "GuardrailNotFound" and "pii" in cfg["message"]
     assert creds["reason"] == "SecretNotFound" and "later" in creds["message"]
     assert ready["status"] == "False" and obj["status"]["phase"] == "Degraded"
+    # Argo CD (argocd/ health checks, run as Argo CD runs them) shows it Degraded, naming why.
+    health, _ = evaluate(health_script("Agent"), obj)
+    assert health["status"] == "Degraded" and "GuardrailNotFound" in health["message"], health
     try:
         client.AppsV1Api(api).read_namespaced_deployment("fw-billing", namespace)
         raise AssertionError("a runtime was deployed without its Guardrail and credentials")
@@ -138,6 +142,11 @@ def test_missing_references_are_conditions_that_clear_on_their_own(api, core, fl
     _apply(api, namespace, guardrail(namespace, "pii"), model_secret(namespace, "later"))
     obj = wait_ready(api, namespace, "billing", timeout=120)
     assert obj["status"]["resolvedGuardrails"] == ["pii"]
+    assert evaluate(health_script("Agent"), obj)[0]["status"] == "Healthy"
+    sop_obj = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        "fleetward.dev", "v1alpha1", namespace, "sops", "refunds"
+    )
+    assert evaluate(health_script("SOP"), sop_obj)[0]["status"] == "Healthy"
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=billing").items
     reasons = {(e.type, e.reason) for e in events if e.involved_object.kind == "Agent"}
     assert ("Normal", "Ready") in reasons, reasons
@@ -201,6 +210,7 @@ def test_paused_scales_to_zero_and_says_so(api, core, fleetward, namespace):
     )
     ready = condition(obj, "Ready")
     assert ready["status"] == "False" and ready["reason"] == "Paused" and "scaled to zero" in ready["message"]
+    assert evaluate(health_script("Agent"), obj)[0]["status"] == "Suspended"
     assert client.AppsV1Api(api).read_namespaced_deployment("fw-billing", namespace).spec.replicas == 0
     wait_for(lambda: not _pods(core, namespace, "billing"), 60, "the runtime pods gone")
     _apply(api, namespace, agent(namespace, "billing", paused=False))
