@@ -22,6 +22,9 @@ from fleetward.devcluster.kube import apply_manifest
 from fleetward.devcluster.process import wait_for
 from fleetward.toolkit import TokenRefused, ToolTokenVerifier, TrustBundle, mint_tool_token
 from tests.support.agents import agent, condition, get_agent, model_secret, sop, wait_agent, wait_ready
+from tests.support.argocd import evaluate, health_script
+from tests.support.dashboards import board, panels_without_data
+from tests.support.metrics import metric_names
 
 GROUP, VERSION = "fleetward.dev", "v1alpha1"
 
@@ -109,6 +112,8 @@ def test_engage_revoke_drain_and_two_person_release(
         assert st["credentialsRevokedAt"] and st["revocationSeconds"] is not None and st["drainSeconds"] is not None
         [result] = st["agents"]
         assert (result["namespace"], result["name"], result["credentialsRevoked"]) == (ns, name, True)
+        health, _ = evaluate(health_script("KillSwitch"), switch(objs, ks))  # as Argo CD shows it
+        assert health["status"] == "Suspended" and "alice" in health["message"], health
         print(f"revocation {st['revocationSeconds']} s, drain {st['drainSeconds']} s (from the webhook's stamp)")
 
         # Revoked where verified: the watching verifier refuses the unexpired token.
@@ -131,6 +136,7 @@ def test_engage_revoke_drain_and_two_person_release(
         )
         assert condition(halted, "Halted")["status"] == "True"
         assert condition(halted, "Halted")["reason"] == "KillSwitchEngaged"
+        assert evaluate(health_script("Agent"), halted)[0]["status"] == "Suspended"
         assert ks in condition(halted, "Ready")["message"]
         wait_for(
             lambda: client.AppsV1Api(api).read_namespaced_deployment(f"fw-{name}", ns).spec.replicas == 0,
@@ -162,6 +168,7 @@ def test_engage_revoke_drain_and_two_person_release(
         fleetward_cli(user_kubeconfigs["bob"], "release", ks, "--wait")
         st = switch(objs, ks)["status"]
         assert st["phase"] == "Released" and st["releasedBy"] == ["bob", "carol"]
+        assert evaluate(health_script("KillSwitch"), switch(objs, ks))[0]["status"] == "Healthy"
 
         # Fresh credentials: a new key id; the revoked one never comes back.
         wait_ready(api, ns, name, timeout=120)
@@ -214,8 +221,47 @@ def test_an_agent_created_under_a_switch_never_runs(api, core, objs, fleetward, 
         objs.delete_cluster_custom_object(GROUP, VERSION, "killswitches", ks)
 
 
+# Panels of the kill switch dashboard no event of the test below feeds, and why; their
+# metrics must still be known to Prometheus from a scrape.
+KILL_SWITCH_PANELS_WITHOUT_DATA = {
+    "Halted runtime pods": "the switch scales the runtime to zero as soon as it acked the halt",
+    "Runs halted and resumed": "no run is in flight when the switch engages",
+}
+
+
+def kill_switch_dashboard_metrics_are_scraped(prometheus) -> None:
+    """The metrics of the panels this test cannot feed are exposed by the scraped pods
+    (checked while the runtime still runs: a scaled-down runtime is no longer scraped)."""
+    dashboard = board("Fleetward / Kill switch and debug")
+    names = {
+        n
+        for panel in dashboard["panels"]
+        if panel["title"] in KILL_SWITCH_PANELS_WITHOUT_DATA
+        for t in panel["targets"]
+        for n in metric_names(t["expr"])
+    }
+    wait_for(lambda: all(prometheus.knows_metric(n) for n in names), 60, f"{sorted(names)} scraped by Prometheus")
+
+
+def check_kill_switch_dashboard(prometheus) -> None:
+    """SPEC §8: the kill switch dashboard's queries against the dev cluster's Prometheus,
+    which scraped the operator, the gateways and the runtime while the switch was engaged."""
+    dashboard = board("Fleetward / Kill switch and debug")
+
+    def missing() -> list[str]:
+        return [p for p in panels_without_data(prometheus, dashboard) if p not in KILL_SWITCH_PANELS_WITHOUT_DATA]
+
+    try:
+        wait_for(lambda: not missing(), 60, "data in every panel of the kill switch dashboard")
+    except Exception:
+        raise AssertionError(f"kill switch dashboard: panels without data: {missing()}") from None
+    (engaged,) = [p for p in dashboard["panels"] if p["title"] == "Engaged"]
+    values = {r["metric"]["kill_switch"]: r["value"][1] for r in prometheus.query(engaged["targets"][0]["expr"])}
+    assert "1" in values.values(), values
+
+
 def test_gateways_close_halted_sessions_with_4009_and_refuse_new_ones(
-    api, core, objs, kafka, fleetward, namespace, user_kubeconfigs
+    api, core, objs, kafka, fleetward, namespace, user_kubeconfigs, prometheus
 ):
     import asyncio
     import base64
@@ -239,6 +285,7 @@ def test_gateways_close_halted_sessions_with_4009_and_refuse_new_ones(
         return [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
 
     wait_for(lambda: len(ready_pods()) >= 1, 120, "a gateway pod Ready")
+    kill_switch_dashboard_metrics_are_scraped(prometheus)
     pod_ip = ready_pods()[0].status.pod_ip
     key = base64.b64decode(core.read_namespaced_secret(f"{gateway}-auth", fleetward).data["hs256"]).decode()
 
@@ -291,6 +338,7 @@ def test_gateways_close_halted_sessions_with_4009_and_refuse_new_ones(
 
     try:
         asyncio.run(main())
+        check_kill_switch_dashboard(prometheus)
         release_as_two(user_kubeconfigs, ks)
 
         async def after() -> None:
@@ -407,6 +455,11 @@ def test_engaging_twice_releasing_twice_and_engaging_again_are_defined(
         as_bob.patch_cluster_custom_object(GROUP, VERSION, "killswitches", ks, {"spec": {"reason": "still bad"}})
         again = settled("Drained")["status"]
         assert (again["engagedBy"], again["engagedAt"]) == ("alice", first["engagedAt"]), again
+        # ...but not its scope or actions: narrowing them would release agents without approvals.
+        for change in ({"scope": {"namespaces": ["elsewhere"]}}, {"actions": {"scaleToZero": False}}):
+            with pytest.raises(client.exceptions.ApiException) as refused:
+                as_bob.patch_cluster_custom_object(GROUP, VERSION, "killswitches", ks, {"spec": change})
+            assert refused.value.status in (400, 403, 422) and f"spec.{next(iter(change))}" in refused.value.body
         assert get_agent(api, ns, name)["status"]["phase"] == "Halted"
         assert not secret_exists(core, ns, f"fw-{name}-credentials")
 

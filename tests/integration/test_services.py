@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
+import urllib.request
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
 from kubernetes import client, config
@@ -137,6 +141,68 @@ def test_prometheus_scrapes_a_target_started_by_the_test(prometheus):
         assert up and up[0]["value"][1] == "1"
     finally:
         server.shutdown()
+
+
+# A pod whose process serves one counter on its own address (the podlet gives each pod a
+# loopback IP of its own, POD_IP).
+METRICS_POD_SCRIPT = (
+    "import os, time\n"
+    "from prometheus_client import Counter, start_http_server\n"
+    "Counter('fleetward_probe_pod_events', 'events counted by the test pod').inc(3)\n"
+    "start_http_server(9464, addr=os.environ['POD_IP'])\n"
+    "time.sleep(3600)\n"
+)
+
+
+def metrics_pod(name: str, annotations: dict[str, str]) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "ignored.example/metrics:1",
+                    "command": [sys.executable, "-c", METRICS_POD_SCRIPT],
+                    "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                    "ports": [{"name": "metrics", "containerPort": 9464}, {"name": "other", "containerPort": 9465}],
+                }
+            ],
+        },
+    }
+
+
+def test_prometheus_finds_annotated_pods_through_the_api_server(prometheus, core, namespace):
+    """As in a real cluster: pods annotated prometheus.io/scrape are scraped at their
+    annotated port and path, found through the API server; others are not."""
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": "9464", "prometheus.io/path": "/metrics"}
+    core.create_namespaced_pod(namespace, metrics_pod("annotated", scrape))
+    core.create_namespaced_pod(namespace, metrics_pod("not-annotated", {}))
+    series = f'fleetward_probe_pod_events_total{{job="kubernetes-pods",namespace="{namespace}"}}'
+
+    def scraped() -> list:
+        return prometheus.query(series)
+
+    wait_for(lambda: scraped(), 90, f"{series} in Prometheus")
+    (sample,) = scraped()
+    assert sample["metric"]["pod"] == "annotated" and sample["value"][1] == "3"
+    # One target for the pod although it declares two ports, and none for the other pod.
+    targets = prometheus.query(f'up{{job="kubernetes-pods",namespace="{namespace}"}}')
+    assert [(t["metric"]["pod"], t["value"][1]) for t in targets] == [("annotated", "1")]
+
+
+def test_prometheus_evaluates_the_fleetward_alerting_rules(prometheus):
+    shipped = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "charts/fleetward/monitoring/rules.yaml").read_text()
+    )
+    want = {rule["alert"] for group in shipped["groups"] for rule in group["rules"]}
+    with urllib.request.urlopen(f"{prometheus.url}/api/v1/rules?type=alert", timeout=10) as resp:
+        groups = json.load(resp)["data"]["groups"]
+    loaded = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    assert set(loaded) == want
+    assert all(rule["health"] in ("ok", "unknown") for rule in loaded.values()), loaded
 
 
 def whoami(kubeconfig) -> client.V1SelfSubjectReview:

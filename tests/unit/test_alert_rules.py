@@ -3,26 +3,18 @@ with the metrics the components really export and with the runbooks in docs/aler
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
 import yaml
 
 from fleetward.devcluster.layout import binaries
+from tests.support.metrics import metric_names, undeclared
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "charts/fleetward/monitoring/rules.yaml"
 RULE_TESTS = ROOT / "tests/rules/rules.test.yaml"
 RUNBOOKS = ROOT / "docs/alerts.md"
-
-# Where each component declares its metrics: a name used in a rule must appear in one.
-METRIC_SOURCES = [
-    *sorted((ROOT / "agent-runtime/fleetward/runtime").rglob("*.py")),
-    *sorted((ROOT / "operator/fleetward/operator").rglob("*.py")),
-    ROOT / "gateway-rs/src/metrics.rs",
-]
-HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 
 def _alerts() -> list[dict]:
@@ -69,14 +61,5 @@ def test_every_alert_has_a_severity_a_summary_and_a_runbook_section():
 
 
 def test_every_metric_a_rule_reads_is_exported_by_a_component():
-    declared = "\n".join(path.read_text() for path in METRIC_SOURCES)
-    used = set(re.findall(r"\bfleetward_[a-z_]+\b", RULES.read_text()))
-    missing = []
-    for name in sorted(used):
-        base = name
-        for suffix in HISTOGRAM_SUFFIXES:
-            if name.endswith(suffix):
-                base = name[: -len(suffix)]
-        if f'"{base}"' not in declared:
-            missing.append(name)
+    missing = undeclared(metric_names(RULES.read_text()))
     assert not missing, f"rules read metrics no component declares: {missing}"

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections import Counter as Counter_
+from collections.abc import Callable, Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 RECONCILE_SECONDS = Histogram(
     "fleetward_operator_reconcile_duration_seconds",
@@ -15,7 +20,46 @@ RECONCILE_ERRORS = Counter(
     "Reconciles that ended in an error, by kind and condition reason.",
     ["kind", "reason"],
 )
-AGENTS = Gauge("fleetward_operator_agents", "Agents known to the operator, by phase.", ["phase"])
+AGENT_PHASES = ("Pending", "Ready", "Degraded", "Paused", "Halted")
+
+
+class AgentsByPhase(Collector):
+    """fleetward_operator_agents{phase}: the Agents this replica reconciles, by the phase it
+    last wrote, counted when scraped (nothing to keep in step on every status write). Every
+    phase is reported, 0 included, so a panel or rule sees "none Degraded" rather than no
+    data. A replica that stands by reports nothing: its statuses may be stale, and a sum over
+    replicas would count every Agent twice."""
+
+    def __init__(self, phases: Callable[[], Iterable[str | None]], acting: Callable[[], bool | None]) -> None:
+        self._phases = phases
+        self._acting = acting
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "fleetward_operator_agents", "Agents known to the operator, by phase.", labels=["phase"]
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "fleetward_operator_agents", "Agents known to the operator, by phase.", labels=["phase"]
+        )
+        if self._acting() is not False:
+            counts = Counter_(phase for phase in self._phases() if phase)
+            for phase in AGENT_PHASES:
+                family.add_metric([phase], counts.get(phase, 0))
+        yield family
+
+
+def register_agents_by_phase(
+    phases: Callable[[], Iterable[str | None]],
+    acting: Callable[[], bool | None],
+    registry: CollectorRegistry = REGISTRY,
+) -> AgentsByPhase:
+    collector = AgentsByPhase(phases, acting)
+    registry.register(collector)
+    return collector
+
+
 KILL_SWITCH_ACTIVE = Gauge(
     "fleetward_kill_switch_active",
     "1 while the KillSwitch is engaged, 0 once released.",

@@ -28,6 +28,7 @@ from fleetward.devcluster.controlplane import (
     ADMIN,
     APISERVER_KUBELET_CLIENT,
     LOCAL_PROVISIONER,
+    PROMETHEUS,
     ControlPlane,
     node_identity,
 )
@@ -236,7 +237,13 @@ class DevCluster:
         return self._service("postgres", lambda: Postgres(self.state, self.bins))
 
     def prometheus(self) -> Prometheus:
-        return self._service("prometheus", lambda: Prometheus(self.state, self.bins))
+        """Prometheus, scraping the annotated pods of the cluster and evaluating Fleetward's
+        alerting rules (the chart's, charts/fleetward/monitoring/rules.yaml)."""
+        kubeconfig = self.control_plane.kubeconfig_for(PROMETHEUS, "prometheus")
+        rules = (layout.REPO / "charts" / "fleetward" / "monitoring" / "rules.yaml",)
+        return self._service(
+            "prometheus", lambda: Prometheus(self.state, self.bins, kubeconfig=kubeconfig, rule_files=rules)
+        )
 
     def kwok(self) -> Kwok:
         kubeconfig = self.control_plane.kubeconfig_for(ADMIN, "kwok")

@@ -37,6 +37,8 @@ SCHEDULER = Identity("system:kube-scheduler")
 APISERVER_KUBELET_CLIENT = Identity("kube-apiserver-kubelet-client", ("system:masters",))
 # The podlet's volume provisioner (bound to its role in bootstrap.yaml).
 LOCAL_PROVISIONER = Identity("fleetward:local-provisioner")
+# Prometheus' pod discovery (read-only role in bootstrap.yaml).
+PROMETHEUS = Identity("fleetward:prometheus")
 
 
 def node_identity(node: str) -> Identity:

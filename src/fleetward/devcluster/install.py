@@ -36,6 +36,9 @@ def local_values(kafka_bootstrap: str, **overrides: Any) -> dict[str, Any]:
         "gateway": {"command": [str(gateway_binary())]},
         # Quick drift checks keep the tests short; production keeps the chart's default.
         "operator": {"resyncSeconds": 60},
+        # The GitHouse example's scripted model, priced like a small hosted one, so that the
+        # spend panels of the dashboards and the cost alert have something to show locally.
+        "modelPrices": {"githouse-scripted": {"inputPerMillionTokens": 0.15, "outputPerMillionTokens": 0.6}},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):

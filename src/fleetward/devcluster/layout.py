@@ -75,6 +75,16 @@ def _postgres_bin() -> Path:
     return found[-1].parent
 
 
+def monitoring_crds() -> list[Path]:
+    """The prometheus-operator CRDs (ServiceMonitor, PodMonitor, PrometheusRule) that
+    hack/fetch-monitoring-crds.sh caches, for tests of the chart's monitoring objects."""
+    v = versions()["PROMETHEUS_OPERATOR_VERSION"]
+    folder = _need(
+        cache_dir() / f"prometheus-operator-crds-v{v}", "prometheus-operator CRDs", "hack/fetch-monitoring-crds.sh"
+    )
+    return sorted(folder.glob("*.yaml"))
+
+
 def gateway_binary() -> Path:
     """Where `make build` (hack/build-gateway.sh) puts the Rust gateway; may not exist yet."""
     return cache_dir() / "cargo-target" / "release" / "fleetward-gateway"

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from fleetward.devcluster.layout import Binaries
+from fleetward.devcluster.poddiscovery import PodDiscovery
 from fleetward.devcluster.process import ComponentFailed, ManagedProcess, free_port, port_open, run_checked
 
 
@@ -368,12 +369,22 @@ class Postgres(Service):
 
 @dataclass
 class Prometheus(Service):
-    """Prometheus from the Debian package. Scrape targets come from a file_sd JSON file
-    (`add_target`), which Prometheus re-reads on its own: no restart, no reload."""
+    """Prometheus from the Debian package.
+
+    Scrape targets: with a kubeconfig, every pod annotated `prometheus.io/scrape: "true"`
+    (port and path from `prometheus.io/port|path`), found through the API server as in a
+    real cluster (job `kubernetes-pods`, labels `namespace`, `pod`, `app`; fed by
+    poddiscovery.py, since Debian's build lacks the Kubernetes discovery); and whatever a
+    test adds (`add_target`, job `fleetward`). Both are file_sd files, which Prometheus
+    re-reads on its own: no restart, no reload. `rule_files` are evaluated (alerts at
+    /alerts)."""
 
     port: int = field(default_factory=free_port)
     scrape_interval: str = "2s"
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kubeconfig: Path | None = None
+    rule_files: tuple[Path, ...] = ()
+    pods: PodDiscovery | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -386,16 +397,28 @@ class Prometheus(Service):
     def start(self) -> Prometheus:
         self.home.mkdir(parents=True, exist_ok=True)
         self._write_targets()
-        config = {
-            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
-            "scrape_configs": [
-                {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{self.port}"]}]},
+        scrape_configs: list[dict[str, Any]] = [
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{self.port}"]}]},
+            {
+                "job_name": "fleetward",
+                "file_sd_configs": [{"files": [str(self.home / "targets.json")], "refresh_interval": "1s"}],
+            },
+        ]
+        if self.kubeconfig is not None:
+            pods_file = self.home / "pods.json"
+            self.pods = PodDiscovery(self.kubeconfig, pods_file, skip_network=KWOK_POD_CIDR).start()
+            scrape_configs.append(
                 {
-                    "job_name": "fleetward",
-                    "file_sd_configs": [{"files": [str(self.home / "targets.json")], "refresh_interval": "1s"}],
-                },
-            ],
+                    "job_name": "kubernetes-pods",
+                    "file_sd_configs": [{"files": [str(pods_file)], "refresh_interval": "1s"}],
+                }
+            )
+        config: dict[str, Any] = {
+            "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
+            "scrape_configs": scrape_configs,
         }
+        if self.rule_files:
+            config["rule_files"] = [str(path) for path in self.rule_files]
         (self.home / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.proc = ManagedProcess(
             "prometheus",
@@ -418,6 +441,11 @@ class Prometheus(Service):
         tmp.write_text(json.dumps(groups))
         os.replace(tmp, self.home / "targets.json")
 
+    def stop(self) -> None:
+        if self.pods is not None:
+            self.pods.stop()
+        super().stop()
+
     def add_target(self, address: str, **labels: str) -> None:
         """Scrape http://address/metrics from now on (label `job` defaults to fleetward)."""
         self.targets[address] = labels
@@ -432,6 +460,29 @@ class Prometheus(Service):
             raise RuntimeError(f"prometheus query failed: {body}")
         return body["data"]["result"]
 
+    def query_range(self, promql: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        """A range query (what a dashboard's graph asks for); start/end in Unix seconds."""
+        from urllib.parse import urlencode
+
+        params = urlencode({"query": promql, "start": start, "end": end, "step": step})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{params}", timeout=10) as r:
+            body = json.load(r)
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus query failed: {body}")
+        return body["data"]["result"]
+
+    def knows_metric(self, name: str) -> bool:
+        """Whether a scraped target exposed the metric family (its HELP/TYPE), with samples
+        or not. Families drop a counter's _total (OpenMetrics) and a histogram's suffixes."""
+        family = name
+        for suffix in ("_bucket", "_count", "_sum", "_total"):
+            family = family.removesuffix(suffix)
+        for candidate in dict.fromkeys([name, family]):
+            with urllib.request.urlopen(f"{self.url}/api/v1/metadata?metric={candidate}", timeout=10) as r:
+                if json.load(r)["data"]:
+                    return True
+        return False
+
     def env(self) -> dict[str, str]:
         return {"PROMETHEUS_URL": self.url}
 
@@ -439,6 +490,7 @@ class Prometheus(Service):
 # -- kwok -------------------------------------------------------------------------------------------
 
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+KWOK_POD_CIDR = "198.18.0.0/15"
 KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
 
 
@@ -465,7 +517,7 @@ class Kwok(Service):
                 f"--kubeconfig={self.kubeconfig}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-                "--cidr=198.18.0.0/15",
+                f"--cidr={KWOK_POD_CIDR}",
                 "--node-ip=127.63.0.1",
                 f"--server-address=127.0.0.1:{self.port}",
                 # Heartbeats through node Leases, renewed every duration/4 = 10 s (kwokctl's default;

@@ -12,8 +12,10 @@ from fleetward.operator.handlers import indexes
 from fleetward.operator.handlers.gateway import keep_gateway
 from fleetward.operator.handlers.housekeeping import keep_house
 from fleetward.operator.kafka import KafkaUnavailable
+from fleetward.operator.metrics import register_agents_by_phase
 from fleetward.operator.peering import Peering
 from fleetward.operator.settings import OperatorSettings
+from prometheus_client import REGISTRY
 
 log = logging.getLogger("fleetward.operator")
 
@@ -78,6 +80,11 @@ def register(settings: OperatorSettings) -> None:
             namespaces = None if memo.settings.clusterwide else memo.settings.watch_namespaces
             memo.ctx.peering = Peering.of(memo.ctx.kube, memo.peer, memo.settings.peering, namespaces)
             memo.peering_task = asyncio.create_task(follow_peering(memo.ctx))
+        ctx = memo.ctx
+        memo.agents_metric = register_agents_by_phase(
+            lambda: [state.status.get("phase") for state in list(ctx.statuses.values())],
+            lambda: ctx.peering.acting if ctx.peering is not None else True,
+        )
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
         memo.housekeeping_task = asyncio.create_task(keep_house(memo.ctx))
         if memo.settings.gateway.enabled:
@@ -89,6 +96,8 @@ def register(settings: OperatorSettings) -> None:
             task = memo.get(name)
             if task:
                 task.cancel()
+        if memo.get("agents_metric") is not None:
+            REGISTRY.unregister(memo.agents_metric)
         ctx = memo.get("ctx")
         if ctx is not None:
             await ctx.close()
