@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fleetward.operator.settings import OperatorSettings
@@ -29,9 +31,15 @@ log = logging.getLogger("fleetward.operator.audit")
 OPERATOR_ACTOR = "fleetward-operator"
 
 
+REOPEN_SECONDS = 5.0
+"""How often a record attempt may try again to open a log that could not be opened."""
+
+
 class OperatorAudit:
-    def __init__(self, audit_log: AuditLog | None):
+    def __init__(self, audit_log: AuditLog | None, opener: Callable[[], AuditLog] | None = None):
         self.log = audit_log
+        self._opener = opener
+        self._reopen_at = 0.0
         self._lock = asyncio.Lock()
         self._seen: set[tuple[str, ...]] | None = None
 
@@ -42,13 +50,30 @@ class OperatorAudit:
             kafka = settings.kafka.admin_config()
         except ValueError:
             kafka = None
+
+        def opener() -> AuditLog:
+            return AuditLog.open(dsn, kafka=kafka, topic=settings.topics.audit)
+
         try:
-            return cls(AuditLog.open(dsn, kafka=kafka, topic=settings.topics.audit))
+            return cls(opener(), opener)
         except (AuditError, OSError) as e:
             # The operator keeps working without its audit log rather than stop the fleet's
-            # control loop; the error is loud and repeated in every record attempt.
-            log.error("the audit log at %s could not be opened: %s", dsn.split("@")[-1], e)
-            return cls(None)
+            # control loop; the error is loud, and the next record tries to open it again
+            # (a database that starts beside the operator, like the chart's own, is not up
+            # yet when the operator starts).
+            log.error("the audit log at %s could not be opened yet: %s", dsn.split("@")[-1], e)
+            return cls(None, opener)
+
+    async def _usable(self) -> bool:
+        """Whether there is a log to write to, opening it first if that failed before."""
+        if self.log is None and self._opener is not None and time.monotonic() >= self._reopen_at:
+            try:
+                self.log = await asyncio.to_thread(self._opener)
+                log.info("the audit log is open")
+            except (AuditError, OSError) as e:
+                self._reopen_at = time.monotonic() + REOPEN_SECONDS
+                log.error("the audit log still cannot be opened: %s", e)
+        return self.log is not None
 
     def close(self) -> None:
         if self.log is not None:
@@ -60,10 +85,11 @@ class OperatorAudit:
         return (record["action"], record["target"], str(details.get("engagedAt")), record["actor"])
 
     async def _append(self, action: str, actor: str, target: str, details: dict[str, Any]) -> None:
-        if self.log is None:
-            log.error("audit log unavailable: %s by %s on %s not recorded", action, actor, target)
-            return
         async with self._lock:
+            if not await self._usable():
+                log.error("audit log unavailable: %s by %s on %s not recorded", action, actor, target)
+                return
+            assert self.log is not None
             if self._seen is None:  # what earlier operator processes recorded already
                 self._seen = set()
                 for act in (KILL_SWITCH_ENGAGE, KILL_SWITCH_APPROVE, KILL_SWITCH_RELEASE):
