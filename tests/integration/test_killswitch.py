@@ -243,7 +243,7 @@ def kill_switch_dashboard_metrics_are_scraped(prometheus) -> None:
     wait_for(lambda: all(prometheus.knows_metric(n) for n in names), 60, f"{sorted(names)} scraped by Prometheus")
 
 
-def check_kill_switch_dashboard(prometheus) -> None:
+def check_kill_switch_dashboard(prometheus, name: str) -> None:
     """SPEC §8: the kill switch dashboard's queries against the dev cluster's Prometheus,
     which scraped the operator, the gateways and the runtime while the switch was engaged."""
     dashboard = board("Fleetward / Kill switch and debug")
@@ -256,8 +256,14 @@ def check_kill_switch_dashboard(prometheus) -> None:
     except Exception:
         raise AssertionError(f"kill switch dashboard: panels without data: {missing()}") from None
     (engaged,) = [p for p in dashboard["panels"] if p["title"] == "Engaged"]
-    values = {r["metric"]["kill_switch"]: r["value"][1] for r in prometheus.query(engaged["targets"][0]["expr"])}
-    assert "1" in values.values(), values
+
+    def shown() -> dict[str, str]:
+        return {r["metric"]["kill_switch"]: r["value"][1] for r in prometheus.query(engaged["targets"][0]["expr"])}
+
+    try:  # the next scrape of the operator after the engage
+        wait_for(lambda: shown().get(name) == "1", 30, f"the Engaged panel showing {name}")
+    except Exception:
+        raise AssertionError(f"the Engaged panel shows {shown()}") from None
 
 
 def test_gateways_close_halted_sessions_with_4009_and_refuse_new_ones(
@@ -338,7 +344,7 @@ def test_gateways_close_halted_sessions_with_4009_and_refuse_new_ones(
 
     try:
         asyncio.run(main())
-        check_kill_switch_dashboard(prometheus)
+        check_kill_switch_dashboard(prometheus, ks)
         release_as_two(user_kubeconfigs, ks)
 
         async def after() -> None:

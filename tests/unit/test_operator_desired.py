@@ -283,7 +283,16 @@ def test_a_key_the_trust_bundle_refused_is_reported_and_nothing_mounts_it() -> N
     ref = inputs.ref
     result = asyncio.run(
         _apply(
-            ctx, ref, inputs.spec, res, creds, inputs.model_keys, applied_before=False, skip_unchanged=False, timings={}
+            ctx,
+            ref,
+            inputs.spec,
+            res,
+            creds,
+            inputs.model_keys,
+            None,
+            applied_before=False,
+            skip_unchanged=False,
+            timings={},
         )
     )
     assert result.key_published is False and result.config_hash is None

@@ -11,6 +11,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ .Release.Name }}-operator
 {{- end }}
 
+{{- define "fleetward.postgresqlName" -}}
+{{ .Release.Name }}-postgresql
+{{- end }}
+
 {{- /* Rules on namespaced objects the operator manages: granted cluster-wide or per watched namespace. */ -}}
 {{- define "fleetward.namespacedRules" -}}
 - apiGroups: [fleetward.dev]
@@ -89,6 +93,9 @@ runtime:
   runAsUser: {{ .Values.runtime.runAsUser }}
   resources: {{ .Values.runtime.resources | toJson }}
   databaseSecret: {{ .Values.runtime.databaseSecret | default nil | toJson }}
+  {{- if and .Values.postgresql.enabled (not .Values.runtime.databaseSecret) }}
+  databaseSource: {name: {{ include "fleetward.postgresqlName" . | quote }}, key: dsn}
+  {{- end }}
   stateVolume:
     enabled: {{ .Values.runtime.stateVolume.enabled }}
     size: {{ .Values.runtime.stateVolume.size | quote }}

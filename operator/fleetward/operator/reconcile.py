@@ -27,6 +27,7 @@ from fleetward.operator.desired.agent import (
     AgentInputs,
     AgentRef,
     base_name,
+    copies_database,
     desired_agent,
     kafka_principal,
     model_secret_name,
@@ -162,6 +163,35 @@ async def _model_keys(ctx: OperatorContext, ns: str, spec: AgentSpec) -> tuple[d
             continue
         keys[i] = base64.b64decode(value)
     return keys, problems
+
+
+async def _database_dsn(ctx: OperatorContext) -> tuple[bytes | None, Cond | None]:
+    """The installation's PostgreSQL DSN (runtime.databaseSource) to copy into the Agent's
+    namespace: (None, None) when the installation has none to copy."""
+    import base64
+
+    if not copies_database(ctx.settings):
+        return None, None
+    source, ns = ctx.settings.runtime.database_source, ctx.settings.namespace
+    assert source is not None
+    secret = await ctx.kube.get("Secret", ns, source.name)
+    if secret is None:
+        return None, Cond(
+            c.CREDENTIALS_ISSUED,
+            False,
+            Reason.SECRET_NOT_FOUND,
+            f"Secret {ns}/{source.name} with the installation's PostgreSQL DSN (runtime.databaseSource) does "
+            "not exist yet; the agent proceeds once it does.",
+        )
+    value = (secret.get("data") or {}).get(source.key)
+    if value is None:
+        return None, Cond(
+            c.CREDENTIALS_ISSUED,
+            False,
+            Reason.SECRET_KEY_NOT_FOUND,
+            f"Secret {ns}/{source.name} has no key {source.key!r} with the installation's PostgreSQL DSN.",
+        )
+    return base64.b64decode(value), None
 
 
 def _access(ctx: OperatorContext, ns: str, name: str, spec: AgentSpec) -> AgentAccess:
@@ -346,6 +376,7 @@ async def _apply(
     res,
     creds: AgentCredentials,
     model_keys: dict[int, bytes],
+    database_dsn: bytes | None,
     *,
     applied_before: bool,
     skip_unchanged: bool,
@@ -365,6 +396,7 @@ async def _apply(
         key_id=creds.key_id,
         kafka_username=creds.kafka_username,
         model_keys=model_keys,
+        database_dsn=database_dsn,
     )
     desired = desired_agent(inputs)
     key = (ref.namespace, ref.name)
@@ -434,14 +466,17 @@ async def _reconcile(
     # Reads first (model keys, the signing key), then everything that only waits on
     # other systems (Kafka principal and topic, the trust bundle, the applies) at once:
     # a reconcile's time is its slowest call, not the sum of them.
-    (model_keys, key_problems), creds = await _timed(
+    (model_keys, key_problems), (database_dsn, database_problem), creds = await _timed(
         timings,
         "reads",
         asyncio.gather(
             _model_keys(ctx, ns, spec),
+            _database_dsn(ctx),
             ensure_credentials(ctx.kube, ref, probably_new=not old_status.get("observedGeneration")),
         ),
     )
+    if database_problem:
+        key_problems.append(database_problem)
     # The Agent's labels ride with its key, so that a verifier watching KillSwitches can
     # apply an agentSelector itself (fleetward.toolkit.killswitches); a relabelled Agent
     # republishes its entry.
@@ -470,6 +505,7 @@ async def _reconcile(
             res,
             creds,
             model_keys,
+            database_dsn,
             applied_before=applied_before,
             skip_unchanged=skip_unchanged,
             timings=timings,

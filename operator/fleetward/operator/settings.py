@@ -102,6 +102,11 @@ class StateVolumeSettings(Settings):
     """StorageClass of the claims; None or empty: the cluster's default class."""
 
 
+class SecretRef(Settings):
+    name: str
+    key: str = "secret"
+
+
 class RuntimeSettings(Settings):
     """How agent runtime pods are built."""
 
@@ -116,13 +121,18 @@ class RuntimeSettings(Settings):
     database_secret: str | None = None
     """Secret (in the Agent's namespace) with key `dsn`: PostgreSQL for checkpoints and ledgers.
     None: each pod uses embedded SQLite (fine for one replica)."""
+    database_source: SecretRef | None = None
+    """The installation's own PostgreSQL (chart `postgresql.enabled`): a Secret in the
+    installation namespace whose `key` holds the DSN. The operator copies it into each
+    Agent's namespace (Secret fw-<agent>-database, owned by the Agent), since a pod can only
+    read Secrets of its own namespace. `database_secret` wins when both are set."""
     state_volume: StateVolumeSettings = Field(default_factory=StateVolumeSettings)
     run_as_user: int = 65532
 
-
-class SecretRef(Settings):
-    name: str
-    key: str = "secret"
+    @property
+    def uses_database(self) -> bool:
+        """The runtimes keep their state in PostgreSQL, not in per-pod SQLite."""
+        return bool(self.database_secret or self.database_source)
 
 
 class GatewayAuthSettings(Settings):

@@ -48,6 +48,46 @@ def local_values(kafka_bootstrap: str, **overrides: Any) -> dict[str, Any]:
     return values
 
 
+# The chart's PostgreSQL (values `postgresql`) as the podlet runs it: the image's entrypoint
+# does not exist here, so the pod's command does what it does with the Debian server: create
+# the database on first start (as the `postgres` user when the podlet runs as root, which
+# PostgreSQL requires), then run the server on 127.0.0.1 (the DSN's host: no Service
+# networking here) and the pod's IP (the readiness probe's).
+LOCAL_POSTGRESQL_SCRIPT = r"""
+set -eu
+bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+as_pg=""
+mkdir -p "$PGDATA"
+if [ "$(id -u)" = 0 ]; then
+  chown -R postgres:postgres "$(dirname "$PGDATA")"
+  as_pg="setpriv --reuid=postgres --regid=postgres --init-groups"
+fi
+chmod 700 "$PGDATA"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  pwfile=$(mktemp)
+  printf '%s\n' "$POSTGRES_PASSWORD" >"$pwfile"
+  if [ -n "$as_pg" ]; then chown postgres "$pwfile"; fi
+  $as_pg "$bin/initdb" -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --auth=scram-sha-256 \
+    --encoding=UTF8 --locale=C.UTF-8
+  rm -f "$pwfile"
+  echo "CREATE DATABASE \"$POSTGRES_DB\"" | $as_pg "$bin/postgres" --single -D "$PGDATA" postgres >/dev/null
+fi
+exec $as_pg "$bin/postgres" -D "$PGDATA" -p "$PGPORT" -c "listen_addresses=127.0.0.1,$POD_IP" \
+  -c unix_socket_directories=
+"""
+
+
+def local_postgresql() -> dict[str, Any]:
+    """Values that turn on the chart's PostgreSQL in the local cluster (on a free port)."""
+    return {
+        "enabled": True,
+        "command": ["sh", "-c", LOCAL_POSTGRESQL_SCRIPT],
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "storage": {"size": "1Gi"},
+    }
+
+
 def helm_install(
     helm: Path,
     kubeconfig: Path,

@@ -12,6 +12,7 @@ Agent names are at most 52 characters, so every name stays a valid DNS label.
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ KEY_ID = "key-id"
 KAFKA_USERNAME = "kafka-username"
 KAFKA_PASSWORD = "kafka-password"
 DATABASE_DSN_ENV = "FLEETWARD_DATABASE_DSN"
+DATABASE_HASH_ANNOTATION = "fleetward.dev/database-hash"
 STATE_DIR = "/var/lib/fleetward"
 
 
@@ -62,6 +64,10 @@ def credentials_secret_name(agent: str) -> str:
 
 def model_secret_name(agent: str) -> str:
     return f"fw-{agent}-model"
+
+
+def database_secret_name(agent: str) -> str:
+    return f"fw-{agent}-database"
 
 
 def state_claim_name(agent: str) -> str:
@@ -137,6 +143,9 @@ class AgentInputs:
     """Model API keys by index (0 primary, 1.. fallbacks), copied from the referenced Secrets."""
     halted: bool = False
     """A kill switch covers the agent: scale to zero, like paused."""
+    database_dsn: bytes | None = None
+    """The installation's PostgreSQL DSN (settings runtime.databaseSource), to copy into the
+    Agent's namespace; None without one."""
 
     @property
     def scaled_down(self) -> bool:
@@ -206,7 +215,7 @@ def runtime_config(inputs: AgentInputs) -> RuntimeConfig:
                 for i in range(n_models)
             ],
         ),
-        persistence=Persistence(dsn_env=DATABASE_DSN_ENV if s.runtime.database_secret else None),
+        persistence=Persistence(dsn_env=DATABASE_DSN_ENV if s.runtime.uses_database else None),
         server=Server(port=s.runtime.port),
         model_prices=model_prices(spec, s.model_prices),
     )
@@ -222,7 +231,7 @@ def single_writer(spec: AgentSpec) -> bool:
 def state_volume_managed(settings: OperatorSettings) -> bool:
     """The installation keeps runtimes' SQLite state on claims: the setting is on and no
     PostgreSQL DSN is configured (with PostgreSQL the pods keep nothing worth keeping)."""
-    return settings.runtime.state_volume.enabled and not settings.runtime.database_secret
+    return settings.runtime.state_volume.enabled and not settings.runtime.uses_database
 
 
 def uses_state_claim(inputs: AgentInputs) -> bool:
@@ -294,6 +303,29 @@ def model_secret(inputs: AgentInputs) -> dict[str, Any]:
     }
 
 
+def copies_database(settings: OperatorSettings) -> bool:
+    """The installation's PostgreSQL is copied into each Agent's namespace
+    (runtime.databaseSource, and no per-namespace databaseSecret of the team's own)."""
+    return settings.runtime.database_source is not None and not settings.runtime.database_secret
+
+
+def _digest(value: bytes) -> str:
+    return hashlib.sha256(value).hexdigest()[:16]
+
+
+def database_secret(inputs: AgentInputs) -> dict[str, Any]:
+    """The per-agent copy of the installation's PostgreSQL DSN. Not revoked by a kill switch
+    (unlike the key and model Secrets): it is no identity of the agent, and a runtime that
+    restarts under a halt needs its checkpoints to start halted and to resume later."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": inputs.ref.metadata(database_secret_name(inputs.ref.name), "credentials"),
+        "data": {"dsn": base64.b64encode(inputs.database_dsn or b"").decode()},
+    }
+
+
 def _resources(inputs: AgentInputs) -> dict[str, Any]:
     if inputs.spec.resources is not None:
         return inputs.spec.resources.to_wire()
@@ -311,13 +343,10 @@ def _env(inputs: AgentInputs) -> list[dict[str, Any]]:
         {"name": "FLEETWARD_CONFIG", "value": f"{CONFIG_DIR}/config.json"},
         {"name": "TMPDIR", "value": "/var/tmp"},
     ]
-    if inputs.settings.runtime.database_secret:
-        env.append(
-            {
-                "name": DATABASE_DSN_ENV,
-                "valueFrom": {"secretKeyRef": {"name": inputs.settings.runtime.database_secret, "key": "dsn"}},
-            }
-        )
+    rt = inputs.settings.runtime
+    if rt.uses_database:
+        name = rt.database_secret or database_secret_name(inputs.ref.name)
+        env.append({"name": DATABASE_DSN_ENV, "valueFrom": {"secretKeyRef": {"name": name, "key": "dsn"}}})
     if inputs.settings.telemetry.otlp_endpoint:
         env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": inputs.settings.telemetry.otlp_endpoint})
     options = inputs.spec.deployment
@@ -335,6 +364,9 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
     pod_annotations = {
         **(options.pod_annotations if options and options.pod_annotations else {}),
         CONFIG_HASH_ANNOTATION: config.config_hash,
+        # The DSN reaches the pod as an environment variable, read once at start: a changed
+        # one (a rotated password) rolls the pods.
+        **({DATABASE_HASH_ANNOTATION: _digest(inputs.database_dsn)} if inputs.database_dsn else {}),
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(rt.port),
         "prometheus.io/path": "/metrics",
@@ -494,6 +526,7 @@ def desired_agent(inputs: AgentInputs) -> DesiredAgent:
         service_account(inputs),
         config_map(inputs, config),
         model_secret(inputs),
+        *([database_secret(inputs)] if copies_database(inputs.settings) else []),
         service(inputs),
         pod_disruption_budget(inputs),
     ]
