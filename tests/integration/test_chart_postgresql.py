@@ -30,7 +30,7 @@ from tests.support.agents import agent, model_secret, sop, wait_ready
 from tests.support.runtime import EventReader, ensure_topics, produce, user_message
 
 # Namespaces scoped-* are left to other installations by the shared one (tests/conftest.py).
-RELEASE, SYSTEM, WATCHED = "fw-pg", "scoped-pg-system", "scoped-pg"
+RELEASE, SYSTEM, WATCHED = "fw-chartdb", "scoped-chartdb-system", "scoped-chartdb"
 SECRET = f"{RELEASE}-postgresql"
 SCRIPT = [{"name": "reply", "match": {"lastRole": "user"}, "respond": {"content": "Kept in PostgreSQL."}}]
 
@@ -89,7 +89,7 @@ def test_the_charts_postgresql_runs_and_holds_the_runtimes_state_and_the_audit_c
         assert env["FLEETWARD_DATABASE_DSN"].value_from.secret_key_ref.name == "fw-billing-database"
         assert not core.list_namespaced_persistent_volume_claim(WATCHED).items
 
-        session = f"pg-{uuid.uuid4().hex[:12]}"
+        session = f"chartdb-{uuid.uuid4().hex[:12]}"
         topic = obj["status"]["requestTopic"]
         produce(
             kafka.bootstrap,

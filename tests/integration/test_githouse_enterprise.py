@@ -65,18 +65,36 @@ class SessionClient(threading.Thread):
 
     def __init__(self, url: str, token: str) -> None:
         super().__init__(daemon=True)
+        self.url, self.token = url, token
         self.frames: list[dict[str, Any]] = []
-        self._ws = ws_connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10)
+        self._ws: Any = None
+        self._connected = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        super().start()
+        assert self._connected.wait(15), "the WebSocket client did not connect"
+        if self._error is not None:
+            raise self._error
 
     def run(self) -> None:
         try:
-            for message in self._ws:
-                self.frames.append(json.loads(message))
+            with ws_connect(
+                self.url, additional_headers={"Authorization": f"Bearer {self.token}"}, open_timeout=10
+            ) as ws:
+                self._ws = ws
+                self._connected.set()
+                for message in ws:
+                    self.frames.append(json.loads(message))
         except websockets.exceptions.ConnectionClosed:
             pass
+        except BaseException as e:  # reported to the test by start()
+            self._error = e
+            self._connected.set()
 
     def close(self) -> None:
-        self._ws.close()
+        if self._ws is not None:
+            self._ws.close()
         self.join(10)
 
 
@@ -226,8 +244,11 @@ def test_every_dashboard_panel_shows_data_from_the_run(
         user_message("githouse/router", session, text).to_json(),
         session,
     )
-    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-        ws_connect(_gateway_url(core, fleetward, session), additional_headers={"Authorization": "Bearer not-a-jwt"})
+    with (
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        ws_connect(_gateway_url(core, fleetward, session), additional_headers={"Authorization": "Bearer not-a-jwt"}),
+    ):
+        pass
     assert refused.value.response.status_code == 401
 
     for title in ("Fleetward / Executive", "Fleetward / Operational"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
 from kubernetes import client
 
 from fleetward.devcluster.layout import REPO, state_root
@@ -115,6 +117,23 @@ def test_dev_up_starts_everything_applies_the_example_and_stops_on_ctrl_c(tmp_pa
         assert "user tokens: HS256 with the key in Secret fleetward-system/" in out, out[-3000:]
         with urllib.request.urlopen(f"http://{gateway.group(1)}/readyz", timeout=10) as ready:
             assert ready.status == 200
+        # ...and Prometheus: it scrapes the example's runtimes (found through the API server)
+        # and evaluates Fleetward's alerting rules (docs/monitoring.md).
+        prometheus = re.search(r"PROMETHEUS_URL +(\S+)", out)
+        assert prometheus and f"alerts: {prometheus.group(1)}/alerts" in out, out[-3000:]
+
+        def prom(path: str) -> dict:
+            with urllib.request.urlopen(f"{prometheus.group(1)}{path}", timeout=10) as resp:
+                return json.load(resp)["data"]
+
+        def runtimes_ready() -> float:
+            result = prom('/api/v1/query?query=sum(fleetward_runtime_ready{namespace="githouse"})')["result"]
+            return float(result[0]["value"][1]) if result else 0.0
+
+        wait_for(lambda: runtimes_ready() >= 10, 60, "the 10 GitHouse runtimes scraped and ready in Prometheus")
+        alerts = {r["name"] for g in prom("/api/v1/rules?type=alert")["groups"] for r in g["rules"]}
+        shipped = yaml.safe_load((REPO / "charts/fleetward/monitoring/rules.yaml").read_text())["groups"]
+        assert alerts == {r["alert"] for g in shipped for r in g["rules"]}, alerts
 
         # while it is up: the env file works in a shell, and the cluster answers with the example in it
         check = subprocess.run(

@@ -314,6 +314,9 @@ def _print_summary(
     for key in ("KAFKA_BOOTSTRAP", "POSTGRES_DSN", "PROMETHEUS_URL"):
         if key in env:
             _print(f"  {key:<15} {env[key]}")
+    if "PROMETHEUS_URL" in env:
+        _print(f"                  alerts: {env['PROMETHEUS_URL']}/alerts; dashboards to import into a Grafana:")
+        _print("                  charts/fleetward/monitoring/dashboards/*.json (docs/monitoring.md)")
     urls, secret = gateway
     if urls:
         ws = urls[0].replace("http://", "ws://", 1)
