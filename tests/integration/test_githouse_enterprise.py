@@ -31,8 +31,7 @@ from fleetward.api.envelopes import AgentCommand
 from fleetward.devcluster.process import wait_for
 from tests.gateway_support import mint
 from tests.support.agents import wait_ready
-from tests.support.dashboards import board, panels_without_data
-from tests.support.metrics import metric_names
+from tests.support.dashboards import board, panel_metrics, wait_for_data_in_every_panel
 from tests.support.runtime import FLEETWARD, EventReader, TopicReader, produce, user_message
 
 ENTERPRISE_QUERY = (
@@ -253,18 +252,9 @@ def test_every_dashboard_panel_shows_data_from_the_run(
 
     for title in ("Fleetward / Executive", "Fleetward / Operational"):
         dashboard = board(title)
-
-        def missing(dashboard: dict = dashboard) -> list[str]:
-            return [p for p in panels_without_data(prometheus, dashboard) if p not in NO_DATA_IN_THIS_RUN]
-
-        try:
-            wait_for(lambda: not missing(), 90, f"data in every panel of {title}")
-        except Exception:
-            raise AssertionError(f"{title}: panels without data: {missing()}") from None
-        for panel in dashboard["panels"]:
-            if panel["title"] in NO_DATA_IN_THIS_RUN:
-                for name in {n for t in panel["targets"] for n in metric_names(t["expr"])}:
-                    assert prometheus.knows_metric(name), f"{name} ({panel['title']}) is not exported by a scraped pod"
+        wait_for_data_in_every_panel(prometheus, dashboard, except_=NO_DATA_IN_THIS_RUN)
+        for name in panel_metrics(dashboard, NO_DATA_IN_THIS_RUN):
+            assert prometheus.knows_metric(name), f"{name} ({title}) is not exported by a scraped pod"
 
 
 def _brief(e: Any) -> str:

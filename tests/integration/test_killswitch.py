@@ -23,8 +23,7 @@ from fleetward.devcluster.process import wait_for
 from fleetward.toolkit import TokenRefused, ToolTokenVerifier, TrustBundle, mint_tool_token
 from tests.support.agents import agent, condition, get_agent, model_secret, sop, wait_agent, wait_ready
 from tests.support.argocd import evaluate, health_script
-from tests.support.dashboards import board, panels_without_data
-from tests.support.metrics import metric_names
+from tests.support.dashboards import board, panel_metrics, wait_for_data_in_every_panel
 
 GROUP, VERSION = "fleetward.dev", "v1alpha1"
 
@@ -232,14 +231,7 @@ KILL_SWITCH_PANELS_WITHOUT_DATA = {
 def kill_switch_dashboard_metrics_are_scraped(prometheus) -> None:
     """The metrics of the panels this test cannot feed are exposed by the scraped pods
     (checked while the runtime still runs: a scaled-down runtime is no longer scraped)."""
-    dashboard = board("Fleetward / Kill switch and debug")
-    names = {
-        n
-        for panel in dashboard["panels"]
-        if panel["title"] in KILL_SWITCH_PANELS_WITHOUT_DATA
-        for t in panel["targets"]
-        for n in metric_names(t["expr"])
-    }
+    names = panel_metrics(board("Fleetward / Kill switch and debug"), KILL_SWITCH_PANELS_WITHOUT_DATA)
     wait_for(lambda: all(prometheus.knows_metric(n) for n in names), 60, f"{sorted(names)} scraped by Prometheus")
 
 
@@ -247,14 +239,7 @@ def check_kill_switch_dashboard(prometheus, name: str) -> None:
     """SPEC §8: the kill switch dashboard's queries against the dev cluster's Prometheus,
     which scraped the operator, the gateways and the runtime while the switch was engaged."""
     dashboard = board("Fleetward / Kill switch and debug")
-
-    def missing() -> list[str]:
-        return [p for p in panels_without_data(prometheus, dashboard) if p not in KILL_SWITCH_PANELS_WITHOUT_DATA]
-
-    try:
-        wait_for(lambda: not missing(), 60, "data in every panel of the kill switch dashboard")
-    except Exception:
-        raise AssertionError(f"kill switch dashboard: panels without data: {missing()}") from None
+    wait_for_data_in_every_panel(prometheus, dashboard, except_=KILL_SWITCH_PANELS_WITHOUT_DATA, timeout=60)
     (engaged,) = [p for p in dashboard["panels"] if p["title"] == "Engaged"]
 
     def shown() -> dict[str, str]:

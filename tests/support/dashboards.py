@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from fleetward.devcluster.process import wait_for
+from tests.support.metrics import metric_names
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "charts/fleetward/monitoring/dashboards"
 
@@ -60,3 +64,31 @@ def panels_without_data(prometheus: Any, board: dict, window_seconds: int = 900)
 def board(title: str) -> dict:
     (found,) = [d for d in dashboards().values() if d["title"] == title]
     return found
+
+
+def wait_for_data_in_every_panel(
+    prometheus: Any, board: dict, except_: Iterable[str] = (), timeout: float = 90
+) -> None:
+    """Wait until every panel of `board` but those named in `except_` shows data; fails
+    naming the panels that still show none."""
+    skip = set(except_)
+
+    def missing() -> list[str]:
+        return [p for p in panels_without_data(prometheus, board) if p not in skip]
+
+    try:
+        wait_for(lambda: not missing(), timeout, f"data in every panel of {board['title']}")
+    except Exception:
+        raise AssertionError(f"{board['title']}: panels without data: {missing()}") from None
+
+
+def panel_metrics(board: dict, titles: Iterable[str]) -> set[str]:
+    """The Fleetward metrics the panels named `titles` read."""
+    wanted = set(titles)
+    return {
+        name
+        for panel in board["panels"]
+        if panel["title"] in wanted
+        for target in panel["targets"]
+        for name in metric_names(target["expr"])
+    }
