@@ -12,6 +12,7 @@ import pytest
 import yaml
 from fleetward.operator.desired.agent import (
     CONFIG_HASH_ANNOTATION,
+    MODEL_CREDENTIALS_HASH_ANNOTATION,
     AgentInputs,
     AgentRef,
     desired_agent,
@@ -358,3 +359,24 @@ def test_a_deployment_event_older_than_the_applied_deployment_changes_nothing() 
     with mock.patch("kopf.event"):
         assert asyncio.run(refresh_availability(ctx, deployment(6, ready=0))) is False
     assert len(kube.statuses) == 1
+
+
+def test_a_rotated_model_key_rolls_the_pods_without_showing_the_key():
+    """The runtime builds its model clients at start: a key rotated in the referenced Secret
+    must restart the pods once the copy is updated, like a changed config."""
+
+    def template(keys: dict[int, bytes]) -> dict:
+        objects = desired_agent(inputs_for("billing", model_keys=keys)).objects
+        deployment = next(o for o in objects if o["kind"] == "Deployment")
+        return deployment["spec"]["template"]["metadata"]["annotations"]
+
+    before = template({0: b"sk-primary", 1: b"sk-fallback"})
+    assert template({0: b"sk-primary", 1: b"sk-fallback"}) == before  # level-based: no roll
+    for rotated in ({0: b"sk-primary-2", 1: b"sk-fallback"}, {0: b"sk-primary", 1: b"sk-fallback-2"}):
+        after = template(rotated)
+        assert after[MODEL_CREDENTIALS_HASH_ANNOTATION] != before[MODEL_CREDENTIALS_HASH_ANNOTATION]
+        assert after[CONFIG_HASH_ANNOTATION] == before[CONFIG_HASH_ANNOTATION]
+    # Keys swapped between models are a change too.
+    assert template({0: b"sk-fallback", 1: b"sk-primary"}) != before
+    assert "sk-primary" not in repr(before)
+    assert MODEL_CREDENTIALS_HASH_ANNOTATION not in template({})  # no credentials named

@@ -1,9 +1,13 @@
 """fleetward_operator_agents{phase}: counted from the statuses the operator last wrote, every
-phase reported (0 included), nothing from a replica that stands by."""
+phase reported (0 included), nothing from a replica that stands by.
+fleetward_kill_switch_active{kill_switch}: read from the watched KillSwitches when scraped,
+the same on every replica, whichever one acted."""
 
 from __future__ import annotations
 
-from fleetward.operator.metrics import AGENT_PHASES, register_agents_by_phase
+from fleetward.operator.killswitch.revoker import SwitchView
+from fleetward.operator.metrics import AGENT_PHASES, register_agents_by_phase, register_kill_switches_active
+from fleetward.operator.settings import OperatorSettings
 from prometheus_client import CollectorRegistry, generate_latest
 
 
@@ -34,3 +38,50 @@ def test_a_replica_standing_by_reports_no_agents():
     assert _samples(registry) == {}
     acting[0] = None  # peering not decided yet (or standalone): what it has
     assert _samples(registry)["Ready"] == 1
+
+
+def _switch(name: str, engaged: bool, namespaces: list[str] | None = None) -> dict:
+    scope = {"namespaces": namespaces} if namespaces else {}
+    return {"metadata": {"name": name}, "spec": {"engaged": engaged, "reason": "incident", "scope": scope}}
+
+
+def _active(registry: CollectorRegistry) -> dict[str, float]:
+    return {
+        s.labels["kill_switch"]: s.value
+        for family in registry.collect()
+        if family.name == "fleetward_kill_switch_active"
+        for s in family.samples
+    }
+
+
+def test_kill_switch_active_follows_the_watched_switches_on_every_replica():
+    """Two replicas of one installation: A acted on the engage, B (after a failover) on the
+    release. Both watch the switch, so both report 0 once it is released; before, A kept
+    the 1 it had set, and the alert (max over replicas) kept firing."""
+    settings = OperatorSettings(namespace="fleetward-system")
+    replicas = [SwitchView(settings), SwitchView(settings)]
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    for view, registry in zip(replicas, registries, strict=True):
+        register_kill_switches_active(view.engaged, registry)
+        view.set_switch(_switch("stop-all", True))
+    assert [_active(r) for r in registries] == [{"stop-all": 1}, {"stop-all": 1}]
+    for view in replicas:
+        view.set_switch(_switch("stop-all", False))
+    assert [_active(r) for r in registries] == [{"stop-all": 0}, {"stop-all": 0}]
+    assert b'fleetward_kill_switch_active{kill_switch="stop-all"} 0.0' in generate_latest(registries[0])
+    replicas[0].set_switch(_switch("stop-all", False), deleted=True)
+    assert _active(registries[0]) == {}  # a deleted switch leaves no series behind
+
+
+def test_kill_switch_active_leaves_out_switches_of_other_installations():
+    """A namespace-scoped installation reports the switches that cover its Agents or name
+    its namespaces, not another team's."""
+    settings = OperatorSettings(namespace="team-a-system", watch_namespaces=["team-a"])
+    view = SwitchView(settings)
+    view.set_agent({"metadata": {"namespace": "team-a", "name": "billing"}})
+    view.set_switch(_switch("team-b-stop", True, ["team-b"]))
+    view.set_switch(_switch("team-a-stop", True, ["team-a"]))
+    view.set_switch(_switch("everything", False))  # empty scope: covers team-a's Agent too
+    registry = CollectorRegistry()
+    register_kill_switches_active(view.engaged, registry)
+    assert _active(registry) == {"everything": 0, "team-a-stop": 1}

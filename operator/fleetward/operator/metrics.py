@@ -60,11 +60,37 @@ def register_agents_by_phase(
     return collector
 
 
-KILL_SWITCH_ACTIVE = Gauge(
-    "fleetward_kill_switch_active",
-    "1 while the KillSwitch is engaged, 0 once released.",
-    ["kill_switch"],
-)
+class KillSwitchesActive(Collector):
+    """fleetward_kill_switch_active{kill_switch}: 1 while a switch this installation handles
+    is engaged, 0 once released, gone once deleted. Computed when scraped from the revoker's
+    watch of the KillSwitches, so that every replica reports the API server's truth; a gauge
+    set by the handler that acted stayed at its last value on a replica that stopped acting,
+    and kept the alert (a max over replicas) firing after a release."""
+
+    NAME = "fleetward_kill_switch_active"
+    HELP = "1 while the KillSwitch is engaged, 0 once released."
+
+    def __init__(self, switches: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        self._switches = switches
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["kill_switch"])
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["kill_switch"])
+        for name, engaged in self._switches():
+            family.add_metric([name], 1 if engaged else 0)
+        yield family
+
+
+def register_kill_switches_active(
+    switches: Callable[[], Iterable[tuple[str, bool]]], registry: CollectorRegistry = REGISTRY
+) -> KillSwitchesActive:
+    collector = KillSwitchesActive(switches)
+    registry.register(collector)
+    return collector
+
+
 KILL_SWITCH_REVOCATION_SECONDS = Gauge(
     "fleetward_kill_switch_revocation_seconds",
     "Seconds from the engage being accepted until the covered agents' keys and Kafka access were withdrawn.",

@@ -47,6 +47,7 @@ KAFKA_USERNAME = "kafka-username"
 KAFKA_PASSWORD = "kafka-password"
 DATABASE_DSN_ENV = "FLEETWARD_DATABASE_DSN"
 DATABASE_HASH_ANNOTATION = "fleetward.dev/database-hash"
+MODEL_CREDENTIALS_HASH_ANNOTATION = "fleetward.dev/model-credentials-hash"
 STATE_DIR = "/var/lib/fleetward"
 
 
@@ -313,6 +314,10 @@ def _digest(value: bytes) -> str:
     return hashlib.sha256(value).hexdigest()[:16]
 
 
+def _model_keys_digest(keys: dict[int, bytes]) -> str:
+    return _digest(b"".join(b"%d:%d:%s" % (i, len(v), v) for i, v in sorted(keys.items())))
+
+
 def database_secret(inputs: AgentInputs) -> dict[str, Any]:
     """The per-agent copy of the installation's PostgreSQL DSN. Not revoked by a kill switch
     (unlike the key and model Secrets): it is no identity of the agent, and a runtime that
@@ -367,6 +372,9 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
         # The DSN reaches the pod as an environment variable, read once at start: a changed
         # one (a rotated password) rolls the pods.
         **({DATABASE_HASH_ANNOTATION: _digest(inputs.database_dsn)} if inputs.database_dsn else {}),
+        # Likewise the model API keys: the runtime builds its model clients once, at start,
+        # so a rotated key in the referenced Secret (copied at the next reconcile) rolls them.
+        **({MODEL_CREDENTIALS_HASH_ANNOTATION: _model_keys_digest(inputs.model_keys)} if inputs.model_keys else {}),
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(rt.port),
         "prometheus.io/path": "/metrics",

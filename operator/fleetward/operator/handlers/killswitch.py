@@ -15,10 +15,10 @@ from typing import Any
 import kopf
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.handlers.indexes import GROUP, VERSION, references, switches
+from fleetward.operator.killswitch import scope
 from fleetward.operator.killswitch.engage import engage
 from fleetward.operator.killswitch.release import release, resume_pending, retry_resume
 from fleetward.operator.killswitch.scope import affected, agent_id, halts_for, is_engaged
-from fleetward.operator.metrics import KILL_SWITCH_ACTIVE
 from fleetward.operator.reconcile import reconcile_agent
 from fleetward.operator.settings import OperatorSettings
 
@@ -60,12 +60,11 @@ async def reconcile_switch(ctx: OperatorContext, switch: dict[str, Any], indexes
         if failed:
             raise kopf.TemporaryError(f"{len(failed)} agent(s) not settled yet: {'; '.join(failed[:5])}", delay=2)
 
-    if not covered and not _answers_for(ctx.settings, switch):
+    if not covered and not scope.answers_for(ctx.settings, switch):
         return  # another installation's switch: we obey it (Agent reconciles read it) but do not report
     if is_engaged(switch):
         await ctx.audit.approvals(switch)
         if status.get("phase") == "Drained" and status.get("observedGeneration") == gen:
-            KILL_SWITCH_ACTIVE.labels(name).set(1)
             return
         await engage(ctx, switch, covered, reconcile_agents)
         kopf.event(
@@ -86,11 +85,9 @@ async def reconcile_switch(ctx: OperatorContext, switch: dict[str, Any], indexes
         await retry_resume(ctx, switch, [a for a in covered if a not in still], still)
     elif status.get("phase") == "Released":
         # Released before (a second release, or an edit of a released switch): nothing to undo.
-        KILL_SWITCH_ACTIVE.labels(name).set(0)
         if status.get("observedGeneration") != gen:
             await ctx.kube.patch_status("KillSwitch", None, name, {"observedGeneration": gen})
     elif status.get("observedGeneration") != gen:
-        KILL_SWITCH_ACTIVE.labels(name).set(0)
         await ctx.kube.patch_status(
             "KillSwitch",
             None,
@@ -112,23 +109,9 @@ async def reconcile_switch(ctx: OperatorContext, switch: dict[str, Any], indexes
         )
 
 
-def _answers_for(settings: OperatorSettings, switch: dict[str, Any]) -> bool:
-    """Whether this installation writes the status of a switch that covers none of its
-    Agents: a cluster-wide installation does, unless the switch names only namespaces it
-    excludes; a namespace-scoped one does only for its own namespaces. Side-by-side
-    installations thereby never fight over a switch that only one of them serves."""
-    namespaces = ((switch.get("spec") or {}).get("scope") or {}).get("namespaces") or []
-    if settings.clusterwide:
-        return not namespaces or any(settings.owns_namespace(ns) for ns in namespaces)
-    return any(ns in settings.watch_namespaces and settings.owns_namespace(ns) for ns in namespaces)
-
-
 def involves(settings: OperatorSettings, switch: dict[str, Any], indexes: dict[str, Any]) -> bool:
-    """Whether this installation handles the switch at all: it covers some of its Agents,
-    or this installation reports on it. Others are left alone, so that an installation
-    puts no finalizer on switches it has nothing to do with (uninstalling it would leave
-    them undeletable)."""
-    return _answers_for(settings, switch) or bool(affected(switch, _all_agents(indexes)))
+    """scope.involves over the handler's index kwargs."""
+    return scope.involves(settings, switch, _all_agents(indexes))
 
 
 def register(settings: OperatorSettings) -> None:
@@ -153,4 +136,3 @@ def register(settings: OperatorSettings) -> None:
         # update): carry out the release now, or the agents and gateways stay halted.
         if (switch.get("status") or {}).get("phase") in ("Engaging", "Engaged", "Drained"):
             await reconcile_switch(memo.ctx, switch, indexes)
-        KILL_SWITCH_ACTIVE.labels(name).set(0)

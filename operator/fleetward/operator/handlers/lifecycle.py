@@ -12,7 +12,7 @@ from fleetward.operator.handlers import indexes
 from fleetward.operator.handlers.gateway import keep_gateway
 from fleetward.operator.handlers.housekeeping import keep_house
 from fleetward.operator.kafka import KafkaUnavailable
-from fleetward.operator.metrics import register_agents_by_phase
+from fleetward.operator.metrics import register_agents_by_phase, register_kill_switches_active
 from fleetward.operator.peering import Peering
 from fleetward.operator.settings import OperatorSettings
 from prometheus_client import REGISTRY
@@ -85,6 +85,7 @@ def register(settings: OperatorSettings) -> None:
             lambda: [state.status.get("phase") for state in list(ctx.statuses.values())],
             lambda: ctx.peering.acting if ctx.peering is not None else True,
         )
+        memo.switches_metric = register_kill_switches_active(ctx.bundle.view.engaged)
         memo.topics_task = asyncio.create_task(ensure_shared_topics(memo.ctx))
         memo.housekeeping_task = asyncio.create_task(keep_house(memo.ctx))
         if memo.settings.gateway.enabled:
@@ -96,8 +97,9 @@ def register(settings: OperatorSettings) -> None:
             task = memo.get(name)
             if task:
                 task.cancel()
-        if memo.get("agents_metric") is not None:
-            REGISTRY.unregister(memo.agents_metric)
+        for name in ("agents_metric", "switches_metric"):
+            if memo.get(name) is not None:
+                REGISTRY.unregister(memo[name])
         ctx = memo.get("ctx")
         if ctx is not None:
             await ctx.close()

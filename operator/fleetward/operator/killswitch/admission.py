@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from fleetward.operator.killswitch.scope import involves
 from fleetward.operator.settings import OperatorSettings
 from fleetward.operator.webhooks import Refused, Requester, admit, check, check_guardrail, serves_namespace
 
@@ -45,14 +46,13 @@ def with_finalizer(
     finalizer itself before running the engage handler, but that is one more write and
     watch round trip (~0.5 s on a busy API server) before the engage handler starts.
     `indexes` holds `agents_by_namespace` (namespace -> Agents), as Kopf's index does."""
-    from fleetward.operator.handlers.killswitch import involves  # handlers import this package
-
     if new is None or not ((new.get("spec") or {}).get("engaged") or old is None):
         return None
     current = list((new.get("metadata") or {}).get("finalizers") or [])
     if "agents_by_namespace" not in indexes:
         return None  # Agents not known yet: Kopf adds the finalizer itself
-    if settings.finalizer in current or not involves(settings, new, indexes):
+    agents = [a for entries in indexes["agents_by_namespace"].values() for a in entries]
+    if settings.finalizer in current or not involves(settings, new, agents):
         return None
     return [*current, settings.finalizer]
 

@@ -30,7 +30,7 @@ from fleetward.operator.kafka import KafkaUnavailable
 from fleetward.operator.killswitch.control import AckBook, new_order, order_agents
 from fleetward.operator.killswitch.scope import ENGAGED_AT, ENGAGED_BY, agent_id
 from fleetward.operator.kube import KubeError
-from fleetward.operator.metrics import KILL_SWITCH_ACTIVE, KILL_SWITCH_DRAIN_SECONDS, KILL_SWITCH_REVOCATION_SECONDS
+from fleetward.operator.metrics import KILL_SWITCH_DRAIN_SECONDS, KILL_SWITCH_REVOCATION_SECONDS
 from fleetward.operator.reconcile import reporting_access
 
 log = logging.getLogger("fleetward.operator.killswitch")
@@ -184,7 +184,6 @@ async def engage(
     revoke = actions.get("revokeCredentials", True)
     ids = [agent_id(a) for a in agents]
     engaged_by = (meta.get("annotations") or {}).get(ENGAGED_BY) or "unknown"
-    KILL_SWITCH_ACTIVE.labels(name).set(1)
     base: dict[str, Any] = {
         "engagedBy": engaged_by,
         "engagedAt": old.get("engagedAt") if same_run else rfc3339(t0),

@@ -16,7 +16,6 @@ from fleetward.operator.kafka import KafkaUnavailable
 from fleetward.operator.killswitch.control import new_order, order_agents
 from fleetward.operator.killswitch.engage import rfc3339, write_status
 from fleetward.operator.killswitch.scope import agent_id
-from fleetward.operator.metrics import KILL_SWITCH_ACTIVE
 
 log = logging.getLogger("fleetward.operator.killswitch")
 
@@ -68,7 +67,6 @@ async def release(
     ids = [agent_id(a) for a in freed]
     await reconcile_agents(switch)
     problem = await _publish_resume(ctx, switch, ids, bool(still_halted))
-    KILL_SWITCH_ACTIVE.labels(name).set(0)
     status = {
         "phase": "Released",
         "observedGeneration": gen,

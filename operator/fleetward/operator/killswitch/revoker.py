@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from fleetward.operator.credentials import TrustBundle
-from fleetward.operator.killswitch.scope import ENGAGED_AT, affected, agent_id, is_engaged
+from fleetward.operator.killswitch.scope import ENGAGED_AT, affected, agent_id, involves, is_engaged
 from fleetward.operator.kube import Kube, KubeError
 from fleetward.operator.settings import OperatorSettings
 
@@ -103,6 +103,15 @@ class SwitchView:
         for a in self.agents.values():
             out.setdefault(a["metadata"]["namespace"], []).append(a)
         return out
+
+    def engaged(self) -> list[tuple[str, bool]]:
+        """(name, engaged) of every switch this installation handles, for
+        `fleetward_kill_switch_active`: read from the watched objects when scraped, so every
+        replica reports what the API server holds, whichever replica acted (a value set by
+        the handler that acted went stale on the others after a failover)."""
+        agents = list(self.agents.values())
+        switches = list(self.switches.values())  # the revoker thread may change the dict
+        return sorted((s["metadata"]["name"], is_engaged(s)) for s in switches if involves(self.settings, s, agents))
 
     def revoking(self) -> dict[str, tuple[str, frozenset[str]]]:
         """Switch name -> (its engagement stamp, the agents whose keys it withdraws)."""

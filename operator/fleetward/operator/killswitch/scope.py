@@ -5,11 +5,26 @@ that "is this Agent halted?" has one answer however the operator was woken."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetward.api.scope import covers, is_engaged
 
-__all__ = ["ENGAGED_AT", "ENGAGED_BY", "Halt", "affected", "agent_id", "covers", "halt_of", "halts_for", "is_engaged"]
+if TYPE_CHECKING:
+    from fleetward.operator.settings import OperatorSettings
+
+__all__ = [
+    "ENGAGED_AT",
+    "ENGAGED_BY",
+    "Halt",
+    "affected",
+    "agent_id",
+    "answers_for",
+    "covers",
+    "halt_of",
+    "halts_for",
+    "involves",
+    "is_engaged",
+]
 
 ENGAGED_BY = "fleetward.dev/engaged-by"
 """Annotation the admission webhook stamps from the API server's userInfo on engage."""
@@ -66,3 +81,22 @@ def affected(switch: dict[str, Any], agents: list[dict[str, Any]]) -> list[dict[
 
 def agent_id(agent: dict[str, Any]) -> str:
     return f"{agent['metadata']['namespace']}/{agent['metadata']['name']}"
+
+
+def answers_for(settings: OperatorSettings, switch: dict[str, Any]) -> bool:
+    """Whether this installation writes the status of a switch that covers none of its
+    Agents: a cluster-wide installation does, unless the switch names only namespaces it
+    excludes; a namespace-scoped one does only for its own namespaces. Side-by-side
+    installations thereby never fight over a switch that only one of them serves."""
+    namespaces = ((switch.get("spec") or {}).get("scope") or {}).get("namespaces") or []
+    if settings.clusterwide:
+        return not namespaces or any(settings.owns_namespace(ns) for ns in namespaces)
+    return any(ns in settings.watch_namespaces and settings.owns_namespace(ns) for ns in namespaces)
+
+
+def involves(settings: OperatorSettings, switch: dict[str, Any], agents: list[dict[str, Any]]) -> bool:
+    """Whether this installation handles the switch at all: it covers some of its Agents
+    (`agents`: index entries), or this installation reports on it. Others are left alone,
+    so that an installation puts no finalizer on switches it has nothing to do with
+    (uninstalling it would leave them undeletable), and exports no metric for them."""
+    return answers_for(settings, switch) or bool(affected(switch, agents))
