@@ -43,6 +43,8 @@ pub struct Params {
     pub session_id: String,
     pub identity: Identity,
     pub since: Option<Position>,
+    /// A `since` that is not a position (kept to answer with `recovery_failed`).
+    pub bad_since: Option<Box<str>>,
     /// The connection's place under `--max-connections`, released when it ends.
     pub permit: OwnedSemaphorePermit,
     /// Keeps the graceful shutdown waiting until the connection has ended.
@@ -154,7 +156,16 @@ impl Writer {
         live_rx: &mut mpsc::Receiver<Queued>,
         close_rx: &mut watch::Receiver<Option<CloseReason>>,
     ) -> Result<(), Stop> {
+        let m = self.st.metrics.clone();
         let Some(since) = params.since else {
+            if let Some(raw) = &params.bad_since {
+                // Not refused at the handshake: SPEC §5.1 answers a resume that cannot be
+                // served with `recovery_failed`, then live events.
+                m.resumes.with_label_values(&["recovery_failed"]).inc();
+                let reason = "not a position: expected <partition>:<offset>, two non-negative integers";
+                self.send_text(protocol::recovery_failed_frame(raw, reason), close_rx)
+                    .await?;
+            }
             return Ok(());
         };
         let mut held = Held::new(
@@ -164,7 +175,6 @@ impl Writer {
                 .outbound_queue
                 .saturating_mul(RESUME_HOLD_FACTOR),
         );
-        let m = self.st.metrics.clone();
         let failed = |reason: &str| protocol::recovery_failed_frame(&since.to_string(), reason);
         let missed: Vec<Entry> = match plan {
             None => Vec::new(),
@@ -177,6 +187,33 @@ impl Writer {
                 self.send_text(failed("unknown partition"), close_rx).await?;
                 Vec::new()
             }
+            Some(ResumePlan::Ahead {
+                partition,
+                offset,
+                then,
+            }) => match self.st.kafka.end_offset(partition).await {
+                Ok(end) if offset >= end => {
+                    // Never handed out: what the gateway holds and live events follow (the
+                    // live ones would otherwise be taken as already delivered).
+                    m.resumes.with_label_values(&["recovery_failed"]).inc();
+                    self.last_sent.remove(&partition);
+                    let reason = format!("past the end of partition {partition} (its next offset is {end})");
+                    self.send_text(failed(&reason), close_rx).await?;
+                    then
+                }
+                Ok(_) => {
+                    // This replica is behind the one the client came from: the events
+                    // after `since` reach it live.
+                    m.resumes.with_label_values(&["history"]).inc();
+                    then
+                }
+                Err(reason) => {
+                    tracing::warn!(session = %params.session_id, %since, reason = %reason,
+                        "resume: position past this replica's cursor, and Kafka could not say whether it exists");
+                    m.resumes.with_label_values(&["history"]).inc();
+                    then
+                }
+            },
             Some(ResumePlan::Kafka {
                 partition,
                 from,
@@ -341,6 +378,8 @@ async fn serve(sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocke
                 _ = close_rx.changed() => Err(close_rx.borrow().clone().map_or(Stop::Gone, Stop::Close)),
                 end = &mut reader => Err(match end {
                     Ok(ReaderEnd::TooBig) => close(close_code::TOO_BIG, "message too big"),
+                    Ok(ReaderEnd::InvalidUtf8) => close(close_code::INVALID_PAYLOAD, "text frame is not UTF-8"),
+                    Ok(ReaderEnd::ProtocolError) => close(close_code::PROTOCOL_ERROR, "WebSocket protocol error"),
                     _ => Stop::Gone,
                 }),
                 _ = &mut expiry => Err(close(close_code::TOKEN_EXPIRED, "token expired")),
@@ -403,12 +442,25 @@ async fn serve(sink: SplitSink<WebSocket, Message>, stream: SplitStream<WebSocke
 enum ReaderEnd {
     Closed,
     TooBig,
+    /// A text frame that is not UTF-8 (RFC 6455 §8.1: close with 1007).
+    InvalidUtf8,
+    /// A frame that breaks the WebSocket protocol (close with 1002).
+    ProtocolError,
 }
 
-/// Whether a read error is the library's size limit.
-fn is_too_big(e: &axum::Error) -> bool {
+/// What a read error means for the close code. axum hides tungstenite's error type, so its
+/// message (tungstenite's `Display`) is what there is to go by.
+fn reader_end(e: &axum::Error) -> ReaderEnd {
     let s = e.to_string();
-    s.contains("Space limit exceeded") || s.contains("too long") || s.contains("too big")
+    if s.contains("Space limit exceeded") || s.contains("too long") || s.contains("too big") {
+        ReaderEnd::TooBig
+    } else if s.contains("UTF-8") {
+        ReaderEnd::InvalidUtf8
+    } else if s.contains("protocol error") {
+        ReaderEnd::ProtocolError
+    } else {
+        ReaderEnd::Closed
+    }
 }
 
 async fn read_loop(
@@ -422,8 +474,7 @@ async fn read_loop(
     while let Some(msg) = stream.next().await {
         let msg = match msg {
             Ok(m) => m,
-            Err(e) if is_too_big(&e) => return ReaderEnd::TooBig,
-            Err(_) => return ReaderEnd::Closed,
+            Err(e) => return reader_end(&e),
         };
         last_heard.store(now_ms(), Ordering::Relaxed);
         if matches!(msg, Message::Text(_) | Message::Binary(_)) {
@@ -443,7 +494,9 @@ async fn read_loop(
                 ))
             }
             Message::Ping(_) | Message::Pong(_) => None,
-            Message::Close(_) => return ReaderEnd::Closed,
+            // Read on: the next read sends tungstenite's reply to the client's close, then
+            // ends the stream (returning now left the client waiting for that reply).
+            Message::Close(_) => None,
         };
         if let Some(r) = reply
             && ctrl.send(Box::new(r)).await.is_err()

@@ -70,6 +70,15 @@ pub enum ResumePlan {
     },
     /// The position names a partition this gateway does not read.
     UnknownPartition,
+    /// The position is past what this gateway has read of its partition: either the
+    /// gateway is behind another replica (the client's next events are still to come here),
+    /// or the position was never handed out (past the partition's end in Kafka). The
+    /// connection asks Kafka which; `then` is the whole history.
+    Ahead {
+        partition: i32,
+        offset: i64,
+        then: Vec<Entry>,
+    },
 }
 
 impl History {
@@ -106,6 +115,13 @@ impl History {
         let Some(cur) = cursor(since.partition) else {
             return ResumePlan::UnknownPartition;
         };
+        if since.offset > cur {
+            return ResumePlan::Ahead {
+                partition: since.partition,
+                offset: since.offset,
+                then: self.entries.iter().cloned().collect(),
+            };
+        }
         // The newest entry at or before `since` in its partition: everything after it is complete.
         if let Some(idx) = self
             .entries
@@ -275,7 +291,7 @@ mod tests {
             }
             p => panic!("{p:?}"),
         }
-        // Already at the cursor (or ahead of it): nothing missed.
+        // Already at the cursor: nothing missed.
         match h.plan(
             Position {
                 partition: 2,
@@ -284,6 +300,21 @@ mod tests {
             |_| Some(150),
         ) {
             ResumePlan::History(v) => assert!(v.is_empty()),
+            p => panic!("{p:?}"),
+        }
+        // Past the cursor: the connection must ask Kafka whether that position exists.
+        match h.plan(
+            Position {
+                partition: 2,
+                offset: 151,
+            },
+            |_| Some(150),
+        ) {
+            ResumePlan::Ahead {
+                partition: 2,
+                offset: 151,
+                then,
+            } => assert!(then.is_empty()),
             p => panic!("{p:?}"),
         }
         assert!(matches!(
@@ -296,6 +327,23 @@ mod tests {
             ),
             ResumePlan::UnknownPartition
         ));
+    }
+
+    #[test]
+    fn a_position_past_the_cursor_keeps_the_whole_history() {
+        let mut h = History::new(4);
+        h.push(entry(0, 3));
+        h.push(entry(1, 4));
+        match h.plan(
+            Position {
+                partition: 0,
+                offset: 99,
+            },
+            |_| Some(4),
+        ) {
+            ResumePlan::Ahead { then, .. } => assert_eq!(offsets(&then), vec![3, 4]),
+            p => panic!("{p:?}"),
+        }
     }
 
     #[test]

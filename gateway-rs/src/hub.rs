@@ -28,7 +28,9 @@ use crate::protocol::{EventType, SessionEvent};
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
     pub const UNSUPPORTED: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
     pub const TOKEN_EXPIRED: u16 = 4001;
     pub const FORBIDDEN: u16 = 4003;
@@ -671,6 +673,7 @@ mod tests {
                     got.extend(then.iter().map(|e| e.position.offset));
                 }
                 ResumePlan::UnknownPartition => panic!("partition 0 is known"),
+                ResumePlan::Ahead { .. } => panic!("since {since} was read from the cursor"),
             }
             while let Ok(e) = rx.try_recv() {
                 got.push(e.position.offset);

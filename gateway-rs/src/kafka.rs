@@ -557,6 +557,26 @@ impl Kafka {
 
     // -- resume from Kafka --------------------------------------------------------------------
 
+    /// The offset the next message of `partition` of the events topic will get (its high
+    /// watermark), asked of the brokers now: a resume position at or past it was never
+    /// handed out. Through the producer's client, which is connected anyway.
+    pub async fn end_offset(&self, partition: i32) -> Result<i64, String> {
+        if !self.breaker.allow() {
+            return Err("Kafka is unavailable".into());
+        }
+        let producer = self.producer.clone();
+        let topic = self.events_topic.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+                .map(|(_, high)| high)
+                .map_err(|e| format!("watermarks of {topic}[{partition}]: {e}"))
+        })
+        .await
+        .map_err(|e| format!("watermarks task: {e}"))?
+    }
+
     /// The session's events in `partition` at offsets `from..until`, read by a short-lived
     /// consumer assigned to that partition and filtered by key. Errors are the reason given
     /// to the client in `recovery_failed`.

@@ -127,6 +127,11 @@ fn query_params(raw: Option<&str>) -> (Option<String>, Option<String>) {
     (since, token)
 }
 
+/// At most `max` characters of `s` (a client's value echoed back in a frame).
+fn truncated(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
 async fn ws_handler(
     State(st): State<AppState>,
     Path(session_id): Path<String>,
@@ -143,20 +148,7 @@ async fn ws_handler(
             &st.problems().join("; "),
         );
     }
-    if !is_session_id(&session_id) {
-        return refuse(
-            &st,
-            StatusCode::BAD_REQUEST,
-            "bad_session_id",
-            "a session id is 1-128 characters of [A-Za-z0-9._:-]",
-        );
-    }
     let (since_raw, query_token) = query_params(raw_query.as_deref());
-    let since = match since_raw.as_deref().map(str::parse::<Position>) {
-        None => None,
-        Some(Ok(p)) => Some(p),
-        Some(Err(e)) => return refuse(&st, StatusCode::BAD_REQUEST, "bad_since", &e),
-    };
     let identity = match authenticate(&st, &headers, query_token.as_deref(), &session_id).await {
         Ok(id) => id,
         Err(refusal) => {
@@ -171,6 +163,23 @@ async fn ws_handler(
                 "see docs/gateway-protocol.md#handshake-refusals",
             );
         }
+    };
+    // After the token: without one the answer is 401, whatever else is wrong. A token's
+    // `sid` is itself a valid session id and equals the path's, so this is a backstop.
+    if !is_session_id(&session_id) {
+        return refuse(
+            &st,
+            StatusCode::BAD_REQUEST,
+            "bad_session_id",
+            "a session id is 1-128 characters of [A-Za-z0-9._:-]",
+        );
+    }
+    // A `since` that is not a position is answered on the connection with
+    // `recovery_failed` (SPEC §5.1), like any other resume that cannot be served.
+    let (since, bad_since) = match since_raw.as_deref().map(str::parse::<Position>) {
+        None => (None, None),
+        Some(Ok(p)) => (Some(p), None),
+        Some(Err(_)) => (None, since_raw.map(|raw| truncated(&raw, 64).into())),
     };
     let ws = match ws {
         Ok(ws) => ws,
@@ -207,6 +216,7 @@ async fn ws_handler(
         session_id,
         identity,
         since,
+        bad_since,
         permit,
         tracked,
     };

@@ -5,6 +5,7 @@ shutdown closes with 1001, and the size, expiry and connection limits hold (SPEC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -136,6 +137,68 @@ def test_resume_misses_nothing_in_order(gateways, topics: Topics, writer: KafkaW
         async with connect(gw_a, session, "since=999:0") as ws:
             first_frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert first_frame["control"] == "recovery_failed", first_frame
+
+    asyncio.run(main())
+
+
+def test_positions_that_cannot_be_served_answer_recovery_failed_then_live_events(
+    gateways, topics: Topics, writer: KafkaWriter
+):
+    """SPEC §5.1: a resume that cannot be served gets `recovery_failed` first, then events.
+    A position past the partition's end was taken as "already delivered" and the client got
+    nothing until Kafka's offsets passed it; a malformed one was refused with 400."""
+    gw_a, _ = gateways
+    session = "deliv-unservable"
+
+    async def main() -> None:
+        async with connect(gw_a, session) as ws:
+            sent = [writer.send(topics.events, session, event(session, seq)) for seq in range(2)]
+            assert sequences(await frames(ws, 2)) == [0, 1]
+        partition = sent[0][0]
+        async with connect(gw_a, session, f"since={partition}:999999999") as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert first["control"] == "recovery_failed" and "past the end" in first["reason"], first
+            assert first["since"] == f"{partition}:999999999"
+            # What the gateway holds of the session, then live events.
+            assert sequences(await frames(ws, 2)) == [0, 1]
+            writer.send(topics.events, session, event(session, 2))
+            assert sequences(await frames(ws, 1)) == [2]
+        async with connect(gw_a, session, "since=yesterday") as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert first == {
+                "control": "recovery_failed",
+                "since": "yesterday",
+                "reason": "not a position: expected <partition>:<offset>, two non-negative integers",
+            }
+            writer.send(topics.events, session, event(session, 3))
+            assert sequences(await frames(ws, 1)) == [3]
+        # The token is checked first: without one, whatever else is wrong, 401.
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets.connect(gw_a.url("bad%20session", "since=yesterday"), open_timeout=10):
+                pass
+        assert refused.value.response.status_code == 401
+
+    asyncio.run(main())
+
+
+def test_bad_frames_get_a_documented_close_and_a_client_close_is_answered(gateways):
+    gw_a, _ = gateways
+
+    async def main() -> None:
+        async with connect(gw_a, "frames-utf8") as ws:
+            await ws.send(b'{"type": "user_message", "text": "\xff\xfe"}', text=True)
+            assert await close_code(ws) == 1007
+        # Far over the limit (64 KiB): the library stops reading mid-message; the client still
+        # gets the close frame, not a reset.
+        async with connect(gw_a, "frames-huge", max_size=None) as ws:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(json.dumps({"type": "user_message", "text": "y" * 1_000_000}))
+            assert await close_code(ws) == 1009
+        async with connect(gw_a, "frames-close", close_timeout=5) as ws:
+            started = asyncio.get_running_loop().time()
+            await ws.close()
+            assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000  # answered
+            assert asyncio.get_running_loop().time() - started < 4
 
     asyncio.run(main())
 
