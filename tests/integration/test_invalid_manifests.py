@@ -174,6 +174,11 @@ CASES = [
         ["spec.routes", "a router needs routes or a fallback"],
     ),
     (
+        "agent-router-empty-routes",
+        broken(ROUTER, setter("spec.routes", [])),
+        ["spec.routes", "a router needs routes or a fallback"],
+    ),
+    (
         "agent-specialist-takes-no-routes",
         broken(AGENT, setter("spec.routes", [{"topic": "x", "agent": "y"}])),
         ["spec.routes", "only a router takes routes and fallback"],
@@ -269,6 +274,20 @@ CASES = [
         broken(KILLSWITCH, setter("spec.scope", {"namespaces": ["Bad_NS"]})),
         ["spec.scope.namespaces[0]", "should match"],
     ),
+    # Wrong types reach the mutating webhook (installed when a module before this one installed
+    # Fleetward) before the schema: it lets them through for the schema's message (it failed
+    # with "AttributeError: 'str' object has no attribute 'get'"; unit test in
+    # test_operator_killswitch.py).
+    (
+        "killswitch-approvals-not-objects",
+        broken(KILLSWITCH, setter("spec.approvals", ["alice"])),
+        ["spec.approvals[0]", "must be of type object"],
+    ),
+    (
+        "killswitch-scope-not-an-object",
+        broken(KILLSWITCH, setter("spec.scope", "all")),
+        ["spec.scope", "must be of type object"],
+    ),
     (
         "killswitch-engaged-required",
         broken(KILLSWITCH, setter("spec.engaged", DELETE)),
@@ -309,6 +328,17 @@ def test_invalid_manifest_is_rejected_naming_the_field(objs, case_id, manifest, 
     message = _message(err.value)
     for fragment in fragments:
         assert fragment in message, f"{case_id}: {fragment!r} not in {message!r}"
+
+
+def test_spelling_variants_of_the_spec_are_accepted(objs):
+    """What a reader of SPEC §2 may write: `provider: openai`, a tool with only a name and an
+    endpoint (description and inputSchema defaulted), an SOP `version: 2` (a YAML integer)."""
+    agent = broken(AGENT, setter("spec.model.provider", "openai"))
+    agent["spec"]["tools"] = [{"name": "ping", "endpoint": "http://127.0.0.1:18080/tools/ping"}]
+    created = _create(objs, agent, dry_run="All")
+    assert created["spec"]["tools"][0]["inputSchema"] == {"type": "object", "properties": {}}
+    sop = _create(objs, broken(SOP, setter("spec.version", 2)), dry_run="All")
+    assert sop["spec"]["version"] == 2
 
 
 def test_unknown_fields_are_rejected_with_strict_validation(objs):

@@ -163,7 +163,18 @@ def test_engage_revoke_drain_and_two_person_release(
         )
         assert spoof.returncode != 0 and "'carol'" in spoof.stderr and "'dave'" in spoof.stderr, spoof.stderr
 
-        fleetward_cli(user_kubeconfigs["carol"], "approve", ks)
+        # An approval written without a user is stamped with the authenticated one (SPEC §2).
+        kubectl(
+            "patch",
+            "killswitch",
+            ks,
+            "--type=json",
+            "-p",
+            json.dumps([{"op": "add", "path": "/spec/approvals/-", "value": {"comment": "root cause fixed"}}]),
+            as_user="carol",
+        )
+        stamped = [(a["user"], a.get("comment")) for a in switch(objs, ks)["spec"]["approvals"]]
+        assert stamped == [("bob", None), ("carol", "root cause fixed")], stamped
         fleetward_cli(user_kubeconfigs["bob"], "release", ks, "--wait")
         st = switch(objs, ks)["status"]
         assert st["phase"] == "Released" and st["releasedBy"] == ["bob", "carol"]

@@ -113,6 +113,47 @@ def test_nobody_removes_another_users_approval():
         admit("UPDATE", old, switch(True, by="alice", approvals=[]), CAROL)
 
 
+def test_an_approval_without_a_user_is_stamped_with_the_requesters_name():
+    """SPEC §2: identities come from the API server's authentication; the webhook stamps."""
+    old = switch(True, by="alice", approvals=["bob"])
+    new = switch(True, by="alice", approvals=["bob"])
+    new["spec"]["approvals"].append({"comment": "root cause fixed"})
+    patch = admit("UPDATE", old, new, CAROL, now=NOW)
+    assert patch["spec"]["approvals"] == [
+        {"user": "bob"},
+        {"user": "carol", "comment": "root cause fixed", "approvedAt": NOW},
+    ]
+    new["spec"]["approvals"][-1] = {"user": ""}
+    assert admit("UPDATE", old, new, CAROL, now=NOW)["spec"]["approvals"][-1]["user"] == "carol"
+    unnamed = switch(True, by="alice")
+    unnamed["spec"]["approvals"] = [{}]
+    with pytest.raises(Refused, match="'alice' engaged KillSwitch stop and cannot approve"):
+        admit("UPDATE", switch(True, by="alice"), unnamed, ALICE)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("approvals", ["alice"]),
+        ("approvals", "bob"),
+        ("approvals", [{"user": 7}]),
+        ("scope", "all"),
+        ("actions", ["scaleToZero"]),
+    ],
+)
+def test_a_malformed_switch_is_left_to_the_schemas_message(field, value):
+    """The mutating webhook sees a request before the schema is checked: it must not fail on
+    wrong types (the user saw "AttributeError: 'str' object has no attribute 'get'"), but
+    pass the object on untouched for the API server to refuse naming the field."""
+    new = switch(True)
+    new["spec"][field] = value
+    assert admit("CREATE", None, new, ALICE, now=NOW) == {}
+    edited = switch(True, by="alice")
+    edited["spec"][field] = value
+    assert admit("UPDATE", switch(True, by="alice"), edited, BOB, now=NOW) == {}
+    check("UPDATE", switch(True, by="alice"), edited, BOB)
+
+
 def test_approving_a_disengaged_switch_is_refused():
     with pytest.raises(Refused, match="not engaged"):
         admit("UPDATE", switch(False), switch(False, approvals=["bob"]), BOB)

@@ -142,7 +142,7 @@ class HttpTool(BaseTool):
     def __init__(self, spec: ToolSpec, client: ToolHttpClient) -> None:
         super().__init__(
             name=spec.name,
-            description=spec.description,
+            description=spec.description or spec.name,
             args_schema=spec.input_schema,
             spec=spec,
             client=client,

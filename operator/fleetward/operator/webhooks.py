@@ -159,6 +159,39 @@ def _approvals(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     return {a.get("user", ""): dict(a) for a in ((obj or {}).get("spec") or {}).get("approvals") or []}
 
 
+def _well_formed(obj: dict[str, Any] | None) -> bool:
+    """Whether the fields this webhook reads have the types the schema gives them. Mutating
+    webhooks see a request before the schema is checked; a malformed one (e.g. `approvals:
+    [alice]`, `scope: all`) is let through untouched, so that the API server refuses it with
+    its schema message naming the field, instead of the webhook failing on it."""
+    if obj is None:
+        return True
+    meta, spec = obj.get("metadata"), obj.get("spec")
+    if not isinstance(meta, dict | None) or not isinstance(spec, dict | None):
+        return False
+    if not isinstance((meta or {}).get("annotations"), dict | None):
+        return False
+    spec = spec or {}
+    approvals = spec.get("approvals")
+    if approvals is not None and not (
+        isinstance(approvals, list)
+        and all(isinstance(a, dict) and isinstance(a.get("user"), str | None) for a in approvals)
+    ):
+        return False
+    return all(isinstance(spec.get(k), dict | None) for k in ("scope", "actions"))
+
+
+def _with_approver(new: dict[str, Any], requester: Requester) -> dict[str, Any]:
+    """Approval entries added without a user (`approvals: [{comment: ...}]`) are the
+    requester's: the webhook stamps the authenticated name (SPEC §2: it stamps or rejects)."""
+    spec = new.get("spec") or {}
+    approvals = spec.get("approvals")
+    if not approvals or all(a.get("user") for a in approvals):
+        return new
+    filled = [a if a.get("user") else {**a, "user": requester.username} for a in approvals]
+    return {**new, "spec": {**spec, "approvals": filled}}
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -193,6 +226,9 @@ def admit(
         return {}
     if operation not in ("CREATE", "UPDATE") or new is None:
         return {}
+    if not (_well_formed(old) and _well_formed(new)):
+        return {}
+    new = _with_approver(new, requester)
 
     users = [a.get("user") for a in (new.get("spec") or {}).get("approvals") or []]
     if len(users) != len(set(users)):

@@ -52,8 +52,9 @@ class ModelPricing(ApiModel):
 class ModelEndpoint(ApiModel):
     """An OpenAI-compatible chat model."""
 
-    provider: Literal["openai-compatible"] = "openai-compatible"
-    """API dialect. Any endpoint speaking the OpenAI Chat Completions protocol."""
+    provider: Literal["openai-compatible", "openai"] = "openai-compatible"
+    """API dialect: any endpoint speaking the OpenAI Chat Completions protocol ("openai" is
+    accepted as the same)."""
     name: str = Field(min_length=1, max_length=256)
     """Model name sent to the endpoint, e.g. gpt-4o-mini."""
     base_url: str = Field(
@@ -97,17 +98,19 @@ class Tool(ApiModel):
 
     name: str = Field(pattern=TOOL_NAME)
     """Function name shown to the model (letters, digits, '_' and '-', at most 64)."""
-    description: str = Field(min_length=1, max_length=4096)
-    """What the tool does, for the model."""
+    description: str | None = Field(default=None, min_length=1, max_length=4096)
+    """What the tool does, for the model (default: its name, which then has to say it)."""
     input_schema: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
         json_schema_extra={
             # Free-form JSON Schema, except that the arguments must be an object.
             "x-kubernetes-preserve-unknown-fields": True,
             "properties": {"type": {"type": "string", "enum": ["object"], "description": "Always object."}},
             "required": ["type"],
-        }
+            "default": {"type": "object", "properties": {}},
+        },
     )
-    """JSON Schema of the arguments (type: object)."""
+    """JSON Schema of the arguments (type: object; default: an object without parameters)."""
     endpoint: str = Field(
         max_length=2048, json_schema_extra=validations(cel(HTTP_URL_RULE, "endpoint must be an http(s) URL"))
     )
@@ -313,7 +316,7 @@ class AgentSpec(ApiModel):
         json_schema_extra=validations(
             cel("!(has(self.replicas) && has(self.autoscaling))", "set either replicas or autoscaling, not both"),
             cel(
-                "self.role != 'router' || has(self.routes) || has(self.fallback)",
+                "self.role != 'router' || (has(self.routes) && size(self.routes) > 0) || has(self.fallback)",
                 "a router needs routes or a fallback",
                 field_path=".routes",
             ),

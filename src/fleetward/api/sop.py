@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from fleetward.api.agent import TOOL_NAME
 from fleetward.api.base import (
@@ -21,6 +21,31 @@ from fleetward.api.base import (
 
 STEP_ID = r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$"
 StepId = Annotated[str, Field(pattern=STEP_ID, max_length=63)]
+
+
+VERSION_PATTERN = r"^v?[0-9]+(\.[0-9]+){0,2}([-+][0-9A-Za-z.-]+)?$"
+
+
+def _version_text(value: object) -> object:
+    """`version: 2` in YAML is an integer: taken as "2" (a float such as 1.0 is not: YAML
+    would have made 1.10 into 1.1)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+SopVersion = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=VERSION_PATTERN),
+    BeforeValidator(_version_text),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "maxLength": 64,
+            "pattern": VERSION_PATTERN,
+            "description": 'Version of the procedure, e.g. "1.2" or 3; shown as name@version.',
+        }
+    ),
+]
 
 
 class Triggers(ApiModel):
@@ -60,7 +85,7 @@ class SOPSpec(ApiModel):
     domain: str = Field(min_length=1, max_length=128)
     """Support domain, e.g. billing."""
     title: str = Field(min_length=1, max_length=256)
-    version: str = Field(min_length=1, max_length=64, pattern=r"^v?[0-9]+(\.[0-9]+){0,2}([-+][0-9A-Za-z.-]+)?$")
+    version: SopVersion
     """Version of the procedure, e.g. 1.2.0; recorded with every run that used it."""
     triggers: Triggers | None = None
     instructions: str = Field(min_length=1, max_length=65536)
