@@ -49,23 +49,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     approve = sub.add_parser(
         "approve",
         help="approve releasing an engaged KillSwitch (as yourself; two people other than the engager must)",
+        description="Add your approval to an engaged KillSwitch's release. The admission webhook records "
+        "who you are from your credentials (never from a typed name) and refuses the engager's own "
+        "approval. Once two people other than the engager approved, anyone may run `release`.",
     )
-    approve.add_argument("name")
+    approve.add_argument("name", help="KillSwitch name (cluster-scoped)")
     approve.add_argument("--comment", help="a note kept with your approval")
     _kube_args(approve)
     approve.set_defaults(handler=_reporting_kube_errors(run_approve))
 
     release = sub.add_parser(
-        "release", help="release an engaged KillSwitch once two people other than the engager approved"
+        "release",
+        help="release an engaged KillSwitch once two people other than the engager approved",
+        description="Set spec.engaged to false. The operator issues fresh credentials (revoked keys are never "
+        "reused), restores Kafka access, scales the agents back and publishes resume; halted runs continue "
+        "from their checkpoints. Refused until two people other than the engager approved (see `approve`).",
     )
-    release.add_argument("name")
+    release.add_argument("name", help="KillSwitch name (cluster-scoped)")
     release.add_argument("--wait", action="store_true", help="wait until the switch reports Released")
-    release.add_argument("--timeout", type=float, default=120)
+    release.add_argument("--timeout", type=float, default=120, help="seconds --wait waits (default 120)")
     _kube_args(release)
     release.set_defaults(handler=_reporting_kube_errors(run_release))
 
     status = sub.add_parser("status", help="list KillSwitches, or show one in detail")
-    status.add_argument("name", nargs="?")
+    status.add_argument("name", nargs="?", help="KillSwitch name; without it, every switch in a table")
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     _kube_args(status)
     status.set_defaults(handler=_reporting_kube_errors(run_status))
