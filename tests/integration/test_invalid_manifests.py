@@ -332,11 +332,14 @@ def test_invalid_manifest_is_rejected_naming_the_field(objs, case_id, manifest, 
 
 def test_spelling_variants_of_the_spec_are_accepted(objs):
     """What a reader of SPEC §2 may write: `provider: openai`, a tool with only a name and an
-    endpoint (description and inputSchema defaulted), an SOP `version: 2` (a YAML integer)."""
+    endpoint (description and inputSchema defaulted), an env entry with only a name, an SOP
+    `version: 2` (a YAML integer)."""
     agent = broken(AGENT, setter("spec.model.provider", "openai"))
     agent["spec"]["tools"] = [{"name": "ping", "endpoint": "http://127.0.0.1:18080/tools/ping"}]
     created = _create(objs, agent, dry_run="All")
     assert created["spec"]["tools"][0]["inputSchema"] == {"type": "object", "properties": {}}
+    agent["spec"]["deployment"] = {"env": [{"name": "FEATURE_FLAG"}]}  # empty, as in a Pod spec
+    _create(objs, agent, dry_run="All")
     sop = _create(objs, broken(SOP, setter("spec.version", 2)), dry_run="All")
     assert sop["spec"]["version"] == 2
 

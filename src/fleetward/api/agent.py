@@ -246,7 +246,8 @@ class EnvVar(ApiModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            cel("has(self.value) != has(self.valueFrom)", "an env entry needs exactly one of 'value' or 'valueFrom'"),
+            # As in a Pod spec: a name alone sets the variable to the empty string.
+            cel("!(has(self.value) && has(self.valueFrom))", "an env entry takes 'value' or 'valueFrom', not both"),
             cel(
                 "!self.name.startsWith('FLEETWARD_') && "
                 "!(self.name in ['POD_IP', 'POD_NAME', 'POD_NAMESPACE', 'TMPDIR'])",
