@@ -61,6 +61,15 @@ def found(text: str) -> list[tuple[str, str]]:
         ("call 415.555.0132", "phone", "415.555.0132"),
         ("call 1-800-555-0199", "phone", "1-800-555-0199"),
         ("call +1 (415) 555-0132", "phone", "+1 (415) 555-0132"),
+        # what people type in tests and examples: any exchange, and ten bare digits
+        ("call 555-123-4567", "phone", "555-123-4567"),
+        ("call (555) 123-4567", "phone", "(555) 123-4567"),
+        ("call (555)123-4567", "phone", "(555)123-4567"),
+        ("call 555.123.4567", "phone", "555.123.4567"),
+        ("call 555 123 4567", "phone", "555 123 4567"),
+        ("call 1-555-123-4567", "phone", "1-555-123-4567"),
+        ("call 5551234567.", "phone", "5551234567"),
+        ("tel:5551234567", "phone", "5551234567"),
         ("ring +44 20 7946 0958", "phone", "+44 20 7946 0958"),
         ("ring 020 7946 0958", "phone", "020 7946 0958"),
         ("ring 07700 900123", "phone", "07700 900123"),
@@ -128,6 +137,8 @@ def test_finds_each_type_with_its_exact_span(text, pii_type, value):
         "sk-is-not-a-key and the AKIA prefix alone",
         "foo@bar and user@localhost and @everyone",
         "zip 94105-1234, room 1205, PIN 0000, 2FA code 123456",
+        # bare digit runs that are not ten digits from 2-9: timestamps, longer ids
+        "ts 1714557600 and 1234567890, ids 55512345678, 5551234567890, A5551234567, 5551234567B, 5551234567-2",
         "eyJub3QiOiJhIGp3dCJ9.eyJ4Ijp0cnVlfQ.c2ln has no alg in its header",
     ],
 )

@@ -222,3 +222,27 @@ def test_base64_payload_offsets_in_non_ascii_text_with_pii_on():
     result = engine.scan(text, "input")
     spans = [(f.kind, text[f.start : f.end]) for f in result.findings]
     assert spans == [("injection", payload), ("pii", "jöhn@example.com")]
+
+
+@pytest.mark.parametrize("strategy", ["redact", "mask", "hash", "block"])
+def test_lone_surrogates_do_not_crash_the_engine(strategy):
+    # JSON lets a client send "\ud800" (no Unicode character); the runtime scans such text as is.
+    entities = [{"type": t, "strategy": strategy} for t in ("email", "credit_card", "phone", "ip", "api_key")]
+    entities.append({"type": "custom", "name": "tag", "detector": "TAG-.", "strategy": strategy})
+    engine = GuardrailEngine([spec(pii={"entities": entities}, injection={}, policy={"bannedPhrases": ["bypass"]})])
+    text = "\ud800 jane@example.com TAG-\udfff 4111 1111 1111 1111 \udbff\udfff +44 20 7946 0958 ign\udc00ore"
+    for stage in ("input", "output", "toolResults"):
+        result = engine.scan(text, stage)
+        assert [(f.type, text[f.start : f.end]) for f in result.findings if f.kind == "pii"] == [
+            ("email", "jane@example.com"),
+            ("tag", "TAG-\udfff"),
+            ("credit_card", "4111 1111 1111 1111"),
+            ("phone", "+44 20 7946 0958"),
+        ]
+        if strategy == "block":
+            assert result.text is None
+        else:
+            assert result.text is not None and result.text.startswith("\ud800 ") and "4111" not in result.text
+    if strategy == "hash":  # stable, and distinct from the hash of another character
+        other = engine.scan(text.replace("TAG-\udfff", "TAG-\udffe"), "output").text
+        assert engine.scan(text, "output").text != other

@@ -21,7 +21,8 @@ use std::sync::Mutex;
 pub mod validate;
 
 use validate::{
-    card_value, fit_phone, ipv4_valid, ipv6_valid, is_word_byte, ssn_valid, trunk_phone,
+    card_value, digit_count, fit_phone, ipv4_valid, ipv6_valid, is_word_byte, last_group,
+    ssn_valid, trunk_phone,
 };
 
 /// Built-in PII types, in `detectors.BUILTIN_TYPES` order.
@@ -45,9 +46,14 @@ const API_KEY: usize = 6;
 const JWT: usize = 7;
 
 /// The named branches of `detectors._NUM` (the outermost group that took part tells which).
-const NUM_BRANCHES: [&str; 9] = [
-    "iban", "ipv4", "card", "ssn", "ssnbare", "us1", "us", "intl00", "trunk",
+const NUM_BRANCHES: [&str; 10] = [
+    "iban", "ipv4", "card", "ssn", "ssnbare", "us1", "us", "usbare", "intl00", "trunk",
 ];
+
+/// The phone branches that take digit groups greedily and are then fitted (`_fit_phone`).
+fn is_greedy_phone(branch: usize) -> bool {
+    matches!(NUM_BRANCHES[branch], "intl00" | "trunk")
+}
 
 const MAX_BASE64_DEPTH: usize = 2; // injection._MAX_DEPTH
 
@@ -255,8 +261,9 @@ pub fn token_runs(text: &[u8], token_bytes: &[bool; 256]) -> Vec<(usize, usize)>
 }
 
 /// `detectors.resolve_overlaps`: the longest match of each overlapping cluster wins, then the
-/// most specific type, then the leftmost; the rest of the cluster is re-resolved.
-pub fn resolve_overlaps(candidates: &mut Vec<Candidate>, specificity: &[i64; 8]) {
+/// most specific type, then the leftmost; the rest of the cluster is re-resolved. What the
+/// losing matches cover beyond the winners is kept as candidates of their own types.
+pub fn resolve_overlaps(candidates: &mut Vec<Candidate>, specificity: &[i64; 8], t: &[u8]) {
     if candidates.len() < 2 {
         return;
     }
@@ -273,15 +280,25 @@ pub fn resolve_overlaps(candidates: &mut Vec<Candidate>, specificity: &[i64; 8])
             cluster_end = cluster_end.max(c.end);
             continue;
         }
-        resolve_cluster(&mut cluster, specificity, &mut chosen);
+        resolve_cluster(&mut cluster, specificity, t, &mut chosen);
         cluster = vec![c];
         cluster_end = c.end;
     }
-    resolve_cluster(&mut cluster, specificity, &mut chosen);
+    resolve_cluster(&mut cluster, specificity, t, &mut chosen);
     *candidates = chosen;
 }
 
-fn resolve_cluster(cluster: &mut [Candidate], specificity: &[i64; 8], out: &mut Vec<Candidate>) {
+/// `detectors._SPACES`: stripped from the ends of a losing match's leftover piece.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+fn resolve_cluster(
+    cluster: &mut [Candidate],
+    specificity: &[i64; 8],
+    t: &[u8],
+    out: &mut Vec<Candidate>,
+) {
     if cluster.len() == 1 {
         out.push(cluster[0]);
         return;
@@ -293,13 +310,54 @@ fn resolve_cluster(cluster: &mut [Candidate], specificity: &[i64; 8], out: &mut 
             .then_with(|| PII_TYPES[a.kind].cmp(PII_TYPES[b.kind]))
     });
     let mut kept: Vec<Candidate> = Vec::new();
+    let mut losers: Vec<Candidate> = Vec::new();
     for &c in cluster.iter() {
         if kept.iter().all(|k| c.end <= k.start || c.start >= k.end) {
             kept.push(c);
+        } else {
+            losers.push(c);
+        }
+    }
+    // What a losing match covers beyond the kept ones stays a candidate of its own type (two
+    // values matched with a wrong boundary must not lose one's other characters).
+    for c in losers {
+        for (s, e) in uncovered(c.start, c.end, &kept) {
+            let piece = &t[s..e];
+            if !piece.iter().any(u8::is_ascii_alphanumeric) {
+                continue; // only a separator or a parenthesis
+            }
+            let lead = piece.iter().take_while(|&&b| is_space(b)).count();
+            let trail = piece.iter().rev().take_while(|&&b| is_space(b)).count();
+            kept.push(Candidate {
+                kind: c.kind,
+                start: s + lead,
+                end: e - trail,
+            });
         }
     }
     kept.sort_by_key(|c| c.start);
     out.extend(kept);
+}
+
+/// `detectors._uncovered`: the parts of [start, end) that no kept candidate covers.
+fn uncovered(start: usize, end: usize, kept: &[Candidate]) -> Vec<(usize, usize)> {
+    let mut sorted: Vec<&Candidate> = kept.iter().collect();
+    sorted.sort_by_key(|c| (c.start, c.end));
+    let mut pieces = Vec::new();
+    let mut pos = start;
+    for k in sorted {
+        if k.end <= pos || k.start >= end {
+            continue;
+        }
+        if k.start > pos {
+            pieces.push((pos, k.start));
+        }
+        pos = pos.max(k.end);
+    }
+    if pos < end {
+        pieces.push((pos, end));
+    }
+    pieces
 }
 
 /// Which built-in passes a scan runs (`PIIScanner`'s flags).
@@ -315,6 +373,11 @@ pub struct Passes {
 #[pyclass(frozen, module = "fleetward_guardrail_core")]
 pub struct Core {
     num: Regex,
+    /// `num` anchored at the start position (`_NUM.match(text, pos)`), for `value_at`.
+    num_anchored: Regex,
+    next_group: Regex,
+    /// `detectors.NATIONAL_MAX_DIGITS`: country code digits -> longest national number.
+    national_max: Vec<(Vec<u8>, usize)>,
     num_groups: Vec<usize>, // capture index of each NUM_BRANCHES entry
     /// Capture buffers for `num`, reused: creating one allocates a JIT stack.
     num_locations: Mutex<Vec<CaptureLocations>>,
@@ -555,26 +618,32 @@ impl Core {
             let branch = self.num_groups.iter().position(|&g| locs.get(g).is_some());
             if branch == Some(0) {
                 // An IBAN-shaped run whose check fails is skipped as a whole.
-                self.accept_iban(t, start - 2, end, out);
-                pos = end;
+                pos = self.accept_iban(t, start - 2, end, out);
                 continue;
             }
-            match branch.and_then(|b| self.classify(b, t, start, end).transpose()) {
+            match branch.and_then(|b| self.classify(b, t, start, end, true).transpose()) {
                 Some(found) => {
                     let found = found?;
                     out.push(found);
-                    pos = found.end;
+                    // A phone cut short of the digit groups after it may have begun inside the
+                    // value those groups belong to: look for it from the phone's second character.
+                    let cut = found.end < end && matches!(branch, Some(b) if is_greedy_phone(b));
+                    pos = if cut { start + 1 } else { found.end };
                 }
                 None => pos = start + 1,
             }
         }
-        for (lead, rx, lo) in [(b'+', &self.plus, 8), (b'(', &self.paren, 10)] {
+        for (lead, rx, lo, prefix) in [
+            (b'+', &self.plus, 8, Some(0)),
+            (b'(', &self.paren, 10, None),
+        ] {
             if !t.contains(&lead) {
                 continue;
             }
             for m in rx.find_iter(t) {
                 let m = m.map_err(pcre_err)?;
                 if let Some(n) = fit_phone(m.as_bytes(), lo, 15) {
+                    let n = self.phone_end(t, m.start(), n, lo, prefix, true)?;
                     out.push(Candidate {
                         kind: PHONE,
                         start: m.start(),
@@ -586,12 +655,88 @@ impl Core {
         Ok(())
     }
 
+    /// `detectors._phone_end`: the length of the phone of fitted length `n` at `start` once the
+    /// digit groups that more likely start the next value are dropped (`lo` digits remain).
+    fn phone_end(
+        &self,
+        t: &[u8],
+        start: usize,
+        n: usize,
+        lo: usize,
+        prefix: Option<usize>,
+        probe: bool,
+    ) -> PyResult<usize> {
+        let end = start + n;
+        if self.next_group.find_at(t, end).map_err(pcre_err)?.is_none() {
+            return Ok(n);
+        }
+        let value = &t[start..end];
+        if let Some(prefix) = prefix {
+            let digits: Vec<u8> = value.iter().copied().filter(u8::is_ascii_digit).collect();
+            for size in 1..=3 {
+                let cc = &digits[prefix.min(digits.len())..(prefix + size).min(digits.len())];
+                let Some(&(_, national)) = self.national_max.iter().find(|(c, _)| c == cc) else {
+                    continue;
+                };
+                let mut shorter = n;
+                while digit_count(&value[..shorter]) > prefix + size + national {
+                    match last_group(&value[..shorter]) {
+                        Some(cut) => shorter = cut,
+                        None => break,
+                    }
+                }
+                return Ok(if digit_count(&value[..shorter]) >= lo {
+                    shorter
+                } else {
+                    n
+                });
+            }
+        }
+        let Some(cut) = last_group(value) else {
+            return Ok(n);
+        };
+        if digit_count(&value[..cut]) < lo {
+            return Ok(n);
+        }
+        if value[cut] != t[end] || value[cut + 1] == b'(' {
+            return Ok(cut);
+        }
+        if probe {
+            if let Some(other) = self.value_at(t, start + cut + 1)? {
+                if other.end > end {
+                    return Ok(cut);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// `detectors._value_at`: the value the digit-led pass finds starting exactly at `pos`, if
+    /// it ends on its own (not a phone cut short of further groups).
+    fn value_at(&self, t: &[u8], pos: usize) -> PyResult<Option<Candidate>> {
+        let mut locs = self.num_anchored.capture_locations();
+        let Some(m) = self
+            .num_anchored
+            .captures_read_at(&mut locs, t, pos)
+            .map_err(pcre_err)?
+        else {
+            return Ok(None);
+        };
+        let branch = self.num_groups.iter().position(|&g| locs.get(g).is_some());
+        let Some(branch) = branch.filter(|&b| b != 0) else {
+            return Ok(None); // no branch, or an IBAN
+        };
+        let found = self.classify(branch, t, pos, m.end(), false)?;
+        Ok(found.filter(|f| !(f.end < m.end() && is_greedy_phone(branch))))
+    }
+
     fn classify(
         &self,
         branch: usize,
         t: &[u8],
         start: usize,
         end: usize,
+        probe: bool,
     ) -> PyResult<Option<Candidate>> {
         let v = &t[start..end];
         let (kind, accepted) = match NUM_BRANCHES[branch] {
@@ -610,12 +755,21 @@ impl Core {
                 (US_SSN, (ssn_valid(v) && context).then_some(v.len()))
             }
             "ipv4" => (IP, ipv4_valid(v).then_some(v.len())),
-            "us1" | "us" => (PHONE, Some(v.len())),
-            "intl00" => (PHONE, fit_phone(v, 10, 17)),
-            "trunk" => (
-                PHONE,
-                fit_phone(v, 10, 12).filter(|&n| trunk_phone(&v[..n])),
-            ),
+            "us1" | "us" | "usbare" => (PHONE, Some(v.len())),
+            "intl00" => match fit_phone(v, 10, 17) {
+                Some(n) => (
+                    PHONE,
+                    Some(self.phone_end(t, start, n, 10, Some(2), probe)?),
+                ),
+                None => (PHONE, None),
+            },
+            "trunk" => match fit_phone(v, 10, 12) {
+                Some(n) => {
+                    let n = self.phone_end(t, start, n, 10, None, probe)?;
+                    (PHONE, trunk_phone(&v[..n]).then_some(n))
+                }
+                None => (PHONE, None),
+            },
             _ => (PHONE, None),
         };
         Ok(accepted.map(|n| Candidate {
@@ -625,20 +779,21 @@ impl Core {
         }))
     }
 
-    fn accept_iban(&self, t: &[u8], start: usize, end: usize, out: &mut Vec<Candidate>) {
+    /// `detectors._accept_iban`: adds the IBAN at `start` if valid; returns where the scan goes on.
+    fn accept_iban(&self, t: &[u8], start: usize, end: usize, out: &mut Vec<Candidate>) -> usize {
         let raw = &t[start..end];
         let (a, b) = (raw[0].to_ascii_uppercase(), raw[1].to_ascii_uppercase());
         if !a.is_ascii_uppercase() || !b.is_ascii_uppercase() {
-            return;
+            return end;
         }
         let length = self.iban_lengths[(a - b'A') as usize][(b - b'A') as usize] as usize;
         if length == 0 {
-            return;
+            return end;
         }
         // `_iban_cut(length).match(raw)`: the first `length` alphanumerics, single spaces
         // between them allowed (the optional space cannot be backtracked into usefully).
         if !raw[0].is_ascii_alphanumeric() {
-            return;
+            return end;
         }
         let (mut i, mut taken) = (1, 1);
         while taken < length {
@@ -647,12 +802,12 @@ impl Core {
             } else if i < raw.len() && raw[i].is_ascii_alphanumeric() {
                 i += 1;
             } else {
-                return;
+                return end;
             }
             taken += 1;
         }
         if i < raw.len() && raw[i] != b' ' {
-            return; // the run goes on without a space: not this IBAN
+            return end; // the run goes on without a space: not this IBAN
         }
         let compact: Vec<u8> = raw[..i]
             .iter()
@@ -666,6 +821,7 @@ impl Core {
                 end: start + i,
             });
         }
+        start + i
     }
 
     fn scan_emails(&self, t: &[u8], out: &mut Vec<Candidate>) -> PyResult<()> {
@@ -885,7 +1041,17 @@ impl Core {
             .try_iter()?
             .map(|s| s?.extract::<Vec<u8>>())
             .collect::<PyResult<Vec<_>>>()?;
+        let mut national_max = Vec::new();
+        for (cc, n) in get_item(config, "national_max_digits")?
+            .downcast::<PyDict>()?
+            .iter()
+        {
+            national_max.push((cc.extract::<String>()?.into_bytes(), n.extract()?));
+        }
         Ok(Core {
+            num_anchored: compile_anchored("num", &get_str(config, "num")?)?,
+            next_group: compile_anchored("next_group", &get_str(config, "next_group")?)?,
+            national_max,
             num,
             num_groups,
             num_locations: Mutex::new(Vec::new()),
@@ -951,7 +1117,7 @@ impl Core {
         let mut found = self.scan_pii_raw(py, t, passes, &runs)?;
         if let Some(builtin) = builtin {
             let mask = builtin_mask(&builtin)?;
-            resolve_overlaps(&mut found, &self.specificity);
+            resolve_overlaps(&mut found, &self.specificity, t);
             found.retain(|c| mask[c.kind]);
         }
         let cands = found
@@ -991,7 +1157,7 @@ impl Core {
         let mut found = Vec::new();
         if mask.iter().any(|&m| m) {
             found = self.scan_pii_raw(py, t, passes, &runs)?;
-            resolve_overlaps(&mut found, &self.specificity);
+            resolve_overlaps(&mut found, &self.specificity, t);
             found.retain(|c| mask[c.kind]);
         }
         let mut hits = Vec::new();
@@ -1096,7 +1262,30 @@ mod tests {
             c(EMAIL, 30, 40),
             c(IP, 30, 40),
         ];
-        resolve_overlaps(&mut found, &spec);
+        resolve_overlaps(&mut found, &spec, b"");
         assert_eq!(found, vec![c(CREDIT_CARD, 0, 19), c(EMAIL, 30, 40)]);
+    }
+
+    #[test]
+    fn overlaps_keep_what_the_loser_covers_beyond_the_winner() {
+        // expected values: detectors.resolve_overlaps on the same candidates
+        let spec = [75, 70, 60, 50, 65, 80, 85, 90];
+        let c = |kind, start, end| Candidate { kind, start, end };
+        let text = b"+44 20 7946 0958 123-45-6789 (x)";
+        let mut found = vec![c(US_SSN, 17, 28), c(PHONE, 0, 20)];
+        resolve_overlaps(&mut found, &spec, text);
+        assert_eq!(found, vec![c(PHONE, 0, 20), c(US_SSN, 20, 28)]);
+        // a leftover of spaces or punctuation only is dropped; spaces are trimmed off
+        let mut found = vec![
+            c(PHONE, 0, 16),
+            c(PHONE, 12, 17),
+            c(IP, 20, 30),
+            c(US_SSN, 15, 24),
+        ];
+        resolve_overlaps(&mut found, &spec, text);
+        assert_eq!(
+            found,
+            vec![c(PHONE, 0, 16), c(US_SSN, 17, 20), c(IP, 20, 30)]
+        );
     }
 }

@@ -142,6 +142,20 @@ pub fn ipv6_valid(value: &[u8]) -> bool {
         .all(|p| !p.is_empty() && p.len() <= 4 && p.iter().all(u8::is_ascii_hexdigit))
 }
 
+/// `_LAST_GROUP.search(v)` (`[\x20.-]\(?[0-9]+\)?$`): where the last digit group starts (at
+/// its separator). The group holds no separator, so only the last separator can start it.
+pub fn last_group(v: &[u8]) -> Option<usize> {
+    let sep = v.iter().rposition(|&b| matches!(b, b' ' | b'.' | b'-'))?;
+    let mut rest = &v[sep + 1..];
+    if let Some(r) = rest.strip_prefix(b"(") {
+        rest = r;
+    }
+    if let Some(r) = rest.strip_suffix(b")") {
+        rest = r;
+    }
+    (!rest.is_empty() && rest.iter().all(u8::is_ascii_digit)).then_some(sep)
+}
+
 /// `_fit_phone`: drop trailing digit groups until the digit count is at most `hi`; the
 /// length of the fitted prefix when it has at least `lo` digits.
 pub fn fit_phone(v: &[u8], lo: usize, hi: usize) -> Option<usize> {
@@ -152,24 +166,11 @@ pub fn fit_phone(v: &[u8], lo: usize, hi: usize) -> Option<usize> {
         n -= 1; // "(..., +1 415 555 0188)": the parenthesis closes the sentence's
     }
     loop {
-        let cur = &v[..n];
-        let d = digit_count(cur);
+        let d = digit_count(&v[..n]);
         if d <= hi {
             return (d >= lo).then_some(n);
         }
-        // `_LAST_GROUP` = [\x20.-]\(?[0-9]+\)?$ : only the last separator can start it.
-        let sep = cur.iter().rposition(|&b| matches!(b, b' ' | b'.' | b'-'))?;
-        let mut rest = &cur[sep + 1..];
-        if let Some(r) = rest.strip_prefix(b"(") {
-            rest = r;
-        }
-        if let Some(r) = rest.strip_suffix(b")") {
-            rest = r;
-        }
-        if rest.is_empty() || !rest.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        n = sep;
+        n = last_group(&v[..n])?;
     }
 }
 
@@ -262,6 +263,9 @@ mod tests {
         assert_eq!(fit_phone(b"+4915112345678 01 23 45", 8, 15), Some(17));
         assert_eq!(fit_phone(b"+1 415 555 0188)", 8, 15), Some(15));
         assert_eq!(fit_phone(b"+12", 8, 15), None);
+        assert_eq!(last_group(b"+1 (415) 555-0132"), Some(12));
+        assert_eq!(last_group(b"+49 30 (415)"), Some(6));
+        assert_eq!(last_group(b"+49 30 1234567x"), None);
         assert!(trunk_phone(b"020 7946 0958"));
         assert!(!trunk_phone(b"01.02.2024 123"));
         assert!(trunk_phone(b"07700900123"));

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from fleetward.api.base import (
     AGE_COLUMN,
@@ -83,8 +84,25 @@ class PIIConfig(ApiModel):
     """Where detection runs. PII never reaches the model, logs or traces unredacted."""
 
 
+def _mode_from_yaml_boolean(value: object) -> object:
+    """`mode: off` unquoted is the boolean false to YAML 1.1 loaders (PyYAML, kubectl's): taken
+    as "off". True (an unquoted on/yes/true) names no mode: refused with the values allowed."""
+    if value is False:
+        return "off"
+    if value is True:
+        raise PydanticCustomError(
+            "literal_error",
+            "Input should be 'enforce', 'observe' or 'off'; an unquoted on/yes/true is read by YAML as the "
+            'boolean true: write the mode in quotes (mode: "enforce")',
+        )
+    return value
+
+
+InjectionMode = Annotated[Literal["enforce", "observe", "off"], BeforeValidator(_mode_from_yaml_boolean)]
+
+
 class InjectionConfig(ApiModel):
-    mode: Literal["enforce", "observe", "off"] = "enforce"
+    mode: InjectionMode = "enforce"
     """enforce: act on detections; observe: only record them; off: disabled."""
     patterns: list[Pattern] | None = Field(default=None, max_length=64)
     """Extra regular expressions (Python `re` syntax), on top of the built-in detection of instruction

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -147,7 +148,13 @@ def run_scan(args: argparse.Namespace) -> int:
     except (ManifestError, GuardrailConfigError) as e:
         print(f"fleetward guardrail scan: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    bad = scan_lines(engine, args.stage, sys.stdin.buffer, sys.stdout, sys.stderr)
+    try:
+        bad = scan_lines(engine, args.stage, sys.stdin.buffer, sys.stdout, sys.stderr)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as a Unix filter does; stdout is
+        # pointed at /dev/null so the interpreter's final flush cannot fail on it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return EXIT_BAD_LINES if bad else 0
 
 
@@ -206,7 +213,25 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
         raise ValueError(f'"text" must be a string, got {_json_type(item["text"])}')
     if not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool):
         raise ValueError(f'"id" must be a string or an integer, got {_json_type(item["id"])}')
+    for field in ("text", "id"):
+        # JSON can escape a lone UTF-16 surrogate ("\ud800"), which is no Unicode character:
+        # such text cannot be written out as UTF-8, so the line is refused here, not mid-output.
+        value = item[field]
+        if isinstance(value, str) and (at := _lone_surrogate(value)) is not None:
+            raise ValueError(
+                f'"{field}" is not valid Unicode: lone surrogate \\u{ord(value[at]):04x} at character {at} '
+                "(an unpaired UTF-16 escape in the JSON)"
+            )
     return item
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """The position of the first lone surrogate in `text`, if any."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 def _json_type(value: Any) -> str:

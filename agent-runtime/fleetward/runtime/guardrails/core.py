@@ -67,6 +67,8 @@ def _config() -> dict[str, object]:
         "secret_hint": d._SECRET_HINT.pattern,
         "secret": d._SECRET.pattern,
         "ipv6_seed": d._IPV6_SEED.pattern,
+        "next_group": d._NEXT_GROUP.pattern,
+        "national_max_digits": d.NATIONAL_MAX_DIGITS,
         "iban_lengths": d.IBAN_LENGTHS,
         "specificity": d.SPECIFICITY,
         "token_chars": n._TOKEN_CHARS,

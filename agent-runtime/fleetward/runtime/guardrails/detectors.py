@@ -22,10 +22,13 @@ Decisions (documented in docs/bench/guardrail.md and the tests):
   dotted or dashed token: 1.2.3.4.5, v1.2.3.4, 1.2.3.4-beta, 1.2.3.4+build are version strings.
   IPv6 in every RFC 4291/5952 form (full, "::"-compressed, IPv4-embedded), checked by the
   standard library; at least four hex digits, so "::1" and "a::b" in code are not reported.
-- phone: international "+CC ..." or "00CC ..." (8-15 digits, E.164), US/NANP with separators
-  or parentheses (area and exchange codes 2-9xx), national numbers with a trunk 0 (10-12
-  digits, e.g. UK/DE/FR). Bare digit runs without "+", "0" or separators are not phones
-  (order numbers, timestamps).
+- phone: international "+CC ..." or "00CC ..." (8-15 digits, E.164), US/NANP 3-3-4 with
+  separators or parentheses (area code 2-9xx, any exchange: 555-123-4567 is what people type),
+  bare NANP ten-digit runs starting 2-9 (not part of a longer digit or alphanumeric run),
+  national numbers with a trunk 0 (10-12 digits, e.g. UK/DE/FR). Other bare digit runs are not
+  phones (order numbers, timestamps such as 1714557600). A number followed by further digit
+  groups ends where its country's length says (NATIONAL_MAX_DIGITS) or before a group joined
+  to what follows by another separator: "+44 20 7946 0958 123-45-6789" is a phone and an SSN.
 - us_ssn: AAA-GG-SSSS or with spaces; area not 000/666/9xx, group not 00, serial not 0000;
   nine bare digits only right after "SSN" or "social security (number)".
 - iban: country code, check digits and BBAN (spaces every 4 allowed), exact length for
@@ -58,6 +61,7 @@ BUILTIN_TYPES = ("email", "credit_card", "ip", "phone", "us_ssn", "iban", "api_k
 
 # Overlaps: the longest match wins; between equally long ones the more specific type.
 # A user-supplied regex (custom entity or a replaced built-in detector) ranks above all.
+# What a losing match covers beyond the winners is still reported (resolve_overlaps).
 SPECIFICITY = {
     "jwt": 90,
     "api_key": 85,
@@ -202,17 +206,24 @@ _IBAN_BRANCH = (
 _IPV4_BRANCH = r"(?P<ipv4>[0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3})(?![0-9A-Za-z_]|\.[0-9]|[-+][0-9A-Za-z])"
 # The rest, each written as what follows the first digit.
 _AFTER_FIRST_DIGIT = (
-    # cards, first digit 2-6: 4-4-4-4[-1..3] with one consistent separator, 4-6-5, 4-6-4, 13-19 digits
-    r"(?<=[2-6])(?P<card>[0-9]{3}(?P<cs>[\x20.-]?)[0-9]{4}(?P=cs)[0-9]{4}(?P=cs)[0-9]{4}(?:(?P=cs)[0-9]{1,3})?"
+    # cards, first digit 2-6: 4-4-4-4[-1..3] with one consistent separator, 4-6-5, 4-6-4, 13-19 digits;
+    # a short last group that the same separator continues is the start of the next number
+    r"(?<=[2-6])(?P<card>[0-9]{3}(?P<cs>[\x20.-]?)[0-9]{4}(?P=cs)[0-9]{4}(?P=cs)[0-9]{4}"
+    r"(?:(?P=cs)[0-9]{1,3}(?!(?P=cs)[0-9]))?"
     r"|[0-9]{3}(?P<cs2>[\x20-])[0-9]{6}(?P=cs2)[0-9]{4,5}|[0-9]{12,18})" + _END,
     # SSN: 123-45-6789, 123 45 6789
     r"(?P<ssn>[0-9]{2}(?P<ss>[\x20-])[0-9]{2}(?P=ss)[0-9]{4})" + _END,
     # nine bare digits: an SSN only right after "SSN" (checked in Python)
     r"(?P<ssnbare>[0-9]{8})" + _END,
-    # NANP with a leading 1: 1-800-555-0199, 1 (800) 555-0199
-    r"(?<=1)(?P<us1>[\x20.-]?(?:\([2-9][0-9]{2}\)\x20?|[2-9][0-9]{2}[\x20.-])[2-9][0-9]{2}[\x20.-][0-9]{4})" + _END,
-    # NANP: 415-555-0132, 415.555.0132, 415 555 0132
-    r"(?<=[2-9])(?P<us>[0-9]{2}[\x20.-][2-9][0-9]{2}[\x20.-][0-9]{4})" + _END,
+    # NANP with a leading 1: 1-800-555-0199, 1 (800) 555-0199; not the last group of an IPv6
+    # address ("2001:db8::1 415-555-0132": the "1" is the address's)
+    r"(?<=1)(?<!::1)(?<!:[0-9A-Fa-f]:1)(?<!:[0-9A-Fa-f]{2}:1)(?<!:[0-9A-Fa-f]{3}:1)(?<!:[0-9A-Fa-f]{4}:1)"
+    r"(?P<us1>[\x20.-]?(?:\([2-9][0-9]{2}\)\x20?|[2-9][0-9]{2}[\x20.-])[0-9]{3}[\x20.-][0-9]{4})" + _END,
+    # NANP: 415-555-0132, 415.555.0132, 415 555 0132. Any exchange: fictional numbers such as
+    # 555-123-4567 are what people type in tests and examples (a missed phone costs more).
+    r"(?<=[2-9])(?P<us>[0-9]{2}[\x20.-][0-9]{3}[\x20.-][0-9]{4})" + _END,
+    # NANP without separators: 5551234567, ten digits and no more (1714557600 is a timestamp)
+    r"(?<=[2-9])(?P<usbare>[0-9]{9})" + _END,
     # international with a 00 prefix: 0044 20 7946 0958
     r"(?<=0)(?P<intl00>0[1-9][0-9]{0,2}(?:[\x20.-]?\(?[0-9]{1,5}\)?){2,6})" + _END,
     # national with a trunk 0: 020 7946 0958, 07700 900123, 030/1234567, 01 23 45 67 89
@@ -239,8 +250,7 @@ _NUM = re.compile(
 # character-set test at every position).
 _PLUS = re.compile(r"\+[1-9][0-9]{0,2}(?:[\x20.-]?\(?[0-9]{1,5}\)?){2,6}" + _END)
 _PAREN = re.compile(
-    r"\((?:[2-9][0-9]{2}\)\x20?[2-9][0-9]{2}[\x20.-]?[0-9]{4}|0[1-9][0-9]{1,4}\)\x20?[0-9]{3,4}[\x20.-]?[0-9]{3,4})"
-    + _END
+    r"\((?:[2-9][0-9]{2}\)\x20?[0-9]{3}[\x20.-]?[0-9]{4}|0[1-9][0-9]{1,4}\)\x20?[0-9]{3,4}[\x20.-]?[0-9]{3,4})" + _END
 )
 _SSN_CONTEXT = re.compile(r"(?i)(?:ssn|social\s+security(?:\s+(?:number|no\.?|#))?)\W{0,4}\Z")
 
@@ -300,6 +310,30 @@ def _card(value: str) -> str | None:
 
 
 _LAST_GROUP = re.compile(r"[\x20.-]\(?[0-9]+\)?$")
+# Longest national number (digits after the country code) of numbering plans whose numbers
+# have a fixed or short maximum length (ITU-T E.164 national plans). Used only to tell where a
+# number ends when further digit groups follow it ("+44 20 7946 0958 020 7946 0958"). Country
+# codes are prefix-free, so looking up the leading digits is unambiguous.
+NATIONAL_MAX_DIGITS = {
+    "1": 10,  # NANP
+    "7": 10,
+    "27": 9,
+    "31": 9,
+    "32": 9,
+    "33": 9,
+    "34": 9,
+    "41": 9,
+    "44": 10,
+    "45": 8,
+    "47": 8,
+    "48": 9,
+    "52": 10,
+    "61": 9,
+    "65": 8,
+    "91": 10,
+    "351": 9,
+    "852": 8,
+}
 
 
 def _fit_phone(value: str, lo: int, hi: int) -> str | None:
@@ -317,6 +351,54 @@ def _fit_phone(value: str, lo: int, hi: int) -> str | None:
         value = value[: m.start()]
 
 
+_NEXT_GROUP = re.compile(r"[\x20.-]\(?[0-9]|:[0-9A-Za-z_]")
+
+
+def _phone_end(text: str, start: int, value: str, lo: int, prefix: int, probe: bool = True) -> str:
+    """Where the phone `value` (fitted, at `start`) ends when more digit groups follow it: the
+    pattern cannot tell "+44 20 7946 0958 123" from "+44 20 7946 0958" + "123-45-6789", so the
+    groups that more likely start the next value are dropped (as long as `lo` digits remain):
+    - the country's longest number says where it ends (`prefix`, for an international number:
+      how many digits precede the country code, "00": 2, "+": 0);
+    - otherwise a last group joined to what follows by another separator than to the number
+      ("+49 30 1234567 123-45-6789"), one in parentheses (an area code: "... (415) 555-0132"),
+      one that starts a colon token ("... 2001:db8::1", "... 12:30"), or one where a value of
+      its own starts that ends past the number ("+49 30 1234567 219 45 1234", an SSN)."""
+    end = start + len(value)
+    if _NEXT_GROUP.match(text, end) is None:
+        return value  # nothing follows: the number ends where the pattern ended it
+    if prefix >= 0:
+        digits = _digits(value)
+        for size in (1, 2, 3):
+            national = NATIONAL_MAX_DIGITS.get(digits[prefix : prefix + size])
+            if national is not None:
+                shorter = value
+                while len(_digits(shorter)) > prefix + size + national and (m := _LAST_GROUP.search(shorter)):
+                    shorter = shorter[: m.start()]
+                return shorter if len(_digits(shorter)) >= lo else value
+    m = _LAST_GROUP.search(value)
+    if m is None or len(_digits(value[: m.start()])) < lo:
+        return value
+    cut = m.start()
+    if value[cut] != text[end] or value[cut + 1] == "(":
+        return value[:cut]
+    if probe and (other := _value_at(text, start + cut + 1)) is not None and other.end > end:
+        return value[:cut]
+    return value
+
+
+def _value_at(text: str, pos: int) -> Candidate | None:
+    """The value the digit-led pass finds starting exactly at `pos`, if it ends on its own (a
+    phone cut short of further groups is no evidence of where anything ends)."""
+    m = _NUM.match(text, pos)
+    if m is None or m.lastgroup == "iban":
+        return None
+    found = _classify(m.lastgroup, text, pos, m.group(), probe=False)
+    if found is None or (found.end < m.end() and m.lastgroup in ("intl00", "trunk")):
+        return None
+    return found
+
+
 def scan_numbers(text: str, out: list[Candidate]) -> None:
     """Cards, SSNs, IPv4, IBANs and phones (digit-, "+"- and "("-led)."""
     pos = 0
@@ -327,23 +409,26 @@ def scan_numbers(text: str, out: list[Candidate]) -> None:
         if kind == "iban":
             # An IBAN-shaped run whose check fails ("DE89 3704 ... 01", a typo) is skipped as a
             # whole: its digit groups are not cards or phones either.
-            _accept_iban(text, start - 2, end, out)
-            pos = end
+            pos = _accept_iban(text, start - 2, end, out)
             continue
         found = _classify(kind, text, start, text[start:end])
         if found is None:
             pos = start + 1
             continue
         out.append(found)
-        pos = found.end
-    for lead, pattern, lo in (("+", _PLUS, 8), ("(", _PAREN, 10)):
+        # A phone cut short of the digit groups after it may have begun inside the value those
+        # groups belong to ("... 0958 4111 1111" of "+44 20 7946 0958 4111 1111 1111 1111"):
+        # look for that value from the phone's second character on (overlaps are resolved later).
+        pos = start + 1 if found.end < end and kind in ("intl00", "trunk") else found.end
+    for lead, pattern, lo, prefix in (("+", _PLUS, 8, 0), ("(", _PAREN, 10, -1)):
         if lead in text:
             for m in pattern.finditer(text):
                 if (fitted := _fit_phone(m.group(), lo, 15)) is not None:
+                    fitted = _phone_end(text, m.start(), fitted, lo, prefix)
                     out.append(Candidate("phone", m.start(), m.start() + len(fitted), fitted, SPECIFICITY["phone"]))
 
 
-def _classify(kind: str | None, text: str, start: int, value: str) -> Candidate | None:
+def _classify(kind: str | None, text: str, start: int, value: str, probe: bool = True) -> Candidate | None:
     pii_type, accepted = "phone", None
     if kind == "card":
         pii_type, accepted = "credit_card", _card_value(value)
@@ -354,12 +439,15 @@ def _classify(kind: str | None, text: str, start: int, value: str) -> Candidate 
         pii_type, accepted = "us_ssn", value if ssn_valid(value) and context else None
     elif kind == "ipv4":
         pii_type, accepted = "ip", value if ipv4_valid(value) else None
-    elif kind in ("us1", "us"):
+    elif kind in ("us1", "us", "usbare"):
         accepted = value
     elif kind == "intl00":
-        accepted = _fit_phone(value, 10, 17)
+        fitted = _fit_phone(value, 10, 17)
+        accepted = None if fitted is None else _phone_end(text, start, fitted, 10, 2, probe)
     elif kind == "trunk":
         fitted = _fit_phone(value, 10, 12)
+        if fitted is not None:
+            fitted = _phone_end(text, start, fitted, 10, -1, probe)
         accepted = fitted if fitted is not None and _trunk_phone(fitted) else None
     if accepted is None:
         return None
@@ -390,23 +478,25 @@ def _card_value(value: str) -> str | None:
     return None
 
 
-def _accept_iban(text: str, start: int, end: int, out: list[Candidate]) -> bool:
+def _accept_iban(text: str, start: int, end: int, out: list[Candidate]) -> int:
+    """Adds the IBAN at `start` if valid; returns where the scan goes on: after the IBAN's own
+    characters (a value right after it is scanned), or after the whole run when it has no
+    IBAN's length."""
     raw = text[start:end]
     length = IBAN_LENGTHS.get(raw[:2].upper())
     if length is None:
-        return False
+        return end
     # Cut the candidate to the country's length (the BBAN pattern may run into the next word).
     m = _iban_cut(length).match(raw)
     if m is None:
-        return False
+        return end
     cut = m.end()
     if cut < len(raw) and raw[cut] != " ":
-        return False  # the run goes on without a space: not this IBAN
+        return end  # the run goes on without a space: not this IBAN
     value = raw[:cut]
-    if not iban_valid(value.replace(" ", "").upper()):
-        return False
-    out.append(Candidate("iban", start, start + cut, value, SPECIFICITY["iban"]))
-    return True
+    if iban_valid(value.replace(" ", "").upper()):
+        out.append(Candidate("iban", start, start + cut, value, SPECIFICITY["iban"]))
+    return start + cut
 
 
 @lru_cache(maxsize=64)
@@ -486,7 +576,9 @@ def scan_ipv6(text: str, out: list[Candidate]) -> None:
 
 def resolve_overlaps(candidates: list[Candidate]) -> list[Candidate]:
     """Deterministic: within each cluster of overlapping matches the longest wins, then the
-    most specific type, then the leftmost; the rest of the cluster is then re-resolved."""
+    most specific type, then the leftmost; the rest of the cluster is then re-resolved. What
+    the losing matches cover beyond the winners is kept as findings of their own types (no
+    detected character is dropped); a loser entirely inside the winners is dropped."""
     if len(candidates) < 2:
         return candidates
     ordered = sorted(candidates, key=_by_position)
@@ -515,11 +607,44 @@ def _resolve_cluster(cluster: list[Candidate]) -> list[Candidate]:
     if len(cluster) == 1:
         return cluster
     kept: list[Candidate] = []
+    losers: list[Candidate] = []
     for c in sorted(cluster, key=lambda c: (c.start - c.end, -c.specificity, c.start, c.type)):
         if all(c.end <= k.start or c.start >= k.end for k in kept):
             kept.append(c)
+        else:
+            losers.append(c)
+    # What a losing match covers beyond the kept ones stays a finding of its own type: when two
+    # values written side by side are matched with a wrong boundary ("+44 20 7946 0958 123" and
+    # "123-45-6789"), dropping the loser would let its other characters ("-45-6789") through.
+    for c in losers:
+        for s, e in _uncovered(c.start, c.end, kept):
+            piece = c.value[s - c.start : e - c.start]
+            if _ALNUM.search(piece) is None:
+                continue  # only a separator or a parenthesis
+            stripped = piece.strip(_SPACES)  # the gap between the two values is not part of either
+            s += len(piece) - len(piece.lstrip(_SPACES))
+            kept.append(Candidate(c.type, s, s + len(stripped), stripped, c.specificity))
     kept.sort(key=lambda c: c.start)
     return kept
+
+
+_ALNUM = re.compile(r"[^\W_]")
+_SPACES = " \t\n\r\x0b\x0c"
+
+
+def _uncovered(start: int, end: int, kept: list[Candidate]) -> list[tuple[int, int]]:
+    """The parts of [start, end) that no kept candidate covers."""
+    pieces = []
+    pos = start
+    for k in sorted(kept, key=_by_position):
+        if k.end <= pos or k.start >= end:
+            continue
+        if k.start > pos:
+            pieces.append((pos, k.start))
+        pos = max(pos, k.end)
+    if pos < end:
+        pieces.append((pos, end))
+    return pieces
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,7 +319,9 @@ def render(label: str, value: str, strategy: Strategy, hash_key: bytes | None = 
     if strategy == "redact":
         return f"[REDACTED_{label.upper()}]"
     if strategy == "hash":
-        canonical = _canonical(label, value).encode()
+        # surrogatepass: text from JSON may hold a lone surrogate ("\ud800"), which strict UTF-8
+        # refuses; a Guardrail regex can match one. The hash stays stable and distinct.
+        canonical = _canonical(label, value).encode("utf-8", "surrogatepass")
         if hash_key:
             digest = hmac.new(hash_key, canonical, hashlib.sha256).hexdigest()
         else:

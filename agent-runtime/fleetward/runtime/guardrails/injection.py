@@ -69,6 +69,12 @@ _SHOW = "(?:reveal|print|output|repeat|recite|dump|leak|expose|disclose|spell|ec
 _TELL = f"(?:{_SHOW[3:-1]}|tell|give|share|send|write|type|copy|paste|provide|list|read|return)"
 _WHAT_IS = "what(?: is| are| were|'s| s| was)"
 _ADJ = "(?:exact |original |initial |hidden |secret |full |complete )*"
+# The assistant's own instructions, asked for outright ("What are your instructions?"). Not when
+# a task follows: "What are your instructions for returning an item?" asks for a how-to (the
+# "s?" keeps the plural from being read as "instruction" + "s for").
+_OWN_INSTRUCTIONS = "(?:instructions?|prompts?|directives?)"
+_NO_TASK_AFTER = "(?!s? (?:for|to|on|about|regarding|concerning|when|if|in|of|with|how|that|from|before|after|so)\\b)"
+_GIVEN_RULES = "(?:rules|instructions?|guidelines|directives?|prompts?|orders|constraints|restrictions)"
 
 PHRASES: dict[str, tuple[str, ...]] = {
     INSTRUCTION_OVERRIDE: (
@@ -122,6 +128,11 @@ PHRASES: dict[str, tuple[str, ...]] = {
         "(?:system prompt|system message|system instructions|instructions|prompt|rules|guidelines)"
         " (?:you|that you|which you) (?:were|have been|got|received)",
         f"{_WHAT_IS} your {_ADJ}{_SECRETS}",
+        f"{_WHAT_IS} your {_ADJ}{_OWN_INSTRUCTIONS}{_NO_TASK_AFTER}",
+        f"{_TELL}(?: me| us)?(?: out| back| in full| verbatim)? (?:your|all of your|all your) {_ADJ}"
+        f"{_OWN_INSTRUCTIONS}{_NO_TASK_AFTER}",
+        f"(?:what|which) {_ADJ}{_GIVEN_RULES} (?:(?:were|have|had) you (?:been )?(?:given|told|programmed with)"
+        "|did you (?:get|receive))",
         '(?:beginning|starting|start) with (?:the words )?"?you are (?:a|an|chatgpt|claude|an ai)',
     ),
     TOOL_COERCION: (
@@ -175,6 +186,8 @@ _SQUASH_STEMS = (
     b"character",
     b"bound",
     b"system",
+    b"given",
+    b"told",
 )
 
 
