@@ -256,19 +256,25 @@ impl Control {
             .inc();
         match msg.kind {
             ControlType::Halt => {
-                let closed = self.hub.close_where(
-                    |agent| msg.covers(agent),
-                    |agent| CloseReason {
-                        code: close_code::HALTED,
-                        reason: "halted by a kill switch",
-                        frame: Some(halted_frame(
-                            &msg.kill_switch,
-                            msg.generation,
-                            agent,
-                            msg.reason.as_deref(),
-                        )),
-                    },
-                );
+                // actions.closeSessions: false keeps connected sessions open (they still get
+                // the runs' `halted` events from the runtimes); new ones are refused either way.
+                let closed = if !msg.closes_sessions() {
+                    0
+                } else {
+                    self.hub.close_where(
+                        |agent| msg.covers(agent),
+                        |agent| CloseReason {
+                            code: close_code::HALTED,
+                            reason: "halted by a kill switch",
+                            frame: Some(halted_frame(
+                                &msg.kill_switch,
+                                msg.generation,
+                                agent,
+                                msg.reason.as_deref(),
+                            )),
+                        },
+                    )
+                };
                 tracing::info!(kill_switch = %msg.kill_switch, generation = msg.generation, agents = ?msg.agents,
                     sessions_closed = closed, "control: halt applied");
                 self.ack(&msg, AckType::Halted, closed);

@@ -1074,6 +1074,10 @@ pub struct ControlMessage {
     pub drain_timeout_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Halt only: tell and close the covered sessions (KillSwitch `actions.closeSessions`;
+    /// absent: true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_sessions: Option<bool>,
     pub timestamp: String,
 }
 
@@ -1107,6 +1111,11 @@ impl ControlMessage {
             }
         }
         Ok(c)
+    }
+
+    /// Whether a halt closes the covered agents' connected sessions.
+    pub fn closes_sessions(&self) -> bool {
+        self.close_sessions.unwrap_or(true)
     }
 
     /// Whether this message covers `agent` (an empty list covers every agent).
@@ -1157,6 +1166,8 @@ pub struct ControlAck {
     pub kind: AckType,
     pub kill_switch: String,
     pub generation: u64,
+    /// The reporting instance (SPEC §6: acks carry the instance id).
+    #[serde(rename = "instanceId")]
     pub instance: String,
     pub component: Component,
     pub agents: Vec<String>,
@@ -1175,7 +1186,7 @@ impl ControlAck {
         check_common(&a.schema, CONTROL_ACK_SCHEMA, &a.id, &a.timestamp)?;
         check_kill_switch("killSwitch", &a.kill_switch)?;
         check_count("generation", a.generation)?;
-        check_str("instance", &a.instance, 1, 253, is_id_chars, "[A-Za-z0-9._:-]")?;
+        check_str("instanceId", &a.instance, 1, 253, is_id_chars, "[A-Za-z0-9._:-]")?;
         for (i, ag) in a.agents.iter().enumerate() {
             check_agent(&format!("agents[{i}]"), ag)?;
         }

@@ -140,10 +140,11 @@ def test_a_reviewer_decision_resumes_the_agent_that_asked(gw, kafka: Kafka, topi
     assert cmd.user.role == "reviewer"
 
 
-def control(kind: str, generation: int, agents: list[str]) -> str:
-    extra = {"mode": "drain", "drain_timeout_seconds": 30} if kind == "halt" else {}
+def control(kind: str, generation: int, agents: list[str], switch: str = "stop-billing", **extra) -> str:
+    if kind == "halt":
+        extra = {"mode": "drain", "drain_timeout_seconds": 30, **extra}
     return ControlMessage.new(
-        kind, kill_switch="stop-billing", generation=generation, agents=agents, reason="refund loop", **extra
+        kind, kill_switch=switch, generation=generation, agents=agents, reason="refund loop", **extra
     ).to_json()
 
 
@@ -151,7 +152,7 @@ def acks(kafka: Kafka, topics: Topics, kind: str) -> list:
     msgs = read_topic(
         kafka.bootstrap,
         topics.acks,
-        lambda ms: any(m["value"]["type"] == kind and m["value"]["instance"] == "gw-ctl" for m in ms),
+        lambda ms: any(m["value"]["type"] == kind and m["value"]["instanceId"] == "gw-ctl" for m in ms),
     )
     return [parse_ack(json.dumps(m["value"])) for m in msgs if m["value"]["type"] == kind]
 
@@ -190,6 +191,40 @@ def test_halt_and_resume_over_the_control_topic(gw, kafka: Kafka, topics: Topics
     assert halted_acks[0].counts["sessionsClosed"] == 1 and halted_acks[0].generation == 1
     assert halted_acks[0].agents == [BILLING]
     assert acks(kafka, topics, "resumed")[0].kill_switch == "stop-billing"
+
+
+def test_a_halt_with_close_sessions_false_keeps_connected_sessions(
+    gw, kafka: Kafka, topics: Topics, writer: KafkaWriter
+):
+    """KillSwitch actions.closeSessions: false: connected sessions stay open and keep receiving
+    events; new sessions of the agent are refused as with any halt."""
+    agent = "support/keep-open"
+
+    async def main() -> None:
+        async with connect(gw, "keep-a", agent=agent) as ws:
+            writer.send(topics.control, "keep-open", control("halt", 1, [agent], "keep-open", close_sessions=False))
+            deadline = time.monotonic() + 15
+            while True:  # the halt is applied once new sessions are refused
+                try:
+                    async with connect(gw, "keep-b", agent=agent):
+                        assert time.monotonic() < deadline, "the halt was not applied"
+                        await asyncio.sleep(0.3)
+                except InvalidStatus as e:
+                    assert e.response.status_code == 403
+                    break
+            writer.send(topics.events, "keep-a", event("keep-a", 0))
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 15))
+            assert frame["event"]["sessionId"] == "keep-a", frame  # no halted frame, no close
+            writer.send(topics.control, "keep-open", control("resume", 1, [agent], "keep-open"))
+
+    asyncio.run(main())
+    mine = read_topic(
+        kafka.bootstrap,
+        topics.acks,
+        lambda ms: any(m["value"]["type"] == "halted" and m["value"]["killSwitch"] == "keep-open" for m in ms),
+    )
+    (ack,) = [parse_ack(json.dumps(m["value"])) for m in mine if m["value"]["killSwitch"] == "keep-open"][:1]
+    assert ack.type == "halted" and ack.counts["sessionsClosed"] == 0
 
 
 class Health(BaseHTTPRequestHandler):

@@ -152,6 +152,16 @@ def test_a_malformed_switch_is_left_to_the_schemas_message(field, value):
     edited["spec"][field] = value
     assert admit("UPDATE", switch(True, by="alice"), edited, BOB, now=NOW) == {}
     check("UPDATE", switch(True, by="alice"), edited, BOB)
+    # The whole review, finalizer decision included (it read the scope too).
+    from fleetward.operator.killswitch.admission import MUTATE_PATH, review
+    from fleetward.operator.settings import OperatorSettings
+
+    new["metadata"].setdefault("uid", "u-1")
+    body = {"request": {"uid": "r-1", "operation": "CREATE", "object": new, "userInfo": {"username": "alice"}}}
+    answer = review(
+        MUTATE_PATH, body, OperatorSettings(namespace="fleetward-system"), lambda: {"agents_by_namespace": {}}
+    )
+    assert answer["response"] == {"uid": "r-1", "allowed": True}
 
 
 def test_approving_a_disengaged_switch_is_refused():
@@ -240,6 +250,18 @@ def test_an_order_carries_the_switchs_scope_as_written():
     # A scope the order cannot carry (a switch stored under another version's schema) never stops the order.
     odd = parse_control(new_order("halt", switch(True, scope={"namespaces": ["Not_A_Label"]}), ["a/b"]).to_json())
     assert odd.scope is None and odd.agents == ["a/b"] and odd.type == "halt"
+
+
+def test_a_halt_carries_close_sessions_for_the_gateways():
+    from fleetward.operator.killswitch.control import new_order
+
+    from fleetward.api.envelopes import parse_control
+
+    assert parse_control(new_order("halt", switch(True), ["a/b"]).to_json()).close_sessions is True
+    keep = switch(True)
+    keep["spec"]["actions"] = {"closeSessions": False}
+    assert parse_control(new_order("halt", keep, ["a/b"]).to_json()).close_sessions is False
+    assert parse_control(new_order("resume", keep, ["a/b"]).to_json()).close_sessions is None
 
 
 # -- side-by-side installations ----------------------------------------------------------

@@ -159,7 +159,7 @@ def _approvals(obj: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     return {a.get("user", ""): dict(a) for a in ((obj or {}).get("spec") or {}).get("approvals") or []}
 
 
-def _well_formed(obj: dict[str, Any] | None) -> bool:
+def well_formed(obj: dict[str, Any] | None) -> bool:
     """Whether the fields this webhook reads have the types the schema gives them. Mutating
     webhooks see a request before the schema is checked; a malformed one (e.g. `approvals:
     [alice]`, `scope: all`) is let through untouched, so that the API server refuses it with
@@ -226,7 +226,7 @@ def admit(
         return {}
     if operation not in ("CREATE", "UPDATE") or new is None:
         return {}
-    if not (_well_formed(old) and _well_formed(new)):
+    if not (well_formed(old) and well_formed(new)):
         return {}
     new = _with_approver(new, requester)
 

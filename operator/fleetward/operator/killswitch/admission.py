@@ -25,7 +25,15 @@ from typing import Any
 from aiohttp import web
 from fleetward.operator.killswitch.scope import involves
 from fleetward.operator.settings import OperatorSettings
-from fleetward.operator.webhooks import Refused, Requester, admit, check, check_guardrail, serves_namespace
+from fleetward.operator.webhooks import (
+    Refused,
+    Requester,
+    admit,
+    check,
+    check_guardrail,
+    serves_namespace,
+    well_formed,
+)
 
 log = logging.getLogger("fleetward.operator.admission")
 
@@ -46,8 +54,8 @@ def with_finalizer(
     finalizer itself before running the engage handler, but that is one more write and
     watch round trip (~0.5 s on a busy API server) before the engage handler starts.
     `indexes` holds `agents_by_namespace` (namespace -> Agents), as Kopf's index does."""
-    if new is None or not ((new.get("spec") or {}).get("engaged") or old is None):
-        return None
+    if new is None or not well_formed(new) or not ((new.get("spec") or {}).get("engaged") or old is None):
+        return None  # malformed: the schema refuses it, naming the field
     current = list((new.get("metadata") or {}).get("finalizers") or [])
     if "agents_by_namespace" not in indexes:
         return None  # Agents not known yet: Kopf adds the finalizer itself

@@ -178,6 +178,7 @@ def new_order(type_: str, switch: dict[str, Any], agents: list[str]) -> ControlM
             mode=spec.get("mode", "drain") if halt else None,
             drain_timeout_seconds=int(spec.get("drainTimeoutSeconds", 30)) if halt else None,
             reason=(spec.get("reason") or None) if halt else None,
+            close_sessions=bool((spec.get("actions") or {}).get("closeSessions", True)) if halt else None,
         )
 
     try:

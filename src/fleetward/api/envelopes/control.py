@@ -57,6 +57,10 @@ class ControlMessage(Envelope):
     """Upper bound for draining. Required for halt."""
     reason: Reason | None = None
     """Why, for logs and the halted event."""
+    close_sessions: bool | None = None
+    """Halt only: whether gateways tell the covered agents' connected sessions (a `halted`
+    frame) and close them, the KillSwitch's `actions.closeSessions` (absent: true). With
+    false they stay connected; new sessions are refused either way."""
 
     @classmethod
     def new(
@@ -70,6 +74,7 @@ class ControlMessage(Envelope):
         mode: Literal["drain", "abort"] | None = None,
         drain_timeout_seconds: int | None = None,
         reason: str | None = None,
+        close_sessions: bool | None = None,
         timestamp: datetime | None = None,
     ) -> Self:
         """A validated control message with a fresh id and the current time."""
@@ -82,6 +87,7 @@ class ControlMessage(Envelope):
             mode=mode,
             drain_timeout_seconds=drain_timeout_seconds,
             reason=reason,
+            close_sessions=close_sessions,
             timestamp=timestamp or now(),
         )
 
@@ -118,8 +124,8 @@ class ControlAck(Envelope):
     """The KillSwitch of the control message."""
     generation: Count
     """The generation of the control message."""
-    instance: Annotated[str, Field(min_length=1, max_length=253, pattern=ID_CHARS)]
-    """The reporting pod or gateway instance."""
+    instance: Annotated[str, Field(min_length=1, max_length=253, pattern=ID_CHARS, alias="instanceId")]
+    """Id of the reporting instance: the runtime's pod name, the gateway's --instance-id."""
     component: Component
     """What kind of instance reports."""
     agents: list[AgentRef] = Field(max_length=100_000)

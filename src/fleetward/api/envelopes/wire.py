@@ -128,6 +128,10 @@ def _dig(obj: Any, path: str) -> Any:
     return obj
 
 
+WIRE_NAMES: dict[str, bool] = {"wire_names": True}
+"""Validation context of `Envelope.parse`: payloads are held to wire names too."""
+
+
 class WireModel(ApiModel):
     """Base of every envelope and payload: strict JSON types plus declared `RULES`."""
 
@@ -186,10 +190,12 @@ class Envelope(WireModel):
     @classmethod
     def parse(cls, raw: bytes | str | Mapping[str, Any]) -> Self:
         """Validate one envelope; raises `EnvelopeError` naming every bad field."""
+        # Wire names only (camelCase), as the schema and the gateway read them: the models'
+        # Python names (session_id) are for code that builds envelopes, not for the wire.
         try:
             if isinstance(raw, Mapping):
-                return cls.model_validate(raw)
-            return cls.model_validate_json(raw)
+                return cls.model_validate(raw, by_alias=True, by_name=False, context=WIRE_NAMES)
+            return cls.model_validate_json(raw, by_alias=True, by_name=False, context=WIRE_NAMES)
         except ValidationError as e:
             raise EnvelopeError(cls.KIND, e) from None
 
@@ -221,6 +227,8 @@ class PayloadEnvelope(Envelope):
                 'a {got} does not fit type "{kind}" (expected {want})',
                 {"got": type(value).__name__, "kind": kind, "want": payload.__name__},
             )
+        if info.context is WIRE_NAMES:
+            return payload.model_validate(value, by_alias=True, by_name=False, context=WIRE_NAMES)
         return payload.model_validate(value)
 
 
