@@ -24,6 +24,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::auth::Authenticator;
+use crate::envelopes::{ControlScope, order_covers};
 use crate::hub::{CloseReason, Hub, close_code};
 use crate::kafka::{GwContext, Kafka};
 use crate::metrics::Metrics;
@@ -35,6 +36,7 @@ struct Switch {
     generation: u64,
     halted: bool,
     agents: Vec<String>,
+    scope: Option<ControlScope>,
     sent_at: Option<chrono::DateTime<chrono::FixedOffset>>,
 }
 
@@ -64,7 +66,7 @@ impl HaltState {
     pub fn halted_by(&self, agent: &str) -> Option<(String, u64)> {
         let s = self.switches.read().expect("halt lock");
         s.iter()
-            .find(|(_, sw)| sw.halted && (sw.agents.is_empty() || sw.agents.iter().any(|a| a == agent)))
+            .find(|(_, sw)| sw.halted && order_covers(&sw.agents, sw.scope.as_ref(), agent))
             .map(|(name, sw)| (name.clone(), sw.generation))
     }
 
@@ -91,6 +93,7 @@ impl HaltState {
                 generation: msg.generation,
                 halted: halt,
                 agents: msg.agents.clone(),
+                scope: msg.scope.clone(),
                 sent_at,
             },
         );
@@ -383,5 +386,28 @@ mod tests {
         h.apply(&msg("resume", "ks-a", 2, &["ns/a"]));
         h.apply(&msg("resume", "ks-all", 6, &[]));
         assert_eq!(h.halted_by("ns/a"), None);
+    }
+
+    #[test]
+    fn an_order_without_agents_covers_only_what_its_scope_says_without_labels() {
+        let with_scope = |scope: serde_json::Value| {
+            ControlMessage::from_json(json!({"schema": "fleetward.control.v1",
+                "id": uuid::Uuid::new_v4().to_string(), "type": "halt", "killSwitch": "ks",
+                "generation": 1, "agents": [], "scope": scope, "mode": "drain",
+                "drainTimeoutSeconds": 30, "timestamp": "2026-01-02T03:04:05Z"}))
+            .unwrap()
+        };
+        let everything = with_scope(json!({}));
+        assert!(everything.covers("ns/a") && everything.covers("other/b"));
+        // Hand-written: no agents, a namespace scope. It used to halt every agent.
+        let by_namespace = with_scope(json!({"namespaces": ["ns"]}));
+        assert!(by_namespace.covers("ns/a") && !by_namespace.covers("other/b"));
+        // By label without the resolved agents: nothing an instance can check, so nothing.
+        let by_label = with_scope(json!({"agentSelector": {"matchLabels": {"tier": "gold"}}}));
+        assert!(!by_label.covers("ns/a"));
+        let h = HaltState::new(Arc::new(Metrics::new()));
+        h.apply(&by_namespace);
+        assert!(h.halted_by("ns/a").is_some());
+        assert_eq!(h.halted_by("other/b"), None);
     }
 }

@@ -1118,9 +1118,9 @@ impl ControlMessage {
         self.close_sessions.unwrap_or(true)
     }
 
-    /// Whether this message covers `agent` (an empty list covers every agent).
+    /// Whether this message covers `agent` (`namespace/name`).
     pub fn covers(&self, agent: &str) -> bool {
-        self.agents.is_empty() || self.agents.iter().any(|a| a == agent)
+        order_covers(&self.agents, self.scope.as_ref(), agent)
     }
 }
 
@@ -1154,6 +1154,31 @@ pub struct AckRun {
     pub run_id: String,
     pub step: String,
     pub outcome: RunOutcome,
+}
+
+/// Whether an order with these `agents` and `scope` is for `agent` (`namespace/name`). The
+/// operator lists the agents it resolved; an empty list means every agent, but only as far
+/// as the scope says so without labels: its namespaces are applied here, and an order that
+/// narrows by label without listing its agents covers none (an instance cannot see labels;
+/// a hand-written `{"agents": [], "scope": {"namespaces": ["a"]}}` halted every agent).
+/// The same rule as `ControlMessage.covers` in Python.
+pub fn order_covers(agents: &[String], scope: Option<&ControlScope>, agent: &str) -> bool {
+    if !agents.is_empty() {
+        return agents.iter().any(|a| a == agent);
+    }
+    let Some(scope) = scope else {
+        return true;
+    };
+    if scope.agent_selector.is_some() {
+        return false;
+    }
+    match &scope.namespaces {
+        Some(ns) if !ns.is_empty() => {
+            let namespace = agent.split('/').next().unwrap_or_default();
+            ns.iter().any(|n| n == namespace)
+        }
+        _ => true,
+    }
 }
 
 /// A control ack (topic `fleetward.control-acks`).

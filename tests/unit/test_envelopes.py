@@ -421,3 +421,23 @@ def test_a_payload_model_of_another_type_is_refused_by_name():
 
 def test_tool_name_rule_matches_the_agent_api():
     assert envelopes.TOOL_NAME == agent.TOOL_NAME
+
+
+def test_an_order_without_agents_covers_only_what_its_scope_says_without_labels():
+    """The same rule as the gateway's `order_covers` (control.rs tests). A hand-written
+    order with no agents and a namespace scope used to halt every agent."""
+    from fleetward.api.envelopes import ControlMessage
+
+    def order(scope):
+        return ControlMessage.new(
+            "halt", kill_switch="ks", generation=1, agents=[], scope=scope, mode="drain", drain_timeout_seconds=30
+        )
+
+    assert order({}).covers("ns/a") and order(None).covers("other/b")
+    by_namespace = order({"namespaces": ["ns"]})
+    assert by_namespace.covers("ns/a") and not by_namespace.covers("other/b")
+    assert not order({"agentSelector": {"matchLabels": {"tier": "gold"}}}).covers("ns/a")
+    listed = ControlMessage.new(
+        "resume", kill_switch="ks", generation=2, agents=["ns/a"], scope={"agentSelector": {"matchLabels": {}}}
+    )
+    assert listed.covers("ns/a") and not listed.covers("ns/b")

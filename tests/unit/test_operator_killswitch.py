@@ -138,6 +138,9 @@ def test_an_approval_without_a_user_is_stamped_with_the_requesters_name():
         ("approvals", "bob"),
         ("approvals", [{"user": 7}]),
         ("scope", "all"),
+        ("scope", {"namespaces": "githouse"}),
+        ("scope", {"agentSelector": "tier=gold"}),
+        ("scope", {"agentSelector": {"matchExpressions": ["tier in (gold)"]}}),
         ("actions", ["scaleToZero"]),
     ],
 )

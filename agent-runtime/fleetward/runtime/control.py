@@ -175,7 +175,7 @@ class Control:
                     order = parse_control(message.value() or b"")
                 except EnvelopeError:
                     continue
-                if order.type == "rotate_keys" or (order.agents and self.agent not in order.agents):
+                if order.type == "rotate_keys" or not order.covers(self.agent):
                     continue
                 last[order.kill_switch] = order  # read in offset order: the later one wins
             return last
@@ -238,7 +238,7 @@ class Control:
             await asyncio.to_thread(self.consumer.close)
 
     def _applies(self, order: ControlMessage) -> bool:
-        if order.agents and self.agent not in order.agents:
+        if not order.covers(self.agent):
             return False
         last = self.generations.get(order.kill_switch)
         sent = self.sent_at.get(order.kill_switch)

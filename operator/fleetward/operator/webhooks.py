@@ -178,7 +178,18 @@ def well_formed(obj: dict[str, Any] | None) -> bool:
         and all(isinstance(a, dict) and isinstance(a.get("user"), str | None) for a in approvals)
     ):
         return False
-    return all(isinstance(spec.get(k), dict | None) for k in ("scope", "actions"))
+    if not all(isinstance(spec.get(k), dict | None) for k in ("scope", "actions")):
+        return False
+    scope = spec.get("scope") or {}
+    selector = scope.get("agentSelector")
+    return (
+        isinstance(scope.get("namespaces"), list | None)
+        and all(isinstance(ns, str) for ns in scope.get("namespaces") or [])
+        and isinstance(selector, dict | None)
+        and isinstance((selector or {}).get("matchLabels"), dict | None)
+        and isinstance((selector or {}).get("matchExpressions"), list | None)
+        and all(isinstance(e, dict) for e in (selector or {}).get("matchExpressions") or [])
+    )
 
 
 def _with_approver(new: dict[str, Any], requester: Requester) -> dict[str, Any]:

@@ -46,11 +46,13 @@ class ControlMessage(Envelope):
     generation: Count
     """The KillSwitch's metadata.generation; acks echo it, stale orders are ignored."""
     agents: list[AgentRef] = Field(max_length=100_000)
-    """The agents in scope as namespace/name; an empty list means every agent."""
+    """The agents in scope as namespace/name; an empty list means every agent the scope
+    covers by namespace alone (see `covers`)."""
     scope: Scope | None = None
     """The switch's `spec.scope` as written (the CRD's own model), for the people and tools
     reading the topic (an empty scope: every agent). Instances act on `agents`: the scope
-    resolved against the Agents' labels, which only the operator watches."""
+    resolved against the Agents' labels, which only the operator watches; with no agents
+    listed they apply its namespaces, never its selector."""
     mode: Literal["drain", "abort"] | None = None
     """drain: finish the current step, then stop; abort: stop at once. Required for halt."""
     drain_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] | None = None
@@ -61,6 +63,20 @@ class ControlMessage(Envelope):
     """Halt only: whether gateways tell the covered agents' connected sessions (a `halted`
     frame) and close them, the KillSwitch's `actions.closeSessions` (absent: true). With
     false they stay connected; new sessions are refused either way."""
+
+    def covers(self, agent: str) -> bool:
+        """Whether the order is for `agent` (namespace/name). The operator lists the agents it
+        resolved; an empty list means every agent, but only as far as the scope says so
+        without labels: a namespace scope is applied here, and an order that narrows by
+        label without listing its agents covers none (an instance cannot see labels; a
+        hand-written `{"agents": [], "scope": {"namespaces": ["a"]}}` halted every agent)."""
+        if self.agents:
+            return agent in self.agents
+        if self.scope is None:
+            return True
+        if self.scope.agent_selector is not None:
+            return False
+        return not self.scope.namespaces or agent.split("/", 1)[0] in self.scope.namespaces
 
     @classmethod
     def new(
