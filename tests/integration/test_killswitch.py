@@ -151,28 +151,16 @@ def test_engage_revoke_drain_and_two_person_release(
         assert early.returncode != 0 and "two distinct" in early.stderr, early.stderr
 
         # carol cannot approve in someone else's name.
-        spoof = kubectl(
-            "patch",
-            "killswitch",
-            ks,
-            "--type=json",
-            "-p",
-            json.dumps([{"op": "add", "path": "/spec/approvals/-", "value": {"user": "dave"}}]),
-            as_user="carol",
-            check=False,
-        )
+        def add_approval(value: dict, **kw):
+            """Append to spec.approvals as carol, with kubectl and nothing else."""
+            op = [{"op": "add", "path": "/spec/approvals/-", "value": value}]
+            return kubectl("patch", "killswitch", ks, "--type=json", "-p", json.dumps(op), as_user="carol", **kw)
+
+        spoof = add_approval({"user": "dave"}, check=False)
         assert spoof.returncode != 0 and "'carol'" in spoof.stderr and "'dave'" in spoof.stderr, spoof.stderr
 
         # An approval written without a user is stamped with the authenticated one (SPEC §2).
-        kubectl(
-            "patch",
-            "killswitch",
-            ks,
-            "--type=json",
-            "-p",
-            json.dumps([{"op": "add", "path": "/spec/approvals/-", "value": {"comment": "root cause fixed"}}]),
-            as_user="carol",
-        )
+        add_approval({"comment": "root cause fixed"})
         stamped = [(a["user"], a.get("comment")) for a in switch(objs, ks)["spec"]["approvals"]]
         assert stamped == [("bob", None), ("carol", "root cause fixed")], stamped
         fleetward_cli(user_kubeconfigs["bob"], "release", ks, "--wait")

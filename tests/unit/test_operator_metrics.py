@@ -11,13 +11,13 @@ from fleetward.operator.settings import OperatorSettings
 from prometheus_client import CollectorRegistry, generate_latest
 
 
+def _by_label(registry: CollectorRegistry, metric: str, label: str) -> dict[str, float]:
+    """The samples of one metric, by the value of one label."""
+    return {s.labels[label]: s.value for family in registry.collect() if family.name == metric for s in family.samples}
+
+
 def _samples(registry: CollectorRegistry) -> dict[str, float]:
-    return {
-        s.labels["phase"]: s.value
-        for family in registry.collect()
-        if family.name == "fleetward_operator_agents"
-        for s in family.samples
-    }
+    return _by_label(registry, "fleetward_operator_agents", "phase")
 
 
 def test_agents_are_counted_by_the_phase_last_written_every_phase_reported():
@@ -46,12 +46,7 @@ def _switch(name: str, engaged: bool, namespaces: list[str] | None = None) -> di
 
 
 def _active(registry: CollectorRegistry) -> dict[str, float]:
-    return {
-        s.labels["kill_switch"]: s.value
-        for family in registry.collect()
-        if family.name == "fleetward_kill_switch_active"
-        for s in family.samples
-    }
+    return _by_label(registry, "fleetward_kill_switch_active", "kill_switch")
 
 
 def test_kill_switch_active_follows_the_watched_switches_on_every_replica():
