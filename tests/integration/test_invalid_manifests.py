@@ -36,7 +36,7 @@ ROUTER = {
     "spec": {
         "role": "router",
         "model": {"name": "m", "baseURL": "http://127.0.0.1:18000/v1"},
-        "routes": [{"topic": "billing", "agent": "billing"}],
+        "routes": {"billing": "billing"},
     },
 }
 SOP = {
@@ -175,13 +175,28 @@ CASES = [
     ),
     (
         "agent-router-empty-routes",
-        broken(ROUTER, setter("spec.routes", [])),
+        broken(ROUTER, setter("spec.routes", {})),
         ["spec.routes", "a router needs routes or a fallback"],
     ),
     (
         "agent-specialist-takes-no-routes",
-        broken(AGENT, setter("spec.routes", [{"topic": "x", "agent": "y"}])),
+        broken(AGENT, setter("spec.routes", {"x": "y"})),
         ["spec.routes", "only a router takes routes and fallback"],
+    ),
+    (
+        "agent-route-topic-malformed",
+        broken(ROUTER, setter("spec.routes", {"Billing Team": "billing"})),
+        ["spec.routes", "each key is a classification topic"],
+    ),
+    (
+        "agent-route-agent-malformed",
+        broken(ROUTER, setter("spec.routes", {"billing": "Billing_Agent"})),
+        ["spec.routes.billing", "should match"],
+    ),
+    (
+        "agent-routes-as-list",
+        broken(ROUTER, setter("spec.routes", [{"topic": "billing", "agent": "billing"}])),
+        ["spec.routes", "must be of type object"],
     ),
     (
         "agent-fallback-exactly-one",

@@ -53,7 +53,7 @@ def router(tmp_path: Path, kafka, llm, routes: dict[str, str], fallback: dict[st
     spec = {
         "role": "router",
         "model": {"name": "router", "baseURL": llm.url, "timeoutSeconds": 30, "maxRetries": 0},
-        "routes": [{"topic": t, "agent": a} for t, a in routes.items()],
+        "routes": routes,
         "fallback": fallback,
         **extra,
     }

@@ -94,7 +94,7 @@ def test_githouse_covers_the_seven_domains_router_drafts_and_feedback():
     domains = {"account-security", "billing", "enterprise", "devsupport", "workers", "shotgun", "discourse"}
     assert domains <= set(agents)
     router = agents["router"]
-    assert router["role"] == "router" and {r["agent"] for r in router["routes"]} == domains
+    assert router["role"] == "router" and set(router["routes"].values()) == domains
     assert router["fallback"] == {"humanQueue": "human-support"}
     assert agents["drafts"]["humanReview"]["draftApproval"] == "always"
     assert "feedback" in agents
@@ -118,6 +118,29 @@ def test_defaults_match_the_spec():
         "scale_to_zero": True,
     }
     assert ks.spec.drain_timeout_seconds == 30
+
+
+def test_router_routes_map_topics_to_agents_and_old_lists_are_still_read():
+    def router(routes):
+        spec = {"role": "router", "model": {"name": "m", "baseURL": "http://127.0.0.1:1/v1"}, "routes": routes}
+        return Agent.model_validate({"kind": "Agent", "metadata": {"name": "r"}, "spec": spec}).spec
+
+    assert router({"billing": "billing", "account": "account-security"}).routes == {
+        "billing": "billing",
+        "account": "account-security",
+    }
+    # An Agent stored before routes became a mapping.
+    assert router([{"topic": "billing", "agent": "billing"}]).routes == {"billing": "billing"}
+    for bad, field in [
+        ({"Billing Team": "billing"}, "routes.Billing Team"),
+        ({"billing": "Bill_Agent"}, "routes.billing"),
+    ]:
+        with pytest.raises(ValidationError) as err:
+            router(bad)
+        assert field in str(err.value)
+    routes = crdgen.openapi_schema(Agent)["properties"]["spec"]["properties"]["routes"]
+    assert routes["type"] == "object" and routes["additionalProperties"]["pattern"]
+    assert "self.all(" in routes["x-kubernetes-validations"][0]["rule"]
 
 
 @pytest.mark.parametrize(

@@ -196,7 +196,7 @@ async def _database_dsn(ctx: OperatorContext) -> tuple[bytes | None, Cond | None
 
 def _access(ctx: OperatorContext, ns: str, name: str, spec: AgentSpec) -> AgentAccess:
     topics = ctx.settings.topics
-    routed = {topics.request_topic(ns, r.agent) for r in spec.routes or []}
+    routed = {topics.request_topic(ns, agent) for agent in (spec.routes or {}).values()}
     if spec.fallback and spec.fallback.agent:
         routed.add(topics.request_topic(ns, spec.fallback.agent))
     return AgentAccess(

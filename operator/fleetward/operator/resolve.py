@@ -46,9 +46,9 @@ def resolve(
             out.missing_guardrails.append(ref.name)
         else:
             out.guardrails.append(ResolvedGuardrail(name=ref.name, spec=GuardrailSpec.model_validate(found["spec"])))
-    for route in spec.routes or []:
-        if route.agent not in agents:
-            out.missing_route_agents.append(route.agent)
+    for agent in dict.fromkeys((spec.routes or {}).values()):  # topics may share a specialist
+        if agent not in agents:
+            out.missing_route_agents.append(agent)
     if spec.fallback and spec.fallback.agent and spec.fallback.agent not in agents:
         out.missing_route_agents.append(spec.fallback.agent)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, WithJsonSchema
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 
 from fleetward.api.base import (
     AGE_COLUMN,
@@ -125,11 +125,11 @@ class Tool(ApiModel):
     """Circuit breaker settings for this tool."""
 
 
-class Route(ApiModel):
-    topic: str = Field(min_length=1, max_length=128, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    """Topic from the router's classification, e.g. billing."""
-    agent: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL)
-    """Specialist Agent (same namespace) that handles the topic."""
+# A router's classification topic (a key of spec.routes), e.g. billing.
+ROUTE_TOPIC = r"^[a-z0-9][a-z0-9_.-]*$"
+RouteTopic = Annotated[str, Field(min_length=1, max_length=128, pattern=ROUTE_TOPIC)]
+# The specialist Agent (same namespace) a topic goes to.
+RouteAgent = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
 
 
 class RouteFallback(ApiModel):
@@ -333,12 +333,19 @@ class AgentSpec(ApiModel):
     """router: classifies requests and hands them to specialists; specialist: answers under SOPs."""
     model: ModelSpec
     """The chat model and its fallback chain."""
-    routes: list[Route] | None = Field(
+    routes: dict[RouteTopic, RouteAgent] | None = Field(
         default=None,
         max_length=64,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["topic"]},
+        json_schema_extra=validations(
+            cel(
+                "self.all(t, size(t) <= 128 && t.matches('" + ROUTE_TOPIC + "'))",
+                "routes: each key is a classification topic: lowercase letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit, at most 128 characters (e.g. billing)",
+            )
+        ),
     )
-    """Router only: topic -> specialist Agent."""
+    """Router only: classification topic -> the specialist Agent (same namespace) that handles it,
+    e.g. {billing: billing, account: account-security}."""
     fallback: RouteFallback | None = None
     """Router only: target for unknown topics or missing specialists."""
     tools: list[Tool] | None = Field(
@@ -374,6 +381,15 @@ class AgentSpec(ApiModel):
     deployment: DeploymentOptions | None = None
     """Pod placement and decoration: node selector, tolerations, affinity, priority class, extra pod
     labels/annotations and env."""
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _routes_from_list(cls, value: Any) -> Any:
+        # Until 2026-12-07 routes were a list of {topic, agent}; Agents stored in that form
+        # are still read (the API server takes only the mapping now).
+        if isinstance(value, list) and all(isinstance(r, dict) and set(r) == {"topic", "agent"} for r in value):
+            return {r["topic"]: r["agent"] for r in value}
+        return value
 
 
 AgentPhase = Literal["Pending", "Ready", "Degraded", "Paused", "Halted"]

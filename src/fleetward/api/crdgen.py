@@ -109,6 +109,13 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], path: str = "") ->
             }
         elif isinstance(node.get("additionalProperties"), dict):
             out["additionalProperties"] = to_structural(node["additionalProperties"], defs, f"{path}[*]")
+        elif len(node.get("patternProperties") or {}) == 1:
+            # A dict with constrained keys: OpenAPI has no patternProperties, so the values'
+            # schema becomes additionalProperties and the field must check its keys in CEL.
+            if not any("self.all(" in r["rule"] for r in node.get("x-kubernetes-validations", [])):
+                raise SchemaError(f"{path}: keys with a pattern need a CEL rule over self.all(...)")
+            (values,) = node["patternProperties"].values()
+            out["additionalProperties"] = to_structural(values, defs, f"{path}[*]")
         elif node.get("additionalProperties") is not False:
             raise SchemaError(f"{path}: free-form object needs x-kubernetes-preserve-unknown-fields")
     elif typ == "array":

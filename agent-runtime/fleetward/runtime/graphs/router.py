@@ -415,9 +415,9 @@ class RouterNodes:
 
     def _agent_of(self, request_topic: str, namespace: str) -> str:
         """The agent (namespace/name) whose request topic this is, from the router's routes."""
-        for route in self.config.spec.routes or []:
-            if self.config.topics.routes.get(route.topic) == request_topic:
-                return f"{namespace}/{route.agent}"
+        for topic, agent in (self.config.spec.routes or {}).items():
+            if self.config.topics.routes.get(topic) == request_topic:
+                return f"{namespace}/{agent}"
         fallback = self.config.spec.fallback
         if fallback and fallback.agent:
             return f"{namespace}/{fallback.agent}"

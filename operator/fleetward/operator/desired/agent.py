@@ -172,7 +172,7 @@ def model_prices(spec: AgentSpec, table: Mapping[str, ModelPricing]) -> dict[str
 def runtime_config(inputs: AgentInputs) -> RuntimeConfig:
     s, ref, spec = inputs.settings, inputs.ref, inputs.spec
     topics = s.topics
-    routes = {r.topic: topics.request_topic(ref.namespace, r.agent) for r in spec.routes or []}
+    routes = {topic: topics.request_topic(ref.namespace, agent) for topic, agent in (spec.routes or {}).items()}
     if spec.fallback and spec.fallback.agent:
         routes["*"] = topics.request_topic(ref.namespace, spec.fallback.agent)
     kafka = KafkaClient(
