@@ -35,6 +35,7 @@ pub struct Metrics {
     pub control_messages: IntCounterVec,
     pub verifications: IntCounterVec,
     pub verify_partitions: IntGauge,
+    pub verify_pending: IntGauge,
     pub jwks_keys: IntGauge,
     pub jwks_refreshes: IntCounterVec,
     pub trust_bundle_keys: IntGauge,
@@ -199,6 +200,11 @@ impl Metrics {
                 &r,
                 "fleetward_gateway_verify_partitions",
                 "Events partitions this replica verifies `resolved` events of (consumer group share)",
+            ),
+            verify_pending: gauge(
+                &r,
+                "fleetward_gateway_verify_pending",
+                "After-runner checks waiting for their delay or running on this replica",
             ),
             jwks_keys: gauge(
                 &r,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import websockets
+from confluent_kafka import Consumer, TopicPartition
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from fleetward.api.envelopes import ControlMessage, parse_ack, parse_command
@@ -271,4 +273,67 @@ def test_after_runner_alerts_when_the_fix_did_not_hold(gw, kafka: Kafka, topics:
         # Only the broken one alerted, also after the healthy check finished.
         assert len(read_topic(kafka.bootstrap, topics.alerts, lambda ms: False, timeout=2)) == 1
     finally:
+        server.shutdown()
+
+
+def test_a_check_left_by_a_replica_that_died_is_run_by_the_next(kafka: Kafka, writer: KafkaWriter, tmp_path):
+    """The after-runner's check is not lost with the replica that was waiting to run it: the
+    committed position stays before the `resolved` event until its check finished, so the
+    replica that takes the partition over reads it again and runs the check when it is due."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    own = Topics()  # its own topics and verify group: the module's gateway takes no share
+    own.create(kafka.bootstrap, [BILLING])
+
+    def replica(name: str) -> GatewayProcess:
+        g = GatewayProcess(kafka.bootstrap, own, SECRET, tmp_path / f"{name}.log", instance=name).start()
+        deadline = time.monotonic() + 60
+        while g.metric("fleetward_gateway_verify_partitions") < 3:
+            assert time.monotonic() < deadline, f"{name}: the verify consumer never got the partitions"
+            time.sleep(0.3)
+        return g
+
+    first = replica("gw-verify-1")
+    second = None
+    try:
+        produced = time.monotonic()
+        broken = {"summary": "refund issued", "verify": {"url": base + "/broken", "delaySeconds": 8}}
+        partition, offset = writer.send(own.events, "fix-broke", event("fix-broke", 0, kind="resolved", data=broken))
+        # The first replica started the check and committed the position before its event.
+        group = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": f"{own.prefix}-verify"})
+        try:
+            deadline = time.monotonic() + 15
+            while (
+                first.metric("fleetward_gateway_verify_pending") < 1
+                or group.committed([TopicPartition(own.events, partition)], timeout=5)[0].offset != offset
+            ):
+                assert time.monotonic() < deadline, "the first replica never started and committed the check"
+                time.sleep(0.2)
+        finally:
+            group.close()
+        first.stop(signal.SIGKILL)
+        second = replica("gw-verify-2")
+        alerts = read_topic(kafka.bootstrap, own.alerts, lambda ms: len(ms) >= 1, timeout=40)
+        assert [a["key"] for a in alerts] == ["fix-broke"], "the check died with the first replica"
+        assert alerts[0]["value"]["data"]["status"] == 503
+        assert time.monotonic() - produced >= 8, "the check ran before its delay"
+        assert second.metric("fleetward_gateway_verifications_total", outcome="unhealthy") == 1
+        # Once done, it is committed: a third replica in the group does not run it again. A later
+        # check that holds shows when the third has read past it.
+        second.stop()
+        second = replica("gw-verify-3")
+        held = {"summary": "token revoked", "verify": {"url": base + "/ok", "delaySeconds": 1}}
+        # Same session, so the same partition, after the first.
+        writer.send(own.events, "fix-broke", event("fix-broke", 1, kind="resolved", run="run-2", data=held))
+        deadline = time.monotonic() + 30
+        while second.metric("fleetward_gateway_verifications_total", outcome="healthy") < 1:
+            assert time.monotonic() < deadline, "the third replica never ran the later check"
+            time.sleep(0.3)
+        assert second.metric("fleetward_gateway_verifications_total", outcome="unhealthy") == 0
+        assert len(read_topic(kafka.bootstrap, own.alerts, lambda ms: False, timeout=2)) == 1
+    finally:
+        first.stop(signal.SIGKILL)
+        if second is not None:
+            second.stop()
         server.shutdown()
