@@ -98,7 +98,12 @@ impl ControlAck {
     }
 }
 
-/// An alert (topic `fleetward.alerts`): here, an after-runner verification that failed.
+/// Namespace of the verification alerts' ids (uuid v5 of the `resolved` event's id).
+const VERIFICATION_ALERT_IDS: uuid::Uuid = uuid::Uuid::from_u128(0x6c1e_2b7a_94d3_4f08_a5e1_3d7c_0b9f_8e21);
+
+/// An alert (topic `fleetward.alerts`): here, an after-runner verification that failed. Its id
+/// is derived from the `resolved` event's: checks run at least once (verify.rs), so a check
+/// repeated after its partition moved repeats the alert's id too, and a consumer can drop it.
 pub fn verification_alert(
     ev: &SessionEvent,
     url: &str,
@@ -108,7 +113,7 @@ pub fn verification_alert(
 ) -> Value {
     json!({
         "schema": ALERT_SCHEMA,
-        "id": uuid::Uuid::new_v4().to_string(),
+        "id": uuid::Uuid::new_v5(&VERIFICATION_ALERT_IDS, ev.id.as_bytes()).to_string(),
         "type": "verification_failed",
         "sessionId": ev.session_id,
         "agent": ev.agent,
@@ -263,6 +268,18 @@ mod tests {
 
     use crate::envelopes::samples::event_json;
     use crate::envelopes::{CONTROL_SCHEMA, EVENT_SCHEMA};
+
+    #[test]
+    fn a_repeated_check_repeats_its_alert_id() {
+        let resolved = |session: &str| SessionEvent::from_json(event_json("resolved", session, "r-1", "ns/a")).unwrap();
+        let (a, b) = (resolved("s-1"), resolved("s-2"));
+        let first = verification_alert(&a, "http://svc/healthz", 60, Some(503), None);
+        let again = verification_alert(&a, "http://svc/healthz", 60, None, Some("timed out"));
+        let other = verification_alert(&b, "http://svc/healthz", 60, Some(503), None);
+        assert_eq!(first["id"], again["id"]);
+        assert_ne!(first["id"], other["id"]);
+        assert_eq!(first["data"]["resolvedEventId"], a.id.as_str());
+    }
 
     #[test]
     fn event_parses_and_rejects_bad_fields() {
