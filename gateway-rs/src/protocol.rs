@@ -2,9 +2,10 @@
 //! envelopes the gateway builds: commands from client frames, control acks, verification
 //! alerts. The envelope types and their validation live in `envelopes` (re-exported here).
 //!
-//! Alerts (topic `fleetward.alerts`) are not part of the shared contract yet; the gateway's
-//! is `{"schema":"fleetward.alert.v1","id","type":"verification_failed","sessionId","agent",
-//! "runId","traceId","timestamp","data":{"url","delaySeconds","status","error","resolvedEventId"}}`.
+//! Alerts (topic `fleetward.alerts`) are `fleetward.alert.v1` envelopes of the shared contract
+//! (`fleetward.api.envelopes.alerts`, `schemas/envelopes.schema.json`); the gateway produces
+//! `verification_failed` ones and never reads any, so it has no parser for them: its output is
+//! checked against the Python models in tests/integration/test_gateway_control.py.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};

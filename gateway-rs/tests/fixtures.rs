@@ -6,6 +6,13 @@ use std::path::{Path, PathBuf};
 
 use fleetward_gateway::envelopes::{Envelope, parse_envelope};
 
+/// Alerts (`alert_*`) are produced by the gateway but never read by it: the Python models and
+/// the schema check those fixtures, and the gateway's own alerts are checked against the models
+/// in tests/integration/test_gateway_control.py.
+fn read_by_the_gateway(path: &Path) -> bool {
+    !path.file_name().unwrap().to_string_lossy().starts_with("alert_")
+}
+
 fn fixtures(kind: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../schemas/fixtures")
@@ -28,7 +35,7 @@ fn fixtures(kind: &str) -> Vec<PathBuf> {
 #[test]
 fn every_valid_fixture_parses() {
     let mut failures = Vec::new();
-    for f in fixtures("valid") {
+    for f in fixtures("valid").into_iter().filter(|f| read_by_the_gateway(f)) {
         let bytes = std::fs::read(&f).unwrap();
         match parse_envelope(&bytes) {
             Ok(env) => {
@@ -58,7 +65,7 @@ fn every_invalid_fixture_is_rejected_for_its_reason() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/fixtures/invalid/README.md"))
             .unwrap();
     let mut wrong = Vec::new();
-    for f in fixtures("invalid") {
+    for f in fixtures("invalid").into_iter().filter(|f| read_by_the_gateway(f)) {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         let bytes = std::fs::read(&f).unwrap();
         let err = match parse_envelope(&bytes) {

@@ -17,7 +17,7 @@ import websockets
 from confluent_kafka import Consumer, TopicPartition
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from fleetward.api.envelopes import ControlMessage, parse_ack, parse_command
+from fleetward.api.envelopes import ControlMessage, parse_ack, parse_alert, parse_command
 from fleetward.devcluster.services import Kafka
 from tests.gateway_support import GatewayProcess, KafkaWriter, Topics, event, read_topic
 
@@ -264,6 +264,7 @@ def test_after_runner_alerts_when_the_fix_did_not_hold(gw, kafka: Kafka, topics:
         alerts = read_topic(kafka.bootstrap, topics.alerts, lambda ms: len(ms) >= 1, timeout=30)
         assert [a["key"] for a in alerts] == ["fix-broke"]
         alert = alerts[0]["value"]
+        parse_alert(alert)  # the shared contract (schemas/envelopes.schema.json)
         assert alert["type"] == "verification_failed" and alert["data"]["status"] == 503
         assert alert["data"]["url"] == base + "/broken" and alert["sessionId"] == "fix-broke"
         deadline = time.monotonic() + 15
@@ -299,7 +300,9 @@ def test_a_check_left_by_a_replica_that_died_is_run_by_the_next(kafka: Kafka, wr
     try:
         produced = time.monotonic()
         broken = {"summary": "refund issued", "verify": {"url": base + "/broken", "delaySeconds": 8}}
-        partition, offset = writer.send(own.events, "fix-broke", event("fix-broke", 0, kind="resolved", data=broken))
+        resolved = event("fix-broke", 0, kind="resolved", data=broken)
+        first_event_id = json.loads(resolved)["id"]
+        partition, offset = writer.send(own.events, "fix-broke", resolved)
         # The first replica started the check and committed the position before its event.
         group = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": f"{own.prefix}-verify"})
         try:
@@ -316,7 +319,8 @@ def test_a_check_left_by_a_replica_that_died_is_run_by_the_next(kafka: Kafka, wr
         second = replica("gw-verify-2")
         alerts = read_topic(kafka.bootstrap, own.alerts, lambda ms: len(ms) >= 1, timeout=40)
         assert [a["key"] for a in alerts] == ["fix-broke"], "the check died with the first replica"
-        assert alerts[0]["value"]["data"]["status"] == 503
+        alert = parse_alert(alerts[0]["value"])
+        assert alert.data.status == 503 and alert.data.resolved_event_id == first_event_id
         assert time.monotonic() - produced >= 8, "the check ran before its delay"
         assert second.metric("fleetward_gateway_verifications_total", outcome="unhealthy") == 1
         # Once done, it is committed: a third replica in the group does not run it again. A later

@@ -23,6 +23,7 @@ from fleetward.api.envelopes import (
     MessageData,
     SessionEvent,
     parse_ack,
+    parse_alert,
     parse_command,
     parse_control,
     parse_envelope,
@@ -34,7 +35,13 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = REPO / "schemas" / "envelopes.schema.json"
 VALID = sorted((REPO / "schemas" / "fixtures" / "valid").glob("*.json"))
 INVALID = sorted((REPO / "schemas" / "fixtures" / "invalid").glob("*.json"))
-PARSERS = {"event": parse_event, "command": parse_command, "control": parse_control, "ack": parse_ack}
+PARSERS = {
+    "event": parse_event,
+    "command": parse_command,
+    "control": parse_control,
+    "ack": parse_ack,
+    "alert": parse_alert,
+}
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
@@ -97,6 +104,8 @@ def test_every_type_has_exactly_one_payload_model():
     assert tuple(envelopes.COMMAND_PAYLOADS) == get_args(envelopes.CommandType)
     assert set(get_args(envelopes.EventData)) == set(envelopes.EVENT_PAYLOADS.values())
     assert set(get_args(envelopes.CommandData)) == set(envelopes.COMMAND_PAYLOADS.values())
+    assert tuple(envelopes.ALERT_PAYLOADS) == get_args(envelopes.AlertType)
+    assert set(get_args(envelopes.AlertData)) == set(envelopes.ALERT_PAYLOADS.values())
 
 
 def test_every_type_has_a_valid_fixture():
@@ -109,6 +118,7 @@ def test_every_type_has_a_valid_fixture():
         envelopes.COMMAND_SCHEMA: set(get_args(envelopes.CommandType)),
         envelopes.CONTROL_SCHEMA: set(get_args(envelopes.ControlType)),
         envelopes.CONTROL_ACK_SCHEMA: set(get_args(envelopes.AckType)),
+        envelopes.ALERT_SCHEMA: set(get_args(envelopes.AlertType)),
     }
 
 

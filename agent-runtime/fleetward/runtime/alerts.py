@@ -1,12 +1,12 @@
 """Alerts on the alerts topic (`fleetward.alerts`, SPEC §6), from the runtime: here, a daily
 token budget threshold (`spec.budget.alertThresholds`) reached for the first time on a UTC day.
 
-The envelope follows the gateway's `fleetward.alert.v1` shape (gateway-rs protocol.rs):
-`{"schema","id","type","agent","timestamp","sessionId","runId","traceId","data"}`, key = the
-agent (`namespace/name`): a budget alert is about the agent; the session, run and trace are
-those of the model call whose charge crossed the threshold. The id is derived from (agent,
-day, threshold): the ledger reports each threshold to exactly one charge per day across all
-replicas, and should the producer repeat a record, a consumer can drop it by id.
+The envelope is the shared `fleetward.alert.v1` (`fleetward.api.envelopes.Alert`, type
+`budget_threshold`), key = the agent (`namespace/name`): a budget alert is about the agent;
+the session, run and trace are those of the model call whose charge crossed the threshold.
+The id is derived from (agent, day, threshold): the ledger reports each threshold to exactly
+one charge per day across all replicas, and should the producer repeat a record, a consumer
+can drop it by id.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from fleetward.api.envelopes import ALERT_SCHEMA, Alert
+
 if TYPE_CHECKING:
     from fleetward.runtime.budget import ThresholdCrossing
     from fleetward.runtime.kafka import AsyncProducer
 
 log = logging.getLogger("fleetward.runtime.alerts")
 
-ALERT_SCHEMA = "fleetward.alert.v1"
 BUDGET_THRESHOLD = "budget_threshold"
 _ALERT_NAMESPACE = uuid.UUID("2a4f7c1e-9d3b-4e6a-8f05-7b1c3d9e2f64")
 
@@ -55,6 +56,7 @@ def budget_threshold_alert(
     for key, value in (("sessionId", session_id), ("runId", run_id), ("traceId", trace_id)):
         if value:
             body[key] = value
+    Alert.parse(body)  # the shared contract; a drift here is a bug, raised in the tests
     return body
 
 

@@ -1,6 +1,6 @@
 """The wire contract between runtimes, gateways and the operator (SPEC §6): session
-events, agent commands, control messages and their acks, as JSON envelopes; and the
-audit records mirrored to the audit topic (SPEC §8).
+events, agent commands, control messages and their acks, as JSON envelopes; the alerts
+for on-call tooling; and the audit records mirrored to the audit topic (SPEC §8).
 
 These models are the single source of truth: `schemas/envelopes.schema.json` is generated
 from them (`fleetward schemas generate`) and the Rust gateway checks itself against the
@@ -23,6 +23,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fleetward.api.envelopes.alerts import (
+    ALERT_PAYLOADS,
+    ALERT_SCHEMA,
+    Alert,
+    AlertData,
+    AlertType,
+    BudgetThresholdData,
+    VerificationFailedData,
+)
 from fleetward.api.envelopes.audit import (
     AUDIT_SCHEMA,
     GENESIS_HASH,
@@ -88,6 +97,7 @@ ENVELOPES: dict[str, type[Envelope]] = {
     COMMAND_SCHEMA: AgentCommand,
     CONTROL_SCHEMA: ControlMessage,
     CONTROL_ACK_SCHEMA: ControlAck,
+    ALERT_SCHEMA: Alert,
     AUDIT_SCHEMA: AuditRecord,
 }
 """Envelope model by its `schema` value."""
@@ -111,6 +121,11 @@ def parse_control(raw: bytes | str | Mapping[str, Any]) -> ControlMessage:
 def parse_ack(raw: bytes | str | Mapping[str, Any]) -> ControlAck:
     """Parse and validate a control ack."""
     return ControlAck.parse(raw)
+
+
+def parse_alert(raw: bytes | str | Mapping[str, Any]) -> Alert:
+    """Parse and validate an alert."""
+    return Alert.parse(raw)
 
 
 def parse_audit_record(raw: bytes | str | Mapping[str, Any]) -> AuditRecord:
@@ -137,6 +152,8 @@ def parse_envelope(raw: bytes | str | Mapping[str, Any]) -> Envelope:
 
 __all__ = [
     "AGENT_REF",
+    "ALERT_PAYLOADS",
+    "ALERT_SCHEMA",
     "AUDIT_SCHEMA",
     "COMMAND_PAYLOADS",
     "COMMAND_SCHEMA",
@@ -153,11 +170,15 @@ __all__ = [
     "AckRun",
     "AckType",
     "AgentCommand",
+    "Alert",
+    "AlertData",
+    "AlertType",
     "ApprovalDecisionData",
     "ApprovalRequiredData",
     "AuditAction",
     "AuditRecord",
     "BudgetExceededData",
+    "BudgetThresholdData",
     "CommandData",
     "CommandType",
     "CommandUser",
@@ -189,10 +210,12 @@ __all__ = [
     "ToolCallData",
     "ToolResultData",
     "UserMessageData",
+    "VerificationFailedData",
     "VerifySpec",
     "WireModel",
     "canonical_json",
     "parse_ack",
+    "parse_alert",
     "parse_audit_record",
     "parse_command",
     "parse_control",
