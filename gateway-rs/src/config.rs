@@ -236,6 +236,10 @@ pub struct Args {
     /// Most messages one resume may scan in Kafka before it answers recovery_failed.
     #[arg(long, env = "FLEETWARD_GATEWAY_RESUME_MAX_SCAN", default_value_t = 200_000)]
     pub resume_max_scan: u64,
+    /// Events per partition read back into the resume history when the gateway starts (0: start
+    /// at the end). After a restart, clients resume from memory instead of each reading Kafka.
+    #[arg(long, env = "FLEETWARD_GATEWAY_HISTORY_BACKFILL", default_value_t = 10_000)]
+    pub history_backfill: u64,
     /// Concurrent Kafka resume reads (each is a short-lived consumer).
     #[arg(long, env = "FLEETWARD_GATEWAY_RESUME_CONCURRENCY", default_value_t = 8)]
     pub resume_concurrency: usize,
@@ -406,6 +410,7 @@ pub struct Limits {
     pub resume_timeout: Duration,
     pub resume_max_scan: u64,
     pub resume_concurrency: usize,
+    pub history_backfill: u64,
     pub partition_refresh: Duration,
     pub shutdown_grace: Duration,
 }
@@ -765,6 +770,7 @@ impl Settings {
             resume_timeout: Duration::from_secs(positive("resume-timeout-seconds", a.resume_timeout_seconds)?),
             resume_max_scan: positive("resume-max-scan", a.resume_max_scan)?,
             resume_concurrency: usize_min("resume-concurrency", a.resume_concurrency, 1)?,
+            history_backfill: a.history_backfill,
             partition_refresh: Duration::from_secs(positive("partition-refresh-seconds", a.partition_refresh_seconds)?),
             shutdown_grace: Duration::from_secs(a.shutdown_grace_seconds),
         };

@@ -53,6 +53,9 @@ pub struct Entry {
 pub struct History {
     entries: VecDeque<Entry>,
     capacity: usize,
+    /// Whether entries were dropped to stay within `capacity`: then the history is complete
+    /// only from its oldest entry, not from where the gateway started reading.
+    truncated: bool,
 }
 
 /// How to answer a resume.
@@ -87,12 +90,14 @@ impl History {
             // Grown with the first events: most sessions of idle connections have none.
             entries: VecDeque::new(),
             capacity,
+            truncated: false,
         }
     }
 
     pub fn push(&mut self, entry: Entry) {
         if self.entries.len() == self.capacity {
             self.entries.pop_front();
+            self.truncated = true;
         }
         self.entries.push_back(entry);
     }
@@ -105,13 +110,27 @@ impl History {
         self.entries.is_empty()
     }
 
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
+    }
+
     /// The plan for a client whose last received event is `since`.
     ///
     /// `cursor(p)` is the offset of the last message of partition `p` the consumer has
     /// dispatched (`None` for a partition it does not read). It must be read while the
     /// session is locked, as the history is: any later event of the session reaches the
     /// client live, any earlier one is in the history or below the cursor.
-    pub fn plan(&self, since: Position, cursor: impl Fn(i32) -> Option<i64>) -> ResumePlan {
+    ///
+    /// `complete_from(p)`: from this offset of `p` on, every event of the session is in its
+    /// history unless the history was truncated (where the gateway started reading `p`, raised
+    /// when sessions are forgotten). A client whose next event is at or after it needs no
+    /// Kafka read, even when the session has no event there yet.
+    pub fn plan(
+        &self,
+        since: Position,
+        cursor: impl Fn(i32) -> Option<i64>,
+        complete_from: impl Fn(i32) -> i64,
+    ) -> ResumePlan {
         let Some(cur) = cursor(since.partition) else {
             return ResumePlan::UnknownPartition;
         };
@@ -130,9 +149,13 @@ impl History {
         {
             return ResumePlan::History(self.entries.iter().skip(idx + 1).cloned().collect());
         }
-        // Nothing at or before `since`: the gap runs up to the oldest entry of that partition,
-        // or up to the cursor when the history has none there.
+        // Nothing at or before `since`: every entry of that partition comes after it.
         let then: Vec<Entry> = self.entries.iter().cloned().collect();
+        if !self.truncated && since.offset.saturating_add(1) >= complete_from(since.partition) {
+            return ResumePlan::History(then);
+        }
+        // The gap runs up to the oldest entry of that partition, or up to the cursor when the
+        // history has none there.
         let until = self
             .entries
             .iter()
@@ -167,6 +190,9 @@ mod tests {
         }
     }
 
+    /// No position is known complete without a history entry (the plans before `complete_from`).
+    const NEVER: fn(i32) -> i64 = |_| i64::MAX;
+
     fn offsets(v: &[Entry]) -> Vec<i64> {
         v.iter().map(|e| e.position.offset).collect()
     }
@@ -186,6 +212,38 @@ mod tests {
     }
 
     #[test]
+    fn positions_where_the_history_is_complete_need_no_kafka() {
+        let from_100 = |p: i32| if p == 0 { 100 } else { i64::MAX };
+        let at = |offset| Position { partition: 0, offset };
+        // A session with no event since the gateway started reading at 100: nothing to read.
+        let mut h = History::new(4);
+        match h.plan(at(99), |_| Some(180), from_100) {
+            ResumePlan::History(v) => assert!(v.is_empty()),
+            p => panic!("{p:?}"),
+        }
+        // Its events since then are all in the history.
+        h.push(entry(0, 120));
+        h.push(entry(0, 150));
+        match h.plan(at(110), |_| Some(180), from_100) {
+            ResumePlan::History(v) => assert_eq!(offsets(&v), vec![120, 150]),
+            p => panic!("{p:?}"),
+        }
+        // Before where the gateway started: Kafka, up to the oldest entry.
+        match h.plan(at(50), |_| Some(180), from_100) {
+            ResumePlan::Kafka { from, until, .. } => assert_eq!((from, until), (51, 120)),
+            p => panic!("{p:?}"),
+        }
+        // Once entries were dropped, only the history's own entries vouch for completeness.
+        for o in [160, 170, 175] {
+            h.push(entry(0, o));
+        }
+        match h.plan(at(110), |_| Some(180), from_100) {
+            ResumePlan::Kafka { from, until, .. } => assert_eq!((from, until), (111, 150)),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    #[test]
     fn bounded_history_drops_oldest() {
         let mut h = History::new(3);
         for o in 0..5 {
@@ -198,6 +256,7 @@ mod tests {
                 offset: 20,
             },
             |_| Some(40),
+            NEVER,
         ) {
             ResumePlan::History(v) => assert_eq!(offsets(&v), vec![30, 40]),
             p => panic!("{p:?}"),
@@ -218,6 +277,7 @@ mod tests {
                 offset: 5,
             },
             cur,
+            NEVER,
         ) {
             ResumePlan::History(v) => assert_eq!(offsets(&v), vec![9, 12]),
             p => panic!("{p:?}"),
@@ -228,6 +288,7 @@ mod tests {
                 offset: 10,
             },
             cur,
+            NEVER,
         ) {
             ResumePlan::History(v) => assert_eq!(offsets(&v), vec![12]),
             p => panic!("{p:?}"),
@@ -238,6 +299,7 @@ mod tests {
                 offset: 12,
             },
             cur,
+            NEVER,
         ) {
             ResumePlan::History(v) => assert!(v.is_empty()),
             p => panic!("{p:?}"),
@@ -256,6 +318,7 @@ mod tests {
                 offset: 2,
             },
             |_| Some(11),
+            NEVER,
         ) {
             ResumePlan::Kafka {
                 partition,
@@ -279,6 +342,7 @@ mod tests {
                 offset: 100,
             },
             |p| (p == 2).then_some(150),
+            NEVER,
         ) {
             ResumePlan::Kafka {
                 partition,
@@ -298,6 +362,7 @@ mod tests {
                 offset: 150,
             },
             |_| Some(150),
+            NEVER,
         ) {
             ResumePlan::History(v) => assert!(v.is_empty()),
             p => panic!("{p:?}"),
@@ -309,6 +374,7 @@ mod tests {
                 offset: 151,
             },
             |_| Some(150),
+            NEVER,
         ) {
             ResumePlan::Ahead {
                 partition: 2,
@@ -323,7 +389,8 @@ mod tests {
                     partition: 9,
                     offset: 1
                 },
-                |p| (p == 2).then_some(1)
+                |p| (p == 2).then_some(1),
+                NEVER,
             ),
             ResumePlan::UnknownPartition
         ));
@@ -340,6 +407,7 @@ mod tests {
                 offset: 99,
             },
             |_| Some(4),
+            NEVER,
         ) {
             ResumePlan::Ahead { then, .. } => assert_eq!(offsets(&then), vec![3, 4]),
             p => panic!("{p:?}"),
@@ -356,6 +424,7 @@ mod tests {
                 offset: 7,
             },
             |_| Some(8),
+            NEVER,
         ) {
             ResumePlan::History(v) => assert_eq!(offsets(&v), vec![8]),
             p => panic!("{p:?}"),

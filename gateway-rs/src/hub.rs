@@ -179,6 +179,10 @@ const UNKNOWN: i64 = i64::MIN;
 pub struct Hub {
     sessions: DashMap<Arc<str>, Session>,
     cursors: RwLock<Vec<AtomicI64>>,
+    /// Per partition: from this offset on, every event of every session the hub still holds is
+    /// in that session's history (unless truncated): where reading started, raised past the
+    /// events of forgotten sessions. A resume from there needs no Kafka read.
+    complete_from: RwLock<Vec<AtomicI64>>,
     history_per_session: usize,
     next_client_id: AtomicU64,
     metrics: Arc<Metrics>,
@@ -196,6 +200,7 @@ impl Hub {
         Hub {
             sessions: DashMap::new(),
             cursors: RwLock::new(Vec::new()),
+            complete_from: RwLock::new(Vec::new()),
             history_per_session,
             next_client_id: AtomicU64::new(1),
             metrics,
@@ -215,6 +220,33 @@ impl Hub {
             c.push(AtomicI64::new(UNKNOWN));
         }
         c[partition as usize].store(start - 1, Ordering::Release);
+        let mut f = self.complete_from.write().expect("cursor lock");
+        while f.len() <= partition as usize {
+            f.push(AtomicI64::new(i64::MAX));
+        }
+        f[partition as usize].store(start, Ordering::Release);
+    }
+
+    /// See `complete_from`: `i64::MAX` for a partition not read.
+    pub fn complete_from(&self, partition: i32) -> i64 {
+        if partition < 0 {
+            return i64::MAX;
+        }
+        let f = self.complete_from.read().expect("cursor lock");
+        f.get(partition as usize)
+            .map_or(i64::MAX, |v| v.load(Ordering::Acquire))
+    }
+
+    /// A session is being forgotten: later resumes of it cannot rely on its history, so no
+    /// position up to its newest event counts as complete. Called while its map shard is
+    /// locked, so a resume re-creating the session sees the raised value.
+    fn forget(&self, s: &Session) {
+        let f = self.complete_from.read().expect("cursor lock");
+        for e in s.history.entries() {
+            if let Some(v) = f.get(e.position.partition as usize) {
+                v.fetch_max(e.position.offset + 1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Record that the message at `offset` of `partition` has been dispatched.
@@ -321,7 +353,7 @@ impl Hub {
             .or_insert_with(|| Session::new(self.history_per_session));
         s.last_activity = Instant::now();
         s.clients.push(client);
-        since.map(|pos| s.history.plan(pos, |p| self.cursor(p)))
+        since.map(|pos| s.history.plan(pos, |p| self.cursor(p), |p| self.complete_from(p)))
     }
 
     pub fn unregister(&self, session_id: &str, client_id: u64) {
@@ -400,6 +432,7 @@ impl Hub {
         self.sessions.retain(|_, s| {
             let keep = !s.clients.is_empty() || now.duration_since(s.last_activity) < retention;
             if !keep {
+                self.forget(s);
                 self.count_transition(s.lifecycle, None);
                 removed += 1;
             }
@@ -415,7 +448,14 @@ impl Hub {
                 .collect();
             idle.sort();
             for (_, id) in idle.into_iter().take(excess) {
-                if let Some((_, s)) = self.sessions.remove_if(&id, |_, s| s.clients.is_empty()) {
+                let idle = |_: &Arc<str>, s: &Session| {
+                    let idle = s.clients.is_empty();
+                    if idle {
+                        self.forget(s);
+                    }
+                    idle
+                };
+                if let Some((_, s)) = self.sessions.remove_if(&id, idle) {
                     self.count_transition(s.lifecycle, None);
                     removed += 1;
                 }
@@ -613,6 +653,35 @@ mod tests {
         h.sweep(Duration::from_secs(60), Duration::from_secs(3600), 3);
         assert_eq!(h.session_count(), 3);
         assert_eq!(h.client_count("s-2"), 1);
+    }
+
+    #[test]
+    fn a_forgotten_session_resumes_from_kafka_the_others_from_memory() {
+        let h = Hub::new(8, Arc::new(Metrics::new()));
+        h.init_partition(0, 10); // started reading at offset 10
+        let since = |offset| Some(Position { partition: 0, offset });
+        let register = |session: &str, pos| h.register(session, Client::new(h.next_client_id(), "ns/a", 4).0, pos);
+        h.dispatch(&event("message", "gone", "r", "ns/a"), entry(0, 10));
+        h.set_cursor(0, 10);
+        h.dispatch(&event("message", "kept", "r", "ns/a"), entry(0, 11));
+        h.set_cursor(0, 11);
+        // Nothing of "quiet" since offset 10: its client missed nothing, no Kafka read.
+        assert!(matches!(register("quiet", since(9)), Some(ResumePlan::History(v)) if v.is_empty()));
+        // "gone" is forgotten (idle, no client): its event at 10 is no longer in memory.
+        let kept = register("kept", None);
+        assert!(kept.is_none());
+        assert_eq!(
+            h.sweep(Duration::from_secs(60), Duration::ZERO, 100),
+            1,
+            "only gone has no client"
+        );
+        assert_eq!(h.complete_from(0), 11);
+        match register("gone", since(9)) {
+            Some(ResumePlan::Kafka { from, until, .. }) => assert_eq!((from, until), (10, 12)),
+            p => panic!("{p:?}"),
+        }
+        // A session whose next event is past the forgotten ones is still served from memory.
+        assert!(matches!(register("other", since(10)), Some(ResumePlan::History(v)) if v.is_empty()));
     }
 
     /// The resume seam under concurrency: clients register (with `since`) while events are

@@ -117,6 +117,9 @@ pub struct Health {
     pub events_assigned: AtomicBool,
     pub brokers_ok: AtomicBool,
     pub control_caught_up: AtomicBool,
+    /// Reading back `--history-backfill` events at start; not ready until done, so resumes
+    /// find them in memory.
+    pub backfilling: AtomicBool,
 }
 
 impl Health {
@@ -124,6 +127,7 @@ impl Health {
         self.events_assigned.load(Ordering::Acquire)
             && self.brokers_ok.load(Ordering::Acquire)
             && self.control_caught_up.load(Ordering::Acquire)
+            && !self.backfilling.load(Ordering::Acquire)
     }
 
     pub fn problems(&self) -> Vec<&'static str> {
@@ -136,6 +140,9 @@ impl Health {
         }
         if !self.control_caught_up.load(Ordering::Acquire) {
             v.push("control topic not read yet");
+        }
+        if self.backfilling.load(Ordering::Acquire) {
+            v.push("reading recent events back into the resume history");
         }
         v
     }
@@ -231,7 +238,20 @@ pub struct Kafka {
     resume_timeout: Duration,
     resume_max_scan: u64,
     partition_refresh: Duration,
+    history_backfill: i64,
+    backfill: Mutex<Backfill>,
 }
+
+/// Until when each partition is read back at start (its last offset then), and since when.
+#[derive(Default)]
+struct Backfill {
+    targets: Vec<(i32, i64)>,
+    started: Option<std::time::Instant>,
+}
+
+/// A read-back that has not finished by then (e.g. the records at the end were deleted) is
+/// abandoned: the gateway serves without it; resumes of older positions read Kafka as before.
+const BACKFILL_LIMIT: Duration = Duration::from_secs(60);
 
 /// Why a produce failed, worded for the client's error frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +311,8 @@ impl Kafka {
             resume_timeout: settings.limits.resume_timeout,
             resume_max_scan: settings.limits.resume_max_scan,
             partition_refresh: settings.limits.partition_refresh,
+            history_backfill: settings.limits.history_backfill.min(i64::MAX as u64) as i64,
+            backfill: Mutex::new(Backfill::default()),
         }))
     }
 
@@ -428,8 +450,18 @@ impl Kafka {
                 Some(c) => c + 1,
                 None => {
                     let (low, high) = watermarks(consumer.clone(), &topic, p).await?;
-                    // At process start: from the end. A partition seen later is new: from its beginning.
-                    let start = if *first_start { high } else { low };
+                    // At process start: the last `history_backfill` events, read back into the
+                    // resume history before the gateway is ready (clients reconnecting after a
+                    // restart find what they missed in memory), then live. A partition seen
+                    // later is new: from its beginning.
+                    let start = if *first_start {
+                        low.max(high.saturating_sub(self.history_backfill))
+                    } else {
+                        low
+                    };
+                    if *first_start && start < high {
+                        self.backfill.lock().expect("backfill lock").targets.push((p, high - 1));
+                    }
                     hub.init_partition(p, start);
                     start
                 }
@@ -438,6 +470,22 @@ impl Kafka {
                 .map_err(|e| e.to_string())?;
         }
         consumer.assign(&tpl).map_err(|e| format!("assign: {e}"))?;
+        if *first_start {
+            let mut b = self.backfill.lock().expect("backfill lock");
+            if !b.targets.is_empty() {
+                b.started = Some(std::time::Instant::now());
+                self.health.backfilling.store(true, Ordering::Release);
+                let events: i64 = b
+                    .targets
+                    .iter()
+                    .map(|(p, last)| last + 1 - hub.cursor(*p).map_or(0, |c| c + 1))
+                    .sum();
+                tracing::info!(
+                    events,
+                    "events consumer: reading recent events back into the resume history"
+                );
+            }
+        }
         *first_start = false;
         let mut known = n;
         self.metrics.partitions.set(n as i64);
@@ -506,6 +554,9 @@ impl Kafka {
                         }
                     }
                     self.update_lag(hub);
+                    if self.health.backfilling.load(Ordering::Relaxed) {
+                        self.check_backfill(hub);
+                    }
                 }
             }
         }
@@ -543,6 +594,28 @@ impl Kafka {
             }
         }
         hub.set_cursor(p, o);
+        if self.health.backfilling.load(Ordering::Relaxed) {
+            self.check_backfill(hub);
+        }
+    }
+
+    /// Whether the read-back at start reached its targets (or ran out of time): then ready.
+    fn check_backfill(&self, hub: &Hub) {
+        let mut b = self.backfill.lock().expect("backfill lock");
+        b.targets.retain(|&(p, last)| hub.cursor(p).is_none_or(|c| c < last));
+        let elapsed = b.started.map_or(Duration::ZERO, |t| t.elapsed());
+        if b.targets.is_empty() {
+            tracing::info!(
+                seconds = elapsed.as_secs_f64(),
+                "events consumer: resume history read back; live from here"
+            );
+        } else if elapsed >= BACKFILL_LIMIT {
+            tracing::warn!(partitions = ?b.targets, "events consumer: read-back not finished in time; serving without it");
+            b.targets.clear();
+        } else {
+            return;
+        }
+        self.health.backfilling.store(false, Ordering::Release);
     }
 
     fn update_lag(&self, hub: &Hub) {

@@ -106,6 +106,38 @@ def test_each_replica_serves_every_session(gateways, topics: Topics, writer: Kaf
     assert gw_a.metric("fleetward_gateway_delivery_latency_seconds_count") >= 5
 
 
+def test_after_a_restart_resumes_are_served_from_the_history_read_back_at_start(
+    kafka: Kafka, topics: Topics, writer: KafkaWriter, tmp_path
+):
+    """A gateway reads the last `--history-backfill` events of each partition back into its
+    resume history before it is ready, so clients reconnecting after a restart (the old
+    process's history is gone) get what they missed from memory, not each from its own Kafka
+    read; with the read-back off, the same resume reads Kafka."""
+    session = "deliv-restart"
+    positions = [writer.send(topics.events, session, event(session, seq)) for seq in range(6)]
+    since = "{}:{}".format(*positions[1])  # the client had received events 0 and 1
+
+    async def resume(gw: GatewayProcess) -> list[int]:
+        async with connect(gw, session, f"since={since}") as ws:
+            got = sequences(await frames(ws, 4))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 1)  # nothing more, no duplicate
+            return got
+
+    for name, args, served_by in (
+        ("gw-restarted", (), "history"),
+        ("gw-no-backfill", ("--history-backfill=0",), "kafka"),
+    ):
+        gw = GatewayProcess(kafka.bootstrap, topics, SECRET, tmp_path / f"{name}.log", *args, instance=name).start()
+        try:
+            assert asyncio.run(resume(gw)) == [2, 3, 4, 5], name
+            assert gw.metric("fleetward_gateway_resumes_total", outcome=served_by) == 1, name
+            other = {"history": "kafka", "kafka": "history"}[served_by]
+            assert gw.metric("fleetward_gateway_resumes_total", outcome=other) == 0, name
+        finally:
+            gw.stop()
+
+
 def test_resume_misses_nothing_in_order(gateways, topics: Topics, writer: KafkaWriter):
     gw_a, gw_b = gateways
     session = "deliv-resume"
