@@ -4,7 +4,8 @@ acks on control-acks.
 Every instance reads every control message: its consumer group is its own (pod name), so a
 container restarted in the same pod re-reads what it has not acknowledged, and a new pod
 starts from the latest message. Orders for other agents, and orders older than the last
-generation seen from the same KillSwitch, are ignored.
+generation seen from the same KillSwitch, are ignored; at equal generations a `resume` wins
+over a `halt` (a release always follows its engage), as in the gateway (control.rs).
 
 Before intake starts, `recover` reads the topic's history once: a runtime (re)started while
 a switch covers its agent (a crashed container of a halted agent whose pods were kept,
@@ -93,6 +94,8 @@ class Control:
         )
         self.generations: dict[str, int] = {}
         self.sent_at: dict[str, Any] = {}
+        self.released: dict[str, bool] = {}
+        """Per KillSwitch, whether its last order applied here was a `resume`."""
         self.halted_runs: list[HaltedRun] = []
         self.halted_by: tuple[str, int] | None = None
         self.history_ends: dict[int, int] = {}
@@ -118,6 +121,7 @@ class Control:
         for switch, order in last.items():
             self.generations[switch] = order.generation
             self.sent_at[switch] = order.timestamp
+            self.released[switch] = order.type == "resume"
         halts = [o for o in last.values() if o.type == "halt"]
         if halts:
             order = halts[-1]
@@ -245,11 +249,15 @@ class Control:
         # Stale: an older generation sent no later than the last order seen. A KillSwitch
         # deleted and created again under the same name starts at generation 1 again; its
         # orders are newer, and must not be ignored.
-        if last is not None and order.generation < last and (sent is None or order.timestamp <= sent):
+        older = last is not None and order.generation < last and (sent is None or order.timestamp <= sent)
+        released = order.type == "halt" and order.generation == last and self.released.get(order.kill_switch, False)
+        if older or released:
             log.info("ignoring %s of %s generation %d (seen %d)", order.type, order.kill_switch, order.generation, last)
             return False
         self.generations[order.kill_switch] = order.generation
         self.sent_at[order.kill_switch] = order.timestamp
+        if order.type in ("halt", "resume"):
+            self.released[order.kill_switch] = order.type == "resume"
         return True
 
     async def handle(self, order: ControlMessage) -> None:
