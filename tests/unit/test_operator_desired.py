@@ -115,6 +115,20 @@ def test_router_config_maps_routes_to_request_topics() -> None:
     assert len(config.topics.routes) == len(AGENTS["router"]["spec"]["routes"])
 
 
+def test_the_router_names_the_specialist_of_each_rendered_route() -> None:
+    # The runtime reads the rendered config back: a handoff's request topic names its agent.
+    from types import SimpleNamespace
+
+    from fleetward.runtime.graphs.router import RouterNodes
+
+    config = desired_agent(inputs_for("router")).config
+    nodes = RouterNodes(SimpleNamespace(config=config), topics=None, send=None)
+    for topic, agent in AGENTS["router"]["spec"]["routes"].items():
+        assert nodes._agent_of(config.topics.routes[topic], "githouse") == f"githouse/{agent}"
+    with pytest.raises(ValueError, match="no route"):
+        nodes._agent_of("fleetward.requests.githouse.nobody", "githouse")
+
+
 def test_paused_scales_to_zero_and_drops_the_hpa() -> None:
     spec = AgentSpec.model_validate({**AGENTS["router"]["spec"], "paused": True})
     desired = desired_agent(inputs_for("router", spec=spec))
