@@ -172,17 +172,22 @@ impl Session {
     }
 }
 
-/// Partition cursors: the offset of the last dispatched message per partition (`UNKNOWN`
-/// before the partition is assigned).
+/// The cursor of a partition not assigned yet.
 const UNKNOWN: i64 = i64::MIN;
+
+/// What the hub knows of one partition of the events topic.
+struct PartitionState {
+    /// The offset of the last dispatched message (`UNKNOWN` before the partition is assigned).
+    cursor: AtomicI64,
+    /// From this offset on, every event of every session the hub still holds is in that
+    /// session's history (unless truncated): where reading started, raised past the events of
+    /// forgotten sessions. A resume from there needs no Kafka read.
+    complete_from: AtomicI64,
+}
 
 pub struct Hub {
     sessions: DashMap<Arc<str>, Session>,
-    cursors: RwLock<Vec<AtomicI64>>,
-    /// Per partition: from this offset on, every event of every session the hub still holds is
-    /// in that session's history (unless truncated): where reading started, raised past the
-    /// events of forgotten sessions. A resume from there needs no Kafka read.
-    complete_from: RwLock<Vec<AtomicI64>>,
+    partitions: RwLock<Vec<PartitionState>>,
     history_per_session: usize,
     next_client_id: AtomicU64,
     metrics: Arc<Metrics>,
@@ -199,8 +204,7 @@ impl Hub {
     pub fn new(history_per_session: usize, metrics: Arc<Metrics>) -> Hub {
         Hub {
             sessions: DashMap::new(),
-            cursors: RwLock::new(Vec::new()),
-            complete_from: RwLock::new(Vec::new()),
+            partitions: RwLock::new(Vec::new()),
             history_per_session,
             next_client_id: AtomicU64::new(1),
             metrics,
@@ -215,44 +219,44 @@ impl Hub {
 
     /// Start reading `partition` at `start` (the next offset to be dispatched).
     pub fn init_partition(&self, partition: i32, start: i64) {
-        let mut c = self.cursors.write().expect("cursor lock");
-        while c.len() <= partition as usize {
-            c.push(AtomicI64::new(UNKNOWN));
+        let mut ps = self.partitions.write().expect("cursor lock");
+        while ps.len() <= partition as usize {
+            ps.push(PartitionState {
+                cursor: AtomicI64::new(UNKNOWN),
+                complete_from: AtomicI64::new(i64::MAX),
+            });
         }
-        c[partition as usize].store(start - 1, Ordering::Release);
-        let mut f = self.complete_from.write().expect("cursor lock");
-        while f.len() <= partition as usize {
-            f.push(AtomicI64::new(i64::MAX));
-        }
-        f[partition as usize].store(start, Ordering::Release);
+        let p = &ps[partition as usize];
+        p.cursor.store(start - 1, Ordering::Release);
+        p.complete_from.store(start, Ordering::Release);
     }
 
-    /// See `complete_from`: `i64::MAX` for a partition not read.
+    /// See `PartitionState::complete_from`: `i64::MAX` for a partition not read.
     pub fn complete_from(&self, partition: i32) -> i64 {
         if partition < 0 {
             return i64::MAX;
         }
-        let f = self.complete_from.read().expect("cursor lock");
-        f.get(partition as usize)
-            .map_or(i64::MAX, |v| v.load(Ordering::Acquire))
+        let ps = self.partitions.read().expect("cursor lock");
+        ps.get(partition as usize)
+            .map_or(i64::MAX, |p| p.complete_from.load(Ordering::Acquire))
     }
 
     /// A session is being forgotten: later resumes of it cannot rely on its history, so no
     /// position up to its newest event counts as complete. Called while its map shard is
     /// locked, so a resume re-creating the session sees the raised value.
     fn forget(&self, s: &Session) {
-        let f = self.complete_from.read().expect("cursor lock");
+        let ps = self.partitions.read().expect("cursor lock");
         for e in s.history.entries() {
-            if let Some(v) = f.get(e.position.partition as usize) {
-                v.fetch_max(e.position.offset + 1, Ordering::AcqRel);
+            if let Some(p) = ps.get(e.position.partition as usize) {
+                p.complete_from.fetch_max(e.position.offset + 1, Ordering::AcqRel);
             }
         }
     }
 
     /// Record that the message at `offset` of `partition` has been dispatched.
     pub fn set_cursor(&self, partition: i32, offset: i64) {
-        if let Some(c) = self.cursors.read().expect("cursor lock").get(partition as usize) {
-            c.store(offset, Ordering::Release);
+        if let Some(p) = self.partitions.read().expect("cursor lock").get(partition as usize) {
+            p.cursor.store(offset, Ordering::Release);
         }
     }
 
@@ -261,18 +265,18 @@ impl Hub {
         if partition < 0 {
             return None;
         }
-        let c = self.cursors.read().expect("cursor lock");
-        let v = c.get(partition as usize)?.load(Ordering::Acquire);
+        let ps = self.partitions.read().expect("cursor lock");
+        let v = ps.get(partition as usize)?.cursor.load(Ordering::Acquire);
         (v != UNKNOWN).then_some(v)
     }
 
     /// The partitions being read, with their cursors.
     pub fn cursors(&self) -> Vec<(i32, i64)> {
-        let c = self.cursors.read().expect("cursor lock");
-        c.iter()
+        let ps = self.partitions.read().expect("cursor lock");
+        ps.iter()
             .enumerate()
-            .filter_map(|(p, v)| {
-                let v = v.load(Ordering::Acquire);
+            .filter_map(|(p, state)| {
+                let v = state.cursor.load(Ordering::Acquire);
                 (v != UNKNOWN).then_some((p as i32, v))
             })
             .collect()
