@@ -1064,6 +1064,8 @@ pub struct ControlMessage {
     pub kind: ControlType,
     pub kill_switch: String,
     pub generation: u64,
+    /// Empty, null or absent: every agent the scope covers by namespace alone (`order_covers`).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub agents: Vec<String>,
     /// The switch's scope as written; informational (coverage is `agents`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1079,6 +1081,12 @@ pub struct ControlMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub close_sessions: Option<bool>,
     pub timestamp: String,
+}
+
+/// `agents` may be null, as the schema allows for every optional field; it means the same as
+/// absent or empty.
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
 impl ControlMessage {
@@ -1102,14 +1110,8 @@ impl ControlMessage {
             check_range("drainTimeoutSeconds", *n, 1, 3600)
         })?;
         opt(&c.reason, |s| check_reason("reason", s))?;
-        if c.kind == ControlType::Halt {
-            if c.mode.is_none() {
-                return invalid("mode", "is required when type is \"halt\"");
-            }
-            if c.drain_timeout_seconds.is_none() {
-                return invalid("drainTimeoutSeconds", "is required when type is \"halt\"");
-            }
-        }
+        // `mode` and `drainTimeoutSeconds` may be left out of a halt (the KillSwitch's
+        // defaults, drain and 30 s, apply in the runtimes); the gateway uses neither.
         Ok(c)
     }
 
@@ -1463,5 +1465,21 @@ mod tests {
             accepted += usize::from(same_as_reference(c.as_bytes()).is_ok());
         }
         assert_eq!(accepted, 19, "the edge cases meant to be valid");
+    }
+
+    #[test]
+    fn a_halt_needs_only_what_spec_names() {
+        // SPEC §6: a control message has the switch's name, scope and generation; mode, drain
+        // timeout and the agent list may be left out (null agents = absent = empty).
+        let base = json!({"schema": "fleetward.control.v1", "id": "0b6f2d3e-5c1a-4e8b-9f7d-000000000050",
+            "type": "halt", "killSwitch": "stop-billing", "generation": 1,
+            "scope": {"namespaces": ["githouse"]}, "timestamp": "2025-06-02T09:00:40Z"});
+        let mut with_null = base.clone();
+        with_null["agents"] = Value::Null;
+        for v in [base, with_null] {
+            let c = ControlMessage::from_json(v).expect("a minimal halt is valid");
+            assert!(c.agents.is_empty() && c.mode.is_none() && c.drain_timeout_seconds.is_none());
+            assert!(c.covers("githouse/billing") && !c.covers("other/billing"));
+        }
     }
 }

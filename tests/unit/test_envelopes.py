@@ -394,7 +394,7 @@ def test_new_command_control_and_ack_validate():
             ),
             "timestamp",
         ),
-        (lambda: ControlMessage.new("halt", kill_switch="stop", generation=1, agents=[]), "mode"),
+        (lambda: ControlMessage.new("halt", kill_switch="stop", generation=1, agents=[], mode="pause"), "mode"),
         (
             lambda: AgentCommand.new(
                 "user_message", session_id="s", agent="g/b", idempotency_key="k", data={"text": "hi"}
@@ -406,7 +406,7 @@ def test_new_command_control_and_ack_validate():
         "agent-without-namespace",
         "payload-of-another-type",
         "naive-timestamp",
-        "halt-without-mode",
+        "halt-with-unknown-mode",
         "message-without-user",
     ],
 )
@@ -451,3 +451,19 @@ def test_an_order_without_agents_covers_only_what_its_scope_says_without_labels(
         "resume", kill_switch="ks", generation=2, agents=["ns/a"], scope={"agentSelector": {"matchLabels": {}}}
     )
     assert listed.covers("ns/a") and not listed.covers("ns/b")
+
+
+def test_a_halt_with_only_what_spec_names_gets_the_killswitch_defaults():
+    """SPEC §6 gives a control message the switch's name, scope and generation; a halt
+    written with only those drains (not aborts) for the KillSwitch's default 30 s and
+    covers what its scope says. The gateway reads the same fixture (fixtures.rs)."""
+    from fleetward.api.envelopes import ControlMessage
+    from fleetward.api.killswitch import KillSwitchSpec
+
+    halt = ControlMessage.parse((REPO / "schemas/fixtures/valid/control_halt_defaults.json").read_bytes())
+    assert (halt.mode, halt.drain_timeout_seconds, halt.agents) == (None, None, None)
+    assert halt.halt_mode == "drain"
+    assert halt.drain_timeout == KillSwitchSpec(engaged=True, reason="x").drain_timeout_seconds == 30
+    assert halt.covers("githouse/billing") and not halt.covers("other/billing")
+    abort = halt.model_copy(update={"mode": "abort", "drain_timeout_seconds": 5})
+    assert (abort.halt_mode, abort.drain_timeout) == ("abort", 5)

@@ -292,13 +292,13 @@ class Control:
         in_flight = list(self.registry.active.values())
         await self._ack("halted", order, {"runsInFlight": len(in_flight)}, [])
         outcomes: dict[str, str] = {}
-        if order.mode == "abort":
+        if order.halt_mode == "abort":
             for ctx in in_flight:
                 outcomes[ctx.run_id] = "aborted"
                 if ctx.task is not None:
                     ctx.task.cancel()
         else:
-            timeout = float(order.drain_timeout_seconds or 30)
+            timeout = float(order.drain_timeout)
             waits = {ctx.run_id: asyncio.ensure_future(self._parked_or_done(ctx)) for ctx in in_flight}
             if waits:
                 await asyncio.wait(waits.values(), timeout=timeout)

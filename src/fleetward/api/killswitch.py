@@ -57,6 +57,10 @@ class Approval(ApiModel):
     comment: str | None = Field(default=None, max_length=1024)
 
 
+DEFAULT_DRAIN_TIMEOUT_SECONDS = 30
+"""`spec.drainTimeoutSeconds` when not given (SPEC §2), also for a halt order without one."""
+
+
 class KillSwitchSpec(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
@@ -74,7 +78,7 @@ class KillSwitchSpec(ApiModel):
     """Why the switch is engaged; required when engaged."""
     scope: Scope = Field(default_factory=Scope, json_schema_extra={"default": {}})
     actions: Actions = Field(default_factory=Actions, json_schema_extra={"default": {}})
-    drain_timeout_seconds: int = Field(default=30, ge=1, le=3600)
+    drain_timeout_seconds: int = Field(default=DEFAULT_DRAIN_TIMEOUT_SECONDS, ge=1, le=3600)
     """Upper bound for draining; runtimes that have not acked by then are stopped by force."""
     mode: Literal["drain", "abort"] = "drain"
     """drain: in-flight runs finish their current step, are checkpointed and park (the

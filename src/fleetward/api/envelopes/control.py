@@ -18,14 +18,13 @@ from fleetward.api.envelopes.wire import (
     Envelope,
     KillSwitchName,
     Reason,
-    Rule,
     RunId,
     SessionId,
     StepName,
     WireModel,
     now,
 )
-from fleetward.api.killswitch import Scope
+from fleetward.api.killswitch import DEFAULT_DRAIN_TIMEOUT_SECONDS, Scope
 
 ControlType = Literal["halt", "resume", "rotate_keys"]
 
@@ -35,7 +34,6 @@ class ControlMessage(Envelope):
 
     KIND = "control message"
     SCHEMA = CONTROL_SCHEMA
-    RULES = (Rule("type", ("halt",), require=("mode", "drain_timeout_seconds")),)
 
     schema_version: Literal["fleetward.control.v1"] = Field(alias="schema")
     """Always fleetward.control.v1."""
@@ -45,24 +43,37 @@ class ControlMessage(Envelope):
     """The KillSwitch this order comes from."""
     generation: Count
     """The KillSwitch's metadata.generation; acks echo it, stale orders are ignored."""
-    agents: list[AgentRef] = Field(max_length=100_000)
-    """The agents in scope as namespace/name; an empty list means every agent the scope
-    covers by namespace alone (see `covers`)."""
+    agents: Annotated[list[AgentRef], Field(max_length=100_000)] | None = None
+    """The agents in scope as namespace/name; empty or absent means every agent the scope
+    covers by namespace alone (see `covers`). The operator always lists them."""
     scope: Scope | None = None
     """The switch's `spec.scope` as written (the CRD's own model), for the people and tools
     reading the topic (an empty scope: every agent). Instances act on `agents`: the scope
     resolved against the Agents' labels, which only the operator watches; with no agents
     listed they apply its namespaces, never its selector."""
     mode: Literal["drain", "abort"] | None = None
-    """drain: finish the current step, then stop; abort: stop at once. Required for halt."""
+    """Halt only: drain (finish the current step, then stop) or abort (stop at once).
+    Absent: drain, the KillSwitch's default. The operator always sends it; SPEC §6 names
+    only the switch, scope and generation, so a hand-written halt may leave it out."""
     drain_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] | None = None
-    """Upper bound for draining. Required for halt."""
+    """Halt only: upper bound for draining. Absent: 30, the KillSwitch's default
+    (`DEFAULT_DRAIN_TIMEOUT_SECONDS`)."""
     reason: Reason | None = None
     """Why, for logs and the halted event."""
     close_sessions: bool | None = None
     """Halt only: whether gateways tell the covered agents' connected sessions (a `halted`
     frame) and close them, the KillSwitch's `actions.closeSessions` (absent: true). With
     false they stay connected; new sessions are refused either way."""
+
+    @property
+    def halt_mode(self) -> Literal["drain", "abort"]:
+        """The halt's mode, the KillSwitch's default (drain) when the order leaves it out."""
+        return self.mode or "drain"
+
+    @property
+    def drain_timeout(self) -> int:
+        """The halt's drain bound in seconds, the KillSwitch's default when left out."""
+        return self.drain_timeout_seconds or DEFAULT_DRAIN_TIMEOUT_SECONDS
 
     def covers(self, agent: str) -> bool:
         """Whether the order is for `agent` (namespace/name). The operator lists the agents it
