@@ -32,3 +32,42 @@ def test_an_api_server_that_does_not_answer_is_one_line(tmp_path, capsys, argv):
     assert main([*argv, "--kubeconfig", str(kubeconfig)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: could not reach the Kubernetes API server") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [("0", "0 is out of range: 1 to 3600 seconds"), ("soon", "'soon' is not a whole number of seconds")],
+)
+def test_a_bad_drain_timeout_is_refused_by_the_parser(capsys, value, words):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["kill", "stop", "--reason", "drill", "--drain-timeout", value])
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_a_bad_selector_is_refused_before_the_kubeconfig_is_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    assert main(["kill", "stop", "--reason", "drill", "--selector", "tier"]) == 2
+    err = capsys.readouterr().err
+    assert "--selector 'tier': expected key=value" in err and "kubeconfig" not in err
+
+
+def test_status_of_one_switch_shows_its_settings():
+    from fleetward.cli.killswitch import describe
+
+    text = describe(
+        {
+            "metadata": {"name": "githouse-stop"},
+            "spec": {
+                "engaged": True,
+                "reason": "drill",
+                "scope": {"namespaces": ["githouse"], "agentSelector": {"matchLabels": {"tier": "payments"}}},
+                "actions": {"scaleToZero": False},
+            },
+            "status": {"phase": "Drained", "affectedAgents": 2},
+        }
+    )
+    assert "scope:         namespaces githouse; agents with tier=payments" in text
+    assert "mode:          drain, drain timeout 30 s" in text
+    assert "actions:       revokeCredentials=true, drainQueues=true, closeSessions=true, scaleToZero=false" in text
+    assert "every agent in the cluster" in describe({"metadata": {"name": "all"}, "spec": {"engaged": False}})

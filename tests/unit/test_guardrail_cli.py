@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,11 @@ def scan(*args: str, stdin: str | bytes) -> SimpleNamespace:
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def run_process(*args: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+def run_process(*args: str, stdin: bytes, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "fleetward.cli.main", "guardrail", "scan", *args],
         input=stdin,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         timeout=300,
         check=False,
@@ -145,14 +147,51 @@ def test_bad_lines_are_reported_by_number_and_the_scan_goes_on():
     )
     done = scan("-f", str(EXAMPLE), stdin=stdin)
     assert done.returncode == 1
-    assert [json.loads(x)["id"] for x in done.stdout.splitlines()] == [1, 8]
+    assert [json.loads(x)["id"] for x in done.stdout.splitlines()] == [1, 6, 8]
     errors = done.stderr.splitlines()
     assert errors[0].endswith("line 2: not valid JSON: Expecting value (column 1)")
     assert "line 3: missing field(s) 'text'" in errors[1]
     assert 'line 4: "text" must be a string, got number' in errors[2]
     assert 'line 5: "id" must be a string or an integer, got array' in errors[3]
-    assert "line 6: unknown field(s) 'extra'" in errors[4]
-    assert len(errors) == 5
+    assert len(errors) == 4
+
+
+def test_other_fields_of_a_line_are_ignored_so_a_labelled_corpus_pipes_in_as_it_is():
+    stdin = json.dumps({"id": "c1", "text": "mail jane@example.com", "label": "pii", "expected": "block"}) + "\n"
+    done = scan("-f", str(EXAMPLE), stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert set(out) == {"id", "verdict", "text", "findings"} and out["id"] == "c1"
+    assert [(f["type"], f["start"], f["end"]) for f in out["findings"]] == [("email", 5, 21)]
+
+
+def test_every_record_is_one_line_for_any_line_splitter_and_utf8_whatever_the_locale():
+    """U+0085, U+2028 and U+2029 are line breaks to str.splitlines(); json.dumps leaves them
+    raw with ensure_ascii=False, which split a record in two."""
+    texts = ["a\u2028b", "c\u2029d", "e\x85f", "caf\u00e9 \U0001f600 jane@example.com"]
+    stdin = "".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts))
+    done = run_process("-f", str(EXAMPLE), stdin=stdin.encode(), env={"PYTHONIOENCODING": "ascii", "LC_ALL": "C"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode("utf-8").splitlines()
+    assert len(lines) == len(texts)
+    records = [json.loads(line) for line in lines]
+    assert [r["text"] for r in records[:3]] == texts[:3]
+    assert records[3]["text"].startswith("caf\u00e9 \U0001f600 ") and "jane@example.com" not in records[3]["text"]
+
+
+def test_a_byte_order_mark_before_the_first_line_is_skipped():
+    stdin = "\ufeff" + json.dumps({"id": 1, "text": "hello"}) + "\n"
+    done = scan("-f", str(EXAMPLE), stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["verdict"] == "allow"
+
+
+def test_a_short_hash_key_is_refused(tmp_path):
+    key = tmp_path / "key"
+    key.write_bytes(b"abc\n")
+    done = scan("-f", str(EXAMPLE), "--hash-key-file", str(key), stdin="")
+    assert done.returncode == 2
+    assert "the key has 3 bytes; give one of at least 16" in done.stderr
 
 
 def test_lone_surrogates_make_a_bad_line_and_the_scan_goes_on():

@@ -7,6 +7,7 @@ and what is wrong with it:
   deleted    a gap in the sequence (or records missing at the end)
   reordered  its prevHash does not link to the record before (moved or inserted)
   inserted   a record of another chain, or past the chain head
+  invalid    not an audit record (no integer sequence, a field of the wrong shape)
 Record format: docs/audit.md.
 
 The database is given by --dsn or $FLEETWARD_AUDIT_DSN:
@@ -59,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Recompute every record's hash and its link to the record before, in sequence order, and "
         "check the chain head. Prints how many records were checked and the head hash (exit 0), or the first "
         "broken record: its sequence number, id, and whether it was edited (hash mismatch), deleted (gap in "
-        "the sequence), reordered/inserted (prevHash link broken) (exit 1). Exit 2: bad usage or unreadable "
-        "database.",
+        "the sequence), reordered/inserted (prevHash link broken) or invalid (not an audit record) (exit 1). "
+        "Exit 2: bad usage or unreadable database.",
     )
     dsn_option(verify)
     verify.add_argument(

@@ -7,11 +7,15 @@ input on standard output:
      hashing, null when blocked>, "findings": [{"kind": "pii"|"injection"|"policy"|"limit",
      "type": ..., "start": ..., "end": ...}]}
 
-Offsets are character offsets into the input text. Several -f files (and several YAML
-documents per file) compose: all Guardrails apply, block beats escalate beats allow.
-Which parts apply at which --stage: PII per its applyTo; injection on input and
-toolResults; policy (bannedPhrases) per its applyTo (default input and output);
-maxInputChars on input, maxOutputChars on output. A bad input line is reported on
+Offsets are character offsets (Unicode code points, as Python counts them) into the input
+text. Fields of an input line other than "id" and "text" are ignored, so a labelled corpus
+can be piped in as it is; a UTF-8 byte-order mark before the first line is skipped. Output
+is UTF-8 whatever the locale, one line per record: line and paragraph separators inside a
+text (U+0085, U+2028, U+2029) are written as JSON escapes, so any line splitter reads it.
+Several -f files (and several YAML documents per file) compose: all Guardrails apply,
+block beats escalate beats allow. Which parts apply at which --stage: PII per its
+applyTo; injection on input and toolResults; policy (bannedPhrases) per its applyTo
+(default input and output); maxInputChars on input, maxOutputChars on output. A bad input line is reported on
 standard error with its line number and the scan goes on; the exit code is then 1. A bad
 Guardrail file stops before scanning (exit 2).
 
@@ -23,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -37,6 +42,11 @@ from fleetward.api.guardrail import Guardrail
 
 EXIT_BAD_LINES = 1
 EXIT_BAD_CONFIG = 2
+MIN_HASH_KEY_BYTES = 16
+# json.dumps(ensure_ascii=False) leaves these raw, and str.splitlines() (unlike the JSON
+# lines convention) breaks a line at them; they only occur inside JSON strings, where the
+# escape means the same character.
+_LINE_BREAKS_IN_STRINGS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 _INPUT_FIELDS = {"id", "text"}
 
 
@@ -149,6 +159,8 @@ def run_scan(args: argparse.Namespace) -> int:
         print(f"fleetward guardrail scan: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(encoding="utf-8")  # not the locale's: input is UTF-8 too
         bad = scan_lines(engine, args.stage, sys.stdin.buffer, sys.stdout, sys.stderr)
     except BrokenPipeError:
         # The reader went away (`... | head`): stop quietly, as a Unix filter does; stdout is
@@ -163,8 +175,10 @@ def _read_key(path: Path) -> bytes:
         key = path.read_bytes().rstrip(b"\r\n")
     except OSError as e:
         raise ManifestError(f"--hash-key-file {path}: cannot read: {e.strerror or e}") from e
-    if not key:
-        raise ManifestError(f"--hash-key-file {path}: the file is empty; give a key of at least 16 bytes")
+    if len(key) < MIN_HASH_KEY_BYTES:
+        raise ManifestError(
+            f"--hash-key-file {path}: the key has {len(key)} bytes; give one of at least {MIN_HASH_KEY_BYTES}"
+        )
     return key
 
 
@@ -172,6 +186,8 @@ def scan_lines(engine: Any, stage: str, source: IO[bytes], out: IO[str], err: IO
     """Scan every JSON line of `source`; returns the number of bad lines."""
     bad = 0
     for number, raw in enumerate(source, start=1):
+        if number == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (Notepad, PowerShell)
         if not raw.strip():
             continue
         try:
@@ -187,7 +203,7 @@ def scan_lines(engine: Any, stage: str, source: IO[bytes], out: IO[str], err: IO
             "text": result.text,
             "findings": [f.to_json() for f in result.findings],
         }
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.write(json.dumps(record, ensure_ascii=False).translate(_LINE_BREAKS_IN_STRINGS) + "\n")
         out.flush()
     return bad
 
@@ -206,9 +222,6 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
     missing = sorted(_INPUT_FIELDS - item.keys())
     if missing:
         raise ValueError(f'missing field(s) {", ".join(repr(m) for m in missing)}; each line needs "id" and "text"')
-    extra = sorted(item.keys() - _INPUT_FIELDS)
-    if extra:
-        raise ValueError(f'unknown field(s) {", ".join(repr(x) for x in extra)}; allowed: "id", "text"')
     if not isinstance(item["text"], str):
         raise ValueError(f'"text" must be a string, got {_json_type(item["text"])}')
     if not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool):

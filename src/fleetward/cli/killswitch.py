@@ -32,14 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     kill = sub.add_parser(
         "kill",
         help="engage a KillSwitch: revoke the covered agents' credentials, drain and stop them",
-        description="Engage (create or patch) a KillSwitch. Without --namespace/--selector it covers every agent.",
+        description="Engage a KillSwitch. A switch that does not exist yet is created; without "
+        "--namespace/--selector it covers every agent in the cluster. A switch that exists (e.g. the "
+        "GitHouse example's githouse-stop) is patched: it keeps the scope, mode, drain timeout and actions "
+        "it has unless the flags below change them (`fleetward status NAME` shows them).",
     )
     kill.add_argument("name", help="KillSwitch name (cluster-scoped)")
     kill.add_argument("--reason", required=True, help="why the fleet is being stopped (recorded and shown)")
     kill.add_argument("--namespace", "-n", action="append", dest="namespaces", help="only agents here (repeatable)")
     kill.add_argument("--selector", "-l", help="only agents with these labels, e.g. tier=payments,team=billing")
     kill.add_argument("--mode", choices=("drain", "abort"), help="drain (default) or abort in-flight calls at once")
-    kill.add_argument("--drain-timeout", type=int, metavar="SECONDS", help="upper bound for the drain (default 30)")
+    kill.add_argument(
+        "--drain-timeout", type=_drain_timeout, metavar="SECONDS", help="upper bound for the drain, 1-3600 (default 30)"
+    )
     kill.add_argument("--keep-replicas", action="store_true", help="do not scale the agents' Deployments to zero")
     kill.add_argument("--wait", action="store_true", help="wait until the switch reports Drained and print it")
     kill.add_argument("--timeout", type=float, default=120, help="seconds --wait waits (default 120)")
@@ -71,9 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _kube_args(release)
     release.set_defaults(handler=_reporting_kube_errors(run_release))
 
-    status = sub.add_parser("status", help="list KillSwitches, or show one in detail")
+    status = sub.add_parser(
+        "status",
+        help="list KillSwitches, or show one in detail",
+        description="Show the KillSwitches: without a name a table of every switch (engaged, phase, agents "
+        "covered, who engaged it, reason); with a name its settings (scope, mode, drain timeout, actions) and "
+        "status in detail: who engaged it and when, revocation and drain times, approvals, and the per-agent "
+        "results of the last drain.",
+    )
     status.add_argument("name", nargs="?", help="KillSwitch name; without it, every switch in a table")
-    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text", help="text for people (default) or the JSON object"
+    )
     _kube_args(status)
     status.set_defaults(handler=_reporting_kube_errors(run_status))
 
@@ -131,10 +145,19 @@ def whoami(api_client) -> str:
     return review.status.user_info.username
 
 
+def _drain_timeout(value: str) -> int:
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of seconds") from None
+    if not 1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{seconds} is out of range: 1 to 3600 seconds")
+    return seconds
+
+
 def run_kill(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
 
-    objs, _ = _api(args)
     spec: dict[str, Any] = {"engaged": True, "reason": args.reason}
     scope: dict[str, Any] = {}
     if args.namespaces:
@@ -149,10 +172,11 @@ def run_kill(args: argparse.Namespace) -> int:
         spec["scope"] = scope
     if args.mode:
         spec["mode"] = args.mode
-    if args.drain_timeout:
+    if args.drain_timeout is not None:
         spec["drainTimeoutSeconds"] = args.drain_timeout
     if args.keep_replicas:
         spec["actions"] = {"scaleToZero": False}
+    objs, _ = _api(args)  # after the flags are checked: a typo is reported without a cluster
     try:
         objs.get_cluster_custom_object(GROUP, VERSION, PLURAL, args.name)
         objs.patch_cluster_custom_object(GROUP, VERSION, PLURAL, args.name, {"spec": spec})
@@ -234,6 +258,9 @@ def describe(ks: dict[str, Any]) -> str:
         f"KillSwitch {ks['metadata']['name']}: {'ENGAGED' if spec.get('engaged') else 'not engaged'}"
         f" (phase {st.get('phase') or '-'})",
         f"  reason:        {spec.get('reason') or '-'}",
+        f"  scope:         {_scope_text(spec.get('scope') or {})}",
+        f"  mode:          {spec.get('mode') or 'drain'}, drain timeout {spec.get('drainTimeoutSeconds', 30)} s",
+        f"  actions:       {_actions_text(spec.get('actions') or {})}",
         f"  engaged by:    {st.get('engagedBy') or '-'} at {st.get('engagedAt') or '-'}",
         f"  agents:        {st.get('affectedAgents', '-')}",
         f"  revoked in:    {st.get('revocationSeconds', '-')} s (at {st.get('credentialsRevokedAt') or '-'})",
@@ -250,6 +277,26 @@ def describe(ks: dict[str, Any]) -> str:
     for c in st.get("conditions") or []:
         lines.append(f"  {c['type']}={c['status']} ({c['reason']}): {c['message']}")
     return "\n".join(lines)
+
+
+def _scope_text(scope: dict[str, Any]) -> str:
+    parts = []
+    if scope.get("namespaces"):
+        parts.append("namespaces " + ", ".join(scope["namespaces"]))
+    selector = scope.get("agentSelector")
+    if selector is not None:
+        terms = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+        terms += [
+            f"{e['key']} {e['operator']}" + (f" ({', '.join(e['values'])})" if e.get("values") else "")
+            for e in selector.get("matchExpressions") or []
+        ]
+        parts.append("agents with " + (", ".join(terms) or "any labels"))
+    return "; ".join(parts) or "every agent in the cluster"
+
+
+def _actions_text(actions: dict[str, Any]) -> str:
+    names = ("revokeCredentials", "drainQueues", "closeSessions", "scaleToZero")
+    return ", ".join(f"{n}={'true' if actions.get(n, True) else 'false'}" for n in names)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -503,7 +503,7 @@ def _warn(message: str) -> None:
 
 
 def _tail(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
-    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
     bootstrap = cfg["bootstrap.servers"]
     started = time.monotonic()
@@ -550,13 +550,14 @@ def _tail(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         # The backlog: what is in each partition now. --no-follow stops there; --until-idle
         # starts counting once it has been read.
         ends: dict[int, int] = {}
+        starts: dict[int, int] = {}
         for p in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(args.topic, p), timeout=args.connect_timeout)
-            ends[p] = high if not args.since_now else 0
-            if high <= low:
-                ends[p] = 0
-        start = OFFSET_END if args.since_now else OFFSET_BEGINNING
-        consumer.assign([TopicPartition(args.topic, p, start) for p in partitions])
+            ends[p] = high if not args.since_now and high > low else 0
+            # --since-now starts at the end read here, not at OFFSET_END: librdkafka resolves
+            # that only at the first fetch, and events produced until then would be skipped.
+            starts[p] = high if args.since_now else OFFSET_BEGINNING
+        consumer.assign([TopicPartition(args.topic, p, starts[p]) for p in partitions])
         pending = {p for p in partitions if ends[p] > 0}
         follow = args.follow or args.until_idle is not None
         limit = None if args.full else TEXT_LIMIT
