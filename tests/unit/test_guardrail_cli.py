@@ -296,3 +296,22 @@ def test_help_explains_the_contract(capsys):
     help_text = capsys.readouterr().out
     for phrase in ('{"id": ..., "text": "..."}', "--stage", "block beats escalate beats allow", "null when blocked"):
         assert phrase in help_text
+
+
+def test_a_missing_compiled_core_is_one_line_saying_how_to_get_it():
+    program = (
+        "import sys; sys.modules['fleetward_guardrail_core'] = None  # as if never built\n"
+        "from fleetward.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program, "guardrail", "scan", "-f", str(EXAMPLE)],
+        input=b'{"id": 1, "text": "x"}\n',
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "FLEETWARD_GUARDRAIL_CORE": "compiled"},
+    )
+    assert done.returncode == 2 and done.stdout == b""
+    err = done.stderr.decode()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "make build" in err and "FLEETWARD_GUARDRAIL_CORE=python" in err

@@ -145,7 +145,11 @@ def _check_rules_beyond_schema(guardrail: Guardrail, where: str) -> None:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from fleetward.runtime.guardrails import GuardrailConfigError, GuardrailEngine
+    try:
+        from fleetward.runtime.guardrails import GuardrailConfigError, GuardrailEngine
+    except ImportError as e:  # the compiled core is missing: one line saying how to get it
+        print(f"fleetward guardrail scan: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
 
     try:
         guardrails = load_guardrails(args.files)
