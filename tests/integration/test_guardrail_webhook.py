@@ -128,3 +128,25 @@ def test_guardrails_in_another_installations_namespaces_are_not_judged(objs, exc
     # The shared installation excludes scoped-* by glob (left to the installation that watches
     # them, see test_operator_scoped.py), so its webhook admits what it does not serve.
     objs.create_namespaced_custom_object(GROUP, VERSION, excluded_namespace, PLURAL, invalid(), dry_run="All")
+
+
+def test_kubectl_apply_of_an_unquoted_injection_mode_off_stores_off(kubectl, namespace, objs, tmp_path):
+    """kubectl reads YAML 1.1, where an unquoted `off` is the boolean false; the CRD's string
+    enum refused it ("must be of type string"). The mutating webhook writes it as "off"."""
+    path = tmp_path / "guardrail.yaml"
+    path.write_text(
+        f"apiVersion: {GROUP}/{VERSION}\nkind: Guardrail\nmetadata:\n  name: injection-off\n"
+        "spec:\n  injection:\n    mode: off\n  policy:\n    bannedPhrases: [bypass]\n"
+    )
+    for _ in range(2):  # the second apply changes nothing
+        out = kubectl("apply", "--namespace", namespace, "-f", str(path), check=False)
+        assert out.returncode == 0, out.stderr
+    stored = objs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "injection-off")
+    assert stored["spec"]["injection"]["mode"] == "off"
+    assert stored["metadata"]["generation"] == 1
+    # true (an unquoted on/yes) names no mode: still refused by the schema
+    with pytest.raises(ApiException) as err:
+        objs.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "injection-off", {"spec": {"injection": {"mode": True}}}
+        )
+    assert err.value.status == 422 and "spec.injection.mode" in _message(err.value)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from fleetward.operator.killswitch.admission import GUARDRAIL_PATH, review
+from fleetward.operator.killswitch.admission import GUARDRAIL_NORMALIZE_PATH, GUARDRAIL_PATH, review
 from fleetward.operator.settings import OperatorSettings
 from fleetward.operator.webhooks import Invalid, check_guardrail, guardrail_problems, serves_namespace
 from fleetward.runtime.guardrails import GuardrailConfigError, GuardrailEngine
@@ -150,7 +150,9 @@ def test_scope_follows_watch_and_exclude_namespaces():
 # -- the AdmissionReview answers ------------------------------------------------------------------
 
 
-def answer(settings: OperatorSettings, operation: str, new: dict | None, old: dict | None = None) -> dict:
+def answer(
+    settings: OperatorSettings, operation: str, new: dict | None, old: dict | None = None, path: str = GUARDRAIL_PATH
+) -> dict:
     ns = (new or old or {}).get("metadata", {}).get("namespace")
     body = {
         "apiVersion": "admission.k8s.io/v1",
@@ -164,7 +166,7 @@ def answer(settings: OperatorSettings, operation: str, new: dict | None, old: di
             "userInfo": {"username": "system:serviceaccount:ci:deployer"},
         },
     }
-    out = review(GUARDRAIL_PATH, body, settings, dict)
+    out = review(path, body, settings, dict)
     assert out["apiVersion"] == "admission.k8s.io/v1" and out["kind"] == "AdmissionReview"
     return out["response"]
 
@@ -195,3 +197,23 @@ def test_guardrails_outside_the_installations_namespaces_are_left_to_others():
     assert answer(scoped, "CREATE", excluded)["allowed"] is False
     elsewhere = guardrail(bad)  # namespace shop: not watched by the scoped installation
     assert answer(scoped, "CREATE", elsewhere)["allowed"] is True
+
+
+def test_an_unquoted_injection_mode_off_is_written_as_the_string():
+    """kubectl's YAML 1.1 reads `mode: off` as false; the mutating pass patches it to "off"
+    (the schema, checked after it, would refuse a boolean)."""
+    import base64
+    import json
+
+    spec = with_("injection.mode", False)
+    response = answer(CLUSTERWIDE, "CREATE", guardrail(spec), path=GUARDRAIL_NORMALIZE_PATH)
+    assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+    assert json.loads(base64.b64decode(response["patch"])) == [
+        {"op": "replace", "path": "/spec/injection/mode", "value": "off"}
+    ]
+    for untouched in (VALID, with_("injection.mode", True), {"policy": {"bannedPhrases": ["x"]}}):
+        response = answer(CLUSTERWIDE, "UPDATE", guardrail(untouched), path=GUARDRAIL_NORMALIZE_PATH)
+        assert response == {"uid": "req-7", "allowed": True}
+    elsewhere = guardrail(spec)
+    elsewhere["metadata"]["namespace"] = "scoped-a"  # another installation's: not changed here
+    assert "patch" not in answer(CLUSTERWIDE, "CREATE", elsewhere, path=GUARDRAIL_NORMALIZE_PATH)

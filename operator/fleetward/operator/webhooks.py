@@ -130,6 +130,18 @@ def check_guardrail(operation: str, old: dict[str, Any] | None, new: dict[str, A
         raise Invalid("Guardrail", str(meta.get("name") or meta.get("generateName") or ""), problems)
 
 
+def normalize_guardrail(new: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The mutating pass for a Guardrail: JSON Patch operations that write `injection.mode:
+    off` as the string it means. YAML 1.1 loaders (kubectl's, PyYAML) read an unquoted `off`
+    as the boolean false, which the CRD's string enum would refuse with "must be of type
+    string"; the mutating pass runs before the schema is checked. Nothing else is touched:
+    an unquoted `on`/`yes` (true) names no mode and is left for the schema to refuse."""
+    injection = ((new or {}).get("spec") or {}).get("injection")
+    if isinstance(injection, dict) and injection.get("mode") is False:
+        return [{"op": "replace", "path": "/spec/injection/mode", "value": "off"}]
+    return []
+
+
 # -- KillSwitches --------------------------------------------------------------------------
 
 

@@ -103,8 +103,9 @@ InjectionMode = Annotated[Literal["enforce", "observe", "off"], BeforeValidator(
 
 class InjectionConfig(ApiModel):
     mode: InjectionMode = "enforce"
-    """enforce: act on detections; observe: only record them; off: disabled. Quote it in YAML
-    (mode: "off"): unquoted, YAML 1.1 (kubectl) reads off as the boolean false."""
+    """enforce: act on detections; observe: only record them; off: disabled. An unquoted off,
+    which YAML 1.1 (kubectl) reads as the boolean false, is stored as "off" by the operator's
+    admission webhook; quoting it (mode: "off") works without one."""
     patterns: list[Pattern] | None = Field(default=None, max_length=64)
     """Extra regular expressions (Python `re` syntax), on top of the built-in detection of instruction
     override, role-play hijack, system-prompt extraction and tool coercion."""

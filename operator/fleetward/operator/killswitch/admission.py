@@ -9,7 +9,8 @@ late answer (over the API server's 10 s) refuses the engage itself. Served here,
 of its own, an engage is admitted whatever the reconcilers are doing.
 
 Paths are the ones the chart's webhook configurations call (/killswitch-stamp,
-/killswitch-check, and /guardrail-check for Guardrails' regular expressions). Every replica
+/killswitch-check, /guardrail-check for Guardrails' regular expressions, and
+/guardrail-normalize, which writes an unquoted `injection.mode: off` as the string). Every replica
 serves: the decisions depend on the request only, plus the Agents this installation serves
 for its own finalizer (and, for Guardrails, its watched and excluded namespaces)."""
 
@@ -31,6 +32,7 @@ from fleetward.operator.webhooks import (
     admit,
     check,
     check_guardrail,
+    normalize_guardrail,
     serves_namespace,
     well_formed,
 )
@@ -40,6 +42,7 @@ log = logging.getLogger("fleetward.operator.admission")
 MUTATE_PATH = "/killswitch-stamp"
 VALIDATE_PATH = "/killswitch-check"
 GUARDRAIL_PATH = "/guardrail-check"
+GUARDRAIL_NORMALIZE_PATH = "/guardrail-normalize"
 
 
 def _plain(body: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -115,6 +118,13 @@ def review(
             if serves_namespace(request.get("namespace"), settings.watch_namespaces, settings.exclude_namespaces):
                 check_guardrail(operation, _plain(old), _plain(new))
             return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+        if path == GUARDRAIL_NORMALIZE_PATH:
+            if serves_namespace(request.get("namespace"), settings.watch_namespaces, settings.exclude_namespaces):
+                ops = normalize_guardrail(new)
+                if ops:
+                    response["patchType"] = "JSONPatch"
+                    response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
+            return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
         requester = Requester.of(request.get("userInfo"))
         if path == MUTATE_PATH:
             changes = admit(operation, _plain(old), _plain(new), requester)
@@ -157,6 +167,7 @@ def app(settings: OperatorSettings, indexes: Callable[[], dict[str, Any]]) -> we
     application.router.add_post(MUTATE_PATH, handle)
     application.router.add_post(VALIDATE_PATH, handle)
     application.router.add_post(GUARDRAIL_PATH, handle)
+    application.router.add_post(GUARDRAIL_NORMALIZE_PATH, handle)
     return application
 
 
