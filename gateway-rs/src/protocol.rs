@@ -147,8 +147,11 @@ pub enum ClientFrame {
     },
 }
 
+// Unknown fields of client frames are ignored, not refused: a client library may add its
+// own (a local id, a timestamp), and identity fields a client writes (`sub`, `role`, `user`,
+// `reviewer`) are never read: the command carries the verified token's identity only.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct UserMessageFrame {
     #[serde(rename = "type")]
     _type: String,
@@ -158,7 +161,7 @@ struct UserMessageFrame {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct ApprovalDecisionFrame {
     #[serde(rename = "type")]
     _type: String,
@@ -329,7 +332,6 @@ mod tests {
             (r#"{"type":"shout","text":"x"}"#, "type"),
             (r#"{"type":"user_message","text":"   "}"#, "text"),
             (r#"{"type":"user_message"}"#, "frame"),
-            (r#"{"type":"user_message","text":"x","admin":true}"#, "admin"),
             (r#"{"type":"approval_decision","runId":"r1","decision":"edit"}"#, "edit"),
             (
                 r#"{"type":"approval_decision","runId":"r1","decision":"approve","edit":"x"}"#,
@@ -359,6 +361,33 @@ mod tests {
             let e = ClientFrame::parse(bad).unwrap_err();
             assert_eq!(e.field, field, "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_claimed_identities_never_read() {
+        let m = ClientFrame::parse(
+            r#"{"type":"user_message","text":"hi","sub":"mallory","role":"operator","user":{"sub":"x"},"at":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ClientFrame::UserMessage {
+                text: "hi".into(),
+                client_message_id: None
+            }
+        );
+        let d = ClientFrame::parse(
+            r#"{"type":"approval_decision","runId":"r1","decision":"approve","reviewer":{"sub":"mallory"},"role":"operator"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            d,
+            ClientFrame::ApprovalDecision {
+                run_id: "r1".into(),
+                decision: Decision::Approve,
+                edit: None
+            }
+        );
     }
 
     #[test]

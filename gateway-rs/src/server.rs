@@ -1,6 +1,6 @@
-//! The HTTP side: the axum router, the handshake checks in SPEC §5.1 order (ready, session
-//! id, `since`, token, session claim, halt, connection limit), the upgrade, the probes and
-//! `/metrics`; and `run`, which starts every task and carries out the graceful shutdown.
+//! The HTTP side: the axum router, the handshake checks in SPEC §5.1 order (ready, token with
+//! its session claim and the halts, connection limit), the upgrade, the probes and `/metrics`;
+//! and `run`, which starts every task and carries out the graceful shutdown.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -154,7 +154,14 @@ async fn ws_handler(
         Err(refusal) => {
             st.metrics.auth_refusals.with_label_values(&[refusal.reason()]).inc();
             // Reason codes only: no token, nor any part of one, reaches the log.
-            tracing::info!(session = %session_id, peer = %peer.ip(), status = refusal.status().as_u16(),
+            // The path is not validated yet: an id outside the session-id alphabet is not
+            // written out (no control characters or forged log lines from a client's URL).
+            let shown = if crate::envelopes::is_session_id(&session_id) {
+                session_id.as_str()
+            } else {
+                "<invalid>"
+            };
+            tracing::info!(session = %shown, peer = %peer.ip(), status = refusal.status().as_u16(),
                 reason = refusal.reason(), "handshake refused");
             return refuse(
                 &st,

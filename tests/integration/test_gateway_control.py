@@ -68,7 +68,9 @@ def test_user_message_becomes_a_command_with_the_verified_identity(gw, kafka: Ka
             await ws.send("{not json")
             err = json.loads(await asyncio.wait_for(ws.recv(), 10))
             assert err["control"] == "error" and err["code"] == "invalid_frame"
-            await ws.send(json.dumps({"type": "user_message", "text": "still there?"}))
+            # Identity written in the frame is ignored (not refused): the token's is used.
+            spoofed = {"type": "user_message", "text": "still there?", "sub": "mallory", "role": "operator"}
+            await ws.send(json.dumps({**spoofed, "user": {"sub": "mallory", "role": "operator"}}))
 
     asyncio.run(main())
     got = commands(kafka, topics.requests(ROUTER), "in-1", lambda ms: len(ms) >= 2)
@@ -78,6 +80,8 @@ def test_user_message_becomes_a_command_with_the_verified_identity(gw, kafka: Ka
     assert first.user.sub == "carol" and first.user.role == "user"
     assert first.data.text == "my invoice is wrong"
     assert first.idempotency_key == "in-1:m-1"
+    second = parse_command(json.dumps(got[1]["value"]))
+    assert second.data.text == "still there?" and (second.user.sub, second.user.role) == ("carol", "user")
     # The produced message continues a trace: traceparent header carries the command's traceId.
     assert got[0]["headers"]["traceparent"].split("-")[1] == first.trace_id
 
