@@ -55,11 +55,11 @@ def test_one_bad_entry_is_dropped_and_named_the_rest_stays_trusted():
     assert set(parsed.keys) == {"good-1"}
     text = "\n".join(parsed.problems)
     for fragment in (
-        "'wrong-curve'): crv must be 'Ed25519'",
+        "'wrong-curve'): kty/crv must be OKP/Ed25519 or EC/P-256, got 'OKP'/'X25519'",
         "'short-x'): x must be",
         "member d (private key",
         "'bad-agent'): agent must be",
-        "'rsa'): kty must be 'OKP'",
+        "'rsa'): kty/crv must be OKP/Ed25519 or EC/P-256, got 'RSA'",
         "keys[6] (kid None): entry must",
     ):
         assert fragment in text, text

@@ -152,3 +152,22 @@ def test_labels_ride_with_the_key_and_bad_labels_are_ignored_not_fatal(fleet):
     assert parsed.keys["ops"].labels == {} and "labels must be an object of strings" in parsed.problems[0]
     no_labels = {k: v for k, v in fleet.entries[1].items() if k != "labels"}
     assert parse_jwks({"keys": [no_labels]}).keys["triage"].labels == {}
+
+
+def test_a_key_bound_to_no_agent_is_covered_by_any_revoking_switch():
+    """A hand-written bundle entry without `agent` (and a kid not of the operator's form):
+    nothing says it is outside a namespace scope, so an engaged switch refuses it."""
+    fleet = Fleet()
+    fleet.add("githouse.billing.k1", "githouse/billing")
+    loose = Ed25519PrivateKey.generate()
+    entry = public_jwk(loose.public_key(), "test-key", "other/agent")
+    del entry["agent"]
+    bundle = TrustBundle()
+    bundle.load({"keys": [*fleet.entries, entry]})
+    bundle.set_kill_switches({"ops": switch("ops", namespaces=["elsewhere"])})
+    verifier = ToolTokenVerifier(bundle)
+    token = mint_tool_token(loose, "test-key", "other/agent", "issue_refund", "run-1", "idem-1")
+    with pytest.raises(TokenRefused) as err:
+        verifier.verify(token, "issue_refund")
+    assert err.value.reason == RefusalReason.REVOKED and "(unbound)" in err.value.detail
+    assert verifier.verify(fleet.token("githouse.billing.k1", "githouse/billing"), "issue_refund")

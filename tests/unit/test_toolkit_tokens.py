@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from fleetward.toolkit import RefusalReason, TokenRefused, ToolTokenVerifier, TrustBundle, mint_tool_token
-from fleetward.toolkit.jwks import jwks_document, public_jwk
+from fleetward.toolkit.jwks import jwks_document, parse_jwks, public_jwk
 from fleetward.toolkit.replay import ReplayCache
 from fleetward.toolkit.tokens import MAX_TOKEN_BYTES
 
@@ -288,3 +288,87 @@ def test_verifier_settings_are_bounded(bundle):
         ToolTokenVerifier(bundle, leeway=30)
     with pytest.raises(ValueError, match="issuer"):
         ToolTokenVerifier(bundle, issuer="")
+
+
+# -- bundles written by hand, ES256 and odd NumericDates (SPEC §3: "Ed25519 or ES256") --------
+
+
+def test_a_plain_jwks_entry_is_trusted_and_binds_by_the_operators_kid_form():
+    """A JWKS written by hand has no `agent` member. With the operator's kid form
+    (<namespace>.<agent>.<id>) the key is bound to that agent; otherwise to none."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    def plain(key: Ed25519PublicKey, kid: str) -> dict:
+        x = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": b64(x), "kid": kid}
+
+    bound, loose = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    bound_kid, loose_kid = "githouse.billing.k7f3", "test-key-1"
+    verifier = ToolTokenVerifier(
+        TrustBundle.from_jwks(
+            json.dumps({"keys": [plain(bound.public_key(), bound_kid), plain(loose.public_key(), loose_kid)]})
+        )
+    )
+    ok = verifier.verify(mint_tool_token(bound, bound_kid, BILLING, "issue_refund", "run-1", "i-1"), "issue_refund")
+    assert ok.agent == BILLING and ok.kid == bound_kid
+    assert refused(verifier, mint_tool_token(bound, bound_kid, ACCOUNT, "issue_refund", "run-1", "i-2")).reason == (
+        RefusalReason.WRONG_SUBJECT
+    )
+    anyone = mint_tool_token(loose, loose_kid, ACCOUNT, "issue_refund", "run-1", "i-3")
+    assert verifier.verify(anyone, "issue_refund").agent == ACCOUNT
+
+
+def test_es256_keys_verify_es256_tokens_only():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    numbers = key.public_key().public_numbers()
+    entry = {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": b64(numbers.x.to_bytes(32, "big")),
+        "y": b64(numbers.y.to_bytes(32, "big")),
+        "kid": "githouse.billing.ec1",
+        "agent": BILLING,
+    }
+    verifier = ToolTokenVerifier(TrustBundle.from_jwks(json.dumps({"keys": [entry]})))
+    token = mint_tool_token(key, "githouse.billing.ec1", BILLING, "issue_refund", "run-1", "i-1")
+    assert jwt.get_unverified_header(token)["alg"] == "ES256"
+    assert verifier.verify(token, "issue_refund").agent == BILLING
+    # the key fixes the algorithm: an EdDSA header under this kid is refused before any signature check
+    _, _, signature = token.split(".")
+    header = b64({"alg": "EdDSA", "kid": "githouse.billing.ec1", "typ": "JWT"})
+    relabelled = f"{header}.{token.split('.')[1]}.{signature}"
+    assert refused(verifier, relabelled).reason == RefusalReason.BAD_ALGORITHM
+    # a point that is not on the curve is no key at all
+    off_curve = {**entry, "kid": "bad", "y": b64((numbers.y ^ 1).to_bytes(32, "big"))}
+    parsed = parse_jwks({"keys": [off_curve]})
+    assert not parsed.keys and "not a point on the P-256 curve" in parsed.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("over", "reason", "words"),
+    [
+        ({"exp": float("inf")}, RefusalReason.MISSING_CLAIM, "exp must be a NumericDate"),
+        ({"nbf": float("nan")}, RefusalReason.MALFORMED, "nbf must be a NumericDate"),
+        ({"aud": ["issue_refund"]}, RefusalReason.MALFORMED, "aud must be the tool's name (a string), not a list"),
+    ],
+)
+def test_odd_claims_are_refused_with_their_own_reason(keys, verifier, over, reason, words):
+    # Python's JSON writes and reads Infinity/NaN; a verifier must refuse them, not crash (it was a 500)
+    token = jwt.encode(claims(**over), keys[BILLING_KID], algorithm="EdDSA", headers={"kid": BILLING_KID})
+    err = refused(verifier, token)
+    assert err.reason == reason and words in err.detail
+
+
+def test_nbf_in_the_future_says_so_and_a_fractional_lifetime_over_60_s_is_too_long(keys, verifier):
+    now = time.time()
+    token = jwt.encode(
+        claims(now, nbf=int(now) + 30), keys[BILLING_KID], algorithm="EdDSA", headers={"kid": BILLING_KID}
+    )
+    err = refused(verifier, token)
+    assert err.reason == RefusalReason.NOT_YET_VALID and "(nbf)" in err.detail
+    iat = now - 1
+    long = claims(now, iat=iat, exp=iat + 60.5)
+    token = jwt.encode(long, keys[BILLING_KID], algorithm="EdDSA", headers={"kid": BILLING_KID})
+    assert refused(verifier, token).reason == RefusalReason.TTL_TOO_LONG

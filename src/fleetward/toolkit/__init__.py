@@ -1,8 +1,9 @@
 """fleetward.toolkit: what a tool service needs to trust Fleetward agents.
 
 Every tool call of an agent carries a short-lived JWT (the tool token) signed with the
-agent's Ed25519 key; the public keys of all active agents are published in the trust
-bundle (ConfigMap `fleetward-trust-bundle`, key `jwks.json`). A tool service verifies
+agent's Ed25519 key (ES256 keys are verified too); the public keys of all active agents are
+published in the trust bundle (ConfigMap `fleetward-trust-bundle`, key `jwks.json`; its
+entry format is in fleetward.toolkit.jwks). A tool service verifies
 each call against that bundle, which it watches, so a revoked key is refused at once;
 it also watches the KillSwitches and refuses the keys an engaged one covers as soon as the
 switch arrives (fleetward.toolkit.killswitches).

@@ -323,7 +323,8 @@ class TrustBundle:
                 if switch is None:
                     return key
                 raise TokenRefused(
-                    RefusalReason.REVOKED, f"key {kid!r} of agent {key.agent} is revoked by kill switch {switch!r}"
+                    RefusalReason.REVOKED,
+                    f"key {kid!r} of agent {key.agent or '(unbound)'} is revoked by kill switch {switch!r}",
                 )
             if kid in self._retired:
                 raise TokenRefused(RefusalReason.REVOKED, f"key {kid!r} was removed from the trust bundle")

@@ -6,6 +6,13 @@ Format (shared contract): {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "<b64u
 a verifier can tell on its own which keys an engaged KillSwitch's agentSelector covers
 (fleetward.toolkit.killswitches).
 
+The operator publishes Ed25519 keys. SPEC §3 also allows ES256, so an entry may as well be
+{"kty": "EC", "crv": "P-256", "x", "y", "alg": "ES256"}: the key decides the algorithm a token
+must use. `agent` binds a key to the one agent whose `sub` its tokens may carry; an entry
+without it (a JWKS written by hand or by another tool) is bound by its kid when the kid has
+the operator's form `<namespace>.<agent>.<id>`, and otherwise not bound at all (reported in
+`problems`; its tokens may name any agent).
+
 Parsing is per key: one bad entry is dropped and reported without revoking every other
 agent; a document that is not a JWKS at all raises InvalidJwks (callers fail closed).
 """
@@ -19,12 +26,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 # "<namespace>/<name>", both DNS-1123 labels (what Kubernetes allows for the two names).
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 AGENT_PATTERN = re.compile(rf"^{_LABEL}/{_LABEL}$")
+# The operator's kids: "<namespace>.<agent>.<random>" (neither name can hold a dot).
+_OPERATOR_KID = re.compile(rf"^(?P<namespace>{_LABEL})\.(?P<name>{_LABEL})\.[A-Za-z0-9_-]+$")
 MAX_KID_LENGTH = 256
 
 
@@ -32,17 +42,24 @@ class InvalidJwks(ValueError):
     """The document is not a JWKS ({"keys": [...]}); nothing in it can be trusted."""
 
 
+PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
 @dataclass(frozen=True)
 class TrustedKey:
     kid: str
-    agent: str
-    public_key: Ed25519PublicKey
+    agent: str | None
+    """The agent (`<namespace>/<name>`) whose tokens the key signs; None when the entry does
+    not say (its tokens may then name any agent)."""
+    public_key: PublicKey
     labels: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     """The Agent's labels as published with the key ({} when the entry has none)."""
+    algorithm: str = "EdDSA"
+    """The JWS algorithm of the key: EdDSA (Ed25519) or ES256 (P-256)."""
 
     @property
-    def namespace(self) -> str:
-        return self.agent.split("/", 1)[0]
+    def namespace(self) -> str | None:
+        return self.agent.split("/", 1)[0] if self.agent else None
 
 
 @dataclass(frozen=True)
@@ -88,16 +105,54 @@ def _labels(entry: Mapping[str, Any]) -> Mapping[str, str] | None:
     return dict(labels)
 
 
+def _coordinate(entry: Mapping[str, Any], member: str, size: int, what: str) -> bytes:
+    value = entry.get(member)
+    try:
+        raw = b64url_decode(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != size:
+        raise ValueError(f"{member} must be the base64url encoding of {what}")
+    return raw
+
+
+def _public_key(entry: Mapping[str, Any]) -> tuple[PublicKey, str]:
+    """The entry's public key and the algorithm it verifies (EdDSA or ES256)."""
+    kty, crv = entry.get("kty"), entry.get("crv")
+    if (kty, crv) == ("OKP", "Ed25519"):
+        algorithm = "EdDSA"
+    elif (kty, crv) == ("EC", "P-256"):
+        algorithm = "ES256"
+    else:
+        raise ValueError(f"kty/crv must be OKP/Ed25519 or EC/P-256, got {kty!r}/{crv!r}")
+    if entry.get("alg", algorithm) != algorithm:
+        raise ValueError(f"alg must be {algorithm!r} for a {crv} key, got {entry.get('alg')!r}")
+    if algorithm == "EdDSA":
+        return Ed25519PublicKey.from_public_bytes(
+            _coordinate(entry, "x", 32, "a 32-byte Ed25519 public key")
+        ), algorithm
+    x = int.from_bytes(_coordinate(entry, "x", 32, "a 32-byte P-256 coordinate"), "big")
+    y = int.from_bytes(_coordinate(entry, "y", 32, "a 32-byte P-256 coordinate"), "big")
+    try:
+        return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key(), algorithm
+    except ValueError:
+        raise ValueError("x/y is not a point on the P-256 curve") from None
+
+
+def _agent(entry: Mapping[str, Any], kid: str) -> str | None:
+    agent = entry.get("agent")
+    if agent is None:
+        bound = _OPERATOR_KID.match(kid)
+        return f"{bound['namespace']}/{bound['name']}" if bound else None
+    if not isinstance(agent, str) or not AGENT_PATTERN.match(agent):
+        raise ValueError(f"agent must be '<namespace>/<name>', got {agent!r}")
+    return agent
+
+
 def _parse_key(entry: Any) -> TrustedKey:
     """One JWKS entry -> TrustedKey; ValueError/TypeError names the offending member."""
     if not isinstance(entry, Mapping):
         raise TypeError("entry must be an object")
-    expected = {"kty": "OKP", "crv": "Ed25519"}
-    for member, value in expected.items():
-        if entry.get(member) != value:
-            raise ValueError(f"{member} must be {value!r}, got {entry.get(member)!r}")
-    if entry.get("alg", "EdDSA") != "EdDSA":
-        raise ValueError(f"alg must be 'EdDSA', got {entry.get('alg')!r}")
     if entry.get("use", "sig") != "sig":
         raise ValueError(f"use must be 'sig', got {entry.get('use')!r}")
     if "d" in entry:
@@ -106,18 +161,10 @@ def _parse_key(entry: Any) -> TrustedKey:
     kid = entry.get("kid")
     if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
         raise ValueError(f"kid must be a string of 1-{MAX_KID_LENGTH} characters")
-    agent = entry.get("agent")
-    if not isinstance(agent, str) or not AGENT_PATTERN.match(agent):
-        raise ValueError(f"agent must be '<namespace>/<name>', got {agent!r}")
-    x = entry.get("x")
-    try:
-        raw = b64url_decode(x) if isinstance(x, str) else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise ValueError("x must be the base64url encoding of a 32-byte Ed25519 public key")
-    public_key = Ed25519PublicKey.from_public_bytes(raw)
-    return TrustedKey(kid=kid, agent=agent, public_key=public_key, labels=_labels(entry) or {})
+    public_key, algorithm = _public_key(entry)
+    return TrustedKey(
+        kid=kid, agent=_agent(entry, kid), public_key=public_key, labels=_labels(entry) or {}, algorithm=algorithm
+    )
 
 
 def parse_jwks(document: str | bytes | Mapping[str, Any]) -> ParsedJwks:
@@ -138,6 +185,11 @@ def parse_jwks(document: str | bytes | Mapping[str, Any]) -> ParsedJwks:
             kid = entry.get("kid") if isinstance(entry, Mapping) else None
             problems.append(f"keys[{index}] (kid {kid!r}): {e}")
             continue
+        if key.agent is None:
+            problems.append(
+                f"keys[{index}] (kid {key.kid!r}): no agent member and the kid is not <namespace>.<agent>.<id>: "
+                "kept, but its tokens are not bound to one agent's sub"
+            )
         if _labels(entry) is None:
             # Kept: the bundle is what trusts a key; labels only let a verifier apply a
             # KillSwitch's agentSelector itself, and the operator withdraws the key anyway.

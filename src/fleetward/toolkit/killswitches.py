@@ -31,10 +31,12 @@ GROUP, VERSION, PLURAL = "fleetward.dev", "v1alpha1", "killswitches"
 
 
 def covering_switch(switches: Mapping[str, Mapping[str, Any]], key: TrustedKey) -> str | None:
-    """The first (by name) engaged switch revoking credentials that covers the key's agent."""
+    """The first (by name) engaged switch revoking credentials that covers the key's agent.
+    A key bound to no agent (a hand-written bundle entry) is covered by every such switch:
+    nothing says it is outside a scope, and a kill switch errs on the side of stopping."""
     for name in sorted(switches):
         switch = switches[name]
-        if revokes(switch) and covers(switch, key.namespace, key.labels):
+        if revokes(switch) and (key.namespace is None or covers(switch, key.namespace, key.labels)):
             return name
     return None
 

@@ -1,13 +1,16 @@
 """The tool token: one claims definition shared by the runtime (minting) and tool
 services (verification), so both sides agree on names, types and limits.
 
-A tool token is a JWT signed with the agent's Ed25519 key (alg EdDSA, header kid = the
-key's id in the trust bundle), valid for at most 60 s and scoped to one agent, one tool,
-one run and one idempotency key.
+A tool token is a JWT signed with the agent's key (Ed25519, alg EdDSA, as the operator
+issues them; P-256, alg ES256, is accepted too, SPEC §3), header kid = the key's id in the
+trust bundle, valid for at most 60 s and scoped to one agent, one tool, one run and one
+idempotency key. `iat`/`exp` are NumericDates: integers when minted here, any finite
+number when verified (the lifetime is checked on the values as given).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -15,12 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from fleetward.toolkit.jwks import AGENT_PATTERN, MAX_KID_LENGTH
 
 ALGORITHM = "EdDSA"
+"""What `mint_tool_token` signs with for an Ed25519 key (the operator's keys)."""
+ALGORITHMS = ("EdDSA", "ES256")
+"""What a verifier accepts; each trust-bundle key verifies only its own."""
 DEFAULT_ISSUER = "fleetward"
 MAX_TTL_SECONDS = 60
 MAX_LEEWAY_SECONDS = 5
@@ -37,8 +44,8 @@ class ToolTokenClaims:
     run_id: str
     idempotency_key: str
     jti: str
-    iat: int
-    exp: int
+    iat: int | float
+    exp: int | float
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -64,10 +71,10 @@ class ToolTokenClaims:
         times = {}
         for claim in ("iat", "exp"):
             value = payload.get(claim)
-            # bool is an int subclass; a NumericDate is never true/false.
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # bool is an int subclass; a NumericDate is never true/false, nor Infinity or NaN.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"claim {claim} must be a NumericDate (seconds since the epoch)")
-            times[claim] = int(value)
+            times[claim] = value
         return cls(
             iss=strings["iss"],
             sub=strings["sub"],
@@ -80,12 +87,20 @@ class ToolTokenClaims:
         )
 
 
-def load_private_key(pem: bytes | str) -> Ed25519PrivateKey:
+SigningKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+
+def _signing_key(key: object) -> SigningKey:
+    if isinstance(key, Ed25519PrivateKey) or (
+        isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+    ):
+        return key
+    raise TypeError(f"agent signing key must be Ed25519 or P-256, got {type(key).__name__}")
+
+
+def load_private_key(pem: bytes | str) -> SigningKey:
     """An agent's signing key from its PEM (PKCS#8) form, as stored in the agent's Secret."""
-    key = load_pem_private_key(pem.encode() if isinstance(pem, str) else pem, password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise TypeError(f"agent signing key must be Ed25519, got {type(key).__name__}")
-    return key
+    return _signing_key(load_pem_private_key(pem.encode() if isinstance(pem, str) else pem, password=None))
 
 
 def _require_text(field: str, value: str, limit: int = MAX_CLAIM_LENGTH) -> None:
@@ -94,7 +109,7 @@ def _require_text(field: str, value: str, limit: int = MAX_CLAIM_LENGTH) -> None
 
 
 def mint_tool_token(
-    private_key: Ed25519PrivateKey | bytes | str,
+    private_key: SigningKey | bytes | str,
     kid: str,
     agent: str,
     tool: str,
@@ -108,7 +123,8 @@ def mint_tool_token(
 ) -> str:
     """A signed tool token for one invocation of `tool` by `agent` ("<namespace>/<name>").
 
-    `private_key` is the agent's Ed25519 key (or its PEM). `ttl` is 1-60 seconds.
+    `private_key` is the agent's Ed25519 key (EdDSA) or P-256 key (ES256), or its PEM. `ttl`
+    is 1-60 seconds.
     `now` and `jti` exist for tests; leave them unset in production.
     """
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL_SECONDS:
@@ -118,7 +134,8 @@ def mint_tool_token(
         raise ValueError(f"agent must be '<namespace>/<name>' (DNS-1123 labels), got {agent!r}")
     for field, value in (("tool", tool), ("run_id", run_id), ("idempotency_key", idempotency_key), ("issuer", issuer)):
         _require_text(field, value)
-    key = private_key if isinstance(private_key, Ed25519PrivateKey) else load_private_key(private_key)
+    key = load_private_key(private_key) if isinstance(private_key, (bytes, str)) else _signing_key(private_key)
+    algorithm = ALGORITHM if isinstance(key, Ed25519PrivateKey) else "ES256"
     iat = int(time.time() if now is None else now)
     claims = ToolTokenClaims(
         iss=issuer,
@@ -130,4 +147,4 @@ def mint_tool_token(
         iat=iat,
         exp=iat + ttl,
     )
-    return jwt.encode(claims.to_payload(), key, algorithm=ALGORITHM, headers={"kid": kid, "typ": "JWT"})
+    return jwt.encode(claims.to_payload(), key, algorithm=algorithm, headers={"kid": kid, "typ": "JWT"})

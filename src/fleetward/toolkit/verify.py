@@ -1,11 +1,13 @@
 """Verification of tool tokens against the trust bundle.
 
 Order of checks (each refusal has its own reason, see errors.RefusalReason):
-size -> header (alg must be EdDSA, kid present; jku/x5u/jwk members are ignored, never
-fetched) -> key lookup (unknown/revoked/bundle unavailable) -> signature -> claims (iss,
-aud, sub == the key's agent, lifetime <= 60 s, iat/nbf with leeway <= 5 s, exp with
-none, runId, idempotencyKey) -> jti replay. The jti is recorded only when everything else passed, so
-a forged or misdirected token cannot burn a legitimate token's id.
+size -> header (alg EdDSA or ES256, kid present; jku/x5u/jwk members are ignored, never
+fetched) -> key lookup (unknown/revoked/bundle unavailable) -> the key's own algorithm
+(an Ed25519 key verifies EdDSA only, a P-256 key ES256 only, whatever the header says) ->
+signature -> claims (iss, aud, sub == the key's agent, lifetime <= 60 s, iat/nbf with
+leeway <= 5 s, exp with none, runId, idempotencyKey) -> jti replay. The jti is recorded
+only when everything else passed, so a forged or misdirected token cannot burn a
+legitimate token's id.
 
 Time claims are checked here rather than by PyJWT so that each failure gets its own
 reason and tests can inject a clock; PyJWT does the JOSE parsing and the signature.
@@ -13,6 +15,7 @@ reason and tests can inject a clock; PyJWT does the JOSE parsing and the signatu
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from fleetward.toolkit.bundle import TrustBundle
 from fleetward.toolkit.errors import RefusalReason, TokenRefused
 from fleetward.toolkit.replay import ReplayCache, ReplayCacheFull
 from fleetward.toolkit.tokens import (
-    ALGORITHM,
+    ALGORITHMS,
     DEFAULT_ISSUER,
     MAX_LEEWAY_SECONDS,
     MAX_TOKEN_BYTES,
@@ -69,6 +72,12 @@ class VerifiedCall:
 
 
 class ToolTokenVerifier:
+    """Verifies the tool tokens an agent runtime sends (SPEC §6) for one tool service:
+    signature by a key of the trust bundle, `aud` = the tool's own name, `iss` = the
+    installation, lifetime and expiry, `sub` = the key's agent, jti not seen before.
+    `verify_authorization` takes the Authorization header value; both raise TokenRefused
+    (its `reason` is stable, its `http_status` is what to answer) or return a VerifiedCall."""
+
     def __init__(
         self,
         bundle: TrustBundle,
@@ -111,20 +120,30 @@ class ToolTokenVerifier:
         except jwt.InvalidTokenError as e:
             raise TokenRefused(RefusalReason.MALFORMED, f"not a JWS: {e}") from None
         alg = header.get("alg")
-        if alg != ALGORITHM:
-            raise TokenRefused(RefusalReason.BAD_ALGORITHM, f"alg {alg!r} is not accepted, only {ALGORITHM}")
+        if alg not in ALGORITHMS:
+            raise TokenRefused(
+                RefusalReason.BAD_ALGORITHM, f"alg {alg!r} is not accepted, only {' or '.join(ALGORITHMS)}"
+            )
         if "crit" in header:
             raise TokenRefused(RefusalReason.MALFORMED, "critical header extensions are not supported")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenRefused(RefusalReason.MISSING_KID, "header has no kid")
         key = self.bundle.lookup(kid)
+        if alg != key.algorithm:  # the key fixes the algorithm, never the token's header
+            raise TokenRefused(
+                RefusalReason.BAD_ALGORITHM, f"key {kid!r} is a {key.algorithm} key; the token says {alg}"
+            )
         try:
-            payload = jwt.decode(token, key.public_key, algorithms=[ALGORITHM], options=_DECODE_OPTIONS)
+            payload = jwt.decode(token, key.public_key, algorithms=[key.algorithm], options=_DECODE_OPTIONS)
         except jwt.InvalidSignatureError:
             raise TokenRefused(RefusalReason.BAD_SIGNATURE, f"signature does not verify with key {kid!r}") from None
         except jwt.InvalidTokenError as e:
             raise TokenRefused(RefusalReason.MALFORMED, f"undecodable token: {e}") from None
+        if isinstance(aud := payload.get("aud"), list):
+            raise TokenRefused(
+                RefusalReason.MALFORMED, f"aud must be the tool's name (a string), not a list of {len(aud)}"
+            )
         try:
             claims = ToolTokenClaims.from_payload(payload)
         except (ValueError, TypeError) as e:
@@ -147,7 +166,7 @@ class ToolTokenVerifier:
         self,
         claims: ToolTokenClaims,
         nbf: object,
-        key_agent: str,
+        key_agent: str | None,
         audience: str,
         idempotency_key: str | None,
         now: float,
@@ -158,7 +177,7 @@ class ToolTokenVerifier:
             )
         if claims.aud != audience:
             raise TokenRefused(RefusalReason.WRONG_AUDIENCE, f"token is for tool {claims.aud!r}, not {audience!r}")
-        if claims.sub != key_agent:
+        if key_agent is not None and claims.sub != key_agent:
             raise TokenRefused(RefusalReason.WRONG_SUBJECT, f"sub {claims.sub!r} is not the key owner {key_agent!r}")
         if claims.exp <= claims.iat:
             raise TokenRefused(RefusalReason.MALFORMED, "exp must be after iat")
@@ -166,11 +185,12 @@ class ToolTokenVerifier:
             raise TokenRefused(
                 RefusalReason.TTL_TOO_LONG, f"lifetime {claims.exp - claims.iat} s exceeds {MAX_TTL_SECONDS} s"
             )
-        if nbf is not None and (isinstance(nbf, bool) or not isinstance(nbf, (int, float))):
+        if nbf is not None and (isinstance(nbf, bool) or not isinstance(nbf, (int, float)) or not math.isfinite(nbf)):
             raise TokenRefused(RefusalReason.MALFORMED, "nbf must be a NumericDate")
-        not_before = claims.iat if nbf is None else nbf
-        if max(claims.iat, not_before) > now + self.leeway:
+        if claims.iat > now + self.leeway:
             raise TokenRefused(RefusalReason.NOT_YET_VALID, f"issued {claims.iat - now:.0f} s in the future")
+        if nbf is not None and nbf > now + self.leeway:
+            raise TokenRefused(RefusalReason.NOT_YET_VALID, f"not valid before {nbf - now:.0f} s from now (nbf)")
         # No leeway on expiry: a token is minted for one call just before it is made, with
         # up to 60 s to live, so a few seconds of clock skew never expire a fresh one; a
         # leeway here would only stretch a captured token's life past its stated exp.
