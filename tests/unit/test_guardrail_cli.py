@@ -235,7 +235,7 @@ def test_invalid_utf8_line_is_a_bad_line():
     [
         (
             "kind: Guardrail\nmetadata: {name: g}\nspec:\n  pii:\n    entities: [{type: email, strategy: nope}]\n",
-            "document 1 (g): spec.pii.entities.0.strategy: Input should be 'redact', 'mask', 'hash' or 'block' (got 'nope')",
+            "document 1 (g): spec.pii.entities[0].strategy: Input should be 'redact', 'mask', 'hash' or 'block' (got 'nope')",
         ),
         (
             "kind: Guardrail\nmetadata: {name: g}\nspec: {}\n",
@@ -243,7 +243,7 @@ def test_invalid_utf8_line_is_a_bad_line():
         ),
         (
             "kind: Guardrail\nmetadata: {name: g}\nspec:\n  pii:\n    entities: [{type: custom, name: x}]\n",
-            "spec.pii.entities.0: a custom PII entity needs 'detector' (a regular expression)",
+            "spec.pii.entities[0]: a custom PII entity needs 'detector' (a regular expression)",
         ),
         (
             "kind: Guardrail\nmetadata: {name: g}\nspec:\n  injection: {patterns: ['(']}\n",

@@ -125,7 +125,8 @@ def load_guardrails(paths: Iterable[Path]) -> list[Guardrail]:
 def _describe(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"])
+        # spec.pii.entities[0].type, as the API server and the engine's own errors write it
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
         got = item.get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
         problems.append(f"{field}: {item['msg']}{shown}")
@@ -140,7 +141,7 @@ def _check_rules_beyond_schema(guardrail: Guardrail, where: str) -> None:
     for i, entity in enumerate(spec.pii.entities if spec.pii else ()):
         if entity.type == "custom" and entity.detector is None:
             raise ManifestError(
-                f"{where}: spec.pii.entities.{i}: a custom PII entity needs 'detector' (a regular expression)"
+                f"{where}: spec.pii.entities[{i}]: a custom PII entity needs 'detector' (a regular expression)"
             )
 
 
