@@ -352,6 +352,7 @@ def test_es256_keys_verify_es256_tokens_only():
         ({"exp": float("inf")}, RefusalReason.MISSING_CLAIM, "exp must be a NumericDate"),
         ({"nbf": float("nan")}, RefusalReason.MALFORMED, "nbf must be a NumericDate"),
         ({"aud": ["issue_refund"]}, RefusalReason.MALFORMED, "aud must be the tool's name (a string), not a list"),
+        ({"sub": "billing"}, RefusalReason.MISSING_CLAIM, "claim sub must be the agent as <namespace>/<name>"),
     ],
 )
 def test_odd_claims_are_refused_with_their_own_reason(keys, verifier, over, reason, words):

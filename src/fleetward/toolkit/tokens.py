@@ -68,6 +68,8 @@ class ToolTokenClaims:
             if not isinstance(value, str) or not 0 < len(value) <= MAX_CLAIM_LENGTH:
                 raise ValueError(f"claim {claim} must be a string of 1-{MAX_CLAIM_LENGTH} characters")
             strings[claim] = value
+        if not AGENT_PATTERN.match(strings["sub"]):
+            raise ValueError(f"claim sub must be the agent as <namespace>/<name>, got {strings['sub']!r}")
         times = {}
         for claim in ("iat", "exp"):
             value = payload.get(claim)
