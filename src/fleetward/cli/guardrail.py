@@ -15,9 +15,10 @@ text (U+0085, U+2028, U+2029) are written as JSON escapes, so any line splitter 
 Several -f files (and several YAML documents per file) compose: all Guardrails apply,
 block beats escalate beats allow. Which parts apply at which --stage: PII per its
 applyTo; injection on input and toolResults; policy (bannedPhrases) per its applyTo
-(default input and output); maxInputChars on input, maxOutputChars on output. A bad input line is reported on
-standard error with its line number and the scan goes on; the exit code is then 1. A bad
-Guardrail file stops before scanning (exit 2).
+(default input and output); maxInputChars on input, maxOutputChars on output. A bad
+input line gets no output line: it is reported on standard error with its line number and
+the scan goes on; the exit code is then 1. A bad Guardrail file stops before scanning
+(exit 2).
 
 Example:
     echo '{"id": 1, "text": "mail me at jane@example.com"}' |
