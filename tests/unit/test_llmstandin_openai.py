@@ -216,6 +216,22 @@ def test_tool_choice_forcing_a_tool_is_honoured_and_checked(llm: StandinServer) 
     }
 
 
+def test_allowed_tools_forces_a_call_only_in_mode_required(llm: StandinServer) -> None:
+    llm.set_scenario([{"respond": {"content": "no tool needed"}}])
+    client = openai.OpenAI(base_url=llm.url, api_key=API_KEY, max_retries=0)
+    tool = {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}}
+
+    def ask(mode: str) -> Any:
+        choice = {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": [tool]}}
+        return client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], tools=[tool], tool_choice=choice
+        )
+
+    assert ask("auto").choices[0].message.content == "no tool needed"
+    with pytest.raises(openai.UnprocessableEntityError, match="demands a tool call"):
+        ask("required")
+
+
 def test_tool_call_mistakes_are_reported_not_sent(llm: StandinServer) -> None:
     llm.set_scenario(
         [
@@ -525,13 +541,15 @@ def test_requests_are_recorded_with_the_api_key_only_as_a_hash(llm: StandinServe
 
     only_other = httpx.get(f"{llm.root_url}/_standin/requests", params={"model": "other"}).json()
     assert [r["body"]["messages"][0]["content"] for r in only_other] == ["second question"]
+    empty_filters = {"model": "", "rule": "", "outcome": ""}  # as the docs write the URL: no filter
+    assert len(httpx.get(f"{llm.root_url}/_standin/requests", params=empty_filters).json()) == 2
     assert httpx.delete(f"{llm.root_url}/_standin/requests").json() == {"deleted": 2}
     assert httpx.get(f"{llm.root_url}/_standin/requests").json() == []
 
 
 def test_record_file_gets_json_lines_without_the_key(tmp_path: Any) -> None:
     path = tmp_path / "requests.jsonl"
-    with StandinServer([{"respond": {"content": "ok"}}], record=path) as server:
+    with StandinServer([{"respond": {"content": "ok"}}], record=str(path)) as server:  # a str path works too
         chat(server).invoke("one")
         chat(server).invoke("two")
     lines = [json.loads(line) for line in path.read_text().splitlines()]

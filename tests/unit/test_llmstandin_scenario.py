@@ -275,3 +275,18 @@ def test_the_documented_example_scenario_is_valid() -> None:
     scenario = parse_scenario(yaml.safe_load(example), "docs/llm-standin.md")
     assert [r.name for r in scenario.rules] == ["classify", "rate-limited-twice", "look-up-first", "answer-with-result"]
     assert scenario.rules[2].match.last_user.test("where is order 42?")  # type: ignore[union-attr]
+    # The tool-call round trip it describes: the call, then (the result in the conversation,
+    # the user's message still there) the answer, not the same call again.
+    book = RuleBook(scenario)
+    tool = {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}}
+    ask = [{"role": "user", "content": "where is order 42?"}]
+    first = book.pick(ChatRequest({"model": "m", "messages": ask, "tools": [tool]}, {}))
+    assert first is not None and first[1].name == "look-up-first"
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup_order", "arguments": '{"order_id": "42"}'}}
+    after = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped"}'},
+    ]
+    second = book.pick(ChatRequest({"model": "m", "messages": after, "tools": [tool]}, {}))
+    assert second is not None and second[1].name == "answer-with-result"

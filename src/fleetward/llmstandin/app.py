@@ -287,7 +287,10 @@ async def close_gate(request: web.Request) -> web.Response:
 async def list_requests(request: web.Request) -> web.Response:
     query = request.query
     return web.json_response(
-        request.app[RECORDER].list(model=query.get("model"), rule=query.get("rule"), outcome=query.get("outcome"))
+        # an empty value (`?model=`) filters nothing, as if the parameter were absent
+        request.app[RECORDER].list(
+            model=query.get("model") or None, rule=query.get("rule") or None, outcome=query.get("outcome") or None
+        )
     )
 
 

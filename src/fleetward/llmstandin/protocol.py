@@ -119,12 +119,25 @@ def _check_json(respond: Respond, request: ChatRequest) -> list[str]:
     ]
 
 
+def _forces_a_tool_call(choice: Any) -> bool:
+    """`required`, a named function or custom tool, or allowed_tools in mode `required`;
+    `allowed_tools` in mode `auto` only narrows the choice (the model may still answer)."""
+    if choice == "required":
+        return True
+    if not isinstance(choice, dict):
+        return False
+    if choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        return isinstance(allowed, dict) and allowed.get("mode") == "required"
+    return True
+
+
 def _check_tool_calls(respond: Respond, request: ChatRequest) -> list[str]:
     offered = request.offered_tools
     choice = request.body.get("tool_choice")
     problems = []
     if not respond.tool_calls:
-        if choice == "required" or isinstance(choice, dict):
+        if _forces_a_tool_call(choice):
             problems.append(f"the request's tool_choice {json.dumps(choice)} demands a tool call, the rule gives none")
         return problems
     if choice == "none":

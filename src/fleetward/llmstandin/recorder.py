@@ -38,11 +38,12 @@ class Recorder:
     """Every request, in arrival order; a record is visible (outcome "pending") as soon as the request
     arrives, so a test can wait for a request to be in flight before aborting it."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | str | None = None):
         self._lock = threading.Lock()
         self._records: list[dict[str, Any]] = []
         self._seq = 0
-        self._file: IO[str] | None = path.open("a", encoding="utf-8") if path else None
+        # open for the recorder's life, closed by close()
+        self._file: IO[str] | None = Path(path).open("a", encoding="utf-8") if path else None  # noqa: SIM115
 
     def begin(self, method: str, path: str, headers: Mapping[str, str], raw_body: bytes) -> dict[str, Any]:
         try:

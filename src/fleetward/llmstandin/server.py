@@ -69,7 +69,7 @@ class StandinServer:
     """
 
     def __init__(
-        self, scenario: ScenarioLike = None, *, host: str = "127.0.0.1", port: int = 0, record: Path | None = None
+        self, scenario: ScenarioLike = None, *, host: str = "127.0.0.1", port: int = 0, record: Path | str | None = None
     ):
         self.rulebook = RuleBook(to_scenario(scenario))
         self.recorder = Recorder(record)
