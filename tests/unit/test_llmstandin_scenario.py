@@ -183,6 +183,18 @@ def test_chat_request_facts() -> None:
     assert chat.api_key == "sk-1"
 
 
+USER = {"role": "user", "content": "x"}
+CALLS = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "a", "arguments": "{}"}},
+        {"id": "c2", "type": "function", "function": {"name": "b", "arguments": "{}"}},
+    ],
+}
+ANSWER_1 = {"role": "tool", "tool_call_id": "c1", "content": "r1"}
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -190,12 +202,25 @@ def test_chat_request_facts() -> None:
         ({"model": "m", "messages": "hi"}, "messages"),
         ({"model": "m", "messages": [{"content": "no role"}]}, "messages[0]"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": {}}, "tools"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, "tool_choice"),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        # as OpenAI answers 400: tool calls left unanswered, a result for no call, a result without its id
+        ({"model": "m", "messages": [USER, CALLS, USER]}, "messages[1]"),
+        ({"model": "m", "messages": [USER, CALLS, ANSWER_1]}, "messages[1]"),
+        ({"model": "m", "messages": [USER, ANSWER_1]}, "messages[1]"),
+        ({"model": "m", "messages": [USER, CALLS, ANSWER_1, {"role": "tool", "content": "x"}]}, "messages[3]"),
     ],
 )
 def test_malformed_requests_name_the_parameter(body: dict, param: str) -> None:
     with pytest.raises(BadRequest) as caught:
         ChatRequest(body, {})
     assert caught.value.param == param
+
+
+def test_a_tool_round_trip_in_any_order_is_accepted() -> None:
+    answer_2 = {"role": "tool", "tool_call_id": "c2", "content": "r2"}
+    request = ChatRequest({"model": "m", "messages": [USER, CALLS, answer_2, ANSWER_1, USER]}, {})
+    assert len(request.messages) == 5
 
 
 def test_rulebook_times_fall_through_and_replacement_resets_counts() -> None:

@@ -32,6 +32,49 @@ def message_text(message: Mapping[str, Any]) -> str:
     return ""
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _check_conversation(messages: list[dict[str, Any]]) -> None:
+    """What OpenAI refuses with 400, so a client (the agent runtime) that sends a broken
+    conversation fails here as it would against the real API, not only in production: an
+    unknown role, a tool message that answers no call of the assistant message before it, and
+    an assistant message whose tool calls are not each answered by a tool message right after."""
+    pending: dict[str, int] = {}  # tool_call ids still to be answered -> the assistant message
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", f"messages[{i}].role")
+        if pending and role != "tool":
+            asked = min(pending.values())
+            raise BadRequest(
+                f"messages[{asked}]: an assistant message with 'tool_calls' must be followed by tool messages "
+                f"answering each call; no answer for {', '.join(sorted(pending))}",
+                f"messages[{asked}]",
+            )
+        if role == "assistant":
+            for call in message.get("tool_calls") or []:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    pending[call["id"]] = i
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise BadRequest(f"messages[{i}].tool_call_id is required for a tool message", f"messages[{i}]")
+            if pending.pop(call_id, None) is None:
+                raise BadRequest(
+                    f"messages[{i}] answers tool_call_id {call_id!r}, which the assistant message before it did "
+                    "not call: a tool message must respond to a preceding message with 'tool_calls'",
+                    f"messages[{i}]",
+                )
+    if pending:
+        asked = min(pending.values())
+        raise BadRequest(
+            f"messages[{asked}]: an assistant message with 'tool_calls' must be followed by tool messages "
+            f"answering each call; no answer for {', '.join(sorted(pending))}",
+            f"messages[{asked}]",
+        )
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     body: dict[str, Any]
@@ -47,9 +90,12 @@ class ChatRequest:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise BadRequest(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
+        _check_conversation(messages)
         tools = self.body.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise BadRequest("'tools' must be a list", "tools")
+        if self.body.get("tool_choice") is not None and not tools:
+            raise BadRequest("'tool_choice' is only allowed when 'tools' are given", "tool_choice")
         object.__setattr__(self, "messages", messages)
 
     @property
