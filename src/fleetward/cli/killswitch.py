@@ -253,13 +253,16 @@ def _wait(objs, name: str, phases: tuple[str, ...], timeout: float) -> int:
 
 
 def describe(ks: dict[str, Any]) -> str:
+    from fleetward.api.killswitch import DEFAULT_DRAIN_TIMEOUT_SECONDS
+
     spec, st = ks.get("spec") or {}, ks.get("status") or {}
+    drain_timeout = spec.get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS)
     lines = [
         f"KillSwitch {ks['metadata']['name']}: {'ENGAGED' if spec.get('engaged') else 'not engaged'}"
         f" (phase {st.get('phase') or '-'})",
         f"  reason:        {spec.get('reason') or '-'}",
         f"  scope:         {_scope_text(spec.get('scope') or {})}",
-        f"  mode:          {spec.get('mode') or 'drain'}, drain timeout {spec.get('drainTimeoutSeconds', 30)} s",
+        f"  mode:          {spec.get('mode') or 'drain'}, drain timeout {drain_timeout} s",
         f"  actions:       {_actions_text(spec.get('actions') or {})}",
         f"  engaged by:    {st.get('engagedBy') or '-'} at {st.get('engagedAt') or '-'}",
         f"  agents:        {st.get('affectedAgents', '-')}",

@@ -46,12 +46,7 @@ def _check_conversation(messages: list[dict[str, Any]]) -> None:
         if role not in ROLES:
             raise BadRequest(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", f"messages[{i}].role")
         if pending and role != "tool":
-            asked = min(pending.values())
-            raise BadRequest(
-                f"messages[{asked}]: an assistant message with 'tool_calls' must be followed by tool messages "
-                f"answering each call; no answer for {', '.join(sorted(pending))}",
-                f"messages[{asked}]",
-            )
+            raise _unanswered(pending)
         if role == "assistant":
             for call in message.get("tool_calls") or []:
                 if isinstance(call, dict) and isinstance(call.get("id"), str):
@@ -67,12 +62,16 @@ def _check_conversation(messages: list[dict[str, Any]]) -> None:
                     f"messages[{i}]",
                 )
     if pending:
-        asked = min(pending.values())
-        raise BadRequest(
-            f"messages[{asked}]: an assistant message with 'tool_calls' must be followed by tool messages "
-            f"answering each call; no answer for {', '.join(sorted(pending))}",
-            f"messages[{asked}]",
-        )
+        raise _unanswered(pending)
+
+
+def _unanswered(pending: dict[str, int]) -> BadRequest:
+    asked = min(pending.values())
+    return BadRequest(
+        f"messages[{asked}]: an assistant message with 'tool_calls' must be followed by tool messages "
+        f"answering each call; no answer for {', '.join(sorted(pending))}",
+        f"messages[{asked}]",
+    )
 
 
 @dataclass(frozen=True)

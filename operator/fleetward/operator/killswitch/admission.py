@@ -102,6 +102,13 @@ def json_patch(obj: dict[str, Any], merge: dict[str, Any]) -> list[dict[str, Any
     return ops
 
 
+def _add_patch(response: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    """An AdmissionResponse's JSON Patch, when there is anything to change."""
+    if ops:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
+
+
 def review(
     path: str, body: dict[str, Any], settings: OperatorSettings, indexes: Callable[[], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -120,10 +127,7 @@ def review(
             return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
         if path == GUARDRAIL_NORMALIZE_PATH:
             if serves_namespace(request.get("namespace"), settings.watch_namespaces, settings.exclude_namespaces):
-                ops = normalize_guardrail(new)
-                if ops:
-                    response["patchType"] = "JSONPatch"
-                    response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
+                _add_patch(response, normalize_guardrail(new))
             return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
         requester = Requester.of(request.get("userInfo"))
         if path == MUTATE_PATH:
@@ -131,10 +135,7 @@ def review(
             finalizers = with_finalizer(settings, _plain(old), _plain(new), indexes()) if new else None
             if finalizers is not None:
                 changes.setdefault("metadata", {})["finalizers"] = finalizers
-            ops = json_patch(new or {}, changes)
-            if ops:
-                response["patchType"] = "JSONPatch"
-                response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
+            _add_patch(response, json_patch(new or {}, changes))
         else:
             check(operation, _plain(old), _plain(new), requester)
     except Refused as e:

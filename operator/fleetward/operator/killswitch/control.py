@@ -20,6 +20,7 @@ from fleetward.operator.kafka import KafkaUnavailable
 from fleetward.operator.settings import OperatorSettings
 
 from fleetward.api.envelopes import ControlAck, ControlMessage, EnvelopeError, parse_ack
+from fleetward.api.killswitch import DEFAULT_DRAIN_TIMEOUT_SECONDS
 
 log = logging.getLogger("fleetward.operator.killswitch.control")
 
@@ -176,7 +177,7 @@ def new_order(type_: str, switch: dict[str, Any], agents: list[str]) -> ControlM
             agents=agents,
             scope=scope,
             mode=spec.get("mode", "drain") if halt else None,
-            drain_timeout_seconds=int(spec.get("drainTimeoutSeconds", 30)) if halt else None,
+            drain_timeout_seconds=int(spec.get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS)) if halt else None,
             reason=(spec.get("reason") or None) if halt else None,
             close_sessions=bool((spec.get("actions") or {}).get("closeSessions", True)) if halt else None,
         )

@@ -33,6 +33,8 @@ from fleetward.operator.kube import KubeError
 from fleetward.operator.metrics import KILL_SWITCH_DRAIN_SECONDS, KILL_SWITCH_REVOCATION_SECONDS
 from fleetward.operator.reconcile import reporting_access
 
+from fleetward.api.killswitch import DEFAULT_DRAIN_TIMEOUT_SECONDS
+
 log = logging.getLogger("fleetward.operator.killswitch")
 
 DRAINED = "Drained"
@@ -140,7 +142,7 @@ async def drain(
     had to be stopped by force."""
     spec, meta = switch.get("spec") or {}, switch["metadata"]
     book = AckBook(meta["name"], int(meta.get("generation") or 1))
-    timeout = float(spec.get("drainTimeoutSeconds", 30))
+    timeout = float(spec.get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS))
     if instances:
         want = set(instances)
         await ctx.control.collect_acks(
