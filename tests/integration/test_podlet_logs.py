@@ -1,8 +1,12 @@
 """`kubectl logs` on the podlet node: the API server calls the podlet's kubelet-style log
-endpoint with its kubelet client certificate; the endpoint answers only that identity."""
+endpoint with its kubelet client certificate; the endpoint answers only that identity.
+`--tail`, `--limit-bytes`, `-f`, `--previous`, `--timestamps`, `--since` and `--since-time`
+work as on a kubelet."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -86,3 +90,35 @@ def test_kubectl_logs_follow_streams_until_the_container_ends(core: client.CoreV
     wait_for(lambda: kubectl("logs", "-n", namespace, "slow", check=False).stdout.startswith("first"), 60, "first line")
     followed = kubectl("logs", "-f", "-n", namespace, "slow").stdout  # returns once the container ended
     assert followed.splitlines() == ["first", "second", "last"]
+
+
+def test_kubectl_logs_timestamps_and_since(core: client.CoreV1Api, namespace: str, kubectl):
+    script = "echo early; sleep 2; echo late; sleep 300"
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "timed"},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": "none", "command": ["sh", "-c", script]}],
+            },
+        },
+    )
+    wait_for(lambda: "late" in kubectl("logs", "-n", namespace, "timed", check=False).stdout, 60, "both lines")
+
+    stamped = kubectl("logs", "-n", namespace, "timed", "--timestamps").stdout.splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == ["early", "late"]
+    times = [dt.datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00")) for line in stamped]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", line.split(" ")[0]) for line in stamped)
+    assert dt.timedelta(seconds=1.5) < times[1] - times[0] < dt.timedelta(seconds=30)
+    assert abs(dt.datetime.now(dt.UTC) - times[0]) < dt.timedelta(minutes=2)  # the time it was written
+
+    between = (times[0] + (times[1] - times[0]) / 2).isoformat().replace("+00:00", "Z")
+    assert kubectl("logs", "-n", namespace, "timed", f"--since-time={between}").stdout.splitlines() == ["late"]
+    assert kubectl("logs", "-n", namespace, "timed", "--since=1h").stdout.splitlines() == ["early", "late"]
+    after = (times[1] + dt.timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+    assert kubectl("logs", "-n", namespace, "timed", f"--since-time={after}").stdout == ""
+    tail = kubectl("logs", "-n", namespace, "timed", "--tail=1", "--timestamps").stdout
+    assert tail == stamped[1] + "\n"

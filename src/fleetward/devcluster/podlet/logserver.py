@@ -5,8 +5,8 @@
 with its kubelet client certificate. This serves that one path (read-only) over TLS with a
 serving certificate from the cluster's CA, and answers only the API server's client
 identity. Query parameters as the kubelet takes them: `follow`, `previous`, `tailLines`,
-`limitBytes`. Not supported (the podlet keeps no per-line timestamps): `timestamps`,
-`sinceSeconds`, `sinceTime` (ignored: the whole log is returned).
+`limitBytes`, `timestamps`, `sinceSeconds`, `sinceTime` (line times from the log's times
+file, logfile.py).
 
 Why not a library: the kubelet's server is Go and part of the kubelet; nothing on PyPI
 serves this API, and it is one path over the standard library's HTTP server.
@@ -19,11 +19,13 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from fleetward.devcluster.podlet.logfile import READ_SIZE, LineTimes, format_time, parse_time
 
 log = logging.getLogger("podlet.logs")
 
@@ -44,9 +46,26 @@ class LogLookupError(Exception):
 Lookup = Callable[[str, str, str, bool], tuple[Path, Callable[[], bool]]]
 
 
-def _tail(path: Path, lines: int) -> bytes:
-    with open(path, "rb") as f:
-        return b"".join(deque(f, maxlen=lines)) if lines > 0 else b""
+@dataclass(frozen=True)
+class LogQuery:
+    """What of a log to send, from the kubelet's query parameters."""
+
+    tail_lines: int | None = None
+    limit_bytes: int | None = None
+    since_ns: int | None = None
+    timestamps: bool = False
+    follow: bool = False
+
+    def start(self, times: LineTimes | None) -> int | None:
+        """The offset to start at (None: the end of the file). Both `tailLines` and a
+        `since` apply, as on a kubelet: the later start wins."""
+        start: int | None = 0
+        if times is not None and self.tail_lines is not None:
+            start = times.start_of_tail(self.tail_lines)
+        if times is not None and self.since_ns is not None and start is not None:
+            since = times.start_since(self.since_ns)
+            start = None if since is None else max(start, since)
+        return start
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -104,19 +123,35 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise LogLookupError(f"{name} must be a whole number, not {value!r}") from None
 
+        def since() -> int | None:
+            seconds, moment = number("sinceSeconds"), query.get("sinceTime", [None])[0]
+            if seconds is not None:
+                return time.time_ns() - seconds * 1_000_000_000
+            if moment is None:
+                return None
+            try:
+                return parse_time(moment)
+            except ValueError:
+                raise LogLookupError(f"sinceTime must be an RFC 3339 time, not {moment!r}") from None
+
         try:
-            tail, limit = number("tailLines"), number("limitBytes")
+            ask = LogQuery(
+                tail_lines=number("tailLines"),
+                limit_bytes=number("limitBytes"),
+                since_ns=since(),
+                timestamps=flag("timestamps"),
+                follow=flag("follow") and not flag("previous"),
+            )
             path, running = self.server.lookup(namespace, pod, container, flag("previous"))
         except LogLookupError as e:
             self._refuse(e.status, str(e))
             return
-        follow = flag("follow") and not flag("previous")
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            self._stream(path, running, tail, limit, follow)
+            self._stream(path, running, ask)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             pass  # the client went away (kubectl logs -f interrupted)
@@ -127,31 +162,46 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
-    def _stream(self, path: Path, running: Callable[[], bool], tail: int | None, limit: int | None, follow: bool):
+    def _stream(self, path: Path, running: Callable[[], bool], ask: LogQuery) -> None:
         sent = 0
 
         def send(data: bytes) -> bool:
             nonlocal sent
-            if limit is not None:
-                data = data[: max(0, limit - sent)]
+            if ask.limit_bytes is not None:
+                data = data[: max(0, ask.limit_bytes - sent)]
             self._chunk(data)
             sent += len(data)
-            return limit is None or sent < limit
+            return ask.limit_bytes is None or sent < ask.limit_bytes
 
+        needs_times = ask.timestamps or ask.tail_lines is not None or ask.since_ns is not None
+        times = LineTimes(path) if needs_times else None
         with open(path, "rb") as f:
-            if tail is not None:
-                more = send(_tail(path, tail))
-                f.seek(0, 2)
-            else:
-                more = send(f.read())
-            while more and follow and not self.server.stopping.is_set():
-                data = f.read()
+            end = f.seek(0, 2)
+            start = ask.start(times)
+            pos = f.seek(end if start is None else min(start, end))
+            more = True
+            while more:
+                data = f.read(READ_SIZE)
                 if data:
-                    more = send(data)
+                    more = send(_stamped(data, pos, times) if ask.timestamps and times else data)
+                    pos += len(data)
                     continue
-                if not running():  # the container ended and everything it wrote was sent
-                    return
+                if not ask.follow or self.server.stopping.is_set() or not running():
+                    return  # everything there was sent (and, following, the container ended)
                 time.sleep(FOLLOW_POLL_SECONDS)
+
+
+def _stamped(data: bytes, pos: int, times: LineTimes) -> bytes:
+    """`data` (read at offset `pos`) with each line that starts in it prefixed by its time."""
+    times.refresh()
+    starts = times.starts_between(pos, pos + len(data))
+    if not starts:
+        return data
+    out = [data[: starts[0][0] - pos]]  # the end of a line that started in an earlier read
+    for i, (start, ns) in enumerate(starts):
+        stop = starts[i + 1][0] if i + 1 < len(starts) else pos + len(data)
+        out.append(format_time(ns).encode() + b" " + data[start - pos : stop - pos])
+    return b"".join(out)
 
 
 class LogServer(ThreadingHTTPServer):

@@ -149,7 +149,16 @@ class Podlet:
         path = worker.log_dir / container / f"{attempt}.log"
         if not path.is_file():
             raise LogLookupError(f"container {container!r} in pod {namespace}/{pod} has not started yet")
-        return path, lambda: run.running and run.restart_count == attempt
+        copier = run.log_copier if run.restart_count == attempt else None
+
+        def writing() -> bool:
+            # Until the container ended and its last output was copied (a second at most to
+            # drain the pipe; a child that kept the pipe open keeps the log growing).
+            if run.running and run.restart_count == attempt:
+                return True
+            return copier is not None and not copier.done.wait(1.0)
+
+        return path, writing
 
     # -- API helpers used by pod workers ------------------------------------------------------
 

@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from fleetward.devcluster.podlet import launch
 from fleetward.devcluster.podlet.env import EnvError, container_env, expand, field_value
+from fleetward.devcluster.podlet.logfile import LogCopier
 from fleetward.devcluster.podlet.probes import ProbeState, run_probe
 from fleetward.devcluster.podlet.volumes import (
     SourceContext,
@@ -69,6 +70,7 @@ class ContainerRun:
     readiness: ProbeState | None = None
     liveness: ProbeState | None = None
     killing: str | None = None  # why the podlet is stopping it (liveness, deletion)
+    log_copier: LogCopier | None = None  # of the current attempt's output
 
     @property
     def running(self) -> bool:
@@ -309,7 +311,10 @@ class PodWorker(threading.Thread):
             json.dump({"mounts": mounts, "workingDir": c.working_dir, "argv": argv, "env": env}, f)
         log_path = self.log_dir / c.name / f"{run.restart_count}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
+        log_path.touch()  # there (empty) from the start, for `kubectl logs`
+        # Output goes through a pipe, so that each line's time is kept (logfile.py).
+        read_end, write_end = os.pipe()
+        try:
             run.proc = subprocess.Popen(
                 [
                     "unshare",
@@ -323,11 +328,18 @@ class PodWorker(threading.Thread):
                     launch.__file__,
                     str(spec_path),
                 ],
-                stdout=out,
+                stdout=write_end,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,
             )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)  # the container holds it now; EOF when it (and its children) end
+        run.log_copier = LogCopier(read_end, log_path, f"{pod.metadata.name}/{c.name}")
+        run.log_copier.start()
         run.started_at = now_iso()
         run.started_mono = time.monotonic()
         run.terminated = None
