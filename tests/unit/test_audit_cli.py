@@ -150,7 +150,21 @@ def test_one_chain_is_picked_out_of_a_topic_that_carries_several(chain, tmp_path
     mixed = "\n".join([mine[0], theirs[0], *mine[1:3], *theirs[1:], *mine[3:]]) + "\n"
     out = fleetward("audit", "verify", "--jsonl", "-", "--chain", records[0].chain, stdin=mixed)
     assert out.returncode == 0 and "5 records checked" in out.stdout, out.stdout + out.stderr
+    # Without --chain, each chain is verified on its own (a topic carries several).
     out = fleetward("audit", "verify", "--jsonl", "-", stdin=mixed)
-    assert out.returncode == 1 and "BROKEN at record 1" in out.stdout  # the other chain's first record
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[0].startswith(f"chain {records[0].chain}: audit chain OK: 5 records checked")
+    assert "audit chain OK: 3 records checked" in out.stdout.splitlines()[1]
+    as_json = [
+        json.loads(line)
+        for line in fleetward("audit", "verify", "--jsonl", "-", "--json", stdin=mixed).stdout.splitlines()
+    ]
+    assert [(r["ok"], r["checked"]) for r in as_json] == [(True, 5), (True, 3)]
+    # A record missing from one of them is named, with its chain.
+    broken = "\n".join([mine[0], theirs[0], mine[2], *theirs[1:], *mine[3:]]) + "\n"
+    out = fleetward("audit", "verify", "--jsonl", "-", stdin=broken)
+    assert out.returncode == 1
+    assert f"chain {records[0].chain}: audit chain BROKEN at record 2" in out.stdout and "deleted" in out.stdout
+    assert "audit chain OK: 3 records checked" in out.stdout
     out = fleetward("audit", "verify", "--dsn", f"sqlite://{db}", "--chain", records[0].chain)
     assert out.returncode == 2 and "--chain goes with --jsonl" in out.stderr

@@ -14,7 +14,7 @@ from fleetward.audit.log import MAX_RECORD_BYTES, AuditLog
 from fleetward.audit.mirror import DEFAULT_TOPIC, KafkaMirror
 from fleetward.audit.redact import REDACTED, is_secret_key, strip_secrets
 from fleetward.audit.store import AuditError, parse_dsn
-from fleetward.audit.verify import Break, Head, VerifyResult, verify_documents
+from fleetward.audit.verify import Break, Head, VerifyResult, verify_chains, verify_documents
 
 DSN_ENV = "FLEETWARD_AUDIT_DSN"
 """Where `fleetward audit` finds the audit database when --dsn is not given."""
@@ -52,5 +52,6 @@ __all__ = [
     "is_secret_key",
     "parse_dsn",
     "strip_secrets",
+    "verify_chains",
     "verify_documents",
 ]

@@ -223,3 +223,15 @@ def verify_documents(
                 )
             )
     return result()
+
+
+def verify_chains(docs: Iterable[Mapping[str, Any] | Exception]) -> list[VerifyResult]:
+    """Verify a stream that may interleave several chains (the audit topic: the operator's,
+    and one per runtime on its own SQLite file), each on its own, in the order the chains
+    first appear; duplicates are skipped (at-least-once mirroring). A record without a
+    chain id, or a line that cannot be read, is a chain of its own that fails."""
+    groups: dict[Any, list[Mapping[str, Any] | Exception]] = {}
+    for doc in docs:
+        key = doc.get("chain") if isinstance(doc, Mapping) and isinstance(doc.get("chain"), str) else object()
+        groups.setdefault(key, []).append(doc)
+    return [verify_documents(group, skip_duplicates=True) for group in groups.values()]

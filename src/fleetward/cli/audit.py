@@ -74,10 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument(
         "--chain",
         metavar="ID",
-        help="with --jsonl: verify only this chain's records (a topic may carry several chains, e.g. one per "
-        "single-replica runtime on SQLite)",
+        help="with --jsonl: verify only this chain's records. Without it, a stream that carries several chains "
+        "(the audit topic: the operator's, one per runtime on SQLite) is verified chain by chain, one line each "
+        "('chain ID: ...'); exit 1 if any is broken",
     )
-    verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    verify.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object (one line per chain with --jsonl)"
+    )
     verify.set_defaults(handler=run_verify)
 
     listing = asub.add_parser(
@@ -102,20 +105,20 @@ def _dsn(args: argparse.Namespace) -> str | None:
     return dsn
 
 
-def _report(result: Any, as_json: bool) -> int:
+def _report(result: Any, as_json: bool, prefix: str = "") -> int:
     if as_json:
         print(json.dumps(result.to_json()))
     else:
-        print(result.summary())
+        print(prefix + result.summary())
     if not result.ok:
         if not as_json:
-            print(f"error: {result.summary()}", file=sys.stderr)
+            print(f"error: {prefix}{result.summary()}", file=sys.stderr)
         return EXIT_BROKEN
     return EXIT_OK
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from fleetward.audit import AuditError, AuditLog, verify_documents
+    from fleetward.audit import AuditError, AuditLog, verify_chains, verify_documents
 
     if args.jsonl is not None:
         if args.dsn:
@@ -134,7 +137,12 @@ def run_verify(args: argparse.Namespace) -> int:
             docs = _json_lines(stream)
             if args.chain:
                 docs = (d for d in docs if isinstance(d, Exception) or d.get("chain") == args.chain)
-            return _report(verify_documents(docs, skip_duplicates=True), args.json)
+                return _report(verify_documents(docs, skip_duplicates=True), args.json)
+            results = verify_chains(docs) or [verify_documents([])]
+        if len(results) == 1:
+            return _report(results[0], args.json)
+        codes = [_report(r, args.json, prefix=f"chain {r.chain or '?'}: ") for r in results]
+        return max(codes)
     dsn = _dsn(args)
     if not dsn:
         return EXIT_USAGE
