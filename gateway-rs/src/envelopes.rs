@@ -1074,6 +1074,9 @@ pub struct ControlMessage {
     pub mode: Option<HaltMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_timeout_seconds: Option<u64>,
+    /// Halt only: when the runtimes' drain must be over (RFC 3339); the gateway does not drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Halt only: tell and close the covered sessions (KillSwitch `actions.closeSessions`;
@@ -1108,6 +1111,16 @@ impl ControlMessage {
         opt(&c.scope, ControlScope::check)?;
         opt(&c.drain_timeout_seconds, |n| {
             check_range("drainTimeoutSeconds", *n, 1, 3600)
+        })?;
+        opt(&c.drain_deadline, |t| {
+            if is_rfc3339(t) {
+                Ok(())
+            } else {
+                invalid(
+                    "drainDeadline",
+                    format!("{t:?} is not an RFC 3339 date-time with an offset"),
+                )
+            }
         })?;
         opt(&c.reason, |s| check_reason("reason", s))?;
         // `mode` and `drainTimeoutSeconds` may be left out of a halt (the KillSwitch's

@@ -414,12 +414,14 @@ def test_operator_killed_mid_drain_is_replaced_and_a_silent_runtime_is_stopped_b
 
 
 def test_engaging_twice_releasing_twice_and_engaging_again_are_defined(
-    api, core, objs, fleetward, namespace, user_kubeconfigs
+    api, core, objs, fleetward, namespace, user_kubeconfigs, cluster
 ):
     """docs/killswitch.md: a second engage (an edit while engaged) keeps the engager and
     times and stays drained; a second release changes nothing (no further fresh key); a
     released switch engaged again is a new engagement whose old approvals are dropped."""
     from kubernetes import config
+
+    from fleetward.devcluster.controlplane import ONCALL_GROUP
 
     ns, name, ks = namespace, "billing", f"ks-{namespace}"[:60]
     as_alice = client.CustomObjectsApi(config.new_client_from_config(str(user_kubeconfigs["alice"])))
@@ -445,6 +447,9 @@ def test_engaging_twice_releasing_twice_and_engaging_again_are_defined(
         as_bob.patch_cluster_custom_object(GROUP, VERSION, "killswitches", ks, {"spec": {"reason": "still bad"}})
         again = settled("Drained")["status"]
         assert (again["engagedBy"], again["engagedAt"]) == ("alice", first["engagedAt"]), again
+        # The drain's record stays that of the drain (the edit engaged nothing again).
+        for field in ("drainedAt", "drainSeconds", "credentialsRevokedAt", "revocationSeconds", "agents"):
+            assert again.get(field) == first.get(field), field
         # ...but not its scope or actions: narrowing them would release agents without approvals.
         for change in ({"scope": {"namespaces": ["elsewhere"]}}, {"actions": {"scaleToZero": False}}):
             with pytest.raises(client.exceptions.ApiException) as refused:
@@ -473,10 +478,23 @@ def test_engaging_twice_releasing_twice_and_engaging_again_are_defined(
         third = settled("Drained")
         assert not third["spec"].get("approvals"), third["spec"]
         assert third["status"]["engagedAt"] > first["engagedAt"]
+        assert third["status"]["drainedAt"] > released["status"]["releasedAt"]
+        assert "releasedBy" not in third["status"] and "releasedAt" not in third["status"], third["status"]
         assert not secret_exists(core, ns, f"fw-{name}-credentials")
         early = fleetward_cli(user_kubeconfigs["bob"], "release", ks, check=False)
         assert early.returncode != 0 and "two distinct" in early.stderr, early.stderr
-        release_as_two(user_kubeconfigs, ks)
+        # This time the admin approves as bob and carol (`--as`, `--as-group`, as kubectl
+        # does; the group is what gives them RBAC on KillSwitches): the webhook records the
+        # impersonated identities.
+        admin = cluster.kubeconfig
+        fleetward_cli(admin, "approve", ks, "--as", "bob", "--as-group", ONCALL_GROUP, "--as-group", "sre")
+        alone = fleetward_cli(admin, "approve", ks, "--as", "carol", check=False)  # without the group
+        assert alone.returncode != 0 and 'User "carol" cannot' in alone.stderr, alone.stderr
+        fleetward_cli(admin, "approve", ks, "--as", "carol", "--as-group", ONCALL_GROUP)
+        approvals = {a["user"]: a for a in switch(objs, ks)["spec"]["approvals"]}
+        assert set(approvals) == {"bob", "carol"}, approvals
+        assert {ONCALL_GROUP, "sre"} <= set(approvals["bob"]["groups"]), approvals
+        fleetward_cli(admin, "release", ks, "--wait", "--timeout", "120")
         wait_ready(api, ns, name, timeout=120)
         assert signing_key(core, ns, name)[1] not in (kid,)
     finally:

@@ -321,6 +321,49 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
     assert refund_calls == 3  # one call per run: nothing was replayed at the tool service
 
 
+def test_a_run_still_busy_is_forced_in_time_to_ack_by_the_halts_deadline(kafka, llm, events, tmp_path: Path):
+    """SPEC §7: the drain is over within drainTimeoutSeconds of the engage. The halt carries
+    that deadline; a run still in its model call is forced early enough for the `drained`
+    ack to arrive by then, although the order's own timeout (30 s) is far longer."""
+    from datetime import UTC, datetime
+
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    llm.set_scenario(refund_script(verify_gate="never-opened"))
+    agent = billing_agent(tmp_path, kafka, llm, tools.port)
+    acks = TopicReader(kafka.bootstrap, "fleetward.control-acks")
+    instance = agent.env["POD_NAME"]
+
+    def drained(records):
+        found = [parse_ack(v) for _, v, _ in records]
+        return [a for a in found if a.instance == instance and a.type == "drained"]
+
+    with tools:
+        agent.start().wait_ready(90)
+        try:
+            first = ask_refund(kafka, agent)
+            wait_for_verify_call(llm, agent)  # held by the stand-in: the step cannot finish
+            deadline = time.time() + 4
+            order = control(
+                "halt",
+                [agent.ref],
+                1,
+                mode="drain",
+                drain_timeout_seconds=30,
+                drain_deadline=datetime.fromtimestamp(deadline, UTC),
+                reason="test",
+            )
+            produce(kafka.bootstrap, "fleetward.control", order.to_json(), None)
+            (ack,) = acks.wait(drained, 30, "the drained ack")
+        finally:
+            llm.open_gate("never-opened")
+            agent.stop()
+            acks.close()
+    assert [(r.session_id, r.outcome) for r in ack.runs] == [(first, "forced")]
+    assert ack.counts["runsForced"] == 1
+    assert ack.timestamp.timestamp() <= deadline, (ack.timestamp, deadline)  # not 30 s after receipt
+    assert events.wait_for(first, "halted", 10)[-1].data.kill_switch == "test-switch"
+
+
 def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_queue(kafka, llm, events, tmp_path: Path):
     tools = GitHouseTools(tmp_path / "jwks.json")
     llm.set_scenario(refund_script(verify_gate="halted"))

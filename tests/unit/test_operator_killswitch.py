@@ -113,6 +113,31 @@ def test_nobody_removes_another_users_approval():
         admit("UPDATE", old, switch(True, by="alice", approvals=[]), CAROL)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("approvedAt", "2020-01-01T00:00:00Z"), ("groups", ["system:masters"]), ("comment", "rubber stamp")],
+)
+@pytest.mark.parametrize("who", [CAROL, ALICE])
+def test_nobody_rewrites_another_users_approval_stamps(field, value, who):
+    old = switch(True, by="alice", approvals=["bob"])
+    old["spec"]["approvals"][0].update(approvedAt=NOW, groups=["oncall"])
+    new = copy.deepcopy(old)
+    new["spec"]["approvals"][0][field] = value
+    with pytest.raises(Refused, match=f"'{who.username}' and cannot change the approval of 'bob'"):
+        admit("UPDATE", old, new, who)
+    with pytest.raises(Refused):
+        check("UPDATE", old, new, who)
+
+
+def test_an_approver_who_edits_their_approval_gets_fresh_stamps():
+    old = switch(True, by="alice", approvals=["bob"])
+    old["spec"]["approvals"][0].update(approvedAt="2026-12-06T00:00:00Z")
+    new = copy.deepcopy(old)
+    new["spec"]["approvals"][0].update(comment="checked the logs", approvedAt="2020-01-01T00:00:00Z")
+    patch = admit("UPDATE", old, new, BOB, now=NOW)
+    assert patch["spec"]["approvals"] == [{"user": "bob", "comment": "checked the logs", "approvedAt": NOW}]
+
+
 def test_an_approval_without_a_user_is_stamped_with_the_requesters_name():
     """SPEC §2: identities come from the API server's authentication; the webhook stamps."""
     old = switch(True, by="alice", approvals=["bob"])

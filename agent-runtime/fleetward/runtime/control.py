@@ -298,7 +298,9 @@ class Control:
                 if ctx.task is not None:
                     ctx.task.cancel()
         else:
-            timeout = float(order.drain_timeout)
+            # Until the order's deadline less the time to force, record and ack the rest, so
+            # the drain is over within drainTimeoutSeconds of the engage (SPEC §7).
+            timeout = order.drain_wait(time.time())
             waits = {ctx.run_id: asyncio.ensure_future(self._parked_or_done(ctx)) for ctx in in_flight}
             if waits:
                 await asyncio.wait(waits.values(), timeout=timeout)

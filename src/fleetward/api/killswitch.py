@@ -68,6 +68,7 @@ class KillSwitchSpec(ApiModel):
                 "!self.engaged || (has(self.reason) && size(self.reason.trim()) > 0)",
                 "reason is required when engaged: say why the fleet is being stopped",
                 field_path=".reason",
+                reason="FieldValueRequired",
             ),
         )
     )

@@ -6,6 +6,7 @@ typed here.
 
     fleetward kill githouse-stop --reason "runaway refunds" --namespace githouse --wait
     fleetward approve githouse-stop --comment "root cause fixed"     # as bob, then as carol
+    fleetward approve githouse-stop --as bob                         # kubectl's --as (impersonation)
     fleetward release githouse-stop --wait
     fleetward status [githouse-stop]
 """
@@ -26,6 +27,20 @@ EXIT_TIMEOUT = 3
 def _kube_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     p.add_argument("--context", help="kubeconfig context to use")
+    p.add_argument(
+        "--as",
+        dest="as_user",
+        metavar="USER",
+        help="act as this user, as kubectl --as does (your credentials need RBAC's impersonate verb; the "
+        "webhook then records USER)",
+    )
+    p.add_argument(
+        "--as-group",
+        dest="as_groups",
+        action="append",
+        metavar="GROUP",
+        help="with --as: the user's groups (repeatable)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +115,8 @@ def _reporting_kube_errors(handler):
     def run(args: argparse.Namespace) -> int:
         from urllib3.exceptions import HTTPError
 
+        if args.as_groups and not args.as_user:
+            return _fail("--as-group needs --as (the user whose groups they are)", 2)
         try:
             return handler(args)
         except _NoCluster as e:
@@ -119,7 +136,28 @@ def _api(args: argparse.Namespace):
         where = args.kubeconfig or "$KUBECONFIG or ~/.kube/config"
         raise _NoCluster(f"no usable kubeconfig ({where}): {e}; pass --kubeconfig FILE") from None
     api_client = client.ApiClient()
+    if args.as_user:
+        _impersonate(api_client, args.as_user, args.as_groups or [])
     return client.CustomObjectsApi(api_client), api_client
+
+
+def _impersonate(api_client, user: str, groups: list[str]) -> None:
+    """Kubernetes impersonation headers on every request. The client's own default headers
+    hold one value per name, and Impersonate-Group takes one header per group, so they are
+    added where urllib3 sends the request."""
+    from urllib3 import HTTPHeaderDict
+
+    pool = api_client.rest_client.pool_manager
+    send = pool.request
+
+    def request(method, url, *args, headers=None, **kwargs):
+        merged = HTTPHeaderDict(headers or {})
+        merged["Impersonate-User"] = user
+        for group in groups:
+            merged.add("Impersonate-Group", group)
+        return send(method, url, *args, headers=merged, **kwargs)
+
+    pool.request = request
 
 
 def _refusal(e: Exception) -> str:

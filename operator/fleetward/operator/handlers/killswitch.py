@@ -16,9 +16,10 @@ import kopf
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.handlers.indexes import GROUP, VERSION, references, switches
 from fleetward.operator.killswitch import scope
-from fleetward.operator.killswitch.engage import engage
+from fleetward.operator.killswitch.engage import acknowledge_edit, engage, same_engagement
 from fleetward.operator.killswitch.release import release, resume_pending, retry_resume
 from fleetward.operator.killswitch.scope import affected, agent_id, halts_for, is_engaged
+from fleetward.operator.metrics import reconcile_measured
 from fleetward.operator.reconcile import reconcile_agent
 from fleetward.operator.settings import OperatorSettings
 
@@ -64,7 +65,11 @@ async def reconcile_switch(ctx: OperatorContext, switch: dict[str, Any], indexes
         return  # another installation's switch: we obey it (Agent reconciles read it) but do not report
     if is_engaged(switch):
         await ctx.audit.approvals(switch)
-        if status.get("phase") == "Drained" and status.get("observedGeneration") == gen:
+        if status.get("phase") == "Drained" and same_engagement(switch):
+            # Engaged and drained: an edit now (an approval, a new reason) must not engage
+            # again, which would overwrite the drain's record and halt parked runs twice.
+            if status.get("observedGeneration") != gen:
+                await acknowledge_edit(ctx, switch)
             return
         await engage(ctx, switch, covered, reconcile_agents)
         kopf.event(
@@ -122,7 +127,8 @@ def register(settings: OperatorSettings) -> None:
     @kopf.on.create(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed", when=mine)
     @kopf.on.update(GROUP, VERSION, "killswitches", backoff=2, id="killswitch_changed", when=mine)
     async def killswitch_changed(body: kopf.Body, memo: kopf.Memo, **indexes: Any) -> None:
-        await reconcile_switch(memo.ctx, _plain(body), indexes)
+        with reconcile_measured("KillSwitch"):
+            await reconcile_switch(memo.ctx, _plain(body), indexes)
 
     @kopf.on.delete(GROUP, VERSION, "killswitches", backoff=10, id="killswitch_deleted", when=mine)
     async def killswitch_deleted(body: kopf.Body, name: str, memo: kopf.Memo, **indexes: Any) -> None:

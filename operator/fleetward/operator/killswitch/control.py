@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -165,9 +166,14 @@ def order_agents(switch: dict[str, Any], covered: list[str]) -> list[str] | None
     return covered or None
 
 
-def new_order(type_: str, switch: dict[str, Any], agents: list[str]) -> ControlMessage:
+def new_order(
+    type_: str, switch: dict[str, Any], agents: list[str], *, drain_deadline: float | None = None
+) -> ControlMessage:
+    """An order for `agents`; a halt carries the switch's mode, timeout, reason, whether to
+    close sessions, and `drain_deadline` (epoch seconds) when given."""
     spec = switch.get("spec") or {}
     halt = type_ == "halt"
+    deadline = datetime.fromtimestamp(drain_deadline, UTC) if halt and drain_deadline is not None else None
 
     def order(scope: dict[str, Any] | None) -> ControlMessage:
         return ControlMessage.new(
@@ -178,6 +184,7 @@ def new_order(type_: str, switch: dict[str, Any], agents: list[str]) -> ControlM
             scope=scope,
             mode=spec.get("mode", "drain") if halt else None,
             drain_timeout_seconds=int(spec.get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS)) if halt else None,
+            drain_deadline=deadline,
             reason=(spec.get("reason") or None) if halt else None,
             close_sessions=bool((spec.get("actions") or {}).get("closeSessions", True)) if halt else None,
         )

@@ -39,6 +39,18 @@ log = logging.getLogger("fleetward.operator.killswitch")
 
 DRAINED = "Drained"
 CREDENTIALS_REVOKED = "CredentialsRevoked"
+MIN_ACK_READ_SECONDS = 1.0  # an operator past the deadline still reads the acks already sent
+
+# Status fields that describe one engagement (cleared when the switch is engaged again).
+PER_ENGAGEMENT = (
+    "credentialsRevokedAt",
+    "revocationSeconds",
+    "drainedAt",
+    "drainSeconds",
+    "agents",
+    "releasedBy",
+    "releasedAt",
+)
 
 
 def rfc3339(t: float) -> str:
@@ -63,6 +75,30 @@ def accepted_at(switch: dict[str, Any]) -> float:
         or parse_time(meta.get("creationTimestamp"))
         or time.time()
     )
+
+
+def same_engagement(switch: dict[str, Any]) -> bool:
+    """Whether the status records the switch's current engagement (not one released and
+    engaged again since, while this operator was not looking: the webhook stamped a new
+    time then)."""
+    status = switch.get("status") or {}
+    recorded = parse_time(status.get("engagedAt"))
+    if recorded is None or status.get("phase") not in ("Engaging", "Engaged", "Drained"):
+        return False
+    return abs(recorded - accepted_at(switch)) < 0.001
+
+
+def drain_timeout(switch: dict[str, Any]) -> float:
+    return float((switch.get("spec") or {}).get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS))
+
+
+def drain_deadline(switch: dict[str, Any]) -> float | None:
+    """When the drain must be over (epoch seconds): drainTimeoutSeconds after the engage was
+    accepted (SPEC §7: never more than drainTimeoutSeconds). None without the webhook's
+    stamp: the creation time would be the only one known, long past for a switch staged
+    and engaged later, so the drain is timed from now instead."""
+    stamp = parse_time(((switch.get("metadata") or {}).get("annotations") or {}).get(ENGAGED_AT))
+    return None if stamp is None else stamp + drain_timeout(switch)
 
 
 async def _revoke_kafka(ctx: OperatorContext, agents: list[dict[str, Any]]) -> None:
@@ -137,18 +173,29 @@ def agent_results(
 
 async def drain(
     ctx: OperatorContext, switch: dict[str, Any], agents: list[dict[str, Any]], instances: dict[str, str], since: float
-) -> tuple[AckBook, set[str]]:
-    """Wait for a `drained` ack from every instance; returns the acks and the pods that
-    had to be stopped by force."""
-    spec, meta = switch.get("spec") or {}, switch["metadata"]
+) -> tuple[AckBook, set[str], float]:
+    """Wait until the drain deadline (drainTimeoutSeconds after the engage was accepted)
+    for a `drained` ack from every instance; returns the acks, the pods that had to be
+    stopped by force, and when the drain was over: the last ack's time, or the deadline
+    when a pod was silent (it is deleted right after)."""
+    meta = switch["metadata"]
     book = AckBook(meta["name"], int(meta.get("generation") or 1))
-    timeout = float(spec.get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS))
+    deadline = drain_deadline(switch) or time.time() + drain_timeout(switch)
     if instances:
         want = set(instances)
+        # The runtimes force their runs in time to ack by the deadline (ControlMessage.
+        # drain_wait); an operator that gets here late (a restart, a slow reconcile) still
+        # reads the acks already sent.
+        wait = max(deadline - time.time(), MIN_ACK_READ_SECONDS)
         await ctx.control.collect_acks(
-            book, since=since - 5, done=lambda b: want <= b.instances("drained"), timeout=timeout
+            book, since=since - 5, done=lambda b: want <= b.instances("drained"), timeout=wait
         )
     forced = set(instances) - book.instances("drained")
+    if forced:
+        over = deadline  # the wait ended by rule; the silent pods are deleted now
+    else:
+        acked = [a.timestamp.timestamp() for a in book.of("drained") if a.instance in instances]
+        over = min(time.time(), max([since, *acked]) if acked else deadline)
     for pod in sorted(forced):
         ns = instances[pod].split("/", 1)[0]
         log.warning("runtime pod %s/%s did not ack the drain of %s in time: stopping it", ns, pod, meta["name"])
@@ -156,7 +203,7 @@ async def drain(
             await ctx.kube.delete("Pod", ns, pod, grace_seconds=0)
         except KubeError as e:
             log.warning("deleting pod %s/%s failed: %s", ns, pod, e)
-    return book, forced
+    return book, forced, over
 
 
 async def write_status(ctx: OperatorContext, switch: dict[str, Any], status: dict[str, Any]) -> None:
@@ -180,7 +227,7 @@ async def engage(
     meta, spec = switch["metadata"], switch.get("spec") or {}
     name, gen = meta["name"], int(meta.get("generation") or 1)
     old = dict(switch.get("status") or {})
-    same_run = old.get("engagedAt") and old.get("phase") in ("Engaging", "Engaged", "Drained")
+    same_run = same_engagement(switch)
     t0 = accepted_at(switch)
     actions = spec.get("actions") or {}
     revoke = actions.get("revokeCredentials", True)
@@ -223,15 +270,28 @@ async def engage(
     if not same_run:
         conds = c.merge(
             conds,
-            [Cond(c.READY, False, "Engaging", f"Credentials of {len(agents)} agent(s) revoked; halting them.")],
+            [
+                Cond(
+                    c.READY,
+                    False,
+                    "Engaging",
+                    f"Credentials of {len(agents)} agent(s) revoked; halting them."
+                    if revoke
+                    else f"Halting {len(agents)} agent(s); their credentials stay (revokeCredentials: false).",
+                ),
+                Cond(DRAINED, False, "Draining", "The halt is being sent; the runtimes have not drained yet."),
+            ],
             gen,
         )
-        await write_status(ctx, switch, {**status, "phase": "Engaging", "conditions": conds})
+        # A switch engaged again after a release: nothing of the last engagement may pass
+        # for this one's (a merge patch keeps what it does not name; None removes it).
+        stale = {k: None for k in PER_ENGAGEMENT if k not in status}
+        await write_status(ctx, switch, {**stale, **status, "phase": "Engaging", "conditions": conds})
     # 2. Halt order.
     try:
         targets = order_agents(switch, ids)
         if targets is not None:
-            await ctx.control.publish(new_order("halt", switch, targets))
+            await ctx.control.publish(new_order("halt", switch, targets, drain_deadline=drain_deadline(switch)))
     except KafkaUnavailable as e:
         kafka_problem = kafka_problem or f"the halt order could not be published ({e})"
     # 3. Covered Agents in halted mode (Secrets deleted; not scaled yet: the drain comes first).
@@ -271,8 +331,7 @@ async def engage(
 
     # 4. Drain.
     instances = await _running_instances(ctx, agents) if actions.get("drainQueues", True) else {}
-    book, forced = await drain(ctx, switch, agents, instances, since=t0)
-    drained_at = time.time()
+    book, forced, drained_at = await drain(ctx, switch, agents, instances, since=t0)
     drain_seconds = round(drained_at - t0, 3)
     KILL_SWITCH_DRAIN_SECONDS.labels(name).set(drain_seconds)
     results = agent_results(agents, book, instances, forced, revoked=bool(revoke))
@@ -302,3 +361,13 @@ async def engage(
     # 5. Scale to zero, now that the switch says Drained.
     await reconcile_agents(switch)
     return switch["status"]
+
+
+async def acknowledge_edit(ctx: OperatorContext, switch: dict[str, Any]) -> None:
+    """An edit of a drained, still engaged switch: the webhook and the schema let only its
+    reason, approvals, mode and drain timeout change then, none of which has anything left
+    to do (the drain is over). The status says the generation was seen and keeps the
+    engagement's record (times, per-agent results) as it was."""
+    gen = int(switch["metadata"].get("generation") or 1)
+    conds = [{**cond, "observedGeneration": gen} for cond in (switch.get("status") or {}).get("conditions") or []]
+    await write_status(ctx, switch, {"observedGeneration": gen, "conditions": conds})

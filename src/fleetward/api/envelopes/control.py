@@ -21,6 +21,7 @@ from fleetward.api.envelopes.wire import (
     RunId,
     SessionId,
     StepName,
+    Timestamp,
     WireModel,
     now,
 )
@@ -58,6 +59,11 @@ class ControlMessage(Envelope):
     drain_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] | None = None
     """Halt only: upper bound for draining. Absent: 30, the KillSwitch's default
     (`DEFAULT_DRAIN_TIMEOUT_SECONDS`)."""
+    drain_deadline: Timestamp | None = None
+    """Halt only: when the drain must be over, the engage's acceptance plus the drain
+    timeout (SPEC §7: never more than drainTimeoutSeconds, counted from the engage, not
+    from when an order reached an instance). Runtimes stop waiting early enough for their
+    acks to arrive by then (`drain_wait`). Absent: the drain timeout from receipt."""
     reason: Reason | None = None
     """Why, for logs and the halted event."""
     close_sessions: bool | None = None
@@ -74,6 +80,17 @@ class ControlMessage(Envelope):
     def drain_timeout(self) -> int:
         """The halt's drain bound in seconds, the KillSwitch's default when left out."""
         return self.drain_timeout_seconds or DEFAULT_DRAIN_TIMEOUT_SECONDS
+
+    def drain_wait(self, now_epoch: float) -> float:
+        """Seconds a runtime that got this halt at `now_epoch` waits for in-flight runs to
+        park before forcing them: the drain timeout, cut so that its ack can still reach
+        the operator by `drain_deadline` (a quarter of the timeout, at most 1 s, is kept
+        for forcing the rest, recording them and acking)."""
+        timeout = float(self.drain_timeout)
+        if self.drain_deadline is None:
+            return timeout
+        margin = min(1.0, timeout / 4)
+        return max(0.0, min(timeout, self.drain_deadline.timestamp() - now_epoch - margin))
 
     def covers(self, agent: str) -> bool:
         """Whether the order is for `agent` (namespace/name). The operator lists the agents it
@@ -100,6 +117,7 @@ class ControlMessage(Envelope):
         scope: Mapping[str, Any] | None = None,
         mode: Literal["drain", "abort"] | None = None,
         drain_timeout_seconds: int | None = None,
+        drain_deadline: datetime | None = None,
         reason: str | None = None,
         close_sessions: bool | None = None,
         timestamp: datetime | None = None,
@@ -113,6 +131,7 @@ class ControlMessage(Envelope):
             scope=scope,
             mode=mode,
             drain_timeout_seconds=drain_timeout_seconds,
+            drain_deadline=drain_deadline,
             reason=reason,
             close_sessions=close_sessions,
             timestamp=timestamp or now(),
