@@ -80,3 +80,32 @@ def test_kill_switch_active_leaves_out_switches_of_other_installations():
     registry = CollectorRegistry()
     register_kill_switches_active(view.engaged, registry)
     assert _active(registry) == {"everything": 0, "team-a-stop": 1}
+
+
+def test_every_kind_of_reconcile_is_timed_and_its_errors_counted():
+    import kopf
+    import pytest
+    from fleetward.operator.metrics import reconcile_measured
+    from prometheus_client import REGISTRY
+
+    def count(kind: str, result: str) -> float:
+        labels = {"kind": kind, "result": result}
+        return REGISTRY.get_sample_value("fleetward_operator_reconcile_duration_seconds_count", labels) or 0.0
+
+    def errors(kind: str, reason: str) -> float:
+        return (
+            REGISTRY.get_sample_value("fleetward_operator_reconcile_errors_total", {"kind": kind, "reason": reason})
+            or 0.0
+        )
+
+    before = {r: count("KillSwitch", r) for r in ("ok", "retry", "error")}
+    before_errors = errors("KillSwitch", "RuntimeError"), errors("KillSwitch", "TemporaryError")
+    with reconcile_measured("KillSwitch"):
+        pass
+    with pytest.raises(kopf.TemporaryError), reconcile_measured("KillSwitch"):
+        raise kopf.TemporaryError("agents not settled yet")
+    with pytest.raises(RuntimeError), reconcile_measured("KillSwitch"):
+        raise RuntimeError("boom")
+    assert {r: count("KillSwitch", r) - before[r] for r in before} == {"ok": 1, "retry": 1, "error": 1}
+    assert errors("KillSwitch", "RuntimeError") - before_errors[0] == 1
+    assert errors("KillSwitch", "TemporaryError") == before_errors[1] == 0  # a retry is no error

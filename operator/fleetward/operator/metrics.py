@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Counter_
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
+import kopf
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -21,6 +24,25 @@ RECONCILE_ERRORS = Counter(
     ["kind", "reason"],
 )
 AGENT_PHASES = ("Pending", "Ready", "Degraded", "Paused", "Halted")
+
+
+@contextmanager
+def reconcile_measured(kind: str) -> Iterator[None]:
+    """Time a handler's reconcile of one `kind` object (SOP, Guardrail, KillSwitch; Agents
+    are measured inside reconcile_agent, which knows retries apart). A Kopf TemporaryError
+    is a retry (waiting for something to settle), not an error; any other exception counts
+    as an error named by its class."""
+    started = time.monotonic()
+    try:
+        yield
+    except kopf.TemporaryError:
+        RECONCILE_SECONDS.labels(kind, "retry").observe(time.monotonic() - started)
+        raise
+    except Exception as e:
+        RECONCILE_SECONDS.labels(kind, "error").observe(time.monotonic() - started)
+        RECONCILE_ERRORS.labels(kind, type(e).__name__).inc()
+        raise
+    RECONCILE_SECONDS.labels(kind, "ok").observe(time.monotonic() - started)
 
 
 class AgentsByPhase(Collector):

@@ -14,6 +14,7 @@ from fleetward.operator.conditions import Cond
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.handlers.indexes import GROUP, VERSION, references
 from fleetward.operator.kube import KubeError
+from fleetward.operator.metrics import reconcile_measured
 from fleetward.operator.reconcile import reconcile_agent
 from fleetward.operator.resolve import selector_matches
 from fleetward.operator.settings import OperatorSettings
@@ -76,15 +77,18 @@ def register(settings: OperatorSettings) -> None:
     async def sop_changed(
         body: kopf.Body, name: str, namespace: str, labels: kopf.Labels, reason: str, memo: kopf.Memo, **kwargs: Any
     ) -> None:
-        agents = list(kwargs["agents_by_namespace"].get(namespace, []))
-        users = sop_users(agents, name, dict(labels))
-        if reason != "resume":  # at start every Agent is reconciled anyway
-            await _reconcile_users(memo.ctx, users, namespace, kwargs)
-        if reason != "delete":
-            now_users = [
-                a["metadata"]["name"] for a in agents if selector_matches(a["spec"].get("sopSelector"), dict(labels))
-            ]
-            await write_used_by(memo.ctx, "SOP", body, sorted(now_users))
+        with reconcile_measured("SOP"):
+            agents = list(kwargs["agents_by_namespace"].get(namespace, []))
+            users = sop_users(agents, name, dict(labels))
+            if reason != "resume":  # at start every Agent is reconciled anyway
+                await _reconcile_users(memo.ctx, users, namespace, kwargs)
+            if reason != "delete":
+                selected = [
+                    a["metadata"]["name"]
+                    for a in agents
+                    if selector_matches(a["spec"].get("sopSelector"), dict(labels))
+                ]
+                await write_used_by(memo.ctx, "SOP", body, sorted(selected))
 
     @kopf.on.resume(GROUP, VERSION, "guardrails", when=owned, backoff=5, id="guardrail_changed")
     @kopf.on.create(GROUP, VERSION, "guardrails", when=owned, backoff=5, id="guardrail_changed")
@@ -93,9 +97,10 @@ def register(settings: OperatorSettings) -> None:
     async def guardrail_changed(
         body: kopf.Body, name: str, namespace: str, reason: str, memo: kopf.Memo, **kwargs: Any
     ) -> None:
-        agents = list(kwargs["agents_by_namespace"].get(namespace, []))
-        users = guardrail_users(agents, name)
-        if reason != "resume":
-            await _reconcile_users(memo.ctx, users, namespace, kwargs)
-        if reason != "delete":
-            await write_used_by(memo.ctx, "Guardrail", body, sorted(a["metadata"]["name"] for a in users))
+        with reconcile_measured("Guardrail"):
+            agents = list(kwargs["agents_by_namespace"].get(namespace, []))
+            users = guardrail_users(agents, name)
+            if reason != "resume":
+                await _reconcile_users(memo.ctx, users, namespace, kwargs)
+            if reason != "delete":
+                await write_used_by(memo.ctx, "Guardrail", body, sorted(a["metadata"]["name"] for a in users))
