@@ -11,12 +11,14 @@ from fleetward.operator.settings import OperatorSettings, load
 CHART = Path(__file__).resolve().parents[2] / "charts" / "fleetward"
 
 
-def rendered(*values: str, namespace: str = "default") -> list[dict]:
+def rendered(*values: str, namespace: str = "default", api_versions: tuple[str, ...] = ()) -> list[dict]:
     """The objects of `helm template fw charts/fleetward` with `--set` for each of `values`
-    (the render must succeed)."""
+    (the render must succeed); `api_versions`: what the cluster serves besides the built-in
+    ones (`--api-versions`)."""
     from fleetward.devcluster.layout import binaries
 
     sets = [arg for value in values for arg in ("--set", value)]
+    sets += [arg for version in api_versions for arg in ("--api-versions", version)]
     out = subprocess.run(
         [str(binaries().helm), "template", "fw", str(CHART), "--kube-version", "1.36.0", "-n", namespace, *sets],
         capture_output=True,

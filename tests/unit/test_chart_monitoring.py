@@ -29,9 +29,21 @@ def _enabled() -> list[dict]:
     )
 
 
-def test_monitoring_objects_that_need_prometheus_operator_are_off_by_default():
+def test_monitoring_objects_follow_whether_the_cluster_has_prometheus_operator():
+    """Default `auto`: rendered when the cluster serves their kinds, left out otherwise (an
+    install into a cluster without the CRDs would fail on them)."""
     kinds = {o["kind"] for o in rendered()}
     assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+    served = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+    with_operator = [o["kind"] for o in rendered(api_versions=served)]
+    assert with_operator.count("ServiceMonitor") == 3 and with_operator.count("PrometheusRule") == 1
+    only_monitors = [o["kind"] for o in rendered(api_versions=served[:1])]
+    assert only_monitors.count("ServiceMonitor") == 3 and "PrometheusRule" not in only_monitors
+    # Set explicitly, they win over what the cluster serves.
+    off = {o["kind"] for o in rendered("monitoring.serviceMonitors.enabled=false", api_versions=served)}
+    assert "ServiceMonitor" not in off and "PrometheusRule" in off
+    on = {o["kind"] for o in rendered("monitoring.rules.enabled=true")}
+    assert "PrometheusRule" in on and "ServiceMonitor" not in on
 
 
 def test_the_agents_service_monitor_selects_every_runtime_metrics_service():

@@ -84,6 +84,7 @@ kafka:
   sharedTopicPartitions: {{ .Values.kafka.sharedTopicPartitions }}
   replicationFactor: {{ .Values.kafka.replicationFactor }}
   deleteTopicsWithAgent: {{ .Values.kafka.deleteTopicsWithAgent }}
+  auditTopicRetentionMs: {{ .Values.kafka.auditTopicRetentionMs | int64 }}
 topics: {{ .Values.topics | toJson }}
 runtime:
   image: {{ .Values.runtime.image | quote }}
@@ -134,4 +135,19 @@ url: {{ printf "%s/%s" (trimSuffix "/" .root.Values.webhook.url) .path }}
 service: {name: {{ $name }}, namespace: {{ .root.Release.Namespace }}, path: /{{ .path }}, port: 443}
 {{- end }}
 caBundle: {{ .ca }}
+{{- end }}
+
+{{/*
+Whether a monitoring.coreos.com object is rendered: `enabled: true`/`false` as set, `auto`
+when the cluster serves its kind (prometheus-operator's CRDs are installed).
+Call: include "fleetward.monitoringOn" (list .Values.monitoring.rules.enabled "PrometheusRule" $)
+*/}}
+{{- define "fleetward.monitoringOn" -}}
+{{- $setting := toString (index . 0) -}}
+{{- $root := index . 2 -}}
+{{- if eq $setting "auto" -}}
+{{- $root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" (index . 1)) -}}
+{{- else -}}
+{{- eq $setting "true" -}}
+{{- end -}}
 {{- end }}

@@ -84,6 +84,7 @@ class KafkaAdmin:
         self._known_at = 0.0
         self._pending: dict[str, int] = {}
         self._waiters: list[tuple[set[str], asyncio.Future]] = []
+        self._configs: dict[str, dict[str, str]] = {}  # topic config to create a topic with
         self._batch_task: asyncio.Task | None = None
         self._listing: asyncio.Task | None = None
 
@@ -138,8 +139,12 @@ class KafkaAdmin:
         self._known_at = time.monotonic()
         return set(md.topics)  # the callers' copy: the cache grows as topics are created
 
-    async def ensure_topics(self, names: list[str], partitions: int) -> None:
-        """Create the topics that do not exist; concurrent calls share one request."""
+    async def ensure_topics(
+        self, names: list[str], partitions: int, configs: dict[str, dict[str, str]] | None = None
+    ) -> None:
+        """Create the topics that do not exist (with `configs[name]` as their topic config);
+        concurrent calls share one request. An existing topic's config is left alone."""
+        self._configs.update(configs or {})
         if time.monotonic() - self._known_at > 60:
             await self.refresh_topics()
         missing = {n for n in names if n not in self._known_topics}
@@ -163,7 +168,7 @@ class KafkaAdmin:
             errors: dict[str, str] = {}
             try:
                 rf = self.settings.replication_factor
-                topics = [NewTopic(n, p, rf) for n, p in sorted(pending.items())]
+                topics = [NewTopic(n, p, rf, config=self._configs.get(n, {})) for n, p in sorted(pending.items())]
                 futures = await self._call(
                     self.admin.create_topics, topics, request_timeout=self.settings.timeout_seconds
                 )

@@ -40,6 +40,9 @@ class KafkaSettings(Settings):
     replication_factor: int = Field(default=1, ge=1, le=10)
     delete_topics_with_agent: bool = True
     """Remove an Agent's request topic when the Agent is deleted (false keeps it, e.g. for audits)."""
+    audit_topic_retention_ms: int = Field(default=-1, ge=-1)
+    """retention.ms of the audit topic when the operator creates it (-1: kept for good, the
+    mirrored chains are the audit log's second copy)."""
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     @property

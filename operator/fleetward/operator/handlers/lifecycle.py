@@ -26,7 +26,11 @@ async def ensure_shared_topics(ctx: OperatorContext) -> None:
     delay = 1.0
     while True:
         try:
-            await ctx.kafka.ensure_topics(ctx.settings.topics.shared(), ctx.settings.kafka.shared_topic_partitions)
+            await ctx.kafka.ensure_topics(
+                ctx.settings.topics.shared(),
+                ctx.settings.kafka.shared_topic_partitions,
+                {ctx.settings.topics.audit: {"retention.ms": str(ctx.settings.kafka.audit_topic_retention_ms)}},
+            )
             ctx.shared_topics_ready.set()
             log.info("shared topics ready: %s", ", ".join(ctx.settings.topics.shared()))
             return
