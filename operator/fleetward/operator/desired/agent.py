@@ -389,7 +389,7 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
         "name": "runtime",
         "image": spec.image or rt.image,
         "imagePullPolicy": rt.image_pull_policy,
-        "command": [*rt.command, "--config", f"{CONFIG_DIR}/config.json"],
+        "command": list(rt.command),  # SPEC §3: `fleetward runtime run`; the config is $FLEETWARD_CONFIG
         "env": _env(inputs),
         "ports": [{"name": "http", "containerPort": rt.port, "protocol": "TCP"}],
         "readinessProbe": probe,
