@@ -31,18 +31,21 @@ ENTERPRISE = (
 
 
 def analysis(topics: list[str], parts: dict[str, str] | None = None, *, sensitive: bool = False) -> dict[str, Any]:
-    return {
-        "intents": ["restore access", "change billing permissions"],
+    """SPEC §4's QueryAnalysis; a request over several topics lists them all and its parts."""
+    answer = {
+        "intent": "restore access and change billing permissions",
         "urgency": "critical",
         "tone": "frustrated",
-        "topics": topics,
+        "topic": topics[0],
         "is_sensitive": sensitive,
-        "parts": [{"topic": t, "text": text} for t, text in (parts or {}).items()],
     }
+    if len(topics) > 1 or parts:
+        answer |= {"topics": topics, "parts": [{"topic": t, "text": text} for t, text in (parts or {}).items()]}
+    return answer
 
 
 def classify(answer: dict[str, Any], **rule: Any) -> dict[str, Any]:
-    return {"name": "classify", "match": {"schemaName": "RouterAnalysis"}, "respond": {"json": answer}, **rule}
+    return {"name": "classify", "match": {"schemaName": "QueryAnalysis"}, "respond": {"json": answer}, **rule}
 
 
 def request_topic(agent: str) -> str:
@@ -137,7 +140,7 @@ def test_unknown_topic_goes_to_the_fallback_agent_unless_the_request_is_sensitiv
     ensure_topics(kafka.bootstrap, [request_topic(general)])
     llm.set_scenario(
         [
-            classify(analysis(["shotgun"], sensitive=True), match={"schemaName": "RouterAnalysis", "lastUser": "key"}),
+            classify(analysis(["shotgun"], sensitive=True), match={"schemaName": "QueryAnalysis", "lastUser": "key"}),
             classify(analysis(["shotgun"])),
         ]
     )
@@ -162,10 +165,10 @@ def test_a_classification_that_does_not_validate_is_retried_then_escalated(kafka
     billing = f"billing-{suffix}"
     ensure_topics(kafka.bootstrap, [request_topic(billing)])
     bad = {**analysis(["billing"]), "urgency": "whenever"}
-    broken = {"name": "broken", "match": {"schemaName": "RouterAnalysis"}, "respond": {"content": "It is billing."}}
+    broken = {"name": "broken", "match": {"schemaName": "QueryAnalysis"}, "respond": {"content": "It is billing."}}
     broken_once = {
         "name": "broken-once",
-        "match": {"schemaName": "RouterAnalysis"},
+        "match": {"schemaName": "QueryAnalysis"},
         "times": 1,
         "respond": {"json": bad, "allowMismatch": True},
     }

@@ -4,7 +4,7 @@ part to the specialist of its topic, or to the route's fallback.
     START -> classify -> route -> dispatch -> END
 
 - `classify`: a LangChain agent without tools whose answer is structured output
-  (`RouterAnalysis`, the provider's native JSON schema mode: `response_format` json_schema)
+  (`QueryAnalysis`, the provider's native JSON schema mode: `response_format` json_schema)
   under the same model middleware as a specialist (budgets, retries and fallbacks, the
   model-call span with tokens and cost, the halt gate). A reply that does not validate is
   sent back to the model with the validation error (`StructuredOutputRetryMiddleware`, up to
@@ -76,45 +76,55 @@ class RequestPart(BaseModel):
     """This part of the request, in the user's words, for the specialist of the topic."""
 
 
-class RouterAnalysis(BaseModel):
-    """The router's structured output (the wire's `QueryAnalysis` is one topic's view of it)."""
+class QueryAnalysis(BaseModel):
+    """The router's classification, SPEC §4's `QueryAnalysis` (the name of the schema the
+    model is given): intent, urgency, tone, topic, is_sensitive. A request that touches
+    several topics also lists them all in `topics` and is split into `parts`, so that each
+    specialist gets its own part (the wire's `QueryAnalysis` in a handoff is one topic's
+    view of it, `wire_analysis`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    intents: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=16)
+    intent: str = Field(min_length=1, max_length=256)
     urgency: Literal["low", "medium", "high", "critical"]
     tone: str = Field(min_length=1, max_length=64)
-    topics: list[Annotated[str, Field(min_length=1, max_length=128, pattern=TOPIC)]] = Field(
-        min_length=1, max_length=16
-    )
+    topic: str = Field(min_length=1, max_length=128, pattern=TOPIC)
+    """The request's topic (the main one when it touches several)."""
     is_sensitive: bool
+    topics: list[Annotated[str, Field(min_length=1, max_length=128, pattern=TOPIC)]] = Field(
+        default_factory=list, max_length=16
+    )
+    """Every topic the request touches, when more than one."""
     parts: list[RequestPart] = Field(default_factory=list, max_length=16)
     """The request split by topic; a topic without a part gets the whole request."""
 
     @model_validator(mode="before")
     @classmethod
-    def _one_topic_shape(cls, data: Any) -> Any:
-        # SPEC §4 names the classification `QueryAnalysis: intent, urgency, tone, topic,
-        # is_sensitive` (one intent, one topic). The schema the model is given asks for
-        # lists (a request can fan out), but an answer in the spec's own shape is read as
-        # a one-topic analysis rather than refused and retried into the human queue.
-        if not isinstance(data, dict) or "intents" in data or "topics" in data:
-            return data
-        if not ("intent" in data or "topic" in data):
+    def _list_shape(cls, data: Any) -> Any:
+        # The shape this classification had before it took SPEC §4's name (`intents` and
+        # `topics` lists, no `intent`/`topic`): still read, e.g. from a run checkpointed
+        # then, or a scenario written for it.
+        if not isinstance(data, dict):
             return data
         data = dict(data)
-        for one, many in (("intent", "intents"), ("topic", "topics")):
-            if one in data:
-                data[many] = [data.pop(one)]
         if "isSensitive" in data and "is_sensitive" not in data:
             data["is_sensitive"] = data.pop("isSensitive")
+        if "intent" not in data and isinstance(data.get("intents"), list) and data["intents"]:
+            data["intent"] = "; ".join(str(i) for i in data.pop("intents"))[:256]
+        if "topic" not in data and isinstance(data.get("topics"), list) and data["topics"]:
+            data["topic"] = data["topics"][0]
         return data
 
+    @property
+    def all_topics(self) -> list[str]:
+        """`topic` and then the other `topics`, each once."""
+        return list(dict.fromkeys([self.topic, *self.topics]))
+
     @model_validator(mode="after")
-    def _parts_name_topics(self) -> RouterAnalysis:
-        unknown = sorted({p.topic for p in self.parts} - set(self.topics))
+    def _parts_name_topics(self) -> QueryAnalysis:
+        unknown = sorted({p.topic for p in self.parts} - set(self.all_topics))
         if unknown:
-            raise ValueError(f"parts[].topic {', '.join(unknown)} not in topics {self.topics}")
+            raise ValueError(f"parts[].topic {', '.join(unknown)} not among topic {self.topic!r} and topics")
         return self
 
 
@@ -124,8 +134,9 @@ def classification_prompt(topics: Sequence[str], agent: str) -> str:
         [
             f"You are the router {agent} of a support team. Classify the user's request; do not answer it.",
             f"Known topics (each has a specialist team): {known}.",
-            "A request may touch several topics: list every one, and split the request into parts, "
-            "one per topic, quoting the user's own words for that part.",
+            "Give the request's intent, urgency, tone, topic (the main one) and is_sensitive. A request may "
+            "touch several topics: then list every one in topics, and split the request into parts, one per "
+            "topic, quoting the user's own words for that part.",
             "Use a short lowercase name (letters, digits, '-', '_', '.') for a topic outside the list, "
             "e.g. security; such parts go to people.",
             "Set is_sensitive when the request involves credentials, permissions, payments or personal data.",
@@ -208,7 +219,7 @@ class RouterState(AgentState):
 
 
 def plan_routes(
-    analysis: RouterAnalysis,
+    analysis: QueryAnalysis,
     request_text: str,
     routes: dict[str, str],
     fallback_agent: str | None,
@@ -221,7 +232,7 @@ def plan_routes(
     topic exists; `guard(text)` returns (text to send or None when blocked, why)."""
     texts = {p.topic: p.text for p in analysis.parts}
     plan: list[dict[str, Any]] = []
-    for topic in dict.fromkeys(analysis.topics):
+    for topic in analysis.all_topics:
         text, blocked = guard(texts.get(topic) or request_text)
         entry: dict[str, Any] = {"topic": topic}
         target = routes.get(topic)
@@ -255,8 +266,9 @@ def escalate_everything(request_text: str, queue: str, reason: str) -> list[dict
 
 def wire_analysis(analysis: dict[str, Any], topic: str) -> dict[str, Any]:
     """The wire's QueryAnalysis (one intent, one topic) for the part of `topic`."""
+    intent = analysis.get("intent") or "; ".join(analysis.get("intents") or [])  # a checkpoint of the old shape
     return {
-        "intent": "; ".join(analysis["intents"])[:256],
+        "intent": intent[:256],
         "urgency": analysis["urgency"],
         "tone": analysis["tone"],
         "topic": topic,
@@ -326,7 +338,7 @@ class RouterNodes:
         if structured is None:
             reason = f"The request could not be classified ({failed or 'no classification'})."
             return {"plan": escalate_everything(request_text, queue, reason), "analysis": None}
-        analysis = structured if isinstance(structured, RouterAnalysis) else RouterAnalysis.model_validate(structured)
+        analysis = structured if isinstance(structured, QueryAnalysis) else QueryAnalysis.model_validate(structured)
         routes = dict(self.config.topics.routes)
         fallback_topic = routes.pop(FALLBACK_ROUTE, None)
         existing = await self.topics.refresh() if self.topics is not None else set(routes.values())
@@ -348,7 +360,7 @@ class RouterNodes:
             {
                 "state": "Active",
                 "step": "classify",
-                "detail": f"classified: topics {', '.join(analysis.topics)}; intents {'; '.join(analysis.intents)}; "
+                "detail": f"classified: topics {', '.join(analysis.all_topics)}; intent {analysis.intent}; "
                 f"urgency {analysis.urgency}; tone {analysis.tone}; sensitive {str(analysis.is_sensitive).lower()}"[
                     :4000
                 ],
@@ -458,7 +470,7 @@ def build_router(
         model,
         [],
         middleware=one_step_per_hook(middleware),
-        response_format=ProviderStrategy(RouterAnalysis),
+        response_format=ProviderStrategy(QueryAnalysis),
         context_schema=RunContext,
         name="classify",
     )
