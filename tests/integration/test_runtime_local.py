@@ -217,6 +217,25 @@ def test_a_tool_not_on_the_allow_list_is_refused(rig: Rig):
     assert result.tool == "delete_account" and not result.ok and "allow-list" in result.error
     assert rig.agent.metric("fleetward_guardrail_violations_total", kind="allow_list") == before + 1
 
+    # A name no tool can have (the model made it up): refused and reported the same way,
+    # under a name events can carry; the run does not fail on it.
+    rig.llm.set_scenario(
+        [
+            {"name": "after", "match": {"lastRole": "tool"}, "respond": {"content": "I cannot search."}},
+            {
+                "name": "invented",
+                "match": {"lastRole": "user"},
+                "respond": {"toolCalls": [{"name": "search the web!", "arguments": {}}], "allowMismatch": True},
+            },
+        ]
+    )
+    session, _ = rig.send("my refund request: search the web for me")
+    events = rig.events.wait_for(session, "resolved")
+    call = next(e.data for e in events if e.type == "tool_call")
+    result = next(e.data for e in events if e.type == "tool_result")
+    assert call.tool == result.tool == "search_the_web_" and not result.ok
+    assert "'search the web!'" in result.error and "allow-list" in result.error
+
 
 def test_an_email_a_card_number_and_an_api_key_never_reach_the_model(rig: Rig):
     rig.llm.set_scenario([{"name": "answer", "match": {"lastRole": "user"}, "respond": {"content": "Noted, thanks."}}])
@@ -396,7 +415,8 @@ def test_no_sop_interrupts_a_human_provides_it_after_a_restart_and_the_run_compl
         user={"sub": "lead@example.test", "role": "operator"},
         data={
             "runId": run_id,
-            "instructions": "Answer general questions politely and briefly.",
+            # A procedure is text for the model too: its PII is redacted like a user's.
+            "instructions": "Answer general questions politely and briefly. Escalations: lead.person@githouse.example",
             "title": "General questions",
         },
     )
@@ -407,6 +427,7 @@ def test_no_sop_interrupts_a_human_provides_it_after_a_restart_and_the_run_compl
     assert len(rig.llm.requests(rule="forecast")) == 1
     system = rig.llm.requests(rule="forecast")[0]["body"]["messages"][0]
     assert system["role"] == "system" and "Answer general questions politely" in system["content"]
+    assert "lead.person@githouse.example" not in json.dumps(rig.llm.requests(rule="forecast"))
     # Answering again (a second provide_sop) changes nothing: the run is over.
     again = provide.model_copy(update={"idempotency_key": f"sop-{uuid.uuid4().hex}", "id": str(uuid.uuid4())})
     produce(rig.bootstrap, rig.agent.request_topic, again.to_json(), session)

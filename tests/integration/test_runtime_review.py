@@ -151,6 +151,13 @@ def test_a_reviewer_identity_in_a_user_command_is_refused_and_the_run_keeps_wait
         forged["user"] = {"sub": "jdoe@example.test", "role": "user"}
         produce(kafka.bootstrap, agent.request_topic, json.dumps(forged), session)
         dlq.wait(lambda rs: any(session.encode() in v for _, v, _ in rs), 60, "the forged resume dead-lettered")
+        # A reviewer's command naming someone else as the reviewer: dead-lettered too.
+        other = resume(agent, session, run_id, "approve").to_wire()
+        other["data"]["reviewer"] = "mallory@example.test"
+        produce(kafka.bootstrap, agent.request_topic, json.dumps(other), session)
+        dlq.wait(
+            lambda rs: any(b"mallory@example.test" in v for _, v, _ in rs), 60, "the misnamed resume dead-lettered"
+        )
         time.sleep(1)
         assert "approval_decision" not in types(events.session(session))
         # A reviewer's decision still works afterwards.

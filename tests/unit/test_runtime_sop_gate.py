@@ -103,3 +103,16 @@ def test_a_final_answer_is_an_ai_message_without_tool_calls():
     assert final_answer([AIMessage(content="done")]) is not None
     assert final_answer([AIMessage(content="", tool_calls=[{"name": "x", "args": {}, "id": "1"}])]) is None
     assert final_answer([]) is None
+
+
+def test_a_made_up_tool_name_is_reported_under_a_name_events_can_carry():
+    import re
+
+    from fleetward.runtime.middleware.tool_credentials import wire_call_id, wire_tool_name
+
+    from fleetward.api.envelopes.wire import TOOL_NAME
+
+    assert wire_tool_name("issue_refund") == "issue_refund"  # a listed tool's name is kept
+    for made_up in ("search the web!", "x" * 100, "ünïcode/tool", ""):
+        assert re.fullmatch(TOOL_NAME, wire_tool_name(made_up)), made_up
+    assert wire_call_id("call_Abc.1:2-3") == "call_Abc.1:2-3" and wire_call_id("id with space") == "id_with_space"

@@ -31,8 +31,9 @@ key per review, so replicas racing produce one effective command). It goes throu
 like a reviewer's decision: served by the partition's owner, in order with the session's
 other commands, never concurrently with them. runs.py honours it only once the deadline
 has passed (a copy of the identity typed by someone else changes nothing early). Then
-`reject` rejects the call or the draft, and `escalate` hands the session to the human
-queue; the session's status becomes `TimedOut` either way.
+`reject` rejects the draft (the session's status becomes `TimedOut`, the run's end) or the
+tool call (not executed; the model is told and the run goes on, status `Active` with the
+reason), and `escalate` hands the session to the human queue (status `TimedOut`).
 
 `fleetward_human_review_queue_depth{agent}` is the number of open reviews of the agent, read
 from the ledger by the timer (with PostgreSQL every replica reports the agent's whole

@@ -185,13 +185,27 @@ class RunExecutor:
             return await self._review_decision(delivery, cmd.data)
         raise Rejected(f"type: {cmd.type} is not served by a {self.services.config.spec.role}")
 
-    @staticmethod
-    def _sop_answer(cmd: AgentCommand) -> dict[str, Any]:
+    def _sop_answer(self, cmd: AgentCommand) -> dict[str, Any]:
+        """The procedure a human provided, through the input guardrails like any text that
+        goes to the model: PII redacted; refused (dead-lettered, the run keeps waiting) when
+        a guardrail blocks or escalates it."""
         data = cmd.data
         assert isinstance(data, ProvideSopData)
+        guarded: dict[str, str | None] = {}
+        for field, text in (("instructions", data.instructions), ("title", data.title)):
+            if text is None:
+                guarded[field] = None
+                continue
+            g = scan(self.services.guardrails, text, "input", self.agent)
+            if not g.allowed:
+                raise Rejected(
+                    f"data.{field}: the input guardrails refused the provided procedure ({g.verdict}: "
+                    f"{finding_summary(g.findings)}); the run still waits for one"
+                )
+            guarded[field] = g.text
         return {
-            "instructions": data.instructions,
-            "title": data.title,
+            "instructions": guarded["instructions"],
+            "title": guarded["title"],
             "providedBy": cmd.user.sub if cmd.user else None,
         }
 
@@ -317,6 +331,13 @@ class RunExecutor:
         timed_out = data.reviewer == TIMEOUT_REVIEWER and cmd.user is not None and cmd.user.sub == TIMEOUT_REVIEWER
         policy = self.services.config.spec.human_review
         try:
+            if cmd.user is not None and data.reviewer != cmd.user.sub:
+                # The decision is recorded (events, audit) under data.reviewer: it must be
+                # the verified identity that sent it, as the gateway and the CLI write it.
+                raise BadAnswer(
+                    f"data.reviewer {data.reviewer!r} is not the command's verified user {cmd.user.sub!r} "
+                    "(user.sub): a decision is recorded under the identity that sent it"
+                )
             if timed_out:
                 record = await ledger.review(run.run_id, review_id)
                 if record is None:  # the timer produced it from a row that is gone: answered since

@@ -13,6 +13,7 @@ reuses it, and carries `traceparent`; hands all of it to the tool through
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +31,19 @@ from opentelemetry import trace
 from fleetward.toolkit.tokens import mint_tool_token
 
 EVENT_RESULT_CHARS = 4000
+
+
+def wire_tool_name(name: str) -> str:
+    """A tool name as events may carry it (letters, digits, `_`, `-`; at most 64). A listed
+    tool's name always is one; a name the model made up may not be ("search web"), and its
+    call must still be refused and reported, not fail the run on an invalid event. The
+    refusal's error text quotes the name as the model wrote it."""
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "_"
+
+
+def wire_call_id(call_id: str) -> str:
+    """A call id as events may carry it (the provider's ids are; a model's own may not be)."""
+    return re.sub(r"[^A-Za-z0-9._:-]", "_", call_id)[:128] or "_"
 
 
 def _message_of(result: ToolMessage | Command) -> ToolMessage | None:
@@ -56,14 +70,15 @@ class ToolEventsMiddleware(AgentMiddleware[Any, RunContext]):
     ) -> ToolMessage | Command:
         ctx: RunContext = request.runtime.context
         call = request.tool_call
-        await ctx.before_step(f"tool:{call['name']}")
+        tool, call_id = wire_tool_name(call["name"]), wire_call_id(call["id"])
+        await ctx.before_step(f"tool:{tool}")
         engine = ctx.services.guardrails
         await ctx.emit(
-            f"tool_call/{call['id']}",
+            f"tool_call/{call_id}",
             "tool_call",
             {
-                "tool": call["name"],
-                "callId": call["id"],
+                "tool": tool,
+                "callId": call_id,
                 "arguments": redact_value(engine, call.get("args") or {}, "output", ctx.services.agent),
             },
         )
@@ -71,7 +86,7 @@ class ToolEventsMiddleware(AgentMiddleware[Any, RunContext]):
         message = _message_of(result)
         artifact = message.artifact if message is not None and isinstance(message.artifact, dict) else {}
         ok = message is not None and message.status != "error" and artifact.get("ok", True)
-        data: dict[str, Any] = {"tool": call["name"], "callId": call["id"], "ok": bool(ok)}
+        data: dict[str, Any] = {"tool": tool, "callId": call_id, "ok": bool(ok)}
         if artifact.get("durationMs") is not None:
             data["durationMs"] = artifact["durationMs"]
         if ok:
@@ -79,7 +94,7 @@ class ToolEventsMiddleware(AgentMiddleware[Any, RunContext]):
         else:
             error = artifact.get("error") or (str(message.content)[:500] if message is not None else "no result")
             data["error"] = redact_value(engine, error, "toolResults", ctx.services.agent)
-        await ctx.emit(f"tool_result/{call['id']}", "tool_result", data)
+        await ctx.emit(f"tool_result/{call_id}", "tool_result", data)
         return result
 
 
