@@ -34,14 +34,6 @@ def test_operator_runs_two_gateway_replicas_that_each_serve_every_session(api, c
     dep = apps.read_namespaced_deployment(GATEWAY, fleetward)
     assert dep.spec.replicas == 2
     assert {o.manager for o in dep.metadata.managed_fields} >= {"fleetward"}
-    # The installation's own objects belong to its settings ConfigMap (the chart's), so that
-    # `helm uninstall` takes them along (garbage collection); the trust bundle's are checked
-    # in test_operator_agent.py (it exists once an Agent has a key).
-    settings = core.read_namespaced_config_map("fleetward-operator", fleetward)
-    owner = [("ConfigMap", "fleetward-operator", settings.metadata.uid)]
-    assert [(o.kind, o.name, o.uid) for o in dep.metadata.owner_references or []] == owner
-    service = core.read_namespaced_service(GATEWAY, fleetward)
-    assert [(o.kind, o.name, o.uid) for o in service.metadata.owner_references or []] == owner
     env = {e.name: e.value for e in dep.spec.template.spec.containers[0].env if e.value}
     assert env["FLEETWARD_GATEWAY_EVENTS_TOPIC"] == "fleetward.events"
     assert env["FLEETWARD_GATEWAY_KAFKA_BOOTSTRAP"] == kafka.bootstrap

@@ -107,15 +107,3 @@ def test_an_otlp_endpoint_reaches_the_gateway_pods():
     assert _env(dep)["OTEL_EXPORTER_OTLP_ENDPOINT"] == otlp
     dep = next(o for o in desired_gateway(OperatorSettings(namespace="fw"))[0] if o["kind"] == "Deployment")
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in _env(dep)
-
-
-def test_the_gateways_objects_belong_to_the_installations_settings_config_map():
-    settings = OperatorSettings(namespace="fw-system", settings_config_map="fw-operator")
-    owner = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fw-operator", "uid": "u-1"}}
-    objects, _ = desired_gateway(settings, owner)
-    for obj in objects:
-        assert obj["metadata"]["ownerReferences"] == [
-            {"apiVersion": "v1", "kind": "ConfigMap", "name": "fw-operator", "uid": "u-1"}
-        ]
-    unowned, _ = desired_gateway(settings)  # an operator run by hand, settings from a file
-    assert all("ownerReferences" not in o["metadata"] for o in unowned)

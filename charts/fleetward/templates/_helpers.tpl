@@ -62,7 +62,6 @@ namespace: {{ .Release.Namespace | quote }}
 watchNamespaces: {{ .Values.watchNamespaces | toJson }}
 excludeNamespaces: {{ .Values.excludeNamespaces | toJson }}
 trustBundleName: {{ .Values.trustBundle.name | quote }}
-settingsConfigMap: {{ include "fleetward.operatorName" . | quote }}
 resyncSeconds: {{ .Values.operator.resyncSeconds }}
 maxConcurrentReconciles: {{ .Values.operator.maxConcurrentReconciles }}
 apiConnections: {{ .Values.operator.apiConnections }}

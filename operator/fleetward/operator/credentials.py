@@ -195,9 +195,6 @@ class TrustBundle:
         self._first_pending = 0.0
         self.last_write: dict[str, Any] = {}
         """Where the last write's time went (queued, read, write), for the revoker's log."""
-        self.owner_references: list[dict[str, Any]] | None = None
-        """Of the installation's settings ConfigMap, when there is one (uninstalling removes
-        the bundle with it)."""
 
     def is_blocked(self, agent: str) -> bool:
         return agent in self.blocked or self.switch_blocked(agent)
@@ -331,8 +328,6 @@ class TrustBundle:
         }
         if base is not None:
             meta["resourceVersion"] = base["metadata"]["resourceVersion"]
-        if self.owner_references:
-            meta["ownerReferences"] = self.owner_references
         return {
             "apiVersion": "v1",
             "kind": "ConfigMap",

@@ -225,10 +225,6 @@ class OperatorSettings(Settings):
     """Glob patterns of namespaces this installation leaves alone (e.g. ones another
     Fleetward installation owns), applied on top of watchNamespaces."""
     trust_bundle_name: str = "fleetward-trust-bundle"
-    settings_config_map: str | None = None
-    """The ConfigMap these settings come from (the chart's, in `namespace`). The objects of
-    the installation itself, the gateway's and the trust bundle, are owned by it, so that
-    `helm uninstall` removes them with it. None (settings from a file): they are not owned."""
     resync_seconds: float = Field(default=60.0, ge=5)
     """How often every Agent is re-checked for drift, whatever happened."""
     max_concurrent_reconciles: int = Field(default=64, ge=1, le=1024)

@@ -5,18 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
-    """An ownerReference to `owner` (an object as the API server returned it). Not a
-    controller and no blockOwnerDeletion: the owner only takes the object with it when it
-    is deleted (garbage collection), which needs no permission on the owner."""
-    return {
-        "apiVersion": owner.get("apiVersion", "v1"),
-        "kind": owner["kind"],
-        "name": owner["metadata"]["name"],
-        "uid": owner["metadata"]["uid"],
-    }
-
-
 def cpu_autoscaler(
     metadata: dict[str, Any], deployment: str, min_replicas: int, max_replicas: int, target_cpu_percent: int
 ) -> dict[str, Any]:

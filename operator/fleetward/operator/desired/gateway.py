@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetward.operator.desired.common import cpu_autoscaler, owner_reference
+from fleetward.operator.desired.common import cpu_autoscaler
 from fleetward.operator.settings import OperatorSettings
 
 COMPONENT = "gateway"
@@ -36,14 +36,6 @@ def selector(settings: OperatorSettings) -> dict[str, str]:
 
 def _meta(settings: OperatorSettings) -> dict[str, Any]:
     return {"name": settings.gateway.name, "namespace": settings.namespace, "labels": labels(settings)}
-
-
-def owned(objects: list[dict[str, Any]], owner: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The objects with an ownerReference to the installation's settings ConfigMap (`owner`,
-    settings.settings_config_map), so that uninstalling removes them; unchanged without one."""
-    if owner is None:
-        return objects
-    return [{**o, "metadata": {**o["metadata"], "ownerReferences": [owner_reference(owner)]}} for o in objects]
 
 
 def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -191,12 +183,10 @@ def horizontal_pod_autoscaler(settings: OperatorSettings) -> dict[str, Any] | No
     )
 
 
-def desired_gateway(
-    settings: OperatorSettings, owner: dict[str, Any] | None = None
-) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """(objects to apply, (kind, name) that must not exist); `owner`: see `owned`."""
+def desired_gateway(settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(objects to apply, (kind, name) that must not exist)."""
     objects = [service(settings), deployment(settings)]
     hpa = horizontal_pod_autoscaler(settings)
     if hpa is None:
-        return owned(objects, owner), [("HorizontalPodAutoscaler", settings.gateway.name)]
-    return owned([*objects, hpa], owner), []
+        return objects, [("HorizontalPodAutoscaler", settings.gateway.name)]
+    return [*objects, hpa], []

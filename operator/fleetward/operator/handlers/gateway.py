@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from fleetward.operator.context import OperatorContext
 from fleetward.operator.desired.gateway import desired_gateway
-from fleetward.operator.kube import Kube, KubeError
-from fleetward.operator.settings import OperatorSettings
+from fleetward.operator.kube import KubeError
 
 log = logging.getLogger("fleetward.operator.gateway")
 
@@ -19,16 +17,8 @@ STANDBY_CHECK_SECONDS = 5.0
 """How often a standby replica checks whether it acts now (a takeover applies within that)."""
 
 
-async def installation_owner(kube: Kube, settings: OperatorSettings) -> dict[str, Any] | None:
-    """The settings ConfigMap that owns the installation's own objects (None: not set, or
-    not there, e.g. an operator run by hand)."""
-    if not settings.settings_config_map:
-        return None
-    return await kube.get("ConfigMap", settings.namespace, settings.settings_config_map)
-
-
 async def apply_gateway(ctx: OperatorContext) -> None:
-    objects, absent = desired_gateway(ctx.settings, await installation_owner(ctx.kube, ctx.settings))
+    objects, absent = desired_gateway(ctx.settings)
     for obj in objects:
         await ctx.kube.apply(obj)
     for kind, name in absent:

@@ -34,7 +34,6 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from fleetward.operator.credentials import TrustBundle
-from fleetward.operator.desired.common import owner_reference
 from fleetward.operator.killswitch.scope import ENGAGED_AT, affected, agent_id, involves, is_engaged
 from fleetward.operator.kube import Kube, KubeError
 from fleetward.operator.settings import OperatorSettings
@@ -222,10 +221,6 @@ class Revoker:
         self._bundle = TrustBundle(
             writer, settings.namespace, settings.trust_bundle_name, switch_blocked=self._switch_blocked
         )
-        if settings.settings_config_map:  # owned by the installation's settings (uninstall removes it)
-            owner = await writer.get("ConfigMap", settings.namespace, settings.settings_config_map)
-            if owner is not None:
-                self._bundle.owner_references = [owner_reference(owner)]
         self._bundle.start()
         self._tasks = [
             asyncio.create_task(self._watch(watcher, "KillSwitch", None, self._set_switch, "switches")),
