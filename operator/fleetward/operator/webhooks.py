@@ -219,10 +219,20 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+APPROVAL_STAMPS = ("approvedAt", "groups")
+
+
 def _same_approval(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Every field counts: `approvedAt` and `groups` are stamps, and whoever changes any part
-    of an approval must be its approver (who then gets new stamps)."""
-    return a == b
+    """The same approval: its approver and what they wrote. Its stamps (APPROVAL_STAMPS) are
+    the webhook's: a request that sends another approver's entry back with other stamps (a
+    manifest without them, a client that rewrote the time) gets the stamps put back, like
+    the engage annotations, rather than refused."""
+    return a.get("user") == b.get("user") and a.get("comment") == b.get("comment")
+
+
+def _restamped(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """An approval whose stamps a request changed (`_same_approval` otherwise)."""
+    return any(old.get(k) != new.get(k) for k in APPROVAL_STAMPS)
 
 
 def admit(
@@ -237,7 +247,8 @@ def admit(
     """Decide one admission request. Returns a merge patch for the new object (empty when
     nothing is stamped); raises Refused with a message for the person who sent it.
 
-    The release rule is enforced in the validating pass only (`enforce_release`), after the
+    The release rule, and that other approvers' stamps stay as they were, are enforced in
+    the validating pass only (`enforce_release`), after the
     schema and its CEL backstop had their say."""
     now = now or _now()
     name = ((new or old or {}).get("metadata") or {}).get("name", "")
@@ -307,13 +318,18 @@ def admit(
             )
         if user in new_ap and not (_engaged(old) or _engaged(new)):
             raise Refused(f"spec.approvals: KillSwitch {name} is not engaged, so there is nothing to approve.")
+    # Another approver's stamps sent back changed: theirs are put back (the validating pass
+    # refuses them if this mutating pass did not run).
+    restamped = {u for u in set(old_ap) & set(new_ap) - changed if _restamped(old_ap[u], new_ap[u])}
     stamped_approvals = None
-    if changed & set(new_ap):
+    if changed & set(new_ap) or restamped:
         stamped_approvals = []
         for user, entry in sorted(new_ap.items()):
             if user in changed:
                 entry = {**entry, "approvedAt": now, "groups": list(requester.groups) or None}
                 entry = {k: v for k, v in entry.items() if v is not None}
+            elif user in restamped:
+                entry = old_ap[user]
             stamped_approvals.append(entry)
 
     if releasing and enforce_release:
@@ -324,6 +340,12 @@ def admit(
                 f"releasing KillSwitch {name} needs spec.approvals from two distinct people other than "
                 f"{engager or 'the engager'}; approvals so far: {have}."
             )
+    if restamped and enforce_release:
+        who = ", ".join(repr(u) for u in sorted(restamped))
+        raise Refused(
+            f"spec.approvals: the approvedAt and groups of {who} are stamped by the Fleetward admission webhook "
+            "and cannot be changed."
+        )
 
     patch: dict[str, Any] = {}
     if patch_ann:
