@@ -151,3 +151,13 @@ def test_a_new_engagement_clears_the_last_ones_record(monkeypatch):
     final = again["status"]
     assert final["phase"] == "Drained" and final["releasedBy"] is None
     assert final["agents"][0]["runs"] == []  # this engagement's results, not the last one's
+
+
+def test_without_the_webhooks_stamp_an_edited_switch_is_engaged_again(monkeypatch):
+    """webhook.enabled: false: a release and a new engage cannot be told from an edit."""
+    unstamped = switch(2, dict(DRAINED_STATUS))
+    unstamped["metadata"]["annotations"] = {}
+    unstamped["metadata"]["creationTimestamp"] = STAMP
+    assert not eng.same_engagement(unstamped)
+    unstamped["metadata"]["generation"] = 1  # seen at this generation: the same one
+    assert eng.same_engagement(unstamped)

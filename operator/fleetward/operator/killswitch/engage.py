@@ -39,7 +39,9 @@ log = logging.getLogger("fleetward.operator.killswitch")
 
 DRAINED = "Drained"
 CREDENTIALS_REVOKED = "CredentialsRevoked"
-MIN_ACK_READ_SECONDS = 1.0  # an operator past the deadline still reads the acks already sent
+ACK_READ_GRACE_SECONDS = 2.0
+"""Read past the drain deadline for this long: an ack sent just before it, or (for an
+operator that gets there late) every ack already sent, through a consumer that starts cold."""
 
 # Status fields that describe one engagement (cleared when the switch is engaged again).
 PER_ENGAGEMENT = (
@@ -85,7 +87,12 @@ def same_engagement(switch: dict[str, Any]) -> bool:
     recorded = parse_time(status.get("engagedAt"))
     if recorded is None or status.get("phase") not in ("Engaging", "Engaged", "Drained"):
         return False
-    return abs(recorded - accepted_at(switch)) < 0.001
+    stamp = parse_time((switch["metadata"].get("annotations") or {}).get(ENGAGED_AT))
+    if stamp is None:
+        # Without the webhook's stamp (webhook.enabled: false) a release and a new engage
+        # cannot be told from an edit: a changed spec counts as a new engagement.
+        return status.get("observedGeneration") == int(switch["metadata"].get("generation") or 1)
+    return abs(recorded - stamp) < 0.001
 
 
 def drain_timeout(switch: dict[str, Any]) -> float:
@@ -174,25 +181,26 @@ def agent_results(
 async def drain(
     ctx: OperatorContext, switch: dict[str, Any], agents: list[dict[str, Any]], instances: dict[str, str], since: float
 ) -> tuple[AckBook, set[str], float]:
-    """Wait until the drain deadline (drainTimeoutSeconds after the engage was accepted)
-    for a `drained` ack from every instance; returns the acks, the pods that had to be
-    stopped by force, and when the drain was over: the last ack's time, or the deadline
-    when a pod was silent (it is deleted right after)."""
+    """Wait for a `drained` ack from every instance until the drain deadline
+    (drainTimeoutSeconds after the engage was accepted); returns the acks, the pods that
+    had to be stopped by force, and when the drain was over: the last ack's time; with a
+    silent pod, the deadline, or when this operator got to it if that was later (a restart
+    mid-drain): the silent pods are deleted right after."""
     meta = switch["metadata"]
     book = AckBook(meta["name"], int(meta.get("generation") or 1))
     deadline = drain_deadline(switch) or time.time() + drain_timeout(switch)
+    late = time.time() > deadline
     if instances:
         want = set(instances)
         # The runtimes force their runs in time to ack by the deadline (ControlMessage.
-        # drain_wait); an operator that gets here late (a restart, a slow reconcile) still
-        # reads the acks already sent.
-        wait = max(deadline - time.time(), MIN_ACK_READ_SECONDS)
+        # drain_wait); the grace reads what was sent up to it.
+        wait = max(deadline - time.time(), 0.0) + ACK_READ_GRACE_SECONDS
         await ctx.control.collect_acks(
             book, since=since - 5, done=lambda b: want <= b.instances("drained"), timeout=wait
         )
     forced = set(instances) - book.instances("drained")
     if forced:
-        over = deadline  # the wait ended by rule; the silent pods are deleted now
+        over = time.time() if late else deadline
     else:
         acked = [a.timestamp.timestamp() for a in book.of("drained") if a.instance in instances]
         over = min(time.time(), max([since, *acked]) if acked else deadline)
