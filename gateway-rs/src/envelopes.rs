@@ -1054,9 +1054,11 @@ impl ControlScope {
     }
 }
 
-/// A control message (topic `fleetward.control`).
+/// A control message (topic `fleetward.control`). Unlike the other envelopes, fields this
+/// version does not know are ignored, not refused: a halt from a newer operator must still
+/// stop this gateway's sessions (upgrades roll instances one by one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ControlMessage {
     pub schema: String,
     pub id: String,

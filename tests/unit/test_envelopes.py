@@ -68,6 +68,9 @@ def test_valid_fixture_parses_and_round_trips(path, validator):
     doc = load(path)
     envelope = parser_for(path)(path.read_bytes())
     assert type(envelope) is envelopes.ENVELOPES[doc["schema"]]
+    known = {f.alias or name for name, f in type(envelope).model_fields.items()}
+    if isinstance(envelope, envelopes.ControlMessage):  # an order's unknown fields are ignored
+        doc = {k: v for k, v in doc.items() if k in known}
     assert json.loads(envelope.to_json()) == doc
     assert parse_envelope(envelope.to_json()) == envelope
     assert list(validator.iter_errors(doc)) == []

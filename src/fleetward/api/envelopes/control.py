@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from fleetward.api.envelopes.wire import (
     CONTROL_ACK_SCHEMA,
@@ -31,8 +31,14 @@ ControlType = Literal["halt", "resume", "rotate_keys"]
 
 
 class ControlMessage(Envelope):
-    """An order from the operator to every runtime and gateway (topic `fleetward.control`)."""
+    """An order from the operator to every runtime and gateway (topic `fleetward.control`).
 
+    Unlike the other envelopes, an order with a field this version does not know is obeyed
+    (the field ignored), not refused: a halt from a newer operator must stop an older
+    runtime or gateway, during an upgrade or for an Agent pinned to an older image. The
+    fields it knows are checked as strictly as everywhere else."""
+
+    model_config = ConfigDict(extra="ignore")
     KIND = "control message"
     SCHEMA = CONTROL_SCHEMA
 
