@@ -110,9 +110,14 @@ def test_a_made_up_tool_name_is_reported_under_a_name_events_can_carry():
 
     from fleetward.runtime.middleware.tool_credentials import wire_call_id, wire_tool_name
 
-    from fleetward.api.envelopes.wire import TOOL_NAME
+    from fleetward.api.envelopes.wire import ID_CHARS, TOOL_NAME
 
     assert wire_tool_name("issue_refund") == "issue_refund"  # a listed tool's name is kept
     for made_up in ("search the web!", "x" * 100, "ünïcode/tool", ""):
         assert re.fullmatch(TOOL_NAME, wire_tool_name(made_up)), made_up
-    assert wire_call_id("call_Abc.1:2-3") == "call_Abc.1:2-3" and wire_call_id("id with space") == "id_with_space"
+    assert wire_tool_name("search the web!").startswith("search_the_web_-")
+    # Two names (or ids) that differ only where characters were replaced stay apart.
+    assert wire_tool_name("a b") != wire_tool_name("a/b")
+    assert wire_call_id("call_Abc.1:2-3") == "call_Abc.1:2-3"
+    assert wire_call_id("id 1") != wire_call_id("id/1") and wire_call_id("id 1").startswith("id_1-")
+    assert re.fullmatch(ID_CHARS, wire_call_id("c" * 300)) and len(wire_call_id("c" * 300)) <= 128

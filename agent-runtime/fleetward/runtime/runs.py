@@ -180,15 +180,17 @@ class RunExecutor:
         if isinstance(cmd.data, UserMessageData | HandoffData):
             return await self._new_request(delivery, cmd.data.text)
         if isinstance(cmd.data, ProvideSopData):
-            return await self._answer(delivery, cmd.data.run_id, SOP_INTERRUPT, self._sop_answer(cmd))
+            return await self._answer(delivery, cmd.data.run_id, SOP_INTERRUPT, lambda: self._sop_answer(cmd))
         if isinstance(cmd.data, ResumeData):
             return await self._review_decision(delivery, cmd.data)
         raise Rejected(f"type: {cmd.type} is not served by a {self.services.config.spec.role}")
 
     def _sop_answer(self, cmd: AgentCommand) -> dict[str, Any]:
-        """The procedure a human provided, through the input guardrails like any text that
-        goes to the model: PII redacted; refused (dead-lettered, the run keeps waiting) when
-        a guardrail blocks or escalates it."""
+        """The procedure a human provided, with its PII redacted by the input guardrails
+        like any text that goes to the model. Only the redaction is taken: a procedure may
+        well name what users must not get ("never offer a workaround"), which a policy or
+        injection rule meant for users' requests would flag. Refused (dead-lettered, the run
+        keeps waiting) only when a guardrail withholds the text altogether (a `block`)."""
         data = cmd.data
         assert isinstance(data, ProvideSopData)
         guarded: dict[str, str | None] = {}
@@ -197,9 +199,9 @@ class RunExecutor:
                 guarded[field] = None
                 continue
             g = scan(self.services.guardrails, text, "input", self.agent)
-            if not g.allowed:
+            if g.text is None:
                 raise Rejected(
-                    f"data.{field}: the input guardrails refused the provided procedure ({g.verdict}: "
+                    f"data.{field}: the input guardrails withhold the provided procedure ({g.verdict}: "
                     f"{finding_summary(g.findings)}); the run still waits for one"
                 )
             guarded[field] = g.text
@@ -268,7 +270,11 @@ class RunExecutor:
 
     # -- an answer to a waiting run (provide_sop, resume) --------------------------------------
 
-    async def _answer(self, delivery: Delivery, run_id: str, kind: str, answer: dict[str, Any]) -> Outcome:
+    async def _answer(
+        self, delivery: Delivery, run_id: str, kind: str, answer: dict[str, Any] | Callable[[], dict[str, Any]]
+    ) -> Outcome:
+        """Resume the run waiting for `kind` with `answer` (made only when it is used, so a
+        duplicate or a run that moved on never evaluates it)."""
         cmd = delivery.command
         ledger = self.services.ledger
         run = await self._run_of(cmd, run_id)
@@ -278,7 +284,12 @@ class RunExecutor:
         snapshot = await self.graph.aget_state(_thread(run_id))
         pending = _pending_interrupt(snapshot)
         if pending is not None and pending.get("kind") == kind:
-            graph_input: Any = Command(resume=answer)
+            try:
+                value = answer() if callable(answer) else answer
+            except Rejected:
+                await ledger.finish_request(self.agent, cmd.idempotency_key)
+                raise
+            graph_input: Any = Command(resume=value)
         elif pending is None and snapshot.next:
             graph_input = None  # answered before a crash; the run goes on from its checkpoint
         elif pending is None:

@@ -12,6 +12,7 @@ reuses it, and carries `traceparent`; hands all of it to the tool through
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -28,22 +29,34 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 from opentelemetry import trace
 
+from fleetward.api.envelopes.wire import ID_CHARS, TOOL_NAME
 from fleetward.toolkit.tokens import mint_tool_token
 
 EVENT_RESULT_CHARS = 4000
 
 
+def _wire_form(value: str, pattern: str, bad: str, limit: int) -> str:
+    """`value` when it matches `pattern`, else its characters outside the pattern replaced
+    and a short hash of the original added, so two different values never become one (an
+    event's key is built from the call id: a collision would drop the second call's events)."""
+    if len(value) <= limit and re.fullmatch(pattern, value):
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{re.sub(bad, '_', value)[: limit - 9]}-{digest}"
+
+
 def wire_tool_name(name: str) -> str:
-    """A tool name as events may carry it (letters, digits, `_`, `-`; at most 64). A listed
-    tool's name always is one; a name the model made up may not be ("search web"), and its
-    call must still be refused and reported, not fail the run on an invalid event. The
-    refusal's error text quotes the name as the model wrote it."""
-    return re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "_"
+    """A tool name as events may carry it (TOOL_NAME). A listed tool's name always is one; a
+    name the model made up may not be ("search web"), and its call must still be refused and
+    reported, not fail the run on an invalid event. The refusal's error text quotes the name
+    as the model wrote it."""
+    return _wire_form(name, TOOL_NAME, r"[^a-zA-Z0-9_-]", 64)
 
 
 def wire_call_id(call_id: str) -> str:
-    """A call id as events may carry it (the provider's ids are; a model's own may not be)."""
-    return re.sub(r"[^A-Za-z0-9._:-]", "_", call_id)[:128] or "_"
+    """A call id as events may carry it (ID_CHARS, at most 128): the providers' ids are; one
+    a model or a proxy made up may not be."""
+    return _wire_form(call_id, ID_CHARS, r"[^A-Za-z0-9._:-]", 128)
 
 
 def _message_of(result: ToolMessage | Command) -> ToolMessage | None:
