@@ -20,19 +20,21 @@ from fleetward.devcluster.process import wait_for
 SCRIPT = "for i in 1 2 3 4 5; do echo line-$i; done; echo done >&2; sleep 300"
 
 
-def test_kubectl_logs_reads_a_podlet_containers_output(core: client.CoreV1Api, namespace: str, kubectl):
+def shell_pod(core: client.CoreV1Api, namespace: str, name: str, script: str, **spec) -> None:
+    """A pod on the podlet whose one container `main` runs `script` with sh."""
     core.create_namespaced_pod(
         namespace,
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": "talker"},
-            "spec": {
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "main", "image": "none", "command": ["sh", "-c", SCRIPT]}],
-            },
+            "metadata": {"name": name},
+            "spec": {**spec, "containers": [{"name": "main", "image": "none", "command": ["sh", "-c", script]}]},
         },
     )
+
+
+def test_kubectl_logs_reads_a_podlet_containers_output(core: client.CoreV1Api, namespace: str, kubectl):
+    shell_pod(core, namespace, "talker", SCRIPT, terminationGracePeriodSeconds=1)
     wait_for(lambda: core.read_namespaced_pod("talker", namespace).status.phase == "Running", 60, "talker Running")
     wait_for(
         lambda: "done" in kubectl("logs", "-n", namespace, "talker", check=False).stdout, 30, "the whole output logged"
@@ -75,18 +77,7 @@ def test_the_log_endpoint_answers_only_the_api_server(cluster, core: client.Core
 
 def test_kubectl_logs_follow_streams_until_the_container_ends(core: client.CoreV1Api, namespace: str, kubectl):
     script = "echo first; sleep 2; echo second; sleep 2; echo last"
-    core.create_namespaced_pod(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "slow"},
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [{"name": "main", "image": "none", "command": ["sh", "-c", script]}],
-            },
-        },
-    )
+    shell_pod(core, namespace, "slow", script, restartPolicy="Never")
     wait_for(lambda: kubectl("logs", "-n", namespace, "slow", check=False).stdout.startswith("first"), 60, "first line")
     followed = kubectl("logs", "-f", "-n", namespace, "slow").stdout  # returns once the container ended
     assert followed.splitlines() == ["first", "second", "last"]
@@ -94,18 +85,7 @@ def test_kubectl_logs_follow_streams_until_the_container_ends(core: client.CoreV
 
 def test_kubectl_logs_timestamps_and_since(core: client.CoreV1Api, namespace: str, kubectl):
     script = "echo early; sleep 2; echo late; sleep 300"
-    core.create_namespaced_pod(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "timed"},
-            "spec": {
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "main", "image": "none", "command": ["sh", "-c", script]}],
-            },
-        },
-    )
+    shell_pod(core, namespace, "timed", script, terminationGracePeriodSeconds=1)
     wait_for(lambda: "late" in kubectl("logs", "-n", namespace, "timed", check=False).stdout, 60, "both lines")
 
     stamped = kubectl("logs", "-n", namespace, "timed", "--timestamps").stdout.splitlines()

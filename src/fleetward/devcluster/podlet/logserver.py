@@ -181,7 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
             pos = f.seek(end if start is None else min(start, end))
             more = True
             while more:
-                data = f.read(READ_SIZE)
+                # Without follow, what the log held when asked (a chatty container's new
+                # lines would otherwise keep the answer going).
+                data = f.read(READ_SIZE if ask.follow else min(READ_SIZE, max(0, end - pos)))
                 if data:
                     more = send(_stamped(data, pos, times) if ask.timestamps and times else data)
                     pos += len(data)
