@@ -321,21 +321,31 @@ def test_a_replica_joining_mid_run_takes_over_at_a_step_boundary_and_every_run_c
     assert refund_calls == 3  # one call per run: nothing was replayed at the tool service
 
 
+def gated_billing_agent(tmp_path: Path, kafka, llm, gate: str):
+    """A billing agent whose first model call the stand-in holds at `gate`, its tool service,
+    a reader of the control acks, and `my_acks(records)`: the acks of this agent's instance."""
+    tools = GitHouseTools(tmp_path / "jwks.json")
+    llm.set_scenario(refund_script(verify_gate=gate))
+    agent = billing_agent(tmp_path, kafka, llm, tools.port)
+    acks = TopicReader(kafka.bootstrap, "fleetward.control-acks")
+    instance = agent.env["POD_NAME"]
+
+    def my_acks(records):
+        return [a for a in (parse_ack(v) for _, v, _ in records) if a.instance == instance]
+
+    return tools, agent, acks, my_acks
+
+
 def test_a_run_still_busy_is_forced_in_time_to_ack_by_the_halts_deadline(kafka, llm, events, tmp_path: Path):
     """SPEC §7: the drain is over within drainTimeoutSeconds of the engage. The halt carries
     that deadline; a run still in its model call is forced early enough for the `drained`
     ack to arrive by then, although the order's own timeout (30 s) is far longer."""
     from datetime import UTC, datetime
 
-    tools = GitHouseTools(tmp_path / "jwks.json")
-    llm.set_scenario(refund_script(verify_gate="never-opened"))
-    agent = billing_agent(tmp_path, kafka, llm, tools.port)
-    acks = TopicReader(kafka.bootstrap, "fleetward.control-acks")
-    instance = agent.env["POD_NAME"]
+    tools, agent, acks, my_acks = gated_billing_agent(tmp_path, kafka, llm, "never-opened")
 
     def drained(records):
-        found = [parse_ack(v) for _, v, _ in records]
-        return [a for a in found if a.instance == instance and a.type == "drained"]
+        return [a for a in my_acks(records) if a.type == "drained"]
 
     with tools:
         agent.start().wait_ready(90)
@@ -365,14 +375,7 @@ def test_a_run_still_busy_is_forced_in_time_to_ack_by_the_halts_deadline(kafka, 
 
 
 def test_halt_drains_at_a_step_boundary_and_resume_continues_the_run_and_the_queue(kafka, llm, events, tmp_path: Path):
-    tools = GitHouseTools(tmp_path / "jwks.json")
-    llm.set_scenario(refund_script(verify_gate="halted"))
-    agent = billing_agent(tmp_path, kafka, llm, tools.port)
-    acks = TopicReader(kafka.bootstrap, "fleetward.control-acks")
-    instance = agent.env["POD_NAME"]
-
-    def my_acks(records):
-        return [a for a in (parse_ack(v) for _, v, _ in records) if a.instance == instance]
+    tools, agent, acks, my_acks = gated_billing_agent(tmp_path, kafka, llm, "halted")
 
     with tools:
         agent.start().wait_ready(90)
