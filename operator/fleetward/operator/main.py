@@ -89,3 +89,75 @@ def run(args: argparse.Namespace) -> int:
         liveness_endpoint=f"http://{host}:{port}/healthz",
     )
     return 0
+
+
+UNINSTALL_HELP = """Remove what the operator made for the installation itself: the gateway (Deployment,
+Service, HPA) and, when no Agent is left, the trust bundle. The chart runs it as a pre-delete
+hook, so `helm uninstall` leaves nothing of the installation behind. It scales the operator
+to zero first (it would re-apply the gateway), and scales it back when a deletion fails.
+Agents are yours and stay: delete them first, their finalizers need the operator."""
+
+
+def add_uninstall_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--settings",
+        type=Path,
+        default=os.environ.get("FLEETWARD_SETTINGS") or None,
+        help="the installation's operator settings YAML (default: $FLEETWARD_SETTINGS, else built-in defaults)",
+    )
+    p.add_argument(
+        "--operator-deployment",
+        metavar="NAME",
+        default=None,
+        help="the operator Deployment in the installation namespace, scaled to zero first so that it "
+        "re-applies nothing (default: none is stopped)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="seconds to wait for the operator's pods to stop (default: 90)",
+    )
+
+
+def uninstall(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fleetward.operator import uninstall as steps
+    from fleetward.operator.kube import Kube, KubeError
+    from fleetward.operator.settings import SettingsError, load
+
+    try:
+        settings = load(args.settings)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    async def go() -> steps.UninstallReport:
+        kube = await Kube.connect()
+        try:
+            return await steps.uninstall(
+                kube, settings, operator_deployment=args.operator_deployment, timeout=args.timeout, say=say
+            )
+        finally:
+            await kube.close()
+
+    try:
+        report = asyncio.run(go())
+    except (steps.UninstallFailed, KubeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name in report.deleted:
+        say(f"deleted {settings.namespace}/{name}")
+    for why in report.kept:
+        say(f"kept {settings.namespace}/{why}")
+    if report.agents_left:
+        shown = ", ".join(report.agents_left[:10]) + (" ..." if len(report.agents_left) > 10 else "")
+        say(
+            f"warning: {len(report.agents_left)} Agent(s) remain ({shown}): their runtimes keep running "
+            "unmanaged, and deleting them later waits for an operator to remove their finalizers"
+        )
+    return 0

@@ -15,3 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = op_sub.add_parser("run", help="run the operator until SIGTERM", description=__doc__)
     main.add_arguments(run)
     run.set_defaults(handler=main.run)
+    uninstall = op_sub.add_parser(
+        "uninstall",
+        help="remove the installation's gateway and trust bundle (the chart's pre-delete hook)",
+        description=main.UNINSTALL_HELP,
+    )
+    main.add_uninstall_arguments(uninstall)
+    uninstall.set_defaults(handler=main.uninstall)
