@@ -196,6 +196,47 @@ def test_a_refund_before_verification_is_refused_and_never_reaches_the_tool(rig:
     assert any(m["role"] == "tool" and "Refused by the runtime" in m["content"] for m in second)
 
 
+def test_a_refund_after_a_failed_verification_is_refused_by_the_sop_gate(rig: Rig):
+    """The tool answers a check that fails with a non-2xx status (422 not_verified): the
+    step has not succeeded, so the refund that requires it never reaches the tool."""
+    rig.llm.set_scenario(
+        [
+            {
+                "name": "give-up",
+                "match": {"toolResultFor": "issue_refund"},
+                "respond": {"content": "I could not verify that transaction."},
+            },
+            {
+                "name": "refund-anyway",
+                "match": {"toolResultFor": "verify_transaction"},
+                "respond": {
+                    "toolCalls": [
+                        {"name": "issue_refund", "arguments": {"transaction_id": "txn_1001", "amount_cents": 4900}}
+                    ]
+                },
+            },
+            {
+                "name": "verify-for-the-wrong-account",
+                "match": {"lastRole": "user"},
+                "respond": {
+                    "toolCalls": [
+                        {"name": "verify_transaction", "arguments": {"account": "jdoe", "transaction_id": "txn_1001"}}
+                    ]
+                },
+            },
+        ]
+    )
+    calls_before = rig.tools.metric("githouse_tool_calls_total", tool="issue_refund")
+    session, _ = rig.send("refund txn_1001 for account jdoe")
+    events = rig.events.wait_for(session, "resolved")
+    results = [e.data for e in events if e.type == "tool_result"]
+    assert [(r.tool, r.ok) for r in results] == [("verify_transaction", False), ("issue_refund", False)]
+    assert "not_verified" in results[0].error
+    assert "refused" in results[1].error and "verify-transaction" in results[1].error
+    assert rig.tools.metric("githouse_tool_calls_total", tool="issue_refund") == calls_before
+    assert not [e for e in rig.tools.effects() if e["runId"] == events[0].run_id]
+
+
 def test_a_tool_not_on_the_allow_list_is_refused(rig: Rig):
     rig.llm.set_scenario(
         [

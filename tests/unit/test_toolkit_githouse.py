@@ -173,11 +173,18 @@ def test_refunds_need_a_transaction_verified_in_the_same_run():
             {"account": "jdoe", "transaction_id": "txn_1001"},
             agents.headers(BILLING, "verify_transaction"),
         )
-        assert status == 200 and body == {
-            "transactionId": "txn_1001",
-            "verified": False,
-            "reason": "the transaction does not belong to this account",
+        # A failed check is not a success: the SOP gate counts only 2xx answers.
+        assert status == 422 and body == {
+            "error": "not_verified",
+            "message": "the transaction does not belong to this account",
         }
+        status, body, _ = await post(
+            client,
+            "verify_transaction",
+            {"account": "jdoe", "transaction_id": "txn_nope"},
+            agents.headers(BILLING, "verify_transaction"),
+        )
+        assert (status, body["error"]) == (404, "unknown_transaction")
         assert await (await client.get("/_effects")).json() == []
 
     run(scenario)
@@ -190,7 +197,9 @@ def test_2fa_reset_and_token_revocation_need_a_verified_identity():
         status, body, _ = await post(
             client, "verify_identity", {"account": "mallory"}, agents.headers(ACCOUNT, "verify_identity")
         )
-        assert body["verified"] is False
+        assert (status, body["error"]) == (422, "not_verified") and "fraud review" in body["message"]
+        status, body, _ = await post(client, "reset_2fa", {"account": "mallory"}, agents.headers(ACCOUNT, "reset_2fa"))
+        assert (status, body["error"]) == (409, "identity_not_verified")
         status, body, _ = await post(
             client,
             "verify_identity",

@@ -200,15 +200,13 @@ class GitHouseBackend:
     # -- account & security -------------------------------------------------------------
 
     def verify_identity(self, caller: Caller, args: a.VerifyIdentity) -> dict[str, Any]:
+        # A check that fails answers non-2xx: the runtime's SOP gate counts only a 2xx call
+        # as the step having succeeded (docs/toolkit.md), so no reset follows a refusal.
         account = self.state["accounts"].get(args.account)
         if account is None:
-            return {"account": args.account, "verified": False, "reason": "no such account"}
+            raise ToolError(404, "unknown_account", f"no account {args.account!r}")
         if account["flagged"]:
-            return {
-                "account": args.account,
-                "verified": False,
-                "reason": "account under fraud review; hand over to a human",
-            }
+            raise ToolError(422, "not_verified", "account under fraud review; hand over to a human")
         self.verified_identities.setdefault(caller.run_id, set()).add(args.account)
         return {
             "account": args.account,
@@ -270,13 +268,9 @@ class GitHouseBackend:
     def verify_transaction(self, caller: Caller, args: a.VerifyTransaction) -> dict[str, Any]:
         txn = self.state["transactions"].get(args.transaction_id)
         if txn is None:
-            return {"transactionId": args.transaction_id, "verified": False, "reason": "no such transaction"}
+            raise ToolError(404, "unknown_transaction", f"no transaction {args.transaction_id!r}")
         if txn["account"] != args.account:
-            return {
-                "transactionId": args.transaction_id,
-                "verified": False,
-                "reason": "the transaction does not belong to this account",
-            }
+            raise ToolError(422, "not_verified", "the transaction does not belong to this account")
         self.verified_transactions.setdefault(caller.run_id, set()).add(args.transaction_id)
         return {
             "transactionId": args.transaction_id,
