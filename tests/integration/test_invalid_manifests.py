@@ -299,6 +299,35 @@ CASES = [
         ["spec.approvals[0]", "must be of type object"],
     ),
     (
+        # what `-l tier==payments` turned into before the CLI parsed kubectl's syntax
+        "killswitch-selector-label-key",
+        broken(KILLSWITCH, setter("spec.scope", {"agentSelector": {"matchLabels": {"tier!": "payments"}}})),
+        ["spec.scope.agentSelector.matchLabels", "a label key is a name of at most 63 characters"],
+    ),
+    (
+        "killswitch-selector-label-value",
+        broken(KILLSWITCH, setter("spec.scope", {"agentSelector": {"matchLabels": {"tier": "=payments"}}})),
+        ["spec.scope.agentSelector.matchLabels.tier", "should match"],
+    ),
+    (
+        "killswitch-selector-expression-key",
+        broken(
+            KILLSWITCH,
+            setter("spec.scope", {"agentSelector": {"matchExpressions": [{"key": " team", "operator": "Exists"}]}}),
+        ),
+        ["spec.scope.agentSelector.matchExpressions[0].key", "should match"],
+    ),
+    (
+        "agent-pod-label-key",
+        broken(AGENT, setter("spec.deployment", {"podLabels": {"team name": "billing"}})),
+        ["spec.deployment.podLabels", "a label key is a name of at most 63 characters"],
+    ),
+    (
+        "agent-sop-selector-label-value",
+        broken(AGENT, setter("spec.sopSelector", {"matchLabels": {"domain": "billing and refunds"}})),
+        ["spec.sopSelector.matchLabels.domain", "should match"],
+    ),
+    (
         "killswitch-scope-not-an-object",
         broken(KILLSWITCH, setter("spec.scope", "all")),
         ["spec.scope", "must be of type object"],

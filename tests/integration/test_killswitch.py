@@ -196,7 +196,9 @@ def test_engage_revoke_drain_and_two_person_release(
 
 def test_an_agent_created_under_a_switch_never_runs(api, core, objs, fleetward, namespace, user_kubeconfigs):
     ns, ks = namespace, f"ks-{namespace}"[:60]
-    fleetward_cli(user_kubeconfigs["alice"], "kill", ks, "--reason", "freeze", "--namespace", ns, "--wait")
+    engaged = fleetward_cli(user_kubeconfigs["alice"], "kill", ks, "--reason", "freeze", "--namespace", ns, "--wait")
+    # The on-call engineer is told the scope matches nothing yet (a typo would look the same).
+    assert f"KillSwitch {ks} covers no Agent now" in engaged.stderr, engaged.stderr
     try:
         apply_manifest(api, json.dumps(model_secret(ns)), ns)
         apply_manifest(api, json.dumps(agent(ns, "late")), ns)
@@ -438,7 +440,8 @@ def test_engaging_twice_releasing_twice_and_engaging_again_are_defined(
         wait_for(done, 90, f"{ks} {phase} at its latest generation")
         return switch(objs, ks)
 
-    fleetward_cli(user_kubeconfigs["alice"], "kill", ks, "--reason", "first", "--namespace", ns, "--wait")
+    engaged = fleetward_cli(user_kubeconfigs["alice"], "kill", ks, "--reason", "first", "--namespace", ns, "--wait")
+    assert "It covers 1 Agent(s) now." in engaged.stdout, engaged.stdout
     try:
         first = settled("Drained")["status"]
 

@@ -47,9 +47,9 @@ def test_a_bad_drain_timeout_is_refused_by_the_parser(capsys, value, words):
 
 def test_a_bad_selector_is_refused_before_the_kubeconfig_is_read(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
-    assert main(["kill", "stop", "--reason", "drill", "--selector", "tier"]) == 2
+    assert main(["kill", "stop", "--reason", "drill", "--selector", "tier=pay ments"]) == 2
     err = capsys.readouterr().err
-    assert "--selector 'tier': expected key=value" in err and "kubeconfig" not in err
+    assert "--selector: 'tier=pay ments': expected key=value" in err and "kubeconfig" not in err
 
 
 def test_status_of_one_switch_shows_its_settings():

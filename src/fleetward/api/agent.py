@@ -12,13 +12,16 @@ from fleetward.api.base import (
     DNS_SUBDOMAIN,
     READY_COLUMN,
     ApiModel,
+    LabelKey,
     LabelSelector,
+    LabelValue,
     PrinterColumn,
     Resource,
     ResourceKind,
     ResourceStatus,
     SecretKeyRef,
     cel,
+    label_map,
     validations,
 )
 
@@ -272,7 +275,7 @@ RESERVED_LABEL_RULE = "self.all(k, !k.startsWith('fleetward.dev/') && !k.startsW
 class DeploymentOptions(ApiModel):
     """Pod placement and decoration of the runtime Deployment, passed through to its pod template."""
 
-    node_selector: dict[str, str] | None = None
+    node_selector: dict[LabelKey, LabelValue] | None = label_map("nodeSelector")
     """Nodes the runtime pods may run on (by label)."""
     tolerations: list[Toleration] | None = Field(default=None, max_length=32)
     """Taints the runtime pods tolerate."""
@@ -282,14 +285,10 @@ class DeploymentOptions(ApiModel):
     """A Kubernetes Affinity (nodeAffinity, podAffinity, podAntiAffinity), passed through unchanged."""
     priority_class_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN)
     """PriorityClass of the runtime pods."""
-    pod_labels: dict[str, str] | None = Field(
-        default=None,
-        json_schema_extra=validations(
-            cel(
-                RESERVED_LABEL_RULE,
-                "podLabels may not set fleetward.dev/* or app.kubernetes.io/* keys (Fleetward sets them)",
-            )
-        ),
+    pod_labels: dict[LabelKey, LabelValue] | None = label_map(
+        "podLabels",
+        64,
+        cel(RESERVED_LABEL_RULE, "podLabels may not set fleetward.dev/* or app.kubernetes.io/* keys (Fleetward sets them)"),
     )
     """Extra labels on the runtime pods."""
     pod_annotations: dict[str, str] | None = Field(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -24,6 +24,21 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # Names of things that end up as Kubernetes object names (DNS-1123 labels/subdomains).
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Label keys and values, as the API server checks them on the objects they end up on: a
+# selector or label with another spelling would match nothing or fail later, at apply.
+# The key's name part is at most 63 characters; its optional DNS-subdomain prefix is checked
+# for form only (the whole key at most 317 characters, as the prefix's 253 + '/' + 63). No
+# backslashes: the pattern also goes into CEL string literals, where `\.` is not an escape.
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?([.][a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+LABEL_KEY_HELP = (
+    "a label key is a name of at most 63 characters (letters, digits, '-', '_', '.'; starting and ending "
+    "with a letter or digit), optionally prefixed by a DNS subdomain and '/', e.g. tier or example.com/tier"
+)
+LABEL_VALUE_HELP = "a label value is empty or at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit"
 # A condition reason: CamelCase, as in the Kubernetes API conventions.
 REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
@@ -67,12 +82,30 @@ class SecretKeyRef(ApiModel):
     """Key within the Secret."""
 
 
+def label_map(what: str, max_items: int = 64, *extra_rules: dict[str, Any]) -> Any:
+    """`dict[str, str]` of labels, keys and values checked as the API server checks labels."""
+    return Field(
+        default=None,
+        max_length=max_items,
+        json_schema_extra=validations(
+            cel(f"self.all(k, size(k) <= 317 && k.matches('{LABEL_KEY}'))", f"{what}: {LABEL_KEY_HELP}"),
+            *extra_rules,
+        ),
+    )
+
+
+# Only the pattern: a length on a key would put `propertyNames` into the schemas, which not every
+# validator reads; the CRD's CEL rule bounds the key's length.
+LabelKey = Annotated[str, Field(pattern=LABEL_KEY)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
 class LabelSelectorRequirement(ApiModel):
-    key: str = Field(min_length=1, max_length=317)
+    key: str = Field(min_length=1, max_length=317, pattern=LABEL_KEY)
     """The label key the selector applies to."""
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     """How the key relates to the values."""
-    values: list[str] | None = Field(default=None, max_length=64)
+    values: list[LabelValue] | None = Field(default=None, max_length=64)
     """Values for In/NotIn; must be empty for Exists/DoesNotExist."""
 
 
@@ -90,7 +123,7 @@ class LabelSelector(ApiModel):
         )
     )
 
-    match_labels: dict[str, str] | None = None
+    match_labels: dict[LabelKey, LabelValue] | None = label_map("matchLabels")
     """Labels that must all be present with these values."""
     match_expressions: list[LabelSelectorRequirement] | None = Field(default=None, max_length=32)
     """Set-based requirements, all of which must hold."""

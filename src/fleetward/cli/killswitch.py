@@ -55,7 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     kill.add_argument("name", help="KillSwitch name (cluster-scoped)")
     kill.add_argument("--reason", required=True, help="why the fleet is being stopped (recorded and shown)")
     kill.add_argument("--namespace", "-n", action="append", dest="namespaces", help="only agents here (repeatable)")
-    kill.add_argument("--selector", "-l", help="only agents with these labels, e.g. tier=payments,team=billing")
+    kill.add_argument(
+        "--selector",
+        "-l",
+        help="only agents with these labels, in kubectl's syntax: tier=payments,team=billing; "
+        "env in (prod,staging); tier!=test; !canary",
+    )
     kill.add_argument("--mode", choices=("drain", "abort"), help="drain (default) or abort in-flight calls at once")
     kill.add_argument(
         "--drain-timeout", type=_drain_timeout, metavar="SECONDS", help="upper bound for the drain, 1-3600 (default 30)"
@@ -200,12 +205,13 @@ def run_kill(args: argparse.Namespace) -> int:
     scope: dict[str, Any] = {}
     if args.namespaces:
         scope["namespaces"] = args.namespaces
-    if args.selector:
+    if args.selector is not None:
+        from fleetward.cli.selector import SelectorError, parse_label_selector
+
         try:
-            labels = dict(pair.split("=", 1) for pair in args.selector.split(","))
-        except ValueError:
-            return _fail(f"--selector {args.selector!r}: expected key=value[,key=value...]", 2)
-        scope["agentSelector"] = {"matchLabels": labels}
+            scope["agentSelector"] = parse_label_selector(args.selector)
+        except SelectorError as e:
+            return _fail(f"--selector: {e}", 2)
     if scope:
         spec["scope"] = scope
     if args.mode:
@@ -227,9 +233,40 @@ def run_kill(args: argparse.Namespace) -> int:
         except ApiException as e2:
             return _fail(f"engaging KillSwitch {args.name} was refused: {_refusal(e2)}")
     print(f"KillSwitch {args.name} engaged: {args.reason}")
+    _report_coverage(objs, args)
     if args.wait:
         return _wait(objs, args.name, ("Drained",), args.timeout)
     return 0
+
+
+def _report_coverage(objs, args: argparse.Namespace) -> None:
+    """How many Agents the scope matches now: a typo in a namespace or label would otherwise
+    engage a switch that stops nothing, and say it worked. Skipped when this user may not
+    list Agents (the switch is engaged all the same)."""
+    from kubernetes.client.exceptions import ApiException
+
+    selector = args.selector or None  # the API server reads kubectl's syntax itself
+    try:
+        if args.namespaces:
+            items = [
+                a
+                for ns in args.namespaces
+                for a in objs.list_namespaced_custom_object(GROUP, VERSION, ns, "agents", label_selector=selector)[
+                    "items"
+                ]
+            ]
+        else:
+            items = objs.list_cluster_custom_object(GROUP, VERSION, "agents", label_selector=selector)["items"]
+    except ApiException:
+        return
+    if items:
+        print(f"It covers {len(items)} Agent(s) now.")
+    else:
+        print(
+            f"warning: KillSwitch {args.name} covers no Agent now: check --namespace/--selector "
+            "(Agents created later in its scope are stopped too)",
+            file=sys.stderr,
+        )
 
 
 def run_approve(args: argparse.Namespace) -> int:
