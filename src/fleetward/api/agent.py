@@ -288,7 +288,10 @@ class DeploymentOptions(ApiModel):
     pod_labels: dict[LabelKey, LabelValue] | None = label_map(
         "podLabels",
         64,
-        cel(RESERVED_LABEL_RULE, "podLabels may not set fleetward.dev/* or app.kubernetes.io/* keys (Fleetward sets them)"),
+        cel(
+            RESERVED_LABEL_RULE,
+            "podLabels may not set fleetward.dev/* or app.kubernetes.io/* keys (Fleetward sets them)",
+        ),
     )
     """Extra labels on the runtime pods."""
     pod_annotations: dict[str, str] | None = Field(

@@ -38,7 +38,9 @@ LABEL_KEY_HELP = (
     "a label key is a name of at most 63 characters (letters, digits, '-', '_', '.'; starting and ending "
     "with a letter or digit), optionally prefixed by a DNS subdomain and '/', e.g. tier or example.com/tier"
 )
-LABEL_VALUE_HELP = "a label value is empty or at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit"
+LABEL_VALUE_HELP = (
+    "a label value is empty or at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit"
+)
 # A condition reason: CamelCase, as in the Kubernetes API conventions.
 REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 

@@ -82,9 +82,7 @@ def parse_label_selector(text: str) -> dict[str, Any]:
         elif " " not in term:
             expressions.append({"key": _key(term, term), "operator": "Exists"})
         else:
-            raise SelectorError(
-                f"{term!r}: expected key=value, key!=value, key in (a,b), key notin (a,b), key or !key"
-            )
+            raise SelectorError(f"{term!r}: expected key=value, key!=value, key in (a,b), key notin (a,b), key or !key")
     selector: dict[str, Any] = {}
     if labels:
         selector["matchLabels"] = labels
