@@ -640,6 +640,11 @@ impl Authenticator {
         let nbf = time("nbf")?;
         let iat = time("iat")?;
         check_times(exp, nbf, iat, now_secs_f64(), self.leeway)?;
+        // jsonwebtoken takes an `iss` array when any element matches; RFC 7519 makes it one
+        // string, so an array (a token minted for several issuers at once) is refused.
+        if !matches!(c.get("iss"), Some(Value::String(_))) {
+            return Err(Refusal::BadIssuer);
+        }
         let sub = string("sub")?;
         let sid = string("sid")?;
         let role = Role::parse(&string("role")?).ok_or(Refusal::BadClaim)?;
@@ -923,6 +928,9 @@ pub(crate) mod tests {
         c = claims("s-1", "user");
         c["iss"] = json!("https://evil.test");
         check("wrong iss", hs(&c), Refusal::BadIssuer).await;
+        c = claims("s-1", "user");
+        c["iss"] = json!(["https://evil.test", "https://idp.test"]);
+        check("iss as a list with ours in it", hs(&c), Refusal::BadIssuer).await;
         // Every required claim, missing.
         for claim in ["sub", "sid", "role", "agent", "exp", "aud", "iss"] {
             let mut c = claims("s-1", "user");

@@ -208,9 +208,14 @@ impl Writer {
                     then
                 }
                 Err(reason) => {
+                    // Unknown whether the position exists: keeping it as delivered could skip
+                    // live events before it, so the client is told and gets what follows.
                     tracing::warn!(session = %params.session_id, %since, reason = %reason,
                         "resume: position past this replica's cursor, and Kafka could not say whether it exists");
-                    m.resumes.with_label_values(&["history"]).inc();
+                    m.resumes.with_label_values(&["recovery_failed"]).inc();
+                    self.last_sent.remove(&partition);
+                    let reason = format!("cannot check position {since} now (Kafka: {reason})");
+                    self.send_text(failed(&reason), close_rx).await?;
                     then
                 }
             },

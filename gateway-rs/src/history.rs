@@ -31,6 +31,10 @@ impl FromStr for Position {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("since={s:?}: expected <partition>:<offset>, two non-negative integers");
         let (p, o) = s.split_once(':').ok_or_else(bad)?;
+        // Digits only: Rust's integer parse also takes a leading '+'.
+        if !(p.bytes().all(|b| b.is_ascii_digit()) && o.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(bad());
+        }
         let partition: i32 = p.parse().map_err(|_| bad())?;
         let offset: i64 = o.parse().map_err(|_| bad())?;
         if partition < 0 || offset < 0 {
@@ -206,7 +210,9 @@ mod tests {
                 offset: 41
             }
         );
-        for bad in ["", "2", "2:", ":4", "-1:4", "1:-4", "a:b", "1:2:3", "1: 2"] {
+        for bad in [
+            "", "2", "2:", ":4", "-1:4", "1:-4", "a:b", "1:2:3", "1: 2", "+0:+101", "0:+1", "٣:4",
+        ] {
             assert!(bad.parse::<Position>().is_err(), "{bad}");
         }
     }

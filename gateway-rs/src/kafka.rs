@@ -286,7 +286,12 @@ impl Kafka {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "2")
-        .set("message.timeout.ms", PRODUCE_TIMEOUT_MS);
+        .set("message.timeout.ms", PRODUCE_TIMEOUT_MS)
+        // A message for a topic that does not exist (an agent never deployed) fails at once
+        // as unknown, a refusal, instead of waiting out the 10 s timeout, which counted as
+        // Kafka being down and could open the breaker for every client. Never create topics.
+        .set("topic.metadata.propagation.max.ms", "1000")
+        .set("allow.auto.create.topics", "false");
         let ctx = GwContext {
             purpose: "producer",
             health: health.clone(),

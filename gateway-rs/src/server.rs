@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
@@ -134,7 +135,7 @@ fn truncated(s: &str, max: usize) -> String {
 
 async fn ws_handler(
     State(st): State<AppState>,
-    Path(session_id): Path<String>,
+    session_path: Result<Path<String>, PathRejection>,
     RawQuery(raw_query): RawQuery,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -148,6 +149,9 @@ async fn ws_handler(
             &st.problems().join("; "),
         );
     }
+    // A path that does not decode (not UTF-8) is an invalid session id like any other: the
+    // token is checked first, and the refusal has the usual JSON body.
+    let session_id = session_path.map(|Path(id)| id).unwrap_or_default();
     let (since_raw, query_token) = query_params(raw_query.as_deref());
     let identity = match authenticate(&st, &headers, query_token.as_deref(), &session_id).await {
         Ok(id) => id,

@@ -86,6 +86,29 @@ def test_user_message_becomes_a_command_with_the_verified_identity(gw, kafka: Ka
     assert got[0]["headers"]["traceparent"].split("-")[1] == first.trace_id
 
 
+def test_a_message_for_an_agent_without_a_topic_is_refused_at_once_and_others_still_get_through(
+    gw, kafka: Kafka, topics: Topics
+):
+    """An agent that was never deployed has no request topic: the frame is refused within a
+    second or two (the producer waited out its 10 s timeout before, counted as Kafka down,
+    and three of those opened the breaker for every client)."""
+
+    async def main() -> None:
+        async with connect(gw, "in-ghost", agent="support/ghost") as ghost:
+            for n in range(3):
+                started = time.monotonic()
+                await ghost.send(json.dumps({"type": "user_message", "text": f"hello {n}"}))
+                err = json.loads(await asyncio.wait_for(ghost.recv(), 9))
+                assert err["control"] == "error" and err["code"] == "refused", err
+                assert time.monotonic() - started < 9
+        async with connect(gw, "in-after-ghost") as ws:
+            await ws.send(json.dumps({"type": "user_message", "text": "still works"}))
+
+    asyncio.run(main())
+    got = commands(kafka, topics.requests(ROUTER), "in-after-ghost", lambda ms: len(ms) >= 1)
+    assert [m["value"]["data"]["text"] for m in got] == ["still works"]
+
+
 def test_a_user_cannot_decide_and_nothing_is_produced(gw, kafka: Kafka, topics: Topics):
     async def main() -> None:
         async with connect(gw, "in-2", role="user") as ws:
