@@ -112,7 +112,9 @@ def load_guardrails(paths: Iterable[Path]) -> list[Guardrail]:
             if name:
                 where += f" ({name})"
             try:
-                guardrail = Guardrail.model_validate(doc)
+                # Wire (camelCase) names only, as the API server reads them: `apply_to` would
+                # pass here and be refused (or dropped) by `kubectl apply`.
+                guardrail = Guardrail.model_validate(doc, by_alias=True, by_name=False)
             except ValidationError as e:
                 raise ManifestError(f"{where}: {_describe(e)}") from e
             _check_rules_beyond_schema(guardrail, where)
