@@ -6,6 +6,7 @@ container restart)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+from fleetward.runtime.guardrails.engine import render
 from kubernetes import client
 
 from fleetward.devcluster.kube import apply_manifest
@@ -30,6 +32,7 @@ from tests.support.runtime import (
     user_message,
 )
 
+SSN = "123-45-6789"
 SCRIPT = [
     {"name": "reply", "match": {"toolResultFor": "issue_refund"}, "respond": {"content": "Refunded."}},
     {
@@ -81,7 +84,13 @@ def manifests(namespace: str, llm_url: str, tools_port: int) -> list[dict]:
             "apiVersion": group,
             "kind": "Guardrail",
             "metadata": {"name": "pii", "namespace": namespace},
-            "spec": PII_GUARDRAIL,
+            "spec": {
+                **PII_GUARDRAIL,
+                "pii": {
+                    **PII_GUARDRAIL["pii"],
+                    "entities": [*PII_GUARDRAIL["pii"]["entities"], {"type": "us_ssn", "strategy": "hash"}],
+                },
+            },
         },
         {
             "apiVersion": group,
@@ -137,7 +146,7 @@ def test_the_operator_deployed_runtime_serves_a_request_and_survives_sigkill_mid
                 produce(
                     kafka.bootstrap,
                     topic,
-                    user_message(ref, first, "I was charged twice: refund txn_1002").to_json(),
+                    user_message(ref, first, f"I was charged twice: refund txn_1002 (SSN {SSN})").to_json(),
                     first,
                 )
                 stream = events.wait_for(first, "resolved", 120)
@@ -156,6 +165,16 @@ def test_the_operator_deployed_runtime_serves_a_request_and_survives_sigkill_mid
                 effects = [e for e in tools.effects() if e["runId"] == stream[0].run_id]
                 assert [(e["tool"], e["agent"]) for e in effects] == [("issue_refund", ref)]
                 assert tools.metric("githouse_tool_token_refusals_total") == 0
+                # The SSN reached the model as an HMAC under the installation's key (from the
+                # chart's generated Secret, copied by the operator), not as a plain SHA-256
+                # anyone could recompute from a guessed number.
+                key = base64.b64decode(
+                    core.read_namespaced_secret("fleetward-pii-hash-key", fleetward).data["hash-key"]
+                )
+                seen = json.dumps(llm.requests(rule="verify-1002")[0]["body"])
+                assert SSN not in seen
+                assert render("us_ssn", SSN, "hash", key) in seen, seen
+                assert render("us_ssn", SSN, "hash") not in seen
 
                 # 2. SIGKILL while the refund is applied but its answer has not reached the runtime.
                 pod = runtime_pod(core, namespace)

@@ -55,7 +55,12 @@ def test_enabled_it_runs_a_statefulset_and_wires_the_runtimes_and_the_audit_log(
     role = _named(objects, "Role", "fw-operator-installation")
     secret_rules = [r for r in role["rules"] if "secrets" in r["resources"]]
     assert secret_rules == [
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["fw-postgresql"], "verbs": ["get"]}
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["fw-pii-hash-key", "fw-postgresql"],
+            "verbs": ["get"],
+        }
     ]
 
 

@@ -394,3 +394,29 @@ def test_a_rotated_model_key_rolls_the_pods_without_showing_the_key():
     assert template({0: b"sk-fallback", 1: b"sk-primary"}) != before
     assert "sk-primary" not in repr(before)
     assert MODEL_CREDENTIALS_HASH_ANNOTATION not in template({})  # no credentials named
+
+
+def test_the_installation_pii_hash_key_reaches_the_runtime_through_the_model_secret():
+    """Keyed PII hashes: the key is copied into the model Secret, named in the runtime config,
+    and its digest (never the key) is on the pod template, so a rotated key rolls the pods."""
+    import base64
+
+    from fleetward.operator.desired.agent import PII_HASH_KEY_HASH_ANNOTATION
+
+    def parts(key: bytes | None) -> tuple[dict, dict, dict]:
+        desired = desired_agent(inputs_for("billing", pii_hash_key=key))
+        secret = next(
+            o for o in desired.objects if o["kind"] == "Secret" and o["metadata"]["name"] == "fw-billing-model"
+        )
+        deployment = next(o for o in desired.objects if o["kind"] == "Deployment")
+        return secret["data"], desired.config.credentials.model_dump(by_alias=True), deployment["spec"]["template"]
+
+    data, creds, template = parts(b"k" * 32)
+    assert base64.b64decode(data["pii-hash-key"]) == b"k" * 32
+    assert creds["piiHashKeyFile"] == "/etc/fleetward/model/pii-hash-key"
+    annotation = template["metadata"]["annotations"][PII_HASH_KEY_HASH_ANNOTATION]
+    assert "k" * 32 not in repr(template)
+    assert parts(b"r" * 32)[2]["metadata"]["annotations"][PII_HASH_KEY_HASH_ANNOTATION] != annotation
+    data, creds, template = parts(None)
+    assert "pii-hash-key" not in data and creds["piiHashKeyFile"] is None
+    assert PII_HASH_KEY_HASH_ANNOTATION not in template["metadata"]["annotations"]

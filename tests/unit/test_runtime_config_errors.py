@@ -18,7 +18,7 @@ from fleetward.api.agent import AgentSpec
 SPEC = {"role": "specialist", "model": {"name": "m", "baseURL": "http://127.0.0.1:1/v1"}}
 
 
-def _config(tmp_path: Path) -> dict:
+def _config(tmp_path: Path, pii_hash_key_file: Path | None = None) -> dict:
     key = tmp_path / "signing-key.pem"
     key.write_bytes(
         Ed25519PrivateKey.generate().private_bytes(
@@ -33,6 +33,7 @@ def _config(tmp_path: Path) -> dict:
     )
     config = runtime_config(inputs).model_copy(deep=True)
     config.credentials.signing_key_file = str(key)
+    config.credentials.pii_hash_key_file = str(pii_hash_key_file) if pii_hash_key_file else None
     return json.loads(config.with_hash().to_json())
 
 
@@ -85,3 +86,15 @@ def test_a_missing_key_file_is_named(tmp_path):
 def test_not_json_at_all(tmp_path):
     out = _check(tmp_path, "{not json")
     assert out.returncode == 2 and "invalid runtime config" in out.stderr
+
+
+def test_a_pii_hash_key_that_cannot_be_read_or_is_too_short_is_named(tmp_path):
+    missing = _check(tmp_path, _config(tmp_path, tmp_path / "no-such-key"))
+    assert missing.returncode == 2 and "credentials.piiHashKeyFile" in missing.stderr
+    short = tmp_path / "short-key"
+    short.write_text("abc\n")
+    out = _check(tmp_path, _config(tmp_path, short))
+    assert out.returncode == 2 and "credentials.piiHashKeyFile" in out.stderr and "3 bytes" in out.stderr
+    good = tmp_path / "good-key"
+    good.write_text("k" * 48)
+    assert _check(tmp_path, _config(tmp_path, good)).returncode == 0

@@ -56,6 +56,25 @@ def load_signing_key(config: RuntimeConfig) -> SigningKey:
     return SigningKey(config.credentials.key_id, key)
 
 
+MIN_PII_HASH_KEY_BYTES = 16
+
+
+def load_pii_hash_key(config: RuntimeConfig) -> bytes | None:
+    """The HMAC key of the `hash` strategy (credentials.piiHashKeyFile); None without one."""
+    if config.credentials.pii_hash_key_file is None:
+        return None
+    path = Path(config.credentials.pii_hash_key_file)
+    try:
+        key = path.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise ConfigError(f"credentials.piiHashKeyFile {path}: {e.strerror}") from e
+    if len(key) < MIN_PII_HASH_KEY_BYTES:
+        raise ConfigError(
+            f"credentials.piiHashKeyFile {path}: the key has {len(key)} bytes; at least {MIN_PII_HASH_KEY_BYTES} needed"
+        )
+    return key
+
+
 def kafka_client_config(config: RuntimeConfig) -> dict[str, str]:
     """librdkafka settings for this agent's principal."""
     k = config.kafka

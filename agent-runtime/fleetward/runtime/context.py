@@ -56,6 +56,8 @@ class Services:
     """Publishes alerts (daily budget thresholds) on the alerts topic; None: not published."""
     memory: LongTermMemory | None = None
     """Users' earlier run outcomes (memory.py); None: no long-term memory (unit tests)."""
+    pii_hash_key: bytes | None = None
+    """HMAC key of the Guardrails' `hash` strategy (config.load_pii_hash_key); None: SHA-256."""
 
     @property
     def agent(self) -> str:

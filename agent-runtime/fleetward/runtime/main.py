@@ -29,6 +29,7 @@ from fleetward.runtime.config import (
     kafka_client_config,
     load_config,
     load_model_api_key,
+    load_pii_hash_key,
     load_signing_key,
     model_prices,
     process_settings,
@@ -96,6 +97,7 @@ def check_kafka(client_config: dict[str, str], topic: str, admin: Any = None) ->
 async def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     key = load_signing_key(config)
+    load_pii_hash_key(config)  # a missing key stops the start here, not at the first run
     kafka_config = kafka_client_config(config)
     settings = process_settings(config)
     agent = config.agent.ref
@@ -194,10 +196,15 @@ async def run_agent(
     producer = AsyncProducer(kafka_config, client_id=f"{config.kafka.consumer_group}.{settings.instance}")
     tool_client = ToolHttpClient()
     audit: RuntimeAudit | None = None
+    pii_hash_key = load_pii_hash_key(config)
     try:
         engine = (
             TracedGuardrails(
-                GuardrailEngine([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+                GuardrailEngine(
+                    [g.spec for g in config.guardrails],
+                    names=[g.name for g in config.guardrails],
+                    hash_key=pii_hash_key,
+                )
             )
             if config.guardrails
             else None
@@ -225,6 +232,7 @@ async def run_agent(
             token_ledger=token_ledger,
             alerts=AlertPublisher(producer, config.topics.alerts, agent),
             memory=LongTermMemory(memory_store, agent) if memory_store is not None else None,
+            pii_hash_key=pii_hash_key,
         )
 
         async def send(topic: str, value: str, key: str, headers: dict[str, str] | None = None) -> None:
@@ -332,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             config = load_config(args.config)
             load_signing_key(config)
+            load_pii_hash_key(config)
             for index in range(1 + len(config.spec.model.fallbacks or [])):
                 load_model_api_key(config, index)
             kafka_client_config(config)

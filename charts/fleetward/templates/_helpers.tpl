@@ -97,6 +97,7 @@ runtime:
   {{- if and .Values.postgresql.enabled (not .Values.runtime.databaseSecret) }}
   databaseSource: {name: {{ include "fleetward.postgresqlName" . | quote }}, key: dsn}
   {{- end }}
+  piiHashKeySource: {name: {{ include "fleetward.piiHashKeySecret" . | quote }}, key: hash-key}
   stateVolume:
     enabled: {{ .Values.runtime.stateVolume.enabled }}
     size: {{ .Values.runtime.stateVolume.size | quote }}
@@ -120,6 +121,10 @@ gateway:
     jwksUrl: {{ .Values.gateway.auth.jwksUrl | default nil | toJson }}
     trustBundle: {{ .Values.gateway.auth.trustBundle }}
     hs256Secret: {"name": {{ include "fleetward.gatewaySecret" . | quote }}, "key": "hs256"}
+{{- end }}
+
+{{- define "fleetward.piiHashKeySecret" -}}
+{{ .Values.runtime.piiHashKeySecretName | default (printf "%s-pii-hash-key" .Release.Name) }}
 {{- end }}
 
 {{- define "fleetward.gatewaySecret" -}}

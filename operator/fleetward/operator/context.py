@@ -51,6 +51,10 @@ class OperatorContext:
     """Agents whose status in `statuses` may not be the live one: another replica acted
     while this one stood by. Their next status is written even when it equals the cached
     one (after a failover a stale status otherwise survived until something changed)."""
+    installation_secrets: dict[str, tuple[float, asyncio.Future[dict[str, Any] | None]]] = field(default_factory=dict)
+    """Secrets of the installation namespace every Agent copies (the PostgreSQL DSN, the PII
+    hash key) by name: (read at, the read). One read serves every reconcile for a few
+    seconds: at 1000 Agents a GET each would be a thousand reads of one object."""
     peering: Peering | None = None
     """The background loops' gate (peering.py); None when standalone: always acts."""
     peering_changes_seen: int = 0

@@ -37,6 +37,7 @@ from fleetward.operator.killswitch.scope import Halt, halts_for
 from fleetward.operator.kube import KubeError
 from fleetward.operator.metrics import RECONCILE_ERRORS, RECONCILE_SECONDS
 from fleetward.operator.resolve import resolve
+from fleetward.operator.settings import SecretRef
 from pydantic import ValidationError
 
 from fleetward.api.agent import AgentSpec
@@ -165,23 +166,38 @@ async def _model_keys(ctx: OperatorContext, ns: str, spec: AgentSpec) -> tuple[d
     return keys, problems
 
 
-async def _database_dsn(ctx: OperatorContext) -> tuple[bytes | None, Cond | None]:
-    """The installation's PostgreSQL DSN (runtime.databaseSource) to copy into the Agent's
-    namespace: (None, None) when the installation has none to copy."""
+INSTALLATION_SECRET_TTL_SECONDS = 5.0
+
+
+async def _installation_secret(ctx: OperatorContext, name: str) -> dict[str, Any] | None:
+    """A Secret of the installation namespace, read at most once per TTL whatever the number
+    of reconciles asking (they share the read in flight); a failed read is not kept."""
+    now = time.monotonic()
+    cached = ctx.installation_secrets.get(name)
+    if cached is None or now - cached[0] > INSTALLATION_SECRET_TTL_SECONDS:
+        read = asyncio.ensure_future(ctx.kube.get("Secret", ctx.settings.namespace, name))
+        cached = ctx.installation_secrets[name] = (now, read)
+    try:
+        return await asyncio.shield(cached[1])
+    except KubeError:
+        if ctx.installation_secrets.get(name) is cached:
+            del ctx.installation_secrets[name]
+        raise
+
+
+async def _installation_value(ctx: OperatorContext, source: SecretRef, what: str) -> tuple[bytes | None, Cond | None]:
+    """The value of `source` (a Secret of the installation namespace) to copy into the Agent's
+    namespace, or why it cannot be had yet (the Agent waits for it: CredentialsIssued False)."""
     import base64
 
-    if not copies_database(ctx.settings):
-        return None, None
-    source, ns = ctx.settings.runtime.database_source, ctx.settings.namespace
-    assert source is not None
-    secret = await ctx.kube.get("Secret", ns, source.name)
+    ns = ctx.settings.namespace
+    secret = await _installation_secret(ctx, source.name)
     if secret is None:
         return None, Cond(
             c.CREDENTIALS_ISSUED,
             False,
             Reason.SECRET_NOT_FOUND,
-            f"Secret {ns}/{source.name} with the installation's PostgreSQL DSN (runtime.databaseSource) does "
-            "not exist yet; the agent proceeds once it does.",
+            f"Secret {ns}/{source.name} with {what} does not exist yet; the agent proceeds once it does.",
         )
     value = (secret.get("data") or {}).get(source.key)
     if value is None:
@@ -189,9 +205,27 @@ async def _database_dsn(ctx: OperatorContext) -> tuple[bytes | None, Cond | None
             c.CREDENTIALS_ISSUED,
             False,
             Reason.SECRET_KEY_NOT_FOUND,
-            f"Secret {ns}/{source.name} has no key {source.key!r} with the installation's PostgreSQL DSN.",
+            f"Secret {ns}/{source.name} has no key {source.key!r} with {what}.",
         )
     return base64.b64decode(value), None
+
+
+async def _database_dsn(ctx: OperatorContext) -> tuple[bytes | None, Cond | None]:
+    """The installation's PostgreSQL DSN (runtime.databaseSource) to copy into the Agent's
+    namespace: (None, None) when the installation has none to copy."""
+    if not copies_database(ctx.settings):
+        return None, None
+    source = ctx.settings.runtime.database_source
+    assert source is not None
+    return await _installation_value(ctx, source, "the installation's PostgreSQL DSN (runtime.databaseSource)")
+
+
+async def _pii_hash_key(ctx: OperatorContext) -> tuple[bytes | None, Cond | None]:
+    """The installation's PII hash key (runtime.piiHashKeySource): (None, None) without one."""
+    source = ctx.settings.runtime.pii_hash_key_source
+    if source is None:
+        return None, None
+    return await _installation_value(ctx, source, "the installation's PII hash key (runtime.piiHashKeySource)")
 
 
 def _access(ctx: OperatorContext, ns: str, name: str, spec: AgentSpec) -> AgentAccess:
@@ -378,6 +412,7 @@ async def _apply(
     model_keys: dict[int, bytes],
     database_dsn: bytes | None,
     *,
+    pii_hash_key: bytes | None = None,
     applied_before: bool,
     skip_unchanged: bool,
     timings: dict[str, float],
@@ -397,6 +432,7 @@ async def _apply(
         kafka_username=creds.kafka_username,
         model_keys=model_keys,
         database_dsn=database_dsn,
+        pii_hash_key=pii_hash_key,
     )
     desired = desired_agent(inputs)
     key = (ref.namespace, ref.name)
@@ -466,17 +502,17 @@ async def _reconcile(
     # Reads first (model keys, the signing key), then everything that only waits on
     # other systems (Kafka principal and topic, the trust bundle, the applies) at once:
     # a reconcile's time is its slowest call, not the sum of them.
-    (model_keys, key_problems), (database_dsn, database_problem), creds = await _timed(
+    (model_keys, key_problems), (database_dsn, database_problem), (hash_key, hash_key_problem), creds = await _timed(
         timings,
         "reads",
         asyncio.gather(
             _model_keys(ctx, ns, spec),
             _database_dsn(ctx),
+            _pii_hash_key(ctx),
             ensure_credentials(ctx.kube, ref, probably_new=not old_status.get("observedGeneration")),
         ),
     )
-    if database_problem:
-        key_problems.append(database_problem)
+    key_problems += [p for p in (database_problem, hash_key_problem) if p]
     # The Agent's labels ride with its key, so that a verifier watching KillSwitches can
     # apply an agentSelector itself (fleetward.toolkit.killswitches); a relabelled Agent
     # republishes its entry.
@@ -506,6 +542,7 @@ async def _reconcile(
             creds,
             model_keys,
             database_dsn,
+            pii_hash_key=hash_key,
             applied_before=applied_before,
             skip_unchanged=skip_unchanged,
             timings=timings,

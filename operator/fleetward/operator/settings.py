@@ -129,6 +129,12 @@ class RuntimeSettings(Settings):
     installation namespace whose `key` holds the DSN. The operator copies it into each
     Agent's namespace (Secret fw-<agent>-database, owned by the Agent), since a pod can only
     read Secrets of its own namespace. `database_secret` wins when both are set."""
+    pii_hash_key_source: SecretRef | None = None
+    """The installation's key for the Guardrails' `hash` strategy (chart: a generated Secret):
+    a Secret in the installation namespace whose `key` holds it. The operator copies it into
+    each Agent's model Secret; runtimes then hash PII with HMAC-SHA256 under it, so a hashed
+    SSN or email cannot be recomputed by whoever sees the hash (the model included). None:
+    plain SHA-256."""
     state_volume: StateVolumeSettings = Field(default_factory=StateVolumeSettings)
     run_as_user: int = 65532
 

@@ -90,6 +90,10 @@ class Credentials(ApiModel):
     key_id: str
     """The key's `kid` in the trust bundle; a new key rolls the pods."""
     models: list[ModelCredential] = Field(default_factory=list)
+    pii_hash_key_file: str | None = None
+    """The installation's key for the Guardrails' `hash` strategy (HMAC-SHA256, trailing
+    newline ignored, as `fleetward guardrail scan --hash-key-file` reads it). None: plain
+    SHA-256, which anyone can recompute for guessable values (a runtime run by hand)."""
 
 
 class TrustBundleRef(ApiModel):

@@ -465,7 +465,11 @@ def build_router(
     if config.guardrails:
         from fleetward.runtime.guardrails.middleware import pii_middleware
 
-        middleware += pii_middleware([g.spec for g in config.guardrails], names=[g.name for g in config.guardrails])
+        middleware += pii_middleware(
+            [g.spec for g in config.guardrails],
+            names=[g.name for g in config.guardrails],
+            hash_key=services.pii_hash_key,
+        )
     classifier = create_agent(
         model,
         [],

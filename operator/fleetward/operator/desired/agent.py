@@ -48,6 +48,7 @@ KAFKA_PASSWORD = "kafka-password"
 DATABASE_DSN_ENV = "FLEETWARD_DATABASE_DSN"
 DATABASE_HASH_ANNOTATION = "fleetward.dev/database-hash"
 MODEL_CREDENTIALS_HASH_ANNOTATION = "fleetward.dev/model-credentials-hash"
+PII_HASH_KEY_HASH_ANNOTATION = "fleetward.dev/pii-hash-key-hash"
 STATE_DIR = "/var/lib/fleetward"
 
 
@@ -78,6 +79,10 @@ def state_claim_name(agent: str) -> str:
 def model_key_name(index: int) -> str:
     """Key of the model API key in the per-agent model Secret: 0 = primary, 1.. = fallbacks."""
     return f"api-key-{index}"
+
+
+PII_HASH_KEY = "pii-hash-key"
+"""Key of the installation's PII hash key in the per-agent model Secret."""
 
 
 def kafka_principal(namespace: str, agent: str) -> str:
@@ -147,6 +152,9 @@ class AgentInputs:
     database_dsn: bytes | None = None
     """The installation's PostgreSQL DSN (settings runtime.databaseSource), to copy into the
     Agent's namespace; None without one."""
+    pii_hash_key: bytes | None = None
+    """The installation's PII hash key (settings runtime.piiHashKeySource), copied into the
+    model Secret; None without one."""
 
     @property
     def scaled_down(self) -> bool:
@@ -215,6 +223,7 @@ def runtime_config(inputs: AgentInputs) -> RuntimeConfig:
                 )
                 for i in range(n_models)
             ],
+            pii_hash_key_file=f"{MODEL_DIR}/{PII_HASH_KEY}" if inputs.pii_hash_key else None,
         ),
         persistence=Persistence(dsn_env=DATABASE_DSN_ENV if s.runtime.uses_database else None),
         server=Server(port=s.runtime.port),
@@ -293,8 +302,11 @@ def config_map(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
 
 
 def model_secret(inputs: AgentInputs) -> dict[str, Any]:
-    """The per-agent copy of the referenced model credentials."""
+    """The per-agent copy of the referenced model credentials, and of the installation's PII
+    hash key (revoked with them by a kill switch: nothing runs that would use it)."""
     data = {model_key_name(i): base64.b64encode(v).decode() for i, v in sorted(inputs.model_keys.items())}
+    if inputs.pii_hash_key:
+        data[PII_HASH_KEY] = base64.b64encode(inputs.pii_hash_key).decode()
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -375,6 +387,8 @@ def deployment(inputs: AgentInputs, config: RuntimeConfig) -> dict[str, Any]:
         # Likewise the model API keys: the runtime builds its model clients once, at start,
         # so a rotated key in the referenced Secret (copied at the next reconcile) rolls them.
         **({MODEL_CREDENTIALS_HASH_ANNOTATION: _model_keys_digest(inputs.model_keys)} if inputs.model_keys else {}),
+        # And the PII hash key, read once at start: a rotated one rolls them too.
+        **({PII_HASH_KEY_HASH_ANNOTATION: _digest(inputs.pii_hash_key)} if inputs.pii_hash_key else {}),
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(rt.port),
         "prometheus.io/path": "/metrics",
