@@ -198,3 +198,18 @@ def test_idempotency_store_replays_conflicts_and_expires():
     assert store.lookup(("githouse/other", "issue_refund"), "k", fingerprint(args)) is None  # scoped per agent
     now[0] = 101
     assert store.lookup(scope, "k", fingerprint(args)) is None and len(store) == 0
+
+
+def test_the_same_rejected_document_is_logged_once(caplog):
+    """A file source re-reads an invalid bundle every poll: one error line per distinct
+    problem, not ten a second (a rejection after a valid bundle is logged again)."""
+    bundle = TrustBundle()
+    _, jwk = agent_key("githouse/billing", "k-1")
+    with caplog.at_level("ERROR", logger="fleetward.toolkit"):
+        for _ in range(5):
+            assert bundle.load("not json") is False
+        assert bundle.load("[]") is False
+        assert bundle.load({"keys": [jwk]}) is True
+        assert bundle.load("not json") is False
+    rejected = [r for r in caplog.records if "trust bundle rejected" in r.getMessage()]
+    assert len(rejected) == 3, [r.getMessage() for r in rejected]

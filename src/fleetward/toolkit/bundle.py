@@ -172,10 +172,14 @@ class TrustBundle:
             parsed = parse_jwks(document)
         except InvalidJwks as e:
             with self._cond:
+                # A file source re-reads an invalid document every poll (a writer may still be
+                # finishing it): the same rejection is logged once, not ten times a second.
+                repeated = self._invalid == str(e)
                 self._invalid = str(e)
                 self._loaded = True
                 self._cond.notify_all()
-            log.error("trust bundle rejected, refusing every token until a valid one arrives: %s", e)
+            if not repeated:
+                log.error("trust bundle rejected, refusing every token until a valid one arrives: %s", e)
             return False
         for problem in parsed.problems:
             log.error("trust bundle entry: %s", problem)
