@@ -59,20 +59,27 @@ def load_signing_key(config: RuntimeConfig) -> SigningKey:
 MIN_PII_HASH_KEY_BYTES = 16
 
 
+def read_pii_hash_key(path: Path) -> bytes:
+    """A PII hash key file (trailing newline ignored), as the runtime and `fleetward guardrail
+    scan --hash-key-file` read it; ValueError says what is wrong (the caller names the setting)."""
+    try:
+        key = path.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise ValueError(f"cannot read: {e.strerror or e}") from e
+    if len(key) < MIN_PII_HASH_KEY_BYTES:
+        raise ValueError(f"the key has {len(key)} bytes; give one of at least {MIN_PII_HASH_KEY_BYTES}")
+    return key
+
+
 def load_pii_hash_key(config: RuntimeConfig) -> bytes | None:
     """The HMAC key of the `hash` strategy (credentials.piiHashKeyFile); None without one."""
     if config.credentials.pii_hash_key_file is None:
         return None
     path = Path(config.credentials.pii_hash_key_file)
     try:
-        key = path.read_bytes().rstrip(b"\r\n")
-    except OSError as e:
-        raise ConfigError(f"credentials.piiHashKeyFile {path}: {e.strerror}") from e
-    if len(key) < MIN_PII_HASH_KEY_BYTES:
-        raise ConfigError(
-            f"credentials.piiHashKeyFile {path}: the key has {len(key)} bytes; at least {MIN_PII_HASH_KEY_BYTES} needed"
-        )
-    return key
+        return read_pii_hash_key(path)
+    except ValueError as e:
+        raise ConfigError(f"credentials.piiHashKeyFile {path}: {e}") from e
 
 
 def kafka_client_config(config: RuntimeConfig) -> dict[str, str]:

@@ -17,13 +17,17 @@ import uuid
 from pathlib import Path
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def _settings_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--settings",
         type=Path,
         default=os.environ.get("FLEETWARD_SETTINGS") or None,
-        help="operator settings YAML (default: $FLEETWARD_SETTINGS, else built-in defaults)",
+        help="the installation's operator settings YAML (default: $FLEETWARD_SETTINGS, else built-in defaults)",
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    _settings_argument(p)
     p.add_argument(
         "--namespace",
         action="append",
@@ -99,12 +103,7 @@ Agents are yours and stay: delete them first, their finalizers need the operator
 
 
 def add_uninstall_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--settings",
-        type=Path,
-        default=os.environ.get("FLEETWARD_SETTINGS") or None,
-        help="the installation's operator settings YAML (default: $FLEETWARD_SETTINGS, else built-in defaults)",
-    )
+    _settings_argument(p)
     p.add_argument(
         "--operator-deployment",
         metavar="NAME",

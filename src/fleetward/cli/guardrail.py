@@ -43,7 +43,6 @@ from fleetward.api.guardrail import Guardrail
 
 EXIT_BAD_LINES = 1
 EXIT_BAD_CONFIG = 2
-MIN_HASH_KEY_BYTES = 16
 # json.dumps(ensure_ascii=False) leaves these raw, and str.splitlines() (unlike the JSON
 # lines convention) breaks a line at them; they only occur inside JSON strings, where the
 # escape means the same character.
@@ -179,15 +178,12 @@ def run_scan(args: argparse.Namespace) -> int:
 
 
 def _read_key(path: Path) -> bytes:
+    from fleetward.runtime.config import read_pii_hash_key  # the runtime's own reading
+
     try:
-        key = path.read_bytes().rstrip(b"\r\n")
-    except OSError as e:
-        raise ManifestError(f"--hash-key-file {path}: cannot read: {e.strerror or e}") from e
-    if len(key) < MIN_HASH_KEY_BYTES:
-        raise ManifestError(
-            f"--hash-key-file {path}: the key has {len(key)} bytes; give one of at least {MIN_HASH_KEY_BYTES}"
-        )
-    return key
+        return read_pii_hash_key(path)
+    except ValueError as e:
+        raise ManifestError(f"--hash-key-file {path}: {e}") from e
 
 
 def scan_lines(engine: Any, stage: str, source: IO[bytes], out: IO[str], err: IO[str]) -> int:
