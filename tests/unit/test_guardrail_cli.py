@@ -152,7 +152,7 @@ def test_bad_lines_are_reported_by_number_and_the_scan_goes_on():
     assert errors[0].endswith("line 2: not valid JSON: Expecting value (column 1)")
     assert "line 3: missing field(s) 'text'" in errors[1]
     assert 'line 4: "text" must be a string, got number' in errors[2]
-    assert 'line 5: "id" must be a string or an integer, got array' in errors[3]
+    assert 'line 5: "id" must be a JSON string, number, boolean or null, got array' in errors[3]
     assert len(errors) == 4
 
 
@@ -254,7 +254,8 @@ def test_invalid_utf8_line_is_a_bad_line():
             "spec.injection.mode: Input should be 'enforce', 'observe' or 'off'; an unquoted on/yes/true is read by "
             'YAML as the boolean true: write the mode in quotes (mode: "enforce") (got True)',
         ),
-        ("kind: Agent\nmetadata: {name: a}\nspec: {}\n", "kind is 'Agent'; only kind Guardrail is allowed here"),
+        ("kind: Agent\nmetadata: {name: a}\nspec: {}\n", "no Guardrail document in the file (skipped: "),
+        ("metadata: {name: g}\nspec: {limits: {maxInputChars: 5}}\n", "no kind; a Guardrail manifest starts with"),
         ("kind: Guardrail\n  bad: [yaml\n", "not valid YAML"),
         ("# empty\n", "no Guardrail document in the file"),
     ],

@@ -12,8 +12,10 @@ text. Fields of an input line other than "id" and "text" are ignored, so a label
 can be piped in as it is; a UTF-8 byte-order mark before the first line is skipped. Output
 is UTF-8 whatever the locale, one line per record: line and paragraph separators inside a
 text (U+0085, U+2028, U+2029) are written as JSON escapes, so any line splitter reads it.
-Several -f files (and several YAML documents per file) compose: all Guardrails apply,
-block beats escalate beats allow. Which parts apply at which --stage: PII per its
+Several -f files (and several YAML documents per file, or the items of a `kind: List`)
+compose: all Guardrails apply, block beats escalate beats allow; documents of other kinds
+(the Agent or Namespace of the same file) are skipped and named on standard error. The
+"id" may be any JSON scalar and is echoed back as given. Which parts apply at which --stage: PII per its
 applyTo; injection on input and toolResults; policy (bannedPhrases) per its applyTo
 (default input and output); maxInputChars on input, maxOutputChars on output. A bad
 input line gets no output line: it is reported on standard error with its line number and
@@ -98,15 +100,17 @@ def load_guardrails(paths: Iterable[Path]) -> list[Guardrail]:
             raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from e
         except yaml.YAMLError as e:
             raise ManifestError(f"{path}: not valid YAML: {e}") from e
-        found = 0
-        for number, doc in enumerate(docs, start=1):
-            if doc is None:
-                continue
-            where = f"{path}: document {number}"
+        found, skipped = 0, []
+        for where, doc in _documents(path, docs):
             if not isinstance(doc, dict):
                 raise ManifestError(f"{where}: expected a mapping (a Guardrail manifest), got {type(doc).__name__}")
             if doc.get("kind") != "Guardrail":
-                raise ManifestError(f"{where}: kind is {doc.get('kind')!r}; only kind Guardrail is allowed here")
+                # The file a team applies may hold the Agent and SOPs too: what is not a
+                # Guardrail is left out, and said so, unless nothing is left to scan with.
+                if not isinstance(doc.get("kind"), str) or not doc["kind"]:
+                    raise ManifestError(f"{where}: no kind; a Guardrail manifest starts with kind: Guardrail")
+                skipped.append(f"{where} (kind {doc['kind']})")
+                continue
             name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
             if name:
                 where += f" ({name})"
@@ -120,8 +124,26 @@ def load_guardrails(paths: Iterable[Path]) -> list[Guardrail]:
             guardrails.append(guardrail)
             found += 1
         if not found:
-            raise ManifestError(f"{path}: no Guardrail document in the file")
+            raise ManifestError(
+                f"{path}: no Guardrail document in the file" + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+            )
+        for what in skipped:
+            print(f"fleetward guardrail scan: skipped {what}: not a Guardrail", file=sys.stderr)
     return guardrails
+
+
+def _documents(path: Path, docs: list[Any]) -> Iterable[tuple[str, Any]]:
+    """The YAML documents of a file, with the items of a `kind: List` (what `kubectl get -o
+    yaml` prints) taken one by one; empty documents dropped."""
+    for number, doc in enumerate(docs, start=1):
+        if doc is None:
+            continue
+        where = f"{path}: document {number}"
+        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            for index, item in enumerate(doc["items"]):
+                yield f"{where}, items[{index}]", item
+        else:
+            yield where, doc
 
 
 def _describe(error: ValidationError) -> str:
@@ -228,8 +250,9 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
         raise ValueError(f'missing field(s) {", ".join(repr(m) for m in missing)}; each line needs "id" and "text"')
     if not isinstance(item["text"], str):
         raise ValueError(f'"text" must be a string, got {_json_type(item["text"])}')
-    if not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool):
-        raise ValueError(f'"id" must be a string or an integer, got {_json_type(item["id"])}')
+    if isinstance(item["id"], (dict, list)):
+        # Any JSON scalar is echoed back as it came (string, number, true/false, null).
+        raise ValueError(f'"id" must be a JSON string, number, boolean or null, got {_json_type(item["id"])}')
     for field in ("text", "id"):
         # JSON can escape a lone UTF-16 surrogate ("\ud800"), which is no Unicode character:
         # such text cannot be written out as UTF-8, so the line is refused here, not mid-output.
