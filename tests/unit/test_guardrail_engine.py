@@ -145,7 +145,8 @@ def test_policy_phrases_whole_words_any_case_and_spacing_on_input_and_output_by_
     result = engine.scan("You can SKIP\n  Verification, or Bypass it.", "output")
     assert result.verdict == "escalate"
     assert result.findings == (Finding("policy", "skip verification", 8, 27), Finding("policy", "bypass", 32, 38))
-    assert engine.scan("the check was bypassed", "output").verdict == "allow"  # whole words only
+    assert engine.scan("the check was rebypassed", "output").verdict == "allow"  # from a word start only
+    assert engine.scan("the check was bypassed", "output").verdict == "escalate"  # inflections of one word
     # A request asking for it is escalated too; tool results are not the agent's words.
     asked = engine.scan("How do I bypass 2FA?", "input")
     assert asked.verdict == "escalate" and asked.findings == (Finding("policy", "bypass", 9, 15),)

@@ -16,7 +16,9 @@ use pcre2::bytes::{CaptureLocations, Regex, RegexBuilder};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
+use std::ffi::{c_int, c_void};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub mod validate;
 
@@ -241,6 +243,16 @@ fn classify_decoded(raw: Option<Vec<u8>>) -> Decoded {
 
 /// Runs of at least 16 key-ish characters (`detectors.scan_token_runs` on ASCII text).
 pub fn token_runs(text: &[u8], token_bytes: &[bool; 256]) -> Vec<(usize, usize)> {
+    token_runs_sized(text, token_bytes, 16, usize::MAX)
+}
+
+/// Runs of `min..=max` key-ish characters.
+pub fn token_runs_sized(
+    text: &[u8],
+    token_bytes: &[bool; 256],
+    min: usize,
+    max: usize,
+) -> Vec<(usize, usize)> {
     let is_token = |b: u8| token_bytes[b as usize];
     let mut runs = Vec::new();
     let mut i = 0;
@@ -253,11 +265,40 @@ pub fn token_runs(text: &[u8], token_bytes: &[bool; 256]) -> Vec<(usize, usize)>
         while i < text.len() && is_token(text[i]) {
             i += 1;
         }
-        if i - start >= 16 {
+        if (min..=max).contains(&(i - start)) {
             runs.push((start, i));
         }
     }
     runs
+}
+
+/// `injection._CAMEL` positions: offsets of upper-case letters that follow a lower-case one.
+pub fn camel_positions(text: &[u8]) -> Vec<usize> {
+    (1..text.len())
+        .filter(|&i| text[i - 1].is_ascii_lowercase() && text[i].is_ascii_uppercase())
+        .collect()
+}
+
+/// Where the camel-case positions of a view come from (`Core::scan_view`).
+#[derive(Clone, Copy)]
+pub enum Camel<'a> {
+    /// Found by the caller (`injection._camel_positions`), in view offsets.
+    Positions(&'a [usize]),
+    /// The ASCII text the view is of (same offsets).
+    Text(&'a [u8]),
+}
+
+/// `injection._joined_match_ok`.
+fn joined_match_ok(data: &[u8], vs: usize, ve: usize, joined: &[(usize, usize)]) -> bool {
+    let mut touches = false;
+    let mut start_ok = vs == 0 || !data[vs - 1].is_ascii_lowercase();
+    let mut end_ok = ve >= data.len() || !data[ve].is_ascii_lowercase();
+    for &(s, e) in joined {
+        touches = touches || (s < ve && vs < e);
+        start_ok = start_ok || (s < vs && vs < e);
+        end_ok = end_ok || (s < ve && ve < e);
+    }
+    touches && start_ok && end_ok
 }
 
 /// `detectors.resolve_overlaps`: the longest match of each overlapping cluster wins, then the
@@ -398,6 +439,12 @@ pub struct Core {
     families: Vec<Py<PyString>>,
     split_evidence: Regex,
     squash_stems: Vec<Vec<u8>>,
+    /// Indices into `squash_stems` by their first letter (a-z).
+    stems_by_letter: [Vec<usize>; 26],
+    /// `injection.JOINED_TOKEN_BYTES`: a view token this long counts as run-together words.
+    joined_token_bytes: usize,
+    /// `injection.SHORT_TOKEN_RUN`: (min, max) characters of a short token run.
+    short_token_run: (usize, usize),
     base64_run: Regex,
     nested_token_run: Regex,
     injection_bytes: [u8; 256],
@@ -445,8 +492,60 @@ impl Core {
         ))
     }
 
-    /// `injection._scan_view`: hits in view offsets.
-    pub fn scan_view(&self, data: &[u8]) -> PyResult<Vec<Hit>> {
+    /// `injection._SHORT_TOKEN_RUN`: runs of key-ish characters too short for the PII pass's
+    /// token runs but long enough to hold a base64 payload, with a capital or a digit.
+    fn short_token_runs(&self, text: &[u8]) -> Vec<(usize, usize)> {
+        let (min, max) = self.short_token_run;
+        let mut runs = token_runs_sized(text, &self.token_bytes, min, max);
+        runs.retain(|&(s, e)| {
+            text[s..e]
+                .iter()
+                .any(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        });
+        runs
+    }
+
+    /// Whether the letters of `token` (its other bytes skipped) hold a squash stem.
+    fn holds_stem(&self, token: &[u8]) -> bool {
+        let letters: Vec<u8> = token
+            .iter()
+            .copied()
+            .filter(u8::is_ascii_lowercase)
+            .collect();
+        // Stems by first letter: one table look-up per letter instead of a search per stem.
+        (0..letters.len()).any(|i| {
+            self.stems_by_letter[(letters[i] - b'a') as usize]
+                .iter()
+                .any(|&k| letters[i..].starts_with(&self.squash_stems[k]))
+        })
+    }
+
+    /// `injection._joined_tokens`: view spans of run-together tokens (`camel` sorted).
+    fn joined_tokens(&self, data: &[u8], camel: &[usize]) -> Vec<(usize, usize)> {
+        let mut joined = Vec::new();
+        let mut next_camel = 0;
+        let mut start = 0;
+        for token in data.split(|&b| b == b' ') {
+            let end = start + token.len();
+            if !token.is_empty() {
+                while next_camel < camel.len() && camel[next_camel] < start {
+                    next_camel += 1;
+                }
+                let camel_inside = next_camel < camel.len() && camel[next_camel] < end;
+                if (token.len() >= self.joined_token_bytes || camel_inside || token.contains(&b'_'))
+                    && self.holds_stem(token)
+                {
+                    joined.push((start, end));
+                }
+            }
+            start = end + 1;
+        }
+        joined
+    }
+
+    /// `injection._scan_view`: hits in view offsets. `camel`: `injection._camel_positions`, or
+    /// the ASCII text the view is of, to find them in when needed.
+    pub fn scan_view(&self, data: &[u8], camel: Camel<'_>) -> PyResult<Vec<Hit>> {
         let mut padded = Vec::with_capacity(data.len() + 1);
         padded.push(b' ');
         padded.extend_from_slice(data);
@@ -456,29 +555,49 @@ impl Core {
             let family = self.family_of(&padded, m.start(), m.end(), &self.spaced_by_family)?;
             hits.push((family, m.start(), m.end() - 1));
         }
-        if !hits.is_empty()
-            || self
-                .split_evidence
-                .find(&padded)
-                .map_err(pcre_err)?
-                .is_none()
-        {
+        if !hits.is_empty() {
+            return Ok(hits);
+        }
+        let split = self
+            .split_evidence
+            .find(&padded)
+            .map_err(pcre_err)?
+            .is_some();
+        let joined = match camel {
+            Camel::Positions(positions) => self.joined_tokens(data, positions),
+            Camel::Text(text) => self.joined_tokens(data, &camel_positions(text)),
+        };
+        if !split && joined.is_empty() {
             return Ok(hits);
         }
         let letters: Vec<usize> = (0..data.len())
             .filter(|&i| data[i].is_ascii_lowercase())
             .collect();
         let squashed: Vec<u8> = letters.iter().map(|&i| data[i]).collect();
-        if self
-            .squash_stems
-            .iter()
-            .any(|stem| contains(&squashed, stem) && !contains(data, stem))
+        if split
+            && self
+                .squash_stems
+                .iter()
+                .any(|stem| contains(&squashed, stem) && !contains(data, stem))
         {
             for m in self.squashed.find_iter(&squashed) {
                 let m = m.map_err(pcre_err)?;
                 let family =
                     self.family_of(&squashed, m.start(), m.end(), &self.squashed_by_family)?;
                 hits.push((family, letters[m.start()], letters[m.end() - 1] + 1));
+            }
+            return Ok(hits);
+        }
+        let mut pos = 0;
+        while let Some(m) = self.squashed.find_at(&squashed, pos).map_err(pcre_err)? {
+            let (vs, ve) = (letters[m.start()], letters[m.end() - 1] + 1);
+            if joined_match_ok(data, vs, ve, &joined) {
+                let family =
+                    self.family_of(&squashed, m.start(), m.end(), &self.squashed_by_family)?;
+                hits.push((family, vs, ve));
+                pos = m.end();
+            } else {
+                pos = m.start() + 1; // a later, overlapping match may still qualify
             }
         }
         Ok(hits)
@@ -548,7 +667,7 @@ impl Core {
             .iter()
             .map(|&b| self.injection_bytes[b as usize])
             .collect();
-        if let Some(&(family, _, _)) = self.scan_view(&view)?.first() {
+        if let Some(&(family, _, _)) = self.scan_view(&view, Camel::Text(text))?.first() {
             return Ok(Some(family));
         }
         let mut runs = Vec::new();
@@ -556,6 +675,7 @@ impl Core {
             let m = m.map_err(pcre_err)?;
             runs.push((m.start(), m.end()));
         }
+        runs.extend(self.short_token_runs(text));
         for (s, e) in runs {
             if let Some(&(family, _, _)) = self.scan_base64_run(py, &text[s..e], s, depth)?.first()
             {
@@ -1041,6 +1161,17 @@ impl Core {
             .try_iter()?
             .map(|s| s?.extract::<Vec<u8>>())
             .collect::<PyResult<Vec<_>>>()?;
+        let mut stems_by_letter: [Vec<usize>; 26] = Default::default();
+        for (k, stem) in squash_stems.iter().enumerate() {
+            match stem.first() {
+                Some(&b) if b.is_ascii_lowercase() => stems_by_letter[(b - b'a') as usize].push(k),
+                _ => {
+                    return Err(PyValueError::new_err(format!(
+                        "guardrail core: squash stem {stem:?} must start with a-z"
+                    )))
+                }
+            }
+        }
         let mut national_max = Vec::new();
         for (cc, n) in get_item(config, "national_max_digits")?
             .downcast::<PyDict>()?
@@ -1071,7 +1202,10 @@ impl Core {
             squashed_by_family,
             families,
             split_evidence: p("split_evidence")?,
+            stems_by_letter,
             squash_stems,
+            joined_token_bytes: get_item(config, "joined_token_bytes")?.extract()?,
+            short_token_run: get_item(config, "short_token_run")?.extract()?,
             base64_run: p("base64_run")?,
             nested_token_run: p("nested_token_run")?,
             injection_bytes,
@@ -1162,8 +1296,8 @@ impl Core {
         }
         let mut hits = Vec::new();
         if injection {
-            hits = self.scan_view(&self.injection_view(t))?;
-            for &(s, e) in &runs {
+            hits = self.scan_view(&self.injection_view(t), Camel::Text(t))?;
+            for &(s, e) in runs.iter().chain(&self.short_token_runs(t)) {
                 hits.extend(self.scan_base64_run(py, &t[s..e], s, 0)?);
             }
         }
@@ -1174,14 +1308,18 @@ impl Core {
         Ok((cands, self.hits_to_py(py, &hits)))
     }
 
-    /// `injection._scan_view` on an injection view (bytes): `(family, start, end)` in view
-    /// offsets.
+    /// `injection._scan_view` on an injection view (bytes) and its camel-case positions
+    /// (`injection._camel_positions`, sorted; none when not given): `(family, start, end)` in
+    /// view offsets.
+    #[pyo3(signature = (data, camel=None))]
     fn scan_view_hits(
         &self,
         py: Python<'_>,
         data: &Bound<'_, PyBytes>,
+        camel: Option<Vec<usize>>,
     ) -> PyResult<Vec<(Py<PyString>, usize, usize)>> {
-        let hits = self.scan_view(data.as_bytes())?;
+        let camel = camel.unwrap_or_default();
+        let hits = self.scan_view(data.as_bytes(), Camel::Positions(&camel))?;
         Ok(self.hits_to_py(py, &hits))
     }
 
@@ -1199,9 +1337,230 @@ impl Core {
     }
 }
 
+/// A Guardrail's own regular expression (`userregex.GuardrailRegex`), translated by the Python
+/// side from `re`'s parse tree into PCRE2 syntax (UTF mode, every character set spelled out),
+/// run with a budget. Unlike the built-in patterns, running out is never handed back to
+/// Python's `re` (which cannot be stopped): it raises `MatchLimitError` and the caller fails
+/// closed.
+///
+/// Through PCRE2's C API (`pcre2-sys`), which the `pcre2` crate does not expose for this: its
+/// match limit restarts at every start position of a search (`pcre2_match.c` resets the
+/// count), so a quadratic pattern (`(?s).*x$`) over a long text is not bounded by it; a
+/// callout at the pattern's start, called at every start position, ends the search once the
+/// time budget is spent. The match limit bounds the work at one position. No JIT: its limit
+/// does not count the backtracking of a repeated character class.
+#[pyclass(frozen, module = "fleetward_guardrail_core")]
+pub struct UserRegex {
+    code: UserCode,
+    match_limit: u32,
+}
+
+/// A compiled pattern; PCRE2 code is read-only once compiled, so it may be shared by threads.
+struct UserCode(*mut pcre2_sys::pcre2_code_8);
+unsafe impl Send for UserCode {}
+unsafe impl Sync for UserCode {}
+
+impl Drop for UserCode {
+    fn drop(&mut self) {
+        // SAFETY: compiled by pcre2_compile_8 and freed once, here.
+        unsafe { pcre2_sys::pcre2_code_free_8(self.0) }
+    }
+}
+
+extern "C" {
+    // In the bundled PCRE2 library; `pcre2-sys` has no binding for it.
+    fn pcre2_set_callout_8(
+        mcontext: *mut pcre2_sys::pcre2_match_context_8,
+        callout: Option<unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int>,
+        data: *mut c_void,
+    ) -> c_int;
+}
+
+/// The callout at every start position: stop the search once past the deadline.
+unsafe extern "C" fn user_regex_deadline(_block: *mut c_void, data: *mut c_void) -> c_int {
+    // SAFETY: `data` is the `Instant` that `byte_spans` passes and keeps alive.
+    let deadline = unsafe { &*(data as *const Instant) };
+    if Instant::now() > *deadline {
+        pcre2_sys::PCRE2_ERROR_CALLOUT
+    } else {
+        0
+    }
+}
+
+/// Why `byte_spans` stopped early.
+pub enum Exhausted {
+    /// A search hit the match, depth or heap limit, or the time budget ran out.
+    Budget,
+    /// Any other PCRE2 error (its code).
+    Error(c_int),
+}
+
+/// Match data and match context of one `byte_spans` call, freed on drop.
+struct Matching {
+    data: *mut pcre2_sys::pcre2_match_data_8,
+    context: *mut pcre2_sys::pcre2_match_context_8,
+}
+
+impl Drop for Matching {
+    fn drop(&mut self) {
+        // SAFETY: created in `byte_spans` (null-checked) and freed once, here.
+        unsafe {
+            pcre2_sys::pcre2_match_data_free_8(self.data);
+            pcre2_sys::pcre2_match_context_free_8(self.context);
+        }
+    }
+}
+
+impl UserRegex {
+    pub fn compile(body: &str, match_limit: u32) -> Result<Self, String> {
+        let pattern = format!("(?C)(?:{body})");
+        let mut error: c_int = 0;
+        let mut offset: usize = 0;
+        // SAFETY: pattern pointer and length are valid; no compile context.
+        let code = unsafe {
+            pcre2_sys::pcre2_compile_8(
+                pattern.as_ptr(),
+                pattern.len(),
+                pcre2_sys::PCRE2_UTF,
+                &mut error,
+                &mut offset,
+                std::ptr::null_mut(),
+            )
+        };
+        if code.is_null() {
+            let mut message = [0u8; 256];
+            // SAFETY: the buffer and its length are valid.
+            let n = unsafe {
+                pcre2_sys::pcre2_get_error_message_8(error, message.as_mut_ptr(), message.len())
+            };
+            let text = String::from_utf8_lossy(&message[..n.max(0) as usize]).into_owned();
+            return Err(format!("{text} at offset {offset}"));
+        }
+        Ok(UserRegex {
+            code: UserCode(code),
+            match_limit,
+        })
+    }
+
+    /// Non-empty match spans in byte offsets of `t` (valid UTF-8), as `re.finditer` finds
+    /// them: after an empty match the next search may not be empty where it starts.
+    pub fn byte_spans(&self, t: &[u8], budget: Duration) -> Result<Vec<(usize, usize)>, Exhausted> {
+        static EMPTY: [u8; 1] = [0]; // a dereferenceable pointer for an empty subject
+        let subject = if t.is_empty() { &EMPTY[..] } else { t };
+        let deadline = Instant::now() + budget;
+        // SAFETY: null general contexts are allowed; results are null-checked before use.
+        let m = unsafe {
+            Matching {
+                data: pcre2_sys::pcre2_match_data_create_from_pattern_8(
+                    self.code.0,
+                    std::ptr::null_mut(),
+                ),
+                context: pcre2_sys::pcre2_match_context_create_8(std::ptr::null_mut()),
+            }
+        };
+        if m.data.is_null() || m.context.is_null() {
+            return Err(Exhausted::Error(pcre2_sys::PCRE2_ERROR_NOMEMORY));
+        }
+        // SAFETY: the context is valid; `deadline` outlives every pcre2_match_8 call below.
+        unsafe {
+            pcre2_sys::pcre2_set_match_limit_8(m.context, self.match_limit);
+            pcre2_set_callout_8(
+                m.context,
+                Some(user_regex_deadline),
+                &deadline as *const Instant as *mut c_void,
+            );
+        }
+        let mut out = Vec::new();
+        let (mut pos, mut must_advance) = (0, false);
+        while pos <= t.len() {
+            let mut options = pcre2_sys::PCRE2_NO_UTF_CHECK; // `t` comes from a &str
+            if must_advance {
+                options |= pcre2_sys::PCRE2_NOTEMPTY_ATSTART;
+            }
+            // SAFETY: code, subject, match data and context are valid; `pos` <= length.
+            let rc = unsafe {
+                pcre2_sys::pcre2_match_8(
+                    self.code.0,
+                    subject.as_ptr(),
+                    t.len(),
+                    pos,
+                    options,
+                    m.data,
+                    m.context,
+                )
+            };
+            if rc == pcre2_sys::PCRE2_ERROR_NOMATCH {
+                break;
+            }
+            if rc < 0 {
+                return Err(match rc {
+                    pcre2_sys::PCRE2_ERROR_CALLOUT
+                    | pcre2_sys::PCRE2_ERROR_MATCHLIMIT
+                    | pcre2_sys::PCRE2_ERROR_DEPTHLIMIT
+                    | pcre2_sys::PCRE2_ERROR_HEAPLIMIT => Exhausted::Budget,
+                    other => Exhausted::Error(other),
+                });
+            }
+            // SAFETY: after a match the ovector holds at least one pair.
+            let (start, end) = unsafe {
+                let ovector = pcre2_sys::pcre2_get_ovector_pointer_8(m.data);
+                (*ovector, *ovector.add(1))
+            };
+            if end > start {
+                out.push((start, end));
+            }
+            must_advance = end == start;
+            pos = end;
+        }
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl UserRegex {
+    /// `body`: the translated pattern; `match_limit`: PCRE2's match limit at one position.
+    #[new]
+    fn new(body: &str, match_limit: u32) -> PyResult<Self> {
+        Self::compile(body, match_limit)
+            .map_err(|e| PyValueError::new_err(format!("guardrail core: Guardrail regex: {e}")))
+    }
+
+    /// Non-empty match spans in character offsets (code points), as `re.finditer` finds them
+    /// on `text` (no lone surrogates). Raises `MatchLimitError` when a search hits the match
+    /// limit or all of them together take longer than `budget_ms`.
+    fn spans(&self, py: Python<'_>, text: &str, budget_ms: u64) -> PyResult<Vec<(usize, usize)>> {
+        let budget = Duration::from_millis(budget_ms);
+        let spans = py
+            .allow_threads(|| self.byte_spans(text.as_bytes(), budget))
+            .map_err(|e| match e {
+                Exhausted::Budget => MatchLimitError::new_err(
+                    "guardrail core: Guardrail regex over its match budget",
+                ),
+                Exhausted::Error(code) => {
+                    PyValueError::new_err(format!("guardrail core: PCRE2 error {code}"))
+                }
+            })?;
+        if text.is_ascii() {
+            return Ok(spans);
+        }
+        // Byte offsets to code points, walking forward once (spans are in order).
+        let (mut byte, mut chars) = (0, 0);
+        let mut to_chars = |b: usize| {
+            chars += text[byte..b].chars().count();
+            byte = b;
+            chars
+        };
+        Ok(spans
+            .into_iter()
+            .map(|(s, e)| (to_chars(s), to_chars(e)))
+            .collect())
+    }
+}
+
 #[pymodule]
 fn fleetward_guardrail_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
+    m.add_class::<UserRegex>()?;
     m.add("MatchLimitError", m.py().get_type::<MatchLimitError>())?;
     Ok(())
 }
@@ -1240,6 +1599,74 @@ mod tests {
         assert_eq!(decode_base64(b"SGVsbG8gd29ybGQhI"), None); // 4n+1 characters
         assert_eq!(decode_base64(b"-_-_"), Some(vec![0xfb, 0xff, 0xbf]));
         assert_eq!(decode_base64(b"ab=c"), None);
+    }
+
+    #[test]
+    fn camel_positions_and_short_runs() {
+        assert_eq!(
+            camel_positions(b"IgnoreAllPrevious aB xyZ"),
+            vec![6, 9, 19, 23]
+        );
+        assert_eq!(camel_positions(b"ABC abc"), Vec::<usize>::new());
+        let mut table = [false; 256];
+        for b in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_.-" {
+            table[*b as usize] = true;
+        }
+        let text = b"decode YWN0IGFzIERBTg short colleague 0123456789abcdefg";
+        assert_eq!(
+            token_runs_sized(text, &table, 8, 15),
+            vec![(7, 21), (28, 37)]
+        );
+    }
+
+    #[test]
+    fn joined_matches_touch_a_run_together_token_at_word_boundaries() {
+        let data = b"please rewrite myfunction";
+        let joined = [(15, 25)];
+        assert!(!joined_match_ok(data, 9, 25, &joined)); // starts inside "rewrite"
+        assert!(joined_match_ok(data, 7, 25, &joined));
+        assert!(joined_match_ok(data, 17, 25, &joined)); // starts inside the joined token
+        assert!(!joined_match_ok(data, 0, 6, &joined)); // does not touch it
+    }
+
+    #[test]
+    fn user_regex_iterates_like_python_finditer() {
+        // expected values: [m.span() for m in re.finditer(p, t) if m.end() > m.start()]
+        let spans = |p: &str, t: &str| {
+            let rx = UserRegex::compile(p, 1_000_000).unwrap();
+            match rx.byte_spans(t.as_bytes(), Duration::from_secs(5)) {
+                Ok(s) => s,
+                Err(_) => panic!("over budget"),
+            }
+        };
+        assert_eq!(spans("a*", "baa"), vec![(1, 3)]);
+        assert_eq!(spans("(?:)|ab", "ab"), vec![(0, 2)]); // non-empty after an empty match at 0
+        assert_eq!(spans("x*|b", "abc"), vec![(1, 2)]);
+        assert_eq!(spans("\\x{e9}+", "caf\u{e9}\u{e9}!"), vec![(3, 7)]); // bytes here
+    }
+
+    #[test]
+    fn user_regex_stops_at_the_match_limit_and_the_time_budget() {
+        let exponential = UserRegex::compile("(?:a|aa)+$", 100_000).unwrap();
+        let text = "a".repeat(60) + "!";
+        assert!(matches!(
+            exponential.byte_spans(text.as_bytes(), Duration::from_secs(5)),
+            Err(Exhausted::Budget)
+        ));
+        // quadratic (`(?s).*x$` as userregex.translate writes it): each start position is
+        // within the match limit, the deadline stops it
+        let quadratic = UserRegex::compile(
+            "(?:[\\x{0}-\\x{d7ff}\\x{e000}-\\x{10ffff}]){0,}\\x{78}(?=\\x{a}?\\z)",
+            10_000_000,
+        )
+        .unwrap();
+        let long = "fox ".repeat(50_000);
+        let started = Instant::now();
+        assert!(matches!(
+            quadratic.byte_spans(long.as_bytes(), Duration::from_millis(50)),
+            Err(Exhausted::Budget)
+        ));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

@@ -29,6 +29,7 @@ BUILD_HINT = "run `make build` (or hack/build-guardrail-core.sh) to build and in
 _MODES = ("compiled", "python")
 
 _core: Any = None  # fleetward_guardrail_core.Core once loaded
+_module: Any = None  # the fleetward_guardrail_core module once loaded
 _use_compiled = True
 
 
@@ -39,8 +40,10 @@ class _NeverRaised(Exception):
 LimitError: type[Exception] = _NeverRaised
 """Raised by a core call when a pattern hits a PCRE2 resource limit (JIT stack, match or depth
 limit) on a pathological text (e.g. a domain of thousands of labels). Python's `re` has no
-such limits, so every caller catches it and runs the Python code for that one text: the
-result is the same, only slower."""
+such limits, so every caller of the built-in passes catches it and runs the Python code for
+that one text: the result is the same, only slower. Not so for a Guardrail's own regular
+expressions (userregex.py): their patterns are not ours to trust, `re` could run forever on
+them, so there it means the budget ran out and the scan fails closed."""
 
 
 def _mode_from_env() -> str:
@@ -80,6 +83,8 @@ def _config() -> dict[str, object]:
         ],
         "split_evidence": inj._SPLIT_EVIDENCE.pattern.decode("ascii"),
         "squash_stems": list(inj._SQUASH_STEMS),
+        "joined_token_bytes": inj.JOINED_TOKEN_BYTES,
+        "short_token_run": inj.SHORT_TOKEN_RUN,
         "base64_run": inj._BASE64_RUN.pattern,
         "nested_token_run": inj._TOKEN_RUN_FOR_NESTED.pattern,
         "injection_bytes": n._INJECTION_BYTES,
@@ -90,7 +95,7 @@ def _config() -> dict[str, object]:
 
 def load() -> None:
     """Builds the compiled core (called once, when the package is imported)."""
-    global _core, _use_compiled, LimitError
+    global _core, _module, _use_compiled, LimitError
     _use_compiled = _mode_from_env() == "compiled"
     if not _use_compiled:
         return
@@ -102,12 +107,19 @@ def load() -> None:
             f"{ENV}=python runs the slower pure-Python reference engine instead"
         ) from e
     _core = fleetward_guardrail_core.Core(_config())
+    _module = fleetward_guardrail_core
     LimitError = fleetward_guardrail_core.MatchLimitError
 
 
 def active() -> Any:
     """The compiled core, or None when the pure-Python reference is selected."""
     return _core if _use_compiled else None
+
+
+def module() -> Any:
+    """The compiled core's module when it is loaded (also within `reference_python`), for
+    building its programs (userregex.py); None in the pure-Python mode."""
+    return _module
 
 
 @contextmanager

@@ -55,6 +55,7 @@ from itertools import pairwise
 
 from fleetward.runtime.guardrails import core
 from fleetward.runtime.guardrails.normalize import View, pii_view, token_view
+from fleetward.runtime.guardrails.userregex import GuardrailRegex
 from langchain.agents.middleware import PIIMatch
 
 BUILTIN_TYPES = ("email", "credit_card", "ip", "phone", "us_ssn", "iban", "api_key", "jwt")
@@ -649,10 +650,15 @@ def _uncovered(start: int, end: int, kept: list[Candidate]) -> list[tuple[int, i
 
 @dataclass(frozen=True, slots=True)
 class UserRegex:
-    """A regular expression from a Guardrail (custom entity, or a built-in type's replacement)."""
+    """A regular expression from a Guardrail (custom entity, or a built-in type's replacement),
+    run with a match budget (userregex.py); a compiled `re` pattern is wrapped."""
 
     type: str
-    pattern: re.Pattern[str]
+    pattern: GuardrailRegex
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, GuardrailRegex):
+            object.__setattr__(self, "pattern", GuardrailRegex(self.pattern))
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,9 +727,11 @@ class PIIScanner:
             if self._ipv6:
                 scan_ipv6(vt, found)
         for rx in self.user_regexes:
-            for m in rx.pattern.finditer(vt):
-                if m.end() > m.start():
-                    found.append(Candidate(rx.type, m.start(), m.end(), m.group(), USER_REGEX_SPECIFICITY))
+            spans = rx.pattern.spans(vt)
+            if spans is None:  # over its match budget: fail closed, the whole text is this type
+                spans = [(0, len(vt))] if vt else []
+            for s, e in spans:
+                found.append(Candidate(rx.type, s, e, vt[s:e], USER_REGEX_SPECIFICITY))
         # Types found but not asked for still take part in overlap resolution (a card number is
         # never reported as a phone number just because only phones are configured), but never
         # against a Guardrail's own regex: what a user asked for must not be dropped.
@@ -783,13 +791,12 @@ def detector_for(pii_type: str) -> Callable[[str], list[PIIMatch]]:
     return detect
 
 
-def regex_detector(label: str, pattern: re.Pattern[str]) -> Callable[[str], list[PIIMatch]]:
+def regex_detector(label: str, pattern: GuardrailRegex) -> Callable[[str], list[PIIMatch]]:
     def detect(content: str) -> list[PIIMatch]:
-        return [
-            PIIMatch(type=label, value=m.group(), start=m.start(), end=m.end())
-            for m in pattern.finditer(content)
-            if m.end() > m.start()
-        ]
+        spans = pattern.spans(content)
+        if spans is None:  # over its match budget: fail closed, as the scan engine does
+            spans = [(0, len(content))] if content else []
+        return [PIIMatch(type=label, value=content[s:e], start=s, end=e) for s, e in spans]
 
     detect.__name__ = f"detect_{label}"
     return detect

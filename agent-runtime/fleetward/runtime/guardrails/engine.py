@@ -25,6 +25,12 @@ Where each part applies (the spec leaves it open; decided here):
 - limits: `maxInputChars` on `input`, `maxOutputChars` on `output`. A text over the limit is
   blocked without being scanned further (no work is spent on oversized input).
 
+A Guardrail's own regular expressions (PII `detector`, `injection.patterns[]`) run with a match
+budget (userregex.py). One that runs out of it on a text fails closed: it counts as matching
+the whole text, a finding of its own kind and type (`pii`/its label, `injection`/
+`custom_pattern`) over [0, len(text)), so the entity's strategy or the injection action applies
+to all of it (an injection Guardrail in `observe` mode only records it).
+
 Strategies (see `render`): redact -> `[REDACTED_EMAIL]` (custom entity: its name upper-cased,
 `[REDACTED_CUSTOM]` when it has none: unnamed custom entities all report the type `custom`
 and, like any type configured twice, share the strictest of their strategies);
@@ -56,10 +62,11 @@ from fleetward.runtime.guardrails.detectors import (
     UserRegex,
     scan_token_runs,
 )
-from fleetward.runtime.guardrails.normalize import View, pii_view
+from fleetward.runtime.guardrails.normalize import View, pii_view, policy_view
 from fleetward.runtime.guardrails.policy import BannedPhrases
+from fleetward.runtime.guardrails.userregex import GuardrailRegex
 
-from fleetward.api.guardrail import GuardrailSpec, compile_pattern
+from fleetward.api.guardrail import GuardrailSpec
 
 Stage = Literal["input", "output", "toolResults"]
 Verdict = Literal["allow", "block", "escalate"]
@@ -179,7 +186,7 @@ class GuardrailEngine:
                 # The scanner's token runs are in its (NFKC) view's offsets; reuse them only when
                 # that view is the input itself (ASCII text), else find them again on the input.
                 runs = out.runs if normalized is None else None
-            elif not text.isascii() and (plan.policies or any(p.custom for p in plan.injections)):
+            elif not text.isascii() and any(p.custom for p in plan.injections):
                 view = pii_view(text)
                 normalized = view if view.index is not None else None
             if plan.injections:
@@ -202,8 +209,9 @@ class GuardrailEngine:
                 if policy.mode == "enforce" and (builtin_hits or own):
                     verdict = _worst(verdict, policy.action)
 
+        policy_text = policy_view(text) if plan.policies else None
         for rule in plan.policies:
-            hits = rule.phrases.find(text, normalized)
+            hits = rule.phrases.find(text, policy_text)
             for hit in hits:
                 findings.append(Finding("policy", hit.phrase, hit.start, hit.end))
             if hits:
@@ -294,12 +302,14 @@ def _build_plan(stage: Stage, specs: Sequence[GuardrailSpec], names: Sequence[st
     return plan
 
 
-def compile_user_regex(pattern: str, where: str) -> re.Pattern[str]:
+def compile_user_regex(pattern: str, where: str) -> GuardrailRegex:
     """A Guardrail's own regular expression (a PII `detector`, an `injection.patterns[]`
     entry), compiled in the one dialect the API defines (`compile_pattern`, which the
-    operator's admission webhook checks with as well); errors name `where`."""
+    operator's admission webhook checks with as well, and which refuses patterns that
+    backtrack catastrophically) and run with a match budget (userregex.py); errors name
+    `where`."""
     try:
-        return compile_pattern(pattern)
+        return GuardrailRegex(pattern)
     except re.error as e:
         raise GuardrailConfigError(f"{where}: invalid regular expression {pattern!r}: {e}") from e
 

@@ -31,9 +31,10 @@ from typing import Any
 
 from fleetward.runtime.guardrails.detectors import SPECIFICITY, USER_REGEX_SPECIFICITY, detector_for, regex_detector
 from fleetward.runtime.guardrails.engine import STRATEGY_RANK, Strategy, compile_user_regex, render
+from fleetward.runtime.guardrails.userregex import GuardrailRegex
 from langchain.agents.middleware import PIIMatch, PIIMiddleware
 
-from fleetward.api.guardrail import GuardrailSpec, compile_pattern
+from fleetward.api.guardrail import GuardrailSpec
 
 
 class FleetwardPIIMiddleware(PIIMiddleware):
@@ -159,7 +160,7 @@ def pii_middleware(
 
 def _combined_detector(label: str, builtin: bool, regexes: tuple[str, ...]) -> Callable[[str], list[PIIMatch]]:
     parts = [detector_for(label)] if builtin else []
-    parts += [regex_detector(label, compile_pattern(r)) for r in regexes]
+    parts += [regex_detector(label, GuardrailRegex(r)) for r in regexes]
     if len(parts) == 1:
         return parts[0]
 

@@ -1,10 +1,12 @@
 """Text views used by the detectors, each with a map back to offsets in the input.
 
-Two views exist:
+Three views exist:
 - the PII view (`pii_view`): NFKC per character with invisible format characters removed, so
   a card number typed in fullwidth digits or an email split by zero-width spaces is still seen;
 - the injection view (`injection_view`): ASCII bytes, lower-cased, look-alike letters folded to
-  Latin, diacritics and invisible characters dropped, leetspeak digits read as letters.
+  Latin, diacritics and invisible characters dropped, leetspeak digits read as letters;
+- the policy view (`policy_view`): the injection view's folding as text, with white space,
+  joiners ("-", "_", ".", ...) and other punctuation kept apart (banned phrases, policy.py).
 
 Both are computed per character so every view position points back to one input position;
 pure-ASCII text (the common case) takes a fast path without any per-character Python work.
@@ -251,6 +253,51 @@ def injection_view(text: str) -> View:
     # One "?" (then a space) per remaining non-ASCII character keeps view and index aligned.
     data = view.encode("ascii", "replace").translate(_INJECTION_BYTES)
     return View(data, index)
+
+
+# Policy view: white space -> " ", joiners (what people put inside a word to dodge a filter,
+# "by-pass", "b.y.p.a.s.s", or between joined words, "skip_verification") -> "-", any other
+# punctuation -> "|" (a hard break: "skip, verification" is two phrases' worth of words).
+_POLICY_JOINERS = b"-_./\\*~+"
+_POLICY_SPACES = b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "  # str.isspace() in ASCII
+_POLICY_BYTES = bytes(
+    _INJECTION_BYTES[b]
+    if 65 <= b <= 90 or 97 <= b <= 122 or 48 <= b <= 57 or chr(b) in LEET
+    else 32
+    if b in _POLICY_SPACES
+    else 45
+    if b in _POLICY_JOINERS
+    else 124
+    for b in range(256)
+)
+_POLICY_TABLE = {b: _POLICY_BYTES[b] for b in range(128)}
+
+
+@lru_cache(maxsize=4096)
+def _policy_char(ch: str) -> str:
+    out = []
+    for c in _injection_char(ch):
+        if c < "\x80":
+            out.append(chr(_POLICY_BYTES[ord(c)]))
+            continue
+        category = unicodedata.category(c)
+        if category[0] in "LNM":
+            out.append(c)  # a letter outside the tables (CJK, Arabic, ...): phrases may use it
+        elif category[0] == "Z":
+            out.append(" ")
+        else:
+            out.append("-" if category in ("Pd", "Pc") else "|")
+    return "".join(out)
+
+
+def policy_view(text: str) -> View:
+    """Lower-cased, look-alike-folded, leet-decoded text for banned phrases: letters and digits,
+    " " for white space, "-" for joiners, "|" for other punctuation. Same length as `text` for
+    ASCII text."""
+    if text.isascii():
+        return View(text.encode("ascii").translate(_POLICY_BYTES).decode("ascii"))
+    view, index = _per_char_view(text, _policy_char)
+    return View(view.translate(_POLICY_TABLE), index)  # the ASCII characters, kept as is above
 
 
 @dataclass(frozen=True, slots=True)
