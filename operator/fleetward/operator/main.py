@@ -26,6 +26,17 @@ def _settings_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_settings(path: Path | None):
+    """The operator settings, or None after printing why they cannot be read (exit code 2)."""
+    from fleetward.operator.settings import SettingsError, load
+
+    try:
+        return load(path)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _settings_argument(p)
     p.add_argument(
@@ -48,13 +59,10 @@ def run(args: argparse.Namespace) -> int:
     import kopf
     from fleetward.operator import handlers
     from fleetward.operator.peering import PeerIdentity
-    from fleetward.operator.settings import SettingsError, load
     from prometheus_client import start_http_server
 
-    try:
-        settings = load(args.settings)
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    settings = _load_settings(args.settings)
+    if settings is None:
         return 2
     if args.namespace:
         settings.watch_namespaces = args.namespace
@@ -124,12 +132,9 @@ def uninstall(args: argparse.Namespace) -> int:
 
     from fleetward.operator import uninstall as steps
     from fleetward.operator.kube import Kube, KubeError
-    from fleetward.operator.settings import SettingsError, load
 
-    try:
-        settings = load(args.settings)
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    settings = _load_settings(args.settings)
+    if settings is None:
         return 2
 
     def say(line: str) -> None:
